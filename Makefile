@@ -1,0 +1,46 @@
+# fedsilo: `make demo` and `make test` work on a fresh clone (they set up .venv first).
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+# CPU machines get the CPU wheel of torch (never the multi-GB CUDA build).
+# GPU sites: `make setup TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cu124"`
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+SHELL  := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# This machine's pip config lists local indexes that pip warns about: hide that noise only.
+QUIET  := sed -u '/^WARNING: Location .* is ignored/d'
+
+.PHONY: setup demo test test-fast lint typecheck bench clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q $(TORCH_SPEC) 2>&1 | $(QUIET)
+	$(PIP) install -q -e '.[dev]' 2>&1 | $(QUIET)
+	$(PY) -c "import fedsilo, torch, flwr, opacus; print('fedsilo ready: torch', torch.__version__, 'flwr', flwr.__version__, 'opacus', opacus.__version__)"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/fedsilo simulate
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy .
+
+bench: $(STAMP)
+	@echo "benchmarks: see bench/ (added with the benchmarks issue)"
+
+clean:
+	rm -rf $(VENV) build *.egg-info runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Clients: the ClientApp, local DP training, site data loading, the client launcher."""

@@ -1,0 +1,96 @@
+"""A site's local DP training round: plan, calibrate, train, account. No Flower.
+
+The noise multiplier is calibrated once per run so that the site's whole planned
+training (rounds x local epochs x steps per epoch), composed with whatever it had
+already spent, stays within `target-epsilon` at `target-delta`. Every round
+appends one SampledGaussianEvent; the reported epsilon is recomputed from all
+events, so it accumulates across rounds and process restarts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedsilo.config import RunConfig
+from fedsilo.privacy.accountant import calibrate_noise, epsilon
+from fedsilo.privacy.events import SampledGaussianEvent
+from fedsilo.task.data import Dataset
+from fedsilo.task.models import build_model, resolve_model_name
+from fedsilo.task.train import DPTrainer, resolve_device, sample_rate, steps_per_epoch
+
+
+@dataclass(frozen=True)
+class DPPlan:
+    """The site's DP schedule for one run, fixed at its first round."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    rounds: int
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a site reports after one round."""
+
+    state_dict: dict[str, torch.Tensor]
+    examples: int
+    train_loss: float
+    event: SampledGaussianEvent
+    epsilon: float  # cumulative, over every event including this round's
+
+
+def plan_run(cfg: RunConfig, n_examples: int,
+             prior: Sequence[SampledGaussianEvent]) -> DPPlan:
+    """Calibrate sigma so prior spend plus this run's planned steps fit the target."""
+    q = sample_rate(n_examples, cfg.batch_size)
+    per_round = cfg.local_epochs * steps_per_epoch(n_examples, cfg.batch_size)
+    sigma = calibrate_noise(
+        target_epsilon=cfg.target_epsilon, delta=cfg.target_delta, sample_rate=q,
+        steps=per_round * cfg.rounds, accountant=cfg.accountant, prior=prior,
+    )
+    return DPPlan(noise_multiplier=sigma, sample_rate=q, steps_per_round=per_round,
+                  rounds=cfg.rounds)
+
+
+def site_generator(cfg: RunConfig, *, site_index: int, server_round: int,
+                   simulated: bool) -> torch.Generator:
+    """The generator for Poisson sampling and noise.
+
+    A simulated site derives it from the run seed (one user controls every site, and
+    the same seed must give the same metrics). A real site never does: the server
+    chooses the run seed, and noise it can predict is noise it can subtract. Real
+    sites draw the seed from the OS entropy pool.
+    """
+    gen = torch.Generator()
+    if simulated:
+        gen.manual_seed((cfg.seed * 1_000_003 + site_index) * 10_007 + server_round)
+    else:
+        gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
+    return gen
+
+
+def train_round(cfg: RunConfig, data: Dataset, global_state: Mapping[str, torch.Tensor],
+                plan: DPPlan, prior: Sequence[SampledGaussianEvent],
+                generator: torch.Generator) -> RoundResult:
+    """Train one round from the global model with DP-SGD, and account for it."""
+    shape = tuple(data.x.shape[1:])
+    model = build_model(resolve_model_name(cfg.model, shape), shape, data.num_classes,
+                        seed=cfg.seed)
+    model.load_state_dict(dict(global_state))
+    trainer = DPTrainer(
+        model, noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
+        expected_batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
+        generator=generator, device=resolve_device(cfg.device),
+    )
+    stats = trainer.train_epochs(data, cfg.local_epochs)
+    event = SampledGaussianEvent(noise_multiplier=plan.noise_multiplier,
+                                 sample_rate=plan.sample_rate, steps=stats.steps)
+    eps = epsilon([*prior, event], delta=cfg.target_delta, accountant=cfg.accountant)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return RoundResult(state_dict=state, examples=len(data), train_loss=stats.mean_loss,
+                       event=event, epsilon=eps)

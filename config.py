@@ -1,0 +1,169 @@
+"""Run configuration: Flower run config parsed once, at the edge, into a frozen dataclass.
+
+The keys are the kebab-case keys of `[tool.flwr.app.config]` in pyproject.toml;
+`fedsilo simulate` flags map 1:1 onto them. Unknown keys and invalid values are
+errors raised before any training starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedsilo.errors import ConfigError
+
+DATASETS = ("digits", "fashion-mnist", "mnist", "npz")
+MODELS = ("auto", "mlp", "cnn")
+DEVICES = ("auto", "cpu", "cuda")
+ACCOUNTANTS = ("prv", "rdp")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """How a dataset is split across simulated sites."""
+
+    kind: str  # "iid" | "dirichlet" | "shards"
+    alpha: float = 0.0  # Dirichlet concentration; smaller is more skewed
+    shards: int = 0  # label-sorted shards per site
+
+    @staticmethod
+    def parse(text: str) -> Partition:
+        """Parse `iid`, `dirichlet:ALPHA` or `shards:K`."""
+        kind, _, arg = text.strip().partition(":")
+        if kind == "iid" and not arg:
+            return Partition("iid")
+        if kind == "dirichlet":
+            try:
+                alpha = float(arg)
+            except ValueError:
+                alpha = math.nan
+            if not alpha > 0 or not math.isfinite(alpha):
+                raise ConfigError(
+                    f"`partition` dirichlet alpha must be a number > 0. Found {text!r}; "
+                    "use e.g. dirichlet:0.5."
+                )
+            return Partition("dirichlet", alpha=alpha)
+        if kind == "shards":
+            if not arg.isdigit() or int(arg) < 1:
+                raise ConfigError(
+                    f"`partition` shards must be an integer >= 1. Found {text!r}; "
+                    "use e.g. shards:2."
+                )
+            return Partition("shards", shards=int(arg))
+        raise ConfigError(
+            f"Unknown `partition` {text!r}. Use iid, dirichlet:ALPHA or shards:K."
+        )
+
+    def __str__(self) -> str:
+        if self.kind == "dirichlet":
+            return f"dirichlet:{self.alpha:g}"
+        if self.kind == "shards":
+            return f"shards:{self.shards}"
+        return "iid"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One federated run, as the server asks for it. Defaults are the `make demo` job."""
+
+    dataset: str = "digits"  # embedded in scikit-learn: works offline everywhere
+    data_dir: str = ""  # "" = the dataset's default location
+    model: str = "auto"  # auto = mlp for digits, cnn for 28x28 images
+    rounds: int = 3  # enough for digits to pass 70% at epsilon 8
+    local_epochs: int = 2  # digits: 2 passes per round reach ~87% in 3 rounds at epsilon 8
+    batch_size: int = 64  # expected Poisson batch; sample rate = batch / site examples
+    lr: float = 1.0  # clipped, noised, averaged grads are small: DP-SGD wants a large lr
+    momentum: float = 0.0  # plain DP-SGD by default; momentum is post-processing
+    target_epsilon: float = 8.0  # per site, for the whole planned run
+    target_delta: float = 1e-5  # well below 1 / (site examples) for the datasets here
+    max_grad_norm: float = 1.0  # per-sample clip norm C
+    accountant: str = "prv"  # PRV is tight; rdp is the conservative alternative
+    partition: str = "iid"  # simulation only: how virtual sites split the dataset
+    seed: int = 0  # model init, partitioning, sampling and noise
+    device: str = "auto"  # cuda when present, else cpu
+    min_sites: int = 1  # the run stops cleanly below this many replying sites
+    run_dir: str = ""  # "" = runs/<timestamp>
+    eval_data: str = ""  # server only: held-out file in the site data format; "" = test split
+
+    @property
+    def partition_spec(self) -> Partition:
+        return Partition.parse(self.partition)
+
+    def to_flwr(self) -> dict[str, bool | int | float | str]:
+        """The kebab-case Flower run config for this object."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @staticmethod
+    def from_flwr(raw: Mapping[str, Any], *, source: str = "run config") -> RunConfig:
+        """Parse and validate a Flower run config (kebab-case keys)."""
+        fields = {f.name: f for f in dataclasses.fields(RunConfig)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                known = ", ".join(sorted(k.replace("_", "-") for k in fields))
+                raise ConfigError(f"Unknown key `{key}` in {source}. Known keys: {known}.")
+            values[name] = _coerce(key, value, fields[name].type, source)
+        missing = sorted(k.replace("_", "-") for k in fields if k not in values)
+        if missing:
+            # Never fill privacy parameters in silently: a site must train on what was asked.
+            raise ConfigError(
+                f"Missing key(s) {', '.join(missing)} in {source}. The fedsilo app manifest "
+                "(pyproject.toml [tool.flwr.app.config]) defines them all; is it installed?"
+            )
+        cfg = RunConfig(**values)
+        cfg.validate(source=source)
+        return cfg
+
+    def validate(self, *, source: str = "run config") -> None:
+        """Raise ConfigError naming the first invalid value and the fix."""
+
+        def bad(key: str, rule: str, value: object, fix: str = "") -> ConfigError:
+            msg = f"`{key}` must be {rule}. Found {value!r} in {source}."
+            return ConfigError(f"{msg} {fix}".strip())
+
+        if self.dataset not in DATASETS:
+            raise bad("dataset", f"one of {', '.join(DATASETS)}", self.dataset)
+        if self.model not in MODELS:
+            raise bad("model", f"one of {', '.join(MODELS)}", self.model)
+        if self.device not in DEVICES:
+            raise bad("device", f"one of {', '.join(DEVICES)}", self.device)
+        if self.accountant not in ACCOUNTANTS:
+            raise bad("accountant", f"one of {', '.join(ACCOUNTANTS)}", self.accountant)
+        for key, value in (("rounds", self.rounds), ("local-epochs", self.local_epochs),
+                           ("batch-size", self.batch_size), ("min-sites", self.min_sites)):
+            if value < 1:
+                raise bad(key, "an integer >= 1", value)
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise bad("lr", "a number > 0", self.lr)
+        if not 0 <= self.momentum < 1:
+            raise bad("momentum", "in [0, 1)", self.momentum)
+        if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
+            raise bad("target-epsilon", "a finite number > 0", self.target_epsilon,
+                      "Differential privacy cannot be turned off by a zero or infinite budget.")
+        if not 0 < self.target_delta < 1:
+            raise bad("target-delta", "in (0, 1)", self.target_delta,
+                      "Use a value below 1 / (examples per site), e.g. 1e-5.")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            raise bad("max-grad-norm", "a finite number > 0", self.max_grad_norm)
+        try:
+            self.partition_spec  # noqa: B018  (raises ConfigError when malformed)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {source})") from None
+
+
+def _coerce(key: str, value: Any, type_name: Any, source: str) -> Any:
+    """Coerce a TOML/CLI value to the field's declared type, or raise ConfigError."""
+    target = {"int": int, "float": float, "str": str, "bool": bool}[str(type_name)]
+    if target is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if target is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, target) and not (target is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(
+        f"`{key}` must be of type {target.__name__}. Found {value!r} in {source}."
+    )

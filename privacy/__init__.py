@@ -1,0 +1,1 @@
+"""Privacy: accountants, events, per-site ledger, budgets and policy, audit, keys."""

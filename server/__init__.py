@@ -1,0 +1,1 @@
+"""Server: the ServerApp, aggregation strategy, central evaluation, checkpoints, launcher."""

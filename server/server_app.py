@@ -1,0 +1,94 @@
+"""The fedsilo ServerApp: rounds of FedAvg with central evaluation after each.
+
+Each round it sends the global model to every connected site, aggregates the
+replies (FedAvg weighted by example count), evaluates the new global model on the
+server's own held-out data, and appends a line to RUN_DIR/metrics.jsonl with a
+checkpoint. It ends with final_model.pt and summary.json. The same ServerApp runs
+in `fedsilo simulate` and under `flower-superlink` in deployment.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fedsilo.config import RunConfig
+from fedsilo.server.evaluate import global_model, load_eval_data, make_evaluator
+from fedsilo.server.run_dir import RunDir, default_run_dir
+from fedsilo.server.strategy import SiteReports
+
+log = logging.getLogger("fedsilo.server")
+app = ServerApp()
+ROUND_TIMEOUT_S = 3600.0  # a site that has not replied within this is counted as failed
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the federation described by the run config."""
+    cfg = RunConfig.from_flwr(context.run_config)
+    run_dir = RunDir(cfg.run_dir or default_run_dir())
+    run_dir.write_config(cfg.to_flwr())
+    evaluate = make_evaluator(cfg, load_eval_data(cfg, cfg.eval_data))
+    # Every site trains every round (cross-silo). fraction_evaluate is unused: this
+    # ServerApp evaluates centrally and never calls configure_evaluate.
+    strategy = SiteReports(FedAvg(
+        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=cfg.min_sites,
+        min_available_nodes=cfg.min_sites,
+    ))
+    arrays = ArrayRecord(global_model(cfg).state_dict())
+    rounds: list[dict[str, Any]] = []
+    for server_round in range(1, cfg.rounds + 1):
+        t0 = time.monotonic()
+        replies = grid.send_and_receive(
+            strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+            timeout=ROUND_TIMEOUT_S,
+        )
+        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        participants = strategy.last_round_sites
+        if new_arrays is None or len(participants) < cfg.min_sites:
+            log.error("main: round %d: %d site(s) replied, fewer than min-sites=%d; stopping",
+                      server_round, len(participants), cfg.min_sites)
+            break
+        arrays = new_arrays
+        state = arrays.to_torch_state_dict()
+        loss, accuracy = evaluate(state)
+        record = {
+            "round": server_round, "accuracy": accuracy, "loss": loss,
+            "max_epsilon": max(strategy.reports[s].epsilon for s in participants),
+            "sites": participants,
+            "failed": [f.site for f in strategy.failures if f.round == server_round],
+            "seconds": time.monotonic() - t0,
+        }
+        run_dir.append_metrics(record)
+        run_dir.save_checkpoint(server_round, state)
+        rounds.append(record)
+        log.info("main: round %d: accuracy %.4f loss %.4f max epsilon %.3f",
+                 server_round, accuracy, loss, record["max_epsilon"])
+    run_dir.save_final(arrays.to_torch_state_dict())
+    run_dir.write_summary(build_summary(rounds, strategy, str(run_dir.path), cfg.rounds))
+
+
+def build_summary(rounds: list[dict[str, Any]], strategy: SiteReports, run_dir: str,
+                  planned_rounds: int) -> dict[str, Any]:
+    """The object `fedsilo simulate --json` prints and summary.json holds."""
+    last = rounds[-1] if rounds else {"accuracy": None, "loss": None}
+    return {
+        "rounds": [{k: r[k] for k in ("round", "accuracy", "loss", "max_epsilon")}
+                   for r in rounds],
+        "final": {"accuracy": last["accuracy"], "loss": last["loss"]},
+        "sites": [
+            {"site": r.site, "examples": r.examples, "epsilon": r.epsilon, "delta": r.delta,
+             "target_epsilon": r.target_epsilon}
+            for r in sorted(strategy.reports.values(), key=lambda r: r.site)
+        ],
+        "failures": [{"site": f.site, "round": f.round, "reason": f.reason}
+                     for f in strategy.failures],
+        "completed_rounds": len(rounds),
+        "planned_rounds": planned_rounds,
+        "run_dir": run_dir,
+    }

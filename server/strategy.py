@@ -1,0 +1,102 @@
+"""Aggregation: FedAvg weighted by examples, wrapped to track each site's report.
+
+`SiteReports` wraps any Flower strategy (Flower's DP wrappers do the same): it
+reads each train reply's site name and privacy metrics, logs and drops replies
+that are errors or refusals, orders the rest by site name (so aggregation is
+deterministic whatever order replies arrive in) and hands them to the wrapped
+strategy.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+log = logging.getLogger("fedsilo.server")
+
+
+@dataclass(frozen=True)
+class SiteReport:
+    """A site's latest reply, as the summary and audit show it."""
+
+    site: str
+    examples: int
+    epsilon: float
+    delta: float
+    target_epsilon: float
+    round: int
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A site that sent no usable update in a round, and why."""
+
+    site: str
+    round: int
+    reason: str
+
+
+class SiteReports(Strategy):
+    """Wrap a strategy; keep the latest report of every site and every failure."""
+
+    def __init__(self, inner: Strategy) -> None:
+        self.inner = inner
+        self.reports: dict[str, SiteReport] = {}
+        self.failures: list[Failure] = []
+        self.last_round_sites: list[str] = []
+
+    def summary(self) -> None:
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        usable: list[tuple[str, Message]] = []
+        for msg in replies:
+            site = _site_name(msg)
+            if msg.has_error():
+                reason = msg.error.reason.strip().splitlines()[-1] if msg.error.reason else "error"
+                self.failures.append(Failure(site, server_round, reason))
+                log.warning("aggregate_train: round %d: site %s failed: %s",
+                            server_round, site, reason)
+                continue
+            metrics = msg.content["metrics"]
+            assert isinstance(metrics, MetricRecord)
+            self.reports[site] = SiteReport(
+                site=site, examples=int(metrics["num-examples"]),  # type: ignore[arg-type]
+                epsilon=float(metrics["epsilon"]),  # type: ignore[arg-type]
+                delta=float(metrics["delta"]),  # type: ignore[arg-type]
+                target_epsilon=float(metrics["target-epsilon"]),  # type: ignore[arg-type]
+                round=server_round,
+            )
+            usable.append((site, msg))
+        usable.sort(key=lambda pair: pair[0])
+        self.last_round_sites = [site for site, _ in usable]
+        log.info("aggregate_train: round %d: %d results", server_round, len(usable))
+        if not usable:
+            return None, None
+        return self.inner.aggregate_train(server_round, [m for _, m in usable])
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return self.inner.configure_evaluate(server_round, arrays, config, grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return self.inner.aggregate_evaluate(server_round, replies)
+
+
+def _site_name(msg: Message) -> str:
+    if msg.has_content() and "site" in msg.content:
+        record = msg.content["site"]
+        if isinstance(record, ConfigRecord) and "name" in record:
+            return str(record["name"])
+    return f"node-{msg.metadata.src_node_id}"

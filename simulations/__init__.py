@@ -1,0 +1,1 @@
+"""Simulations: data partitioning, the simulation runner, scenarios."""

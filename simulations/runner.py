@@ -1,0 +1,129 @@
+"""Run a federation of virtual sites on Flower's simulation engine (Ray backend).
+
+The ServerApp and ClientApp are the deployment ones, unchanged: each virtual
+site gets Flower's `partition-id`/`num-partitions` node config and loads its
+share of the dataset; the run config reaches server and sites the same way it
+does under `flwr run`. Progress is read from RUN_DIR/metrics.jsonl, the same
+record a deployed server writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedsilo.config import RunConfig
+from fedsilo.errors import FedsiloError
+from fedsilo.server.run_dir import read_metrics
+
+log = logging.getLogger("fedsilo.simulation")
+APP_DIR = Path(__file__).resolve().parent.parent  # the fedsilo package: holds pyproject.toml
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+def run_simulation(cfg: RunConfig, *, sites: int, on_round: ProgressFn | None = None,
+                   verbose: bool = False) -> dict[str, Any]:
+    """Simulate `sites` virtual sites for `cfg.rounds` rounds; return summary.json's object."""
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    from fedsilo.clients.client_app import app as client_app
+    from fedsilo.server.server_app import app as server_app
+
+    run_dir = Path(cfg.run_dir)
+    run_config = cfg.to_flwr()
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.override_config = dict(run_config)
+    run.federation_id = NOOP_FEDERATION_ID
+    # As flwr's own `run_simulation` does for the in-process engine (flwr 1.39).
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                      run_config=dict(run_config))
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
+                      "logging_level": "INFO" if verbose else "ERROR",
+                      "log_to_driver": verbose},
+    }
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray tip
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(run_dir, on_round, stop), daemon=True)
+    watcher.start()
+    try:
+        _run_simulation(
+            num_supernodes=sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app, server_app=server_app, backend_name="ray",
+            backend_config=backend_config, server_app_context=context,
+            # is_app: sites read their run config from APP_DIR's manifest fused with
+            # run.override_config, as under `flwr run` (without it they get none).
+            app_dir=str(APP_DIR), run=run, is_app=True, verbose_logging=verbose,
+        )
+    except FedsiloError:
+        raise
+    except Exception as exc:  # the engine wraps ServerApp errors; surface ours
+        cause = _fedsilo_cause(exc)
+        if cause is not None:
+            raise cause from None
+        raise
+    finally:
+        stop.set()
+        watcher.join()
+    summary_file = run_dir / "summary.json"
+    if not summary_file.exists():
+        raise FedsiloError(f"The simulation ended without a summary; see the log above and {run_dir}.")
+    summary: dict[str, Any] = json.loads(summary_file.read_text(encoding="utf-8"))
+    return summary
+
+
+def _watch(run_dir: Path, on_round: ProgressFn | None, stop: threading.Event) -> None:
+    seen = 0
+    while True:
+        done = stop.wait(0.5)
+        if on_round is not None:
+            for record in read_metrics(run_dir)[seen:]:
+                on_round(record)
+                seen += 1
+        if done:
+            return
+
+
+def _fedsilo_cause(exc: BaseException) -> FedsiloError | None:
+    while exc is not None:
+        if isinstance(exc, FedsiloError):
+            return exc
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return None
+
+
+def preflight(cfg: RunConfig, sites: int) -> list[int]:
+    """Check everything a simulation needs before any engine starts; return site sizes.
+
+    Loads the train and test splits, partitions them and calibrates the noise for the
+    smallest site, so bad data, impossible splits and unreachable budgets fail fast.
+    """
+    from fedsilo.clients.dp_train import plan_run
+    from fedsilo.simulations.partition import partition_indices
+    from fedsilo.task.data import load_dataset
+    from fedsilo.task.train import resolve_device
+
+    resolve_device(cfg.device)
+    train = load_dataset(cfg.dataset, "train", cfg.data_dir)
+    load_dataset(cfg.dataset, "test", cfg.data_dir)
+    parts = partition_indices(train.y.numpy(), sites, cfg.partition_spec, seed=cfg.seed)
+    sizes = [len(p) for p in parts]
+    plan_run(cfg, min(sizes), prior=[])
+    return sizes

@@ -1,0 +1,70 @@
+"""Models by name. All are Opacus-compatible: no BatchNorm, tanh activations.
+
+Tanh ("tempered sigmoid") activations keep activations bounded, which suits
+DP-SGD's clipping (Papernot et al., "Tempered Sigmoid Activations for Deep
+Learning with Differential Privacy", AAAI 2021).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fedsilo.errors import ConfigError
+
+
+class MLP(nn.Module):
+    """Two-layer tanh MLP for flat inputs (digits: 64 -> 64 -> 10)."""
+
+    def __init__(self, in_features: int = 64, hidden: int = 64, num_classes: int = 10) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, hidden), nn.Tanh(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # type: ignore[no-any-return]
+
+
+class CNN(nn.Module):
+    """The 26k-parameter tanh CNN for 28x28 images of Papernot et al. (2021), Table 1."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 8, stride=2, padding=3), nn.Tanh(), nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, 4, stride=2), nn.Tanh(), nn.MaxPool2d(2, 1),
+        )
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))  # type: ignore[no-any-return]
+
+
+def resolve_model_name(model: str, dataset_shape: tuple[int, ...]) -> str:
+    """`auto` picks mlp for flat inputs and cnn for 1x28x28 images."""
+    if model != "auto":
+        return model
+    return "cnn" if dataset_shape == (1, 28, 28) else "mlp"
+
+
+def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
+                *, seed: int) -> nn.Module:
+    """Build a model with weights drawn from `seed` (the same on server and sites)."""
+    gen_state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        if name == "mlp":
+            in_features = 1
+            for d in input_shape:
+                in_features *= d
+            return MLP(in_features=in_features, num_classes=num_classes)
+        if name == "cnn":
+            if input_shape != (1, 28, 28):
+                raise ConfigError(f"model `cnn` needs 1x28x28 inputs, got {input_shape}; use --model mlp.")
+            return CNN(num_classes=num_classes)
+        raise ConfigError(f"Unknown model {name!r}. Use mlp, cnn or auto.")
+    finally:
+        torch.random.set_rng_state(gen_state)
