@@ -37,7 +37,8 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 
 typecheck: $(STAMP)
-	$(VENV)/bin/mypy .
+	mkdir -p build/typecheck && ln -sfn ../.. build/typecheck/fedsilo
+	cd build/typecheck && MYPYPATH=. ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p fedsilo
 
 bench: $(STAMP)
 	@echo "benchmarks: see bench/ (added with the benchmarks issue)"

@@ -13,15 +13,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from rich.console import Console
-
 from fedsilo import __version__
 from fedsilo.errors import FedsiloError
+from rich.console import Console
 
 # Modules providing `register(subparsers)`; each adds one subcommand with `func` set.
-COMMANDS = (
-    "fedsilo.simulations.command",
-)
+COMMANDS = ("fedsilo.simulations.command",)
 
 
 def build_parser() -> argparse.ArgumentParser:

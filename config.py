@@ -53,9 +53,7 @@ class Partition:
                     "use e.g. shards:2."
                 )
             return Partition("shards", shards=int(arg))
-        raise ConfigError(
-            f"Unknown `partition` {text!r}. Use iid, dirichlet:ALPHA or shards:K."
-        )
+        raise ConfigError(f"Unknown `partition` {text!r}. Use iid, dirichlet:ALPHA or shards:K.")
 
     def __str__(self) -> str:
         if self.kind == "dirichlet":
@@ -133,8 +131,12 @@ class RunConfig:
             raise bad("device", f"one of {', '.join(DEVICES)}", self.device)
         if self.accountant not in ACCOUNTANTS:
             raise bad("accountant", f"one of {', '.join(ACCOUNTANTS)}", self.accountant)
-        for key, value in (("rounds", self.rounds), ("local-epochs", self.local_epochs),
-                           ("batch-size", self.batch_size), ("min-sites", self.min_sites)):
+        for key, value in (
+            ("rounds", self.rounds),
+            ("local-epochs", self.local_epochs),
+            ("batch-size", self.batch_size),
+            ("min-sites", self.min_sites),
+        ):
             if value < 1:
                 raise bad(key, "an integer >= 1", value)
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -142,11 +144,19 @@ class RunConfig:
         if not 0 <= self.momentum < 1:
             raise bad("momentum", "in [0, 1)", self.momentum)
         if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
-            raise bad("target-epsilon", "a finite number > 0", self.target_epsilon,
-                      "Differential privacy cannot be turned off by a zero or infinite budget.")
+            raise bad(
+                "target-epsilon",
+                "a finite number > 0",
+                self.target_epsilon,
+                "Differential privacy cannot be turned off by a zero or infinite budget.",
+            )
         if not 0 < self.target_delta < 1:
-            raise bad("target-delta", "in (0, 1)", self.target_delta,
-                      "Use a value below 1 / (examples per site), e.g. 1e-5.")
+            raise bad(
+                "target-delta",
+                "in (0, 1)",
+                self.target_delta,
+                "Use a value below 1 / (examples per site), e.g. 1e-5.",
+            )
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             raise bad("max-grad-norm", "a finite number > 0", self.max_grad_norm)
         try:
@@ -164,6 +174,4 @@ def _coerce(key: str, value: Any, type_name: Any, source: str) -> Any:
         return int(value)
     if isinstance(value, target) and not (target is int and isinstance(value, bool)):
         return value
-    raise ConfigError(
-        f"`{key}` must be of type {target.__name__}. Found {value!r} in {source}."
-    )
+    raise ConfigError(f"`{key}` must be of type {target.__name__}. Found {value!r} in {source}.")

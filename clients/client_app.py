@@ -11,17 +11,19 @@ from __future__ import annotations
 import json
 import logging
 
+from fedsilo.clients.dp_train import DPPlan, plan_run, site_generator, train_round
+from fedsilo.clients.site_data import load_site_data
+from fedsilo.config import RunConfig
+from fedsilo.errors import ConfigError
+from fedsilo.privacy.events import SampledGaussianEvent
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedsilo.clients.dp_train import plan_run, site_generator, train_round
-from fedsilo.clients.site_data import load_site_data
-from fedsilo.config import RunConfig
-from fedsilo.privacy.events import SampledGaussianEvent
-
 log = logging.getLogger("fedsilo.client")
 app = ClientApp()
-STATE_KEY = "fedsilo-dp"  # context.state: the run's DP plan and this site's events
+# context.state lives in the SuperNode for the whole run, across the fresh
+# flwr-clientapp process of every round: the DP plan and this site's events.
+STATE_KEY = "fedsilo-dp"
 
 
 @app.train()
@@ -29,45 +31,50 @@ def train(msg: Message, context: Context) -> Message:
     """Train the global model locally under DP and reply with the update."""
     cfg = RunConfig.from_flwr(context.run_config)
     site = load_site_data(cfg, context.node_config)
-    server_round = int(msg.content["config"]["server-round"])  # type: ignore[arg-type]
+    server_round = int(str(msg.content["config"]["server-round"]))
+    arrays = msg.content["arrays"]
+    if not isinstance(arrays, ArrayRecord):
+        raise ConfigError("The server's train message carries no model arrays.")
 
     state = context.state.config_records.get(STATE_KEY)
-    prior = [SampledGaussianEvent.from_dict(e) for e in json.loads(str(state["events"]))] if state else []
-    plan = _load_or_make_plan(cfg, len(site.data), prior, state)
+    prior = []
+    if state is not None:
+        prior = [SampledGaussianEvent.from_dict(e) for e in json.loads(str(state["events"]))]
+        plan = DPPlan.from_dict(json.loads(str(state["plan"])))
+    else:
+        plan = plan_run(cfg, len(site.data), prior)
 
-    gen = site_generator(cfg, site_index=int(str(context.node_config.get("partition-id", 0))),
-                         server_round=server_round, simulated=site.simulated)
-    arrays = msg.content["arrays"]
-    assert isinstance(arrays, ArrayRecord)
+    gen = site_generator(
+        cfg,
+        site_index=int(str(context.node_config.get("partition-id", 0))),
+        server_round=server_round,
+        simulated=site.simulated,
+    )
     result = train_round(cfg, site.data, arrays.to_torch_state_dict(), plan, prior, gen)
 
-    events = [*prior, result.event]
-    context.state[STATE_KEY] = ConfigRecord({
-        "noise-multiplier": plan.noise_multiplier, "sample-rate": plan.sample_rate,
-        "steps-per-round": plan.steps_per_round, "rounds": plan.rounds,
-        "events": json.dumps([e.to_dict() for e in events]),
-    })
+    context.state[STATE_KEY] = ConfigRecord(
+        {
+            "plan": json.dumps(plan.to_dict()),
+            "events": json.dumps([e.to_dict() for e in [*prior, result.event]]),
+        }
+    )
     log.info("train: site %s round %d epsilon %.3f", site.name, server_round, result.epsilon)
-    metrics = MetricRecord({
-        "num-examples": result.examples, "train-loss": result.train_loss,
-        "epsilon": result.epsilon, "delta": cfg.target_delta,
-        "target-epsilon": cfg.target_epsilon, "noise-multiplier": plan.noise_multiplier,
-        "steps": result.event.steps,
-    })
-    content = RecordDict({
-        "arrays": ArrayRecord(result.state_dict), "metrics": metrics,
-        "site": ConfigRecord({"name": site.name}),
-    })
+    metrics = MetricRecord(
+        {
+            "num-examples": result.examples,
+            "train-loss": result.train_loss,
+            "epsilon": result.epsilon,
+            "delta": cfg.target_delta,
+            "target-epsilon": cfg.target_epsilon,
+            "noise-multiplier": plan.noise_multiplier,
+            "steps": result.event.steps,
+        }
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(result.state_dict),
+            "metrics": metrics,
+            "site": ConfigRecord({"name": site.name}),
+        }
+    )
     return Message(content=content, reply_to=msg)
-
-
-def _load_or_make_plan(cfg: RunConfig, n: int, prior: list[SampledGaussianEvent],
-                       state: ConfigRecord | None):  # type: ignore[no-untyped-def]
-    from fedsilo.clients.dp_train import DPPlan
-
-    if state is not None:
-        return DPPlan(noise_multiplier=float(state["noise-multiplier"]),  # type: ignore[arg-type]
-                      sample_rate=float(state["sample-rate"]),  # type: ignore[arg-type]
-                      steps_per_round=int(state["steps-per-round"]),  # type: ignore[arg-type]
-                      rounds=int(state["rounds"]))  # type: ignore[arg-type]
-    return plan_run(cfg, n, prior)

@@ -9,12 +9,12 @@ events, so it accumulates across rounds and process restarts.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-
 from fedsilo.config import RunConfig
 from fedsilo.privacy.accountant import calibrate_noise, epsilon
 from fedsilo.privacy.events import SampledGaussianEvent
@@ -32,6 +32,18 @@ class DPPlan:
     steps_per_round: int
     rounds: int
 
+    def to_dict(self) -> dict[str, float | int]:
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: Mapping[str, object]) -> DPPlan:
+        return DPPlan(
+            noise_multiplier=float(str(d["noise_multiplier"])),
+            sample_rate=float(str(d["sample_rate"])),
+            steps_per_round=int(str(d["steps_per_round"])),
+            rounds=int(str(d["rounds"])),
+        )
+
 
 @dataclass(frozen=True)
 class RoundResult:
@@ -44,21 +56,26 @@ class RoundResult:
     epsilon: float  # cumulative, over every event including this round's
 
 
-def plan_run(cfg: RunConfig, n_examples: int,
-             prior: Sequence[SampledGaussianEvent]) -> DPPlan:
+def plan_run(cfg: RunConfig, n_examples: int, prior: Sequence[SampledGaussianEvent]) -> DPPlan:
     """Calibrate sigma so prior spend plus this run's planned steps fit the target."""
     q = sample_rate(n_examples, cfg.batch_size)
     per_round = cfg.local_epochs * steps_per_epoch(n_examples, cfg.batch_size)
     sigma = calibrate_noise(
-        target_epsilon=cfg.target_epsilon, delta=cfg.target_delta, sample_rate=q,
-        steps=per_round * cfg.rounds, accountant=cfg.accountant, prior=prior,
+        target_epsilon=cfg.target_epsilon,
+        delta=cfg.target_delta,
+        sample_rate=q,
+        steps=per_round * cfg.rounds,
+        accountant=cfg.accountant,
+        prior=prior,
     )
-    return DPPlan(noise_multiplier=sigma, sample_rate=q, steps_per_round=per_round,
-                  rounds=cfg.rounds)
+    return DPPlan(
+        noise_multiplier=sigma, sample_rate=q, steps_per_round=per_round, rounds=cfg.rounds
+    )
 
 
-def site_generator(cfg: RunConfig, *, site_index: int, server_round: int,
-                   simulated: bool) -> torch.Generator:
+def site_generator(
+    cfg: RunConfig, *, site_index: int, server_round: int, simulated: bool
+) -> torch.Generator:
     """The generator for Poisson sampling and noise.
 
     A simulated site derives it from the run seed (one user controls every site, and
@@ -74,23 +91,36 @@ def site_generator(cfg: RunConfig, *, site_index: int, server_round: int,
     return gen
 
 
-def train_round(cfg: RunConfig, data: Dataset, global_state: Mapping[str, torch.Tensor],
-                plan: DPPlan, prior: Sequence[SampledGaussianEvent],
-                generator: torch.Generator) -> RoundResult:
+def train_round(
+    cfg: RunConfig,
+    data: Dataset,
+    global_state: Mapping[str, torch.Tensor],
+    plan: DPPlan,
+    prior: Sequence[SampledGaussianEvent],
+    generator: torch.Generator,
+) -> RoundResult:
     """Train one round from the global model with DP-SGD, and account for it."""
     shape = tuple(data.x.shape[1:])
-    model = build_model(resolve_model_name(cfg.model, shape), shape, data.num_classes,
-                        seed=cfg.seed)
+    model = build_model(
+        resolve_model_name(cfg.model, shape), shape, data.num_classes, seed=cfg.seed
+    )
     model.load_state_dict(dict(global_state))
     trainer = DPTrainer(
-        model, noise_multiplier=plan.noise_multiplier, max_grad_norm=cfg.max_grad_norm,
-        expected_batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum,
-        generator=generator, device=resolve_device(cfg.device),
+        model,
+        noise_multiplier=plan.noise_multiplier,
+        max_grad_norm=cfg.max_grad_norm,
+        expected_batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        generator=generator,
+        device=resolve_device(cfg.device),
     )
     stats = trainer.train_epochs(data, cfg.local_epochs)
-    event = SampledGaussianEvent(noise_multiplier=plan.noise_multiplier,
-                                 sample_rate=plan.sample_rate, steps=stats.steps)
+    event = SampledGaussianEvent(
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=stats.steps
+    )
     eps = epsilon([*prior, event], delta=cfg.target_delta, accountant=cfg.accountant)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return RoundResult(state_dict=state, examples=len(data), train_loss=stats.mean_loss,
-                       event=event, epsilon=eps)
+    return RoundResult(
+        state_dict=state, examples=len(data), train_loss=stats.mean_loss, event=event, epsilon=eps
+    )

@@ -13,11 +13,9 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
-
-from opacus.accountants import PRVAccountant, RDPAccountant
-
 from fedsilo.errors import PrivacyError
 from fedsilo.privacy.events import SampledGaussianEvent
+from opacus.accountants import PRVAccountant, RDPAccountant
 
 ACCOUNTANTS = ("prv", "rdp")
 # Calibration searches sigma in [SIGMA_MIN, SIGMA_MAX] (below 0.3 DP-SGD protects
@@ -26,12 +24,16 @@ ACCOUNTANTS = ("prv", "rdp")
 SIGMA_MIN, SIGMA_MAX = 0.3, 200.0
 # RDP orders: Opacus's defaults extended at both ends (tighter bounds at small and
 # large epsilon).
-RDP_ORDERS = [1 + x / 20.0 for x in range(1, 100)] + list(range(6, 64)) + [
-    80, 96, 128, 192, 256, 384, 512, 1024]
+RDP_ORDERS = (
+    [1 + x / 20.0 for x in range(1, 100)]
+    + list(range(6, 64))
+    + [80, 96, 128, 192, 256, 384, 512, 1024]
+)
 
 
-def epsilon(events: Sequence[SampledGaussianEvent], *, delta: float,
-            accountant: str = "prv") -> float:
+def epsilon(
+    events: Sequence[SampledGaussianEvent], *, delta: float, accountant: str = "prv"
+) -> float:
     """Epsilon at `delta` of the composition of `events` (0 when there are none)."""
     history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps > 0]
     if accountant not in ACCOUNTANTS:
@@ -51,10 +53,16 @@ def epsilon(events: Sequence[SampledGaussianEvent], *, delta: float,
         return float(rdp.get_epsilon(delta=delta, alphas=RDP_ORDERS))
 
 
-def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                    accountant: str = "prv",
-                    prior: Sequence[SampledGaussianEvent] = (),
-                    tolerance: float = 0.01) -> float:
+def calibrate_noise(
+    *,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "prv",
+    prior: Sequence[SampledGaussianEvent] = (),
+    tolerance: float = 0.01,
+) -> float:
     """Smallest noise multiplier (to relative `tolerance`) whose planned `steps`,
     composed with `prior` events, stays within `target_epsilon` at `delta`.
 
@@ -84,8 +92,10 @@ def calibrate_noise(*, target_epsilon: float, delta: float, sample_rate: float, 
     # widen upwards in the rare case numerical error puts it above.
     while eps_at(hi, accountant) > target_epsilon:
         if hi >= SIGMA_MAX:
-            raise PrivacyError(f"No noise level up to sigma={SIGMA_MAX:g} fits epsilon "
-                               f"{target_epsilon:g} under {accountant}.")
+            raise PrivacyError(
+                f"No noise level up to sigma={SIGMA_MAX:g} fits epsilon "
+                f"{target_epsilon:g} under {accountant}."
+            )
         hi = min(SIGMA_MAX, hi * 1.25)
     lo = max(SIGMA_MIN, hi / 2)
     if eps_at(lo, accountant) <= target_epsilon:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
-
 from fedsilo.config import RunConfig
 from fedsilo.task.data import SHAPES, Dataset, load_dataset, load_npz
 from fedsilo.task.models import build_model, resolve_model_name
@@ -26,8 +25,9 @@ def global_model(cfg: RunConfig) -> torch.nn.Module:
     return build_model(resolve_model_name(cfg.model, shape), shape, classes, seed=cfg.seed)
 
 
-def make_evaluator(cfg: RunConfig, data: Dataset
-                   ) -> Callable[[Mapping[str, torch.Tensor]], tuple[float, float]]:
+def make_evaluator(
+    cfg: RunConfig, data: Dataset
+) -> Callable[[Mapping[str, torch.Tensor]], tuple[float, float]]:
     """A function from a global state_dict to (loss, accuracy) on `data`."""
     model = global_model(cfg)
     device = resolve_device(cfg.device)

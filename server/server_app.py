@@ -13,14 +13,13 @@ import logging
 import time
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
-
 from fedsilo.config import RunConfig
 from fedsilo.server.evaluate import global_model, load_eval_data, make_evaluator
 from fedsilo.server.run_dir import RunDir, default_run_dir
 from fedsilo.server.strategy import SiteReports
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
 
 log = logging.getLogger("fedsilo.server")
 app = ServerApp()
@@ -36,10 +35,14 @@ def main(grid: Grid, context: Context) -> None:
     evaluate = make_evaluator(cfg, load_eval_data(cfg, cfg.eval_data))
     # Every site trains every round (cross-silo). fraction_evaluate is unused: this
     # ServerApp evaluates centrally and never calls configure_evaluate.
-    strategy = SiteReports(FedAvg(
-        fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=cfg.min_sites,
-        min_available_nodes=cfg.min_sites,
-    ))
+    strategy = SiteReports(
+        FedAvg(
+            fraction_train=1.0,
+            fraction_evaluate=1.0,
+            min_train_nodes=cfg.min_sites,
+            min_available_nodes=cfg.min_sites,
+        )
+    )
     arrays = ArrayRecord(global_model(cfg).state_dict())
     rounds: list[dict[str, Any]] = []
     for server_round in range(1, cfg.rounds + 1):
@@ -51,14 +54,20 @@ def main(grid: Grid, context: Context) -> None:
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
         participants = strategy.last_round_sites
         if new_arrays is None or len(participants) < cfg.min_sites:
-            log.error("main: round %d: %d site(s) replied, fewer than min-sites=%d; stopping",
-                      server_round, len(participants), cfg.min_sites)
+            log.error(
+                "main: round %d: %d site(s) replied, fewer than min-sites=%d; stopping",
+                server_round,
+                len(participants),
+                cfg.min_sites,
+            )
             break
         arrays = new_arrays
         state = arrays.to_torch_state_dict()
         loss, accuracy = evaluate(state)
         record = {
-            "round": server_round, "accuracy": accuracy, "loss": loss,
+            "round": server_round,
+            "accuracy": accuracy,
+            "loss": loss,
             "max_epsilon": max(strategy.reports[s].epsilon for s in participants),
             "sites": participants,
             "failed": [f.site for f in strategy.failures if f.round == server_round],
@@ -67,27 +76,38 @@ def main(grid: Grid, context: Context) -> None:
         run_dir.append_metrics(record)
         run_dir.save_checkpoint(server_round, state)
         rounds.append(record)
-        log.info("main: round %d: accuracy %.4f loss %.4f max epsilon %.3f",
-                 server_round, accuracy, loss, record["max_epsilon"])
+        log.info(
+            "main: round %d: accuracy %.4f loss %.4f max epsilon %.3f",
+            server_round,
+            accuracy,
+            loss,
+            record["max_epsilon"],
+        )
     run_dir.save_final(arrays.to_torch_state_dict())
     run_dir.write_summary(build_summary(rounds, strategy, str(run_dir.path), cfg.rounds))
 
 
-def build_summary(rounds: list[dict[str, Any]], strategy: SiteReports, run_dir: str,
-                  planned_rounds: int) -> dict[str, Any]:
+def build_summary(
+    rounds: list[dict[str, Any]], strategy: SiteReports, run_dir: str, planned_rounds: int
+) -> dict[str, Any]:
     """The object `fedsilo simulate --json` prints and summary.json holds."""
     last = rounds[-1] if rounds else {"accuracy": None, "loss": None}
     return {
-        "rounds": [{k: r[k] for k in ("round", "accuracy", "loss", "max_epsilon")}
-                   for r in rounds],
+        "rounds": [{k: r[k] for k in ("round", "accuracy", "loss", "max_epsilon")} for r in rounds],
         "final": {"accuracy": last["accuracy"], "loss": last["loss"]},
         "sites": [
-            {"site": r.site, "examples": r.examples, "epsilon": r.epsilon, "delta": r.delta,
-             "target_epsilon": r.target_epsilon}
+            {
+                "site": r.site,
+                "examples": r.examples,
+                "epsilon": r.epsilon,
+                "delta": r.delta,
+                "target_epsilon": r.target_epsilon,
+            }
             for r in sorted(strategy.reports.values(), key=lambda r: r.site)
         ],
-        "failures": [{"site": f.site, "round": f.round, "reason": f.reason}
-                     for f in strategy.failures],
+        "failures": [
+            {"site": f.site, "round": f.round, "reason": f.reason} for f in strategy.failures
+        ],
         "completed_rounds": len(rounds),
         "planned_rounds": planned_rounds,
         "run_dir": run_dir,

@@ -53,25 +53,29 @@ class SiteReports(Strategy):
     def summary(self) -> None:
         self.inner.summary()
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.inner.configure_train(server_round, arrays, config, grid)
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         usable: list[tuple[str, Message]] = []
         for msg in replies:
             site = _site_name(msg)
             if msg.has_error():
                 reason = msg.error.reason.strip().splitlines()[-1] if msg.error.reason else "error"
                 self.failures.append(Failure(site, server_round, reason))
-                log.warning("aggregate_train: round %d: site %s failed: %s",
-                            server_round, site, reason)
+                log.warning(
+                    "aggregate_train: round %d: site %s failed: %s", server_round, site, reason
+                )
                 continue
             metrics = msg.content["metrics"]
             assert isinstance(metrics, MetricRecord)
             self.reports[site] = SiteReport(
-                site=site, examples=int(metrics["num-examples"]),  # type: ignore[arg-type]
+                site=site,
+                examples=int(metrics["num-examples"]),  # type: ignore[arg-type]
                 epsilon=float(metrics["epsilon"]),  # type: ignore[arg-type]
                 delta=float(metrics["delta"]),  # type: ignore[arg-type]
                 target_epsilon=float(metrics["target-epsilon"]),  # type: ignore[arg-type]
@@ -85,12 +89,14 @@ class SiteReports(Strategy):
             return None, None
         return self.inner.aggregate_train(server_round, [m for _, m in usable])
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
-                           ) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         return self.inner.aggregate_evaluate(server_round, replies)
 
 

@@ -16,48 +16,64 @@ import sys
 import time
 from typing import Any
 
+from fedsilo.config import RunConfig
+from fedsilo.server.run_dir import default_run_dir
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from fedsilo.config import RunConfig
-from fedsilo.server.run_dir import default_run_dir
 
 DEFAULTS = RunConfig()
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
-        "simulate", help="run a federation of virtual sites on this machine",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "simulate",
+        help="run a federation of virtual sites on this machine",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--sites", type=int, default=3, help="number of virtual sites (default 3)")
     g = p.add_argument_group("task")
-    g.add_argument("--dataset", default=DEFAULTS.dataset,
-                   help="digits (embedded), fashion-mnist or mnist (IDX files)")
-    g.add_argument("--data-dir", default=DEFAULTS.data_dir,
-                   help="directory of IDX files (default: /usr/share/datasets/<dataset>)")
+    g.add_argument(
+        "--dataset",
+        default=DEFAULTS.dataset,
+        help="digits (embedded), fashion-mnist or mnist (IDX files)",
+    )
+    g.add_argument(
+        "--data-dir",
+        default=DEFAULTS.data_dir,
+        help="directory of IDX files (default: /usr/share/datasets/<dataset>)",
+    )
     g.add_argument("--model", default=DEFAULTS.model, help="auto, mlp or cnn")
-    g.add_argument("--partition", default=DEFAULTS.partition,
-                   help="iid, dirichlet:ALPHA (non-IID labels) or shards:K")
+    g.add_argument(
+        "--partition",
+        default=DEFAULTS.partition,
+        help="iid, dirichlet:ALPHA (non-IID labels) or shards:K",
+    )
     g.add_argument("--rounds", type=int, default=DEFAULTS.rounds)
     g.add_argument("--local-epochs", type=int, default=DEFAULTS.local_epochs)
-    g.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
-                   help="expected Poisson batch size per step")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULTS.batch_size,
+        help="expected Poisson batch size per step",
+    )
     g.add_argument("--lr", type=float, default=DEFAULTS.lr)
     g.add_argument("--momentum", type=float, default=DEFAULTS.momentum)
     d = p.add_argument_group("differential privacy (per site, for the whole run)")
     d.add_argument("--target-epsilon", type=float, default=DEFAULTS.target_epsilon)
     d.add_argument("--target-delta", type=float, default=DEFAULTS.target_delta)
-    d.add_argument("--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm,
-                   help="per-sample clip norm C")
+    d.add_argument(
+        "--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm, help="per-sample clip norm C"
+    )
     d.add_argument("--accountant", default=DEFAULTS.accountant, help="prv (tight) or rdp")
     o = p.add_argument_group("run")
     o.add_argument("--seed", type=int, default=DEFAULTS.seed)
     o.add_argument("--device", default=DEFAULTS.device, help="auto, cpu or cuda")
     o.add_argument("--out", default="", help="run directory (default runs/<timestamp>)")
-    o.add_argument("--json", action="store_true",
-                   help="print one JSON object on stdout (logs go to stderr)")
+    o.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)"
+    )
     o.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     p.set_defaults(func=run)
 
@@ -84,19 +100,33 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     _quiet_logs(args.verbose)
     sizes = preflight(cfg, args.sites)
-    err.print(f"[bold]fedsilo simulate[/]: {args.sites} sites on {cfg.dataset} "
-              f"({min(sizes)}-{max(sizes)} examples each), {cfg.rounds} rounds, "
-              f"target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g}; "
-              f"run dir {cfg.run_dir}", highlight=False)
+    err.print(
+        f"[bold]fedsilo simulate[/]: {args.sites} sites on {cfg.dataset} "
+        f"({min(sizes)}-{max(sizes)} examples each), {cfg.rounds} rounds, "
+        f"target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g}; "
+        f"run dir {cfg.run_dir}",
+        highlight=False,
+    )
     t0 = time.monotonic()
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=err, transient=False) as progress:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=False,
+    ) as progress:
         task = progress.add_task("starting engine", total=cfg.rounds)
 
         def on_round(rec: dict[str, Any]) -> None:
-            progress.update(task, advance=1, description=(
-                f"round {rec['round']}: accuracy {rec['accuracy']:.3f}, "
-                f"max epsilon {rec['max_epsilon']:.2f}"))
+            progress.update(
+                task,
+                advance=1,
+                description=(
+                    f"round {rec['round']}: accuracy {rec['accuracy']:.3f}, "
+                    f"max epsilon {rec['max_epsilon']:.2f}"
+                ),
+            )
 
         summary = run_simulation(cfg, sites=args.sites, on_round=on_round, verbose=args.verbose)
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
@@ -104,8 +134,10 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         Console().print(summary_table(summary))
-        Console().print(f"run directory: {summary['run_dir']}  "
-                        f"({summary['wall_seconds']:.1f} s)", highlight=False)
+        Console().print(
+            f"run directory: {summary['run_dir']}  ({summary['wall_seconds']:.1f} s)",
+            highlight=False,
+        )
     return 0 if summary["completed_rounds"] == summary["planned_rounds"] else 1
 
 
@@ -114,8 +146,9 @@ def summary_table(summary: dict[str, Any]) -> Table:
     for col in ("round", "accuracy", "loss", "max site epsilon"):
         table.add_column(col, justify="right")
     for r in summary["rounds"]:
-        table.add_row(str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}",
-                      f"{r['max_epsilon']:.3f}")
+        table.add_row(
+            str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", f"{r['max_epsilon']:.3f}"
+        )
     return table
 
 

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from fedsilo.config import Partition
 from fedsilo.errors import ConfigError
 
@@ -20,8 +19,9 @@ MIN_PER_SITE = 10
 MAX_DIRICHLET_DRAWS = 1000
 
 
-def partition_indices(labels: np.ndarray, num_sites: int, spec: Partition,
-                      *, seed: int) -> list[np.ndarray]:
+def partition_indices(
+    labels: np.ndarray, num_sites: int, spec: Partition, *, seed: int
+) -> list[np.ndarray]:
     """Index arrays, one per site, that together cover every example exactly once."""
     n = int(labels.shape[0])
     if num_sites < 1:
@@ -41,8 +41,9 @@ def partition_indices(labels: np.ndarray, num_sites: int, spec: Partition,
     raise ConfigError(f"Unknown partition kind {spec.kind!r}.")
 
 
-def _dirichlet(labels: np.ndarray, num_sites: int, alpha: float,
-               rng: np.random.Generator) -> list[np.ndarray]:
+def _dirichlet(
+    labels: np.ndarray, num_sites: int, alpha: float, rng: np.random.Generator
+) -> list[np.ndarray]:
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     for _ in range(MAX_DIRICHLET_DRAWS):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_sites)]
@@ -61,8 +62,9 @@ def _dirichlet(labels: np.ndarray, num_sites: int, alpha: float,
     )
 
 
-def _shards(labels: np.ndarray, num_sites: int, per_site: int,
-            rng: np.random.Generator) -> list[np.ndarray]:
+def _shards(
+    labels: np.ndarray, num_sites: int, per_site: int, rng: np.random.Generator
+) -> list[np.ndarray]:
     order = np.argsort(labels, kind="stable")
     total = num_sites * per_site
     if total > len(labels):

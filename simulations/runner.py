@@ -26,9 +26,12 @@ APP_DIR = Path(__file__).resolve().parent.parent  # the fedsilo package: holds p
 ProgressFn = Callable[[dict[str, Any]], None]
 
 
-def run_simulation(cfg: RunConfig, *, sites: int, on_round: ProgressFn | None = None,
-                   verbose: bool = False) -> dict[str, Any]:
+def run_simulation(
+    cfg: RunConfig, *, sites: int, on_round: ProgressFn | None = None, verbose: bool = False
+) -> dict[str, Any]:
     """Simulate `sites` virtual sites for `cfg.rounds` rounds; return summary.json's object."""
+    from fedsilo.clients.client_app import app as client_app
+    from fedsilo.server.server_app import app as server_app
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -37,9 +40,6 @@ def run_simulation(cfg: RunConfig, *, sites: int, on_round: ProgressFn | None = 
     from flwr.supercore.run import Run
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
-
-    from fedsilo.clients.client_app import app as client_app
-    from fedsilo.server.server_app import app as server_app
 
     run_dir = Path(cfg.run_dir)
     run_config = cfg.to_flwr()
@@ -51,13 +51,21 @@ def run_simulation(cfg: RunConfig, *, sites: int, on_round: ProgressFn | None = 
     TaskIdentity.task_id = 1
     TaskIdentity.run_id = run.run_id
     TaskIdentity.node_id = SUPERLINK_NODE_ID
-    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                      run_config=dict(run_config))
+    context = Context(
+        run_id=run.run_id,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config=dict(run_config),
+    )
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False,
-                      "logging_level": "INFO" if verbose else "ERROR",
-                      "log_to_driver": verbose},
+        "init_args": {
+            "num_cpus": os.cpu_count() or 1,
+            "include_dashboard": False,
+            "logging_level": "INFO" if verbose else "ERROR",
+            "log_to_driver": verbose,
+        },
     }
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray tip
     stop = threading.Event()
@@ -65,12 +73,19 @@ def run_simulation(cfg: RunConfig, *, sites: int, on_round: ProgressFn | None = 
     watcher.start()
     try:
         _run_simulation(
-            num_supernodes=sites, exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app, server_app=server_app, backend_name="ray",
-            backend_config=backend_config, server_app_context=context,
+            num_supernodes=sites,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_name="ray",
+            backend_config=backend_config,
+            server_app_context=context,
             # is_app: sites read their run config from APP_DIR's manifest fused with
             # run.override_config, as under `flwr run` (without it they get none).
-            app_dir=str(APP_DIR), run=run, is_app=True, verbose_logging=verbose,
+            app_dir=str(APP_DIR),
+            run=run,
+            is_app=True,
+            verbose_logging=verbose,
         )
     except FedsiloError:
         raise
@@ -84,7 +99,9 @@ def run_simulation(cfg: RunConfig, *, sites: int, on_round: ProgressFn | None = 
         watcher.join()
     summary_file = run_dir / "summary.json"
     if not summary_file.exists():
-        raise FedsiloError(f"The simulation ended without a summary; see the log above and {run_dir}.")
+        raise FedsiloError(
+            f"The simulation ended without a summary; see the log above and {run_dir}."
+        )
     summary: dict[str, Any] = json.loads(summary_file.read_text(encoding="utf-8"))
     return summary
 

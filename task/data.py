@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from fedsilo.errors import DataError
 
 DEFAULT_DIRS = {
@@ -84,17 +83,22 @@ def load_dataset(name: str, split: str, data_dir: str = "") -> Dataset:
     raise DataError(f"Unknown dataset {name!r}. Use one of digits, fashion-mnist, mnist, npz.")
 
 
-def load_npz(path: str | Path, *, num_classes: int = 10,
-             input_shape: tuple[int, ...] | None = None) -> Dataset:
+def load_npz(
+    path: str | Path, *, num_classes: int = 10, input_shape: tuple[int, ...] | None = None
+) -> Dataset:
     """Load a site data file (`.npz` with `x` and `y`), checking it fully."""
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: site data file does not exist. Create one with `fedsilo data split`.")
+        raise DataError(
+            f"{path}: site data file does not exist. Create one with `fedsilo data split`."
+        )
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = {"x", "y"} - set(f.files)
             if missing:
-                raise DataError(f"{path}: missing array(s) {sorted(missing)}; a site file needs `x` and `y`.")
+                raise DataError(
+                    f"{path}: missing array(s) {sorted(missing)}; a site file needs `x` and `y`."
+                )
             x, y = f["x"], f["y"]
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc}).") from None
@@ -110,7 +114,8 @@ def load_npz(path: str | Path, *, num_classes: int = 10,
             x = x.reshape((x.shape[0], *input_shape))
         else:
             raise DataError(
-                f"{path}: `x` has per-example shape {tuple(x.shape[1:])}, the model needs {input_shape}."
+                f"{path}: `x` has per-example shape {tuple(x.shape[1:])}, "
+                f"the model needs {input_shape}."
             )
     return _finish(x.astype(np.float32), y, num_classes, str(path))
 
@@ -175,6 +180,12 @@ def _finish(x: np.ndarray, y: np.ndarray, num_classes: int, source: str) -> Data
         raise DataError(f"{source}: features contain NaN or infinity.")
     lo, hi = int(y.min()), int(y.max())
     if lo < 0 or hi >= num_classes:
-        raise DataError(f"{source}: labels must be in [0, {num_classes}), found range [{lo}, {hi}].")
-    return Dataset(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-                   torch.from_numpy(y.astype(np.int64)), num_classes, source)
+        raise DataError(
+            f"{source}: labels must be in [0, {num_classes}), found range [{lo}, {hi}]."
+        )
+    return Dataset(
+        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+        torch.from_numpy(y.astype(np.int64)),
+        num_classes,
+        source,
+    )

@@ -8,9 +8,8 @@ Learning with Differential Privacy", AAAI 2021).
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from fedsilo.errors import ConfigError
+from torch import nn
 
 
 class MLP(nn.Module):
@@ -32,8 +31,12 @@ class CNN(nn.Module):
     def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 8, stride=2, padding=3), nn.Tanh(), nn.MaxPool2d(2, 1),
-            nn.Conv2d(16, 32, 4, stride=2), nn.Tanh(), nn.MaxPool2d(2, 1),
+            nn.Conv2d(1, 16, 8, stride=2, padding=3),
+            nn.Tanh(),
+            nn.MaxPool2d(2, 1),
+            nn.Conv2d(16, 32, 4, stride=2),
+            nn.Tanh(),
+            nn.MaxPool2d(2, 1),
         )
         self.head = nn.Sequential(
             nn.Flatten(), nn.Linear(32 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, num_classes)
@@ -50,8 +53,9 @@ def resolve_model_name(model: str, dataset_shape: tuple[int, ...]) -> str:
     return "cnn" if dataset_shape == (1, 28, 28) else "mlp"
 
 
-def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
-                *, seed: int) -> nn.Module:
+def build_model(
+    name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int
+) -> nn.Module:
     """Build a model with weights drawn from `seed` (the same on server and sites)."""
     gen_state = torch.random.get_rng_state()
     try:
@@ -63,7 +67,9 @@ def build_model(name: str, input_shape: tuple[int, ...], num_classes: int,
             return MLP(in_features=in_features, num_classes=num_classes)
         if name == "cnn":
             if input_shape != (1, 28, 28):
-                raise ConfigError(f"model `cnn` needs 1x28x28 inputs, got {input_shape}; use --model mlp.")
+                raise ConfigError(
+                    f"model `cnn` needs 1x28x28 inputs, got {input_shape}; use --model mlp."
+                )
             return CNN(num_classes=num_classes)
         raise ConfigError(f"Unknown model {name!r}. Use mlp, cnn or auto.")
     finally:

@@ -21,11 +21,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from fedsilo.task.data import Dataset
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from torch import nn
-
-from fedsilo.task.data import Dataset
 
 OPACUS_PREFIX = "_module."
 
@@ -43,9 +42,18 @@ class TrainStats:
 class DPTrainer:
     """Opacus DP-SGD over an in-memory dataset, one object per site and round."""
 
-    def __init__(self, model: nn.Module, *, noise_multiplier: float, max_grad_norm: float,
-                 expected_batch_size: int, lr: float, momentum: float = 0.0,
-                 generator: torch.Generator, device: torch.device | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        noise_multiplier: float,
+        max_grad_norm: float,
+        expected_batch_size: int,
+        lr: float,
+        momentum: float = 0.0,
+        generator: torch.Generator,
+        device: torch.device | None = None,
+    ) -> None:
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device)
         self.gsm = GradSampleModule(self.model, batch_first=True, loss_reduction="mean")
@@ -54,8 +62,11 @@ class DPTrainer:
         base = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum)
         noise_gen = generator if self.device.type == "cpu" else None
         self.optimizer = DPOptimizer(
-            base, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-            expected_batch_size=expected_batch_size, loss_reduction="mean",
+            base,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            expected_batch_size=expected_batch_size,
+            loss_reduction="mean",
             generator=noise_gen,
         )
         self.loss_fn = nn.CrossEntropyLoss(reduction="mean")
@@ -91,8 +102,12 @@ class DPTrainer:
             else:
                 losses += loss * idx.numel()
                 seen += idx.numel()
-        return TrainStats(steps=steps, examples_seen=seen, empty_batches=empty,
-                          mean_loss=losses / seen if seen else float("nan"))
+        return TrainStats(
+            steps=steps,
+            examples_seen=seen,
+            empty_batches=empty,
+            mean_loss=losses / seen if seen else float("nan"),
+        )
 
     def _noise_only_step(self) -> None:
         """Empty batch: zero-row per-sample grads, as Opacus's own DPDataLoader would
@@ -113,15 +128,16 @@ def steps_per_epoch(n: int, expected_batch_size: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 2048,
-             device: torch.device | None = None) -> tuple[float, float]:
+def evaluate(
+    model: nn.Module, data: Dataset, *, batch_size: int = 2048, device: torch.device | None = None
+) -> tuple[float, float]:
     """Mean cross-entropy loss and accuracy of `model` on `data`."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
     loss_sum, correct = 0.0, 0
     for start in range(0, len(data), batch_size):
-        x = data.x[start:start + batch_size].to(device)
-        y = data.y[start:start + batch_size].to(device)
+        x = data.x[start : start + batch_size].to(device)
+        y = data.y[start : start + batch_size].to(device)
         logits = model(x)
         loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
         correct += int((logits.argmax(dim=1) == y).sum())
@@ -130,8 +146,9 @@ def evaluate(model: nn.Module, data: Dataset, *, batch_size: int = 2048,
 
 def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop Opacus's `_module.` wrapper prefix from state-dict keys, if present."""
-    return {(k[len(OPACUS_PREFIX):] if k.startswith(OPACUS_PREFIX) else k): v
-            for k, v in state.items()}
+    return {
+        (k[len(OPACUS_PREFIX) :] if k.startswith(OPACUS_PREFIX) else k): v for k, v in state.items()
+    }
 
 
 def resolve_device(name: str) -> torch.device:

@@ -10,21 +10,29 @@ import pytest
 
 
 def fedsilo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fedsilo", *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fedsilo", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--target-epsilon", "-1"], "`target-epsilon` must be a finite number > 0"),
-    (["--dataset", "cifar10"], "`dataset` must be one of"),
-    (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm"], "does not exist"),
-    (["--partition", "dirichlet:0"], "alpha must be a number > 0"),
-    (["--partition", "dirichlet:-2"], "alpha must be a number > 0"),
-    (["--sites", "500"], "Use fewer sites"),
-    (["--rounds", "0"], "`rounds` must be an integer >= 1"),
-    (["--sites", "0"], "`--sites` must be >= 1"),
-    (["--device", "tpu"], "`device` must be one of"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--target-epsilon", "-1"], "`target-epsilon` must be a finite number > 0"),
+        (["--dataset", "cifar10"], "`dataset` must be one of"),
+        (["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/fm"], "does not exist"),
+        (["--partition", "dirichlet:0"], "alpha must be a number > 0"),
+        (["--partition", "dirichlet:-2"], "alpha must be a number > 0"),
+        (["--sites", "500"], "Use fewer sites"),
+        (["--rounds", "0"], "`rounds` must be an integer >= 1"),
+        (["--sites", "0"], "`--sites` must be >= 1"),
+        (["--device", "tpu"], "`device` must be one of"),
+    ],
+)
 def test_bad_config_one_line_no_traceback(tmp_path: Path, args: list[str], needle: str) -> None:
     res = fedsilo("simulate", "--out", str(tmp_path / "run"), *args, cwd=tmp_path)
     assert res.returncode != 0

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 
 import pytest
-
+import tomllib
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
 
@@ -26,16 +25,19 @@ def test_roundtrip() -> None:
     assert RunConfig.from_flwr(cfg.to_flwr()) == cfg
 
 
-@pytest.mark.parametrize("key,value,needle", [
-    ("target-epsilon", -1.0, "`target-epsilon` must be a finite number > 0. Found -1.0"),
-    ("target-epsilon", 0, "cannot be turned off"),
-    ("target-delta", 1.0, "`target-delta` must be in (0, 1)"),
-    ("rounds", 0, "`rounds` must be an integer >= 1"),
-    ("dataset", "cifar", "`dataset` must be one of"),
-    ("partition", "dirichlet:0", "alpha must be a number > 0"),
-    ("max-grad-norm", 0.0, "`max-grad-norm`"),
-    ("rounds", "three", "must be of type int"),
-])
+@pytest.mark.parametrize(
+    "key,value,needle",
+    [
+        ("target-epsilon", -1.0, "`target-epsilon` must be a finite number > 0. Found -1.0"),
+        ("target-epsilon", 0, "cannot be turned off"),
+        ("target-delta", 1.0, "`target-delta` must be in (0, 1)"),
+        ("rounds", 0, "`rounds` must be an integer >= 1"),
+        ("dataset", "cifar", "`dataset` must be one of"),
+        ("partition", "dirichlet:0", "alpha must be a number > 0"),
+        ("max-grad-norm", 0.0, "`max-grad-norm`"),
+        ("rounds", "three", "must be of type int"),
+    ],
+)
 def test_invalid_values(key: str, value: object, needle: str) -> None:
     raw = manifest_config() | {key: value}
     with pytest.raises(ConfigError) as err:
@@ -48,5 +50,5 @@ def test_unknown_and_missing_keys_are_errors() -> None:
         RunConfig.from_flwr(manifest_config() | {"epsilon": 1.0})
     raw = manifest_config()
     del raw["target-epsilon"]
-    with pytest.raises(ConfigError, match="Missing key.*target-epsilon"):
+    with pytest.raises(ConfigError, match=r"Missing key.*target-epsilon"):
         RunConfig.from_flwr(raw)

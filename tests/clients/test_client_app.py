@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-
 from fedsilo.clients.client_app import train
 from fedsilo.config import RunConfig
 from fedsilo.privacy.accountant import epsilon
 from fedsilo.privacy.events import SampledGaussianEvent
 from fedsilo.server.evaluate import global_model
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 
 @pytest.fixture(autouse=True)
@@ -22,17 +21,24 @@ def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def train_message(cfg: RunConfig, server_round: int) -> Message:
-    content = RecordDict({
-        "arrays": ArrayRecord(global_model(cfg).state_dict()),
-        "config": ConfigRecord({"server-round": server_round}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(global_model(cfg).state_dict()),
+            "config": ConfigRecord({"server-round": server_round}),
+        }
+    )
     return Message(content=content, dst_node_id=1, message_type="train")
 
 
 def test_epsilon_accumulates_across_rounds_with_one_context() -> None:
     cfg = RunConfig(rounds=2, accountant="rdp")
-    ctx = Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 3},
-                  state=RecordDict(), run_config=cfg.to_flwr())
+    ctx = Context(
+        run_id=1,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 3},
+        state=RecordDict(),
+        run_config=cfg.to_flwr(),
+    )
     eps = []
     for rnd in (1, 2):
         reply = train(train_message(cfg, rnd), ctx)

@@ -15,7 +15,10 @@ pytestmark = pytest.mark.slow
 def simulate(tmp: Path, name: str, *args: str) -> dict:  # type: ignore[type-arg]
     res = subprocess.run(
         [sys.executable, "-m", "fedsilo", "simulate", "--json", "--out", str(tmp / name), *args],
-        cwd=tmp, capture_output=True, text=True, timeout=600,
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     return json.loads(res.stdout)  # stdout holds exactly one JSON object
@@ -39,7 +42,10 @@ def test_three_sites_three_rounds_digits_epsilon_8(tmp_path: Path) -> None:
     assert [json.loads(ln)["round"] for ln in lines] == [1, 2, 3]
     assert (run_dir / "final_model.pt").is_file()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "round-001.pt", "round-002.pt", "round-003.pt"]
+        "round-001.pt",
+        "round-002.pt",
+        "round-003.pt",
+    ]
 
 
 def test_same_seed_same_metrics_and_noniid(tmp_path: Path) -> None:

@@ -5,24 +5,29 @@ from __future__ import annotations
 import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from fedsilo.privacy.accountant import RDP_ORDERS, calibrate_noise, epsilon
 from fedsilo.privacy.events import SampledGaussianEvent as Event
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 
 def google_rdp(q: float, sigma: float, steps: int, delta: float) -> float:
     acc = rdp.RdpAccountant(RDP_ORDERS)
-    acc.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
+    acc.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+        )
+    )
     return float(acc.get_epsilon(delta))
 
 
 def google_pld(q: float, sigma: float, steps: int, delta: float) -> float:
     acc = pld.PLDAccountant(value_discretization_interval=1e-4)
-    acc.compose(dp_accounting.SelfComposedDpEvent(
-        dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
+    acc.compose(
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
+        )
+    )
     return float(acc.get_epsilon(delta))
 
 
@@ -30,7 +35,8 @@ def google_pld(q: float, sigma: float, steps: int, delta: float) -> float:
 def test_matches_dp_accounting(q: float, sigma: float, steps: int) -> None:
     ev = [Event(noise_multiplier=sigma, sample_rate=q, steps=steps)]
     assert epsilon(ev, delta=1e-5, accountant="rdp") == pytest.approx(
-        google_rdp(q, sigma, steps, 1e-5), rel=0.01)
+        google_rdp(q, sigma, steps, 1e-5), rel=0.01
+    )
     # Our PRV figure is an upper bound with eps_error 0.01: within 2% above PLD's estimate.
     ours, theirs = epsilon(ev, delta=1e-5, accountant="prv"), google_pld(q, sigma, steps, 1e-5)
     assert theirs * 0.99 <= ours <= theirs * 1.03 + 0.01
@@ -49,8 +55,10 @@ def test_two_rounds_exceed_one_and_compose_like_one_long_run() -> None:
     for acc in ("prv", "rdp"):
         e1, e2 = epsilon(one, delta=1e-5, accountant=acc), epsilon(two, delta=1e-5, accountant=acc)
         assert e2 > e1 > 0
-        assert e2 == pytest.approx(google_rdp(0.1, 1.1, 20, 1e-5) if acc == "rdp"
-                                   else google_pld(0.1, 1.1, 20, 1e-5), rel=0.03)
+        assert e2 == pytest.approx(
+            google_rdp(0.1, 1.1, 20, 1e-5) if acc == "rdp" else google_pld(0.1, 1.1, 20, 1e-5),
+            rel=0.03,
+        )
 
 
 def test_no_events_no_spend() -> None:
@@ -58,11 +66,17 @@ def test_no_events_no_spend() -> None:
 
 
 @settings(max_examples=15, deadline=None)
-@given(target=st.floats(0.5, 10), q=st.floats(0.005, 0.3), steps=st.integers(1, 600),
-       acc=st.sampled_from(["prv", "rdp"]))
+@given(
+    target=st.floats(0.5, 10),
+    q=st.floats(0.005, 0.3),
+    steps=st.integers(1, 600),
+    acc=st.sampled_from(["prv", "rdp"]),
+)
 def test_calibration_never_overshoots(target: float, q: float, steps: int, acc: str) -> None:
-    sigma = calibrate_noise(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps,
-                            accountant=acc)
-    got = epsilon([Event(noise_multiplier=sigma, sample_rate=q, steps=steps)], delta=1e-5,
-                  accountant=acc)
+    sigma = calibrate_noise(
+        target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps, accountant=acc
+    )
+    got = epsilon(
+        [Event(noise_multiplier=sigma, sample_rate=q, steps=steps)], delta=1e-5, accountant=acc
+    )
     assert got <= target

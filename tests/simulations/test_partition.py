@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from fedsilo.config import Partition
 from fedsilo.errors import ConfigError
 from fedsilo.simulations.partition import partition_indices
@@ -30,6 +29,7 @@ def test_small_alpha_skews_labels_more_than_large() -> None:
     def mean_classes(alpha: float) -> float:
         parts = partition_indices(LABELS, 10, Partition.parse(f"dirichlet:{alpha}"), seed=0)
         return float(np.mean([len(set(LABELS[p].tolist())) for p in parts]))
+
     assert mean_classes(0.1) < mean_classes(100.0) == 10.0
 
 

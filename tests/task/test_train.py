@@ -6,22 +6,27 @@ import copy
 
 import pytest
 import torch
-from torch import nn
-
 from fedsilo.task.data import Dataset
 from fedsilo.task.models import CNN, MLP, build_model
 from fedsilo.task.train import DPTrainer, evaluate, strip_module_prefix
+from torch import nn
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().flatten() for p in model.parameters()])
 
 
-def make_trainer(model: nn.Module, *, sigma: float, clip: float, batch: int,
-                 lr: float = 1.0, seed: int = 0) -> DPTrainer:
-    return DPTrainer(model, noise_multiplier=sigma, max_grad_norm=clip,
-                     expected_batch_size=batch, lr=lr,
-                     generator=torch.Generator().manual_seed(seed))
+def make_trainer(
+    model: nn.Module, *, sigma: float, clip: float, batch: int, lr: float = 1.0, seed: int = 0
+) -> DPTrainer:
+    return DPTrainer(
+        model,
+        noise_multiplier=sigma,
+        max_grad_norm=clip,
+        expected_batch_size=batch,
+        lr=lr,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def test_no_noise_no_clipping_equals_plain_sgd() -> None:
