@@ -1,11 +1,10 @@
 """A site's local DP training round: plan, calibrate, train, account. No Flower.
 
-The noise multiplier is calibrated once per run so that the run's whole planned
-training (rounds x local epochs x steps per epoch) stays within `target-epsilon`
-at `target-delta` and, when the site has a policy, so that it composed with
-everything the site already spent on this data stays within the site's budget.
-Every round is one SampledGaussianEvent; the reported epsilon is recomputed
-from the events, so it accumulates across rounds and process restarts.
+The noise multiplier is calibrated once per run so that the site's whole planned
+training (rounds x local epochs x steps per epoch), composed with whatever it had
+already spent, stays within `target-epsilon` at `target-delta`. Every round
+appends one SampledGaussianEvent; the reported epsilon is recomputed from all
+events, so it accumulates across rounds and process restarts.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import torch
 from fedsilo.config import RunConfig
 from fedsilo.privacy.accountant import calibrate_noise, epsilon
 from fedsilo.privacy.events import SampledGaussianEvent
-from fedsilo.privacy.policy import BUDGET_ACCOUNTANT, SitePolicy
 from fedsilo.task.data import Dataset
 from fedsilo.task.models import build_model, resolve_model_name
 from fedsilo.task.train import DPTrainer, resolve_device, sample_rate, steps_per_epoch
@@ -58,21 +56,8 @@ class RoundResult:
     epsilon: float  # cumulative, over every event including this round's
 
 
-def plan_run(
-    cfg: RunConfig,
-    n_examples: int,
-    prior: Sequence[SampledGaussianEvent],
-    policy: SitePolicy | None = None,
-) -> DPPlan:
-    """Calibrate sigma for this run's planned steps.
-
-    The run alone stays within the run's target; with a `policy`, the site's `prior`
-    spend on this data plus the run stays within the site's budget (the larger sigma
-    of the two wins).
-
-    Raises:
-        PrivacyError: no sigma fits (the budget is spent or too small for the plan).
-    """
+def plan_run(cfg: RunConfig, n_examples: int, prior: Sequence[SampledGaussianEvent]) -> DPPlan:
+    """Calibrate sigma so prior spend plus this run's planned steps fit the target."""
     q = sample_rate(n_examples, cfg.batch_size)
     per_round = cfg.local_epochs * steps_per_epoch(n_examples, cfg.batch_size)
     sigma = calibrate_noise(
@@ -81,23 +66,8 @@ def plan_run(
         sample_rate=q,
         steps=per_round * cfg.rounds,
         accountant=cfg.accountant,
+        prior=prior,
     )
-    planned = SampledGaussianEvent(
-        noise_multiplier=sigma, sample_rate=q, steps=per_round * cfg.rounds
-    )
-    if policy is not None and policy.over_budget(policy.spent([*prior, planned])):
-        # Only then is the budget the tighter limit (PRV calibration with prior is slow).
-        sigma = max(
-            sigma,
-            calibrate_noise(
-                target_epsilon=policy.max_epsilon,
-                delta=policy.delta,
-                sample_rate=q,
-                steps=per_round * cfg.rounds,
-                accountant=BUDGET_ACCOUNTANT,
-                prior=prior,
-            ),
-        )
     return DPPlan(
         noise_multiplier=sigma, sample_rate=q, steps_per_round=per_round, rounds=cfg.rounds
     )

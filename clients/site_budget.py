@@ -1,8 +1,9 @@
 """A site's budget: its policy and ledger, and the write-ahead check of each round. No Flower.
 
 `authorise_round` is the only way a round gets to train. Under the ledger's lock
-it checks the run against the site's policy, plans (or re-reads) the run's noise,
-checks that the round's spend fits what remains of the budget on this dataset,
+it checks the run against the site's policy, plans the run's noise at its first
+round (and checks the whole run fits what remains of the budget on this dataset)
+or re-reads that plan from the ledger, checks that the round's spend fits,
 and appends the spend to the ledger, fsync'd, before any training starts. A crash
 after that over-counts the spend; nothing can under-count it.
 """
@@ -123,17 +124,8 @@ def authorise_round(
                 rounds=cfg.rounds,
             )
         else:
-            others = [s.event for s in spends]
-            try:
-                plan = plan_run(cfg, len(data), others, policy)
-            except PrivacyError:
-                spent = policy.spent(others)
-                raise BudgetExceededError(
-                    f"this run's {cfg.rounds} round(s) do not fit what remains of the site's "
-                    f"budget at any noise level (spent {spent:.3f} of {policy.max_epsilon:g} at "
-                    f"delta {policy.delta:g}). The site refuses: training would break its "
-                    "privacy promise."
-                ) from None
+            plan = plan_run(cfg, len(data), prior=[])
+            _check_run_fits(policy, [s.event for s in spends], plan)
         policy.check_noise(plan.noise_multiplier)
         event = SampledGaussianEvent(
             noise_multiplier=plan.noise_multiplier,
@@ -154,3 +146,26 @@ def authorise_round(
             )
         )
     return Authorisation(plan, event, [s.event for s in mine], site_epsilon, head)
+
+
+def _check_run_fits(policy: SitePolicy, prior: list[SampledGaussianEvent], plan: DPPlan) -> None:
+    """Refuse a run whose whole plan does not fit what remains of the budget.
+
+    A run costs the site what the server planned it to (its target epsilon), or the
+    site does not join: stretching a sliver of budget over a run with ever more noise
+    would send updates that only damage the global model.
+    """
+    whole = SampledGaussianEvent(
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps_per_round * plan.rounds,
+    )
+    after = policy.spent([*prior, whole])
+    if policy.over_budget(after):
+        before = policy.spent(prior)
+        raise BudgetExceededError(
+            f"this run's {plan.rounds} round(s) would bring the site's epsilon from "
+            f"{before:.3f} to {after:.3f}, over its budget of {policy.max_epsilon:g} at delta "
+            f"{policy.delta:g} ({max(0.0, policy.max_epsilon - before):.3f} remains). The site "
+            "refuses: ask for a smaller target-epsilon or fewer rounds."
+        )
