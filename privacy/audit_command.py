@@ -137,6 +137,7 @@ def plot(rows: list[SiteAudit], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for r in rows:
@@ -149,6 +150,7 @@ def plot(rows: list[SiteAudit], path: Path) -> None:
     ax.set_xlabel("round recorded in the ledger")
     ax.set_ylabel("cumulative epsilon (PRV)")
     ax.set_title("Privacy spend per site (dashed: budget)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
