@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,10 +229,6 @@ def ensure_policy(path: str | Path, site: str, policy: SitePolicy) -> None:
     with transaction(path) as txn:
         if txn.contents.policy != policy:
             txn.append(PolicyEntry(site=site, policy=policy, time=now()))
-
-
-def spend_on(spends: Sequence[RoundSpend], dataset: str) -> list[SampledGaussianEvent]:
-    return [s.event for s in spends if s.dataset == dataset]
 
 
 def _read_all(fd: int) -> bytes:
