@@ -1,6 +1,7 @@
 """The `fedsilo` command line. Each subcommand lives beside the code it drives.
 
   fedsilo simulate   run a federation of virtual sites on this machine
+  fedsilo audit      verify site privacy ledgers and report their spend
   (run `fedsilo --help` for the full list)
 
 User mistakes (FedsiloError) print one `error:` line and exit non-zero, with no
@@ -18,7 +19,7 @@ from fedsilo.errors import FedsiloError
 from rich.console import Console
 
 # Modules providing `register(subparsers)`; each adds one subcommand with `func` set.
-COMMANDS = ("fedsilo.simulations.command",)
+COMMANDS = ("fedsilo.simulations.command", "fedsilo.privacy.audit_command")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -71,6 +71,7 @@ def main(grid: Grid, context: Context) -> None:
             "max_epsilon": max(strategy.reports[s].epsilon for s in participants),
             "sites": participants,
             "failed": [f.site for f in strategy.failures if f.round == server_round],
+            "refused": [r.site for r in strategy.refusals if r.round == server_round],
             "seconds": time.monotonic() - t0,
         }
         run_dir.append_metrics(record)
@@ -102,11 +103,18 @@ def build_summary(
                 "epsilon": r.epsilon,
                 "delta": r.delta,
                 "target_epsilon": r.target_epsilon,
+                "site_epsilon": r.site_epsilon,
+                "budget": r.site_budget,
+                "site_delta": r.site_delta,
+                "ledger_head": r.ledger_head,
             }
             for r in sorted(strategy.reports.values(), key=lambda r: r.site)
         ],
         "failures": [
             {"site": f.site, "round": f.round, "reason": f.reason} for f in strategy.failures
+        ],
+        "refusals": [
+            {"site": r.site, "round": r.round, "reason": r.reason} for r in strategy.refusals
         ],
         "completed_rounds": len(rounds),
         "planned_rounds": planned_rounds,

@@ -2,7 +2,8 @@
 
 `SiteReports` wraps any Flower strategy (Flower's DP wrappers do the same): it
 reads each train reply's site name and privacy metrics, logs and drops replies
-that are errors or refusals, orders the rest by site name (so aggregation is
+that are errors (`failures`) or a site's refusal to train (`refusals`, with the
+site's own reason: fedsilo.privacy.refusal), orders the rest by site name (so aggregation is
 deterministic whatever order replies arrive in) and hands them to the wrapped
 strategy.
 """
@@ -13,6 +14,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from fedsilo.privacy.refusal import parse_refusal
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -30,11 +32,24 @@ class SiteReport:
     delta: float
     target_epsilon: float
     round: int
+    site_epsilon: float | None = None  # all the site's spend on its data, at site_delta
+    site_budget: float | None = None
+    site_delta: float | None = None
+    ledger_head: str | None = None  # the site's ledger sha256 after this round's spend
 
 
 @dataclass(frozen=True)
 class Failure:
     """A site that sent no usable update in a round, and why."""
+
+    site: str
+    round: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A site that refused to train in a round, in its own words."""
 
     site: str
     round: int
@@ -48,6 +63,7 @@ class SiteReports(Strategy):
         self.inner = inner
         self.reports: dict[str, SiteReport] = {}
         self.failures: list[Failure] = []
+        self.refusals: list[Refusal] = []
         self.last_round_sites: list[str] = []
 
     def summary(self) -> None:
@@ -65,6 +81,13 @@ class SiteReports(Strategy):
         for msg in replies:
             site = _site_name(msg)
             if msg.has_error():
+                refusal = parse_refusal(msg.error.code, msg.error.reason or "")
+                if refusal is not None:
+                    self.refusals.append(Refusal(refusal[0], server_round, refusal[1]))
+                    log.warning(
+                        "aggregate_train: round %d: site %s refused: %s", server_round, *refusal
+                    )
+                    continue
                 reason = msg.error.reason.strip().splitlines()[-1] if msg.error.reason else "error"
                 self.failures.append(Failure(site, server_round, reason))
                 log.warning(
@@ -80,6 +103,10 @@ class SiteReports(Strategy):
                 delta=float(metrics["delta"]),  # type: ignore[arg-type]
                 target_epsilon=float(metrics["target-epsilon"]),  # type: ignore[arg-type]
                 round=server_round,
+                site_epsilon=_optional(metrics, "site-epsilon"),
+                site_budget=_optional(metrics, "site-budget"),
+                site_delta=_optional(metrics, "site-delta"),
+                ledger_head=_ledger_head(msg),
             )
             usable.append((site, msg))
         usable.sort(key=lambda pair: pair[0])
@@ -106,3 +133,14 @@ def _site_name(msg: Message) -> str:
         if isinstance(record, ConfigRecord) and "name" in record:
             return str(record["name"])
     return f"node-{msg.metadata.src_node_id}"
+
+
+def _optional(metrics: MetricRecord, key: str) -> float | None:
+    return float(metrics[key]) if key in metrics else None  # type: ignore[arg-type]
+
+
+def _ledger_head(msg: Message) -> str | None:
+    record = msg.content.get("site")
+    if isinstance(record, ConfigRecord) and "ledger-head" in record:
+        return str(record["ledger-head"])
+    return None

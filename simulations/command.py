@@ -4,6 +4,7 @@ Examples:
   fedsilo simulate                                   # 3 sites, digits, epsilon 8
   fedsilo simulate --dataset fashion-mnist --sites 10 --target-epsilon 3 --rounds 5
   fedsilo simulate --partition dirichlet:0.5 --json > summary.json
+  fedsilo simulate --sites 2 --site-max-epsilon 8,2   # site-1's budget refuses the run
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 import time
 from typing import Any
 
 from fedsilo.config import RunConfig
+from fedsilo.privacy.policy import SitePolicy
 from fedsilo.server.run_dir import default_run_dir
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -67,6 +70,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm, help="per-sample clip norm C"
     )
     d.add_argument("--accountant", default=DEFAULTS.accountant, help="prv (tight) or rdp")
+    d.add_argument(
+        "--site-max-epsilon",
+        default="",
+        metavar="EPS[,EPS...]",
+        help="each virtual site's own budget (its policy, kept in RUN_DIR/ledgers): one value "
+        "for all sites or one per site (default: the target epsilon)",
+    )
     o = p.add_argument_group("run")
     o.add_argument("--seed", type=int, default=DEFAULTS.seed)
     o.add_argument("--device", default=DEFAULTS.device, help="auto, cpu or cuda")
@@ -97,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     if args.sites < 1:
         raise ConfigError(f"`--sites` must be >= 1. Found {args.sites}.")
     cfg = config_from_args(args)
+    policies = site_policies(args.site_max_epsilon, args.sites, cfg)
     err = Console(stderr=True)
     _quiet_logs(args.verbose)
     sizes = preflight(cfg, args.sites)
@@ -128,7 +139,13 @@ def run(args: argparse.Namespace) -> int:
                 ),
             )
 
-        summary = run_simulation(cfg, sites=args.sites, on_round=on_round, verbose=args.verbose)
+        summary = run_simulation(
+            cfg,
+            sites=args.sites,
+            on_round=on_round,
+            verbose=args.verbose,
+            site_policies=policies,
+        )
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     if args.json:
         sys.stdout.write(json.dumps(summary) + "\n")
@@ -139,6 +156,26 @@ def run(args: argparse.Namespace) -> int:
             highlight=False,
         )
     return 0 if summary["completed_rounds"] == summary["planned_rounds"] else 1
+
+
+def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:
+    """The virtual sites' policies from `--site-max-epsilon` (budgets at the run's delta)."""
+    from fedsilo.errors import ConfigError
+
+    if not text.strip():
+        return [SitePolicy(max_epsilon=cfg.target_epsilon, delta=cfg.target_delta)] * sites
+    try:
+        budgets = [float(v) for v in text.split(",")]
+    except ValueError:
+        budgets = []
+    if len(budgets) not in (1, sites) or not all(math.isfinite(b) and b > 0 for b in budgets):
+        raise ConfigError(
+            f"`--site-max-epsilon` must be one number > 0 or {sites} comma-separated ones "
+            f"(one per site). Found {text!r}."
+        )
+    if len(budgets) == 1:
+        budgets = budgets * sites
+    return [SitePolicy(max_epsilon=b, delta=cfg.target_delta) for b in budgets]
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

@@ -3,8 +3,10 @@
 The ServerApp and ClientApp are the deployment ones, unchanged: each virtual
 site gets Flower's `partition-id`/`num-partitions` node config and loads its
 share of the dataset; the run config reaches server and sites the same way it
-does under `flwr run`. Progress is read from RUN_DIR/metrics.jsonl, the same
-record a deployed server writes.
+does under `flwr run`. Each virtual site's policy and privacy ledger live in
+RUN_DIR/ledgers/ (fedsilo.simulations.ledgers), written here before the engine
+starts. Progress is read from RUN_DIR/metrics.jsonl, the same record a deployed
+server writes.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from fedsilo.config import RunConfig
-from fedsilo.errors import FedsiloError
+from fedsilo.errors import ConfigError, FedsiloError
+from fedsilo.privacy.policy import SitePolicy
 from fedsilo.server.run_dir import read_metrics
 
 log = logging.getLogger("fedsilo.simulation")
@@ -27,11 +30,21 @@ ProgressFn = Callable[[dict[str, Any]], None]
 
 
 def run_simulation(
-    cfg: RunConfig, *, sites: int, on_round: ProgressFn | None = None, verbose: bool = False
+    cfg: RunConfig,
+    *,
+    sites: int,
+    on_round: ProgressFn | None = None,
+    verbose: bool = False,
+    site_policies: Sequence[SitePolicy] | None = None,
 ) -> dict[str, Any]:
-    """Simulate `sites` virtual sites for `cfg.rounds` rounds; return summary.json's object."""
+    """Simulate `sites` virtual sites for `cfg.rounds` rounds; return summary.json's object.
+
+    `site_policies[i]` is virtual site i's own policy (default: a budget of the run's
+    target epsilon at its delta). Ledgers already in RUN_DIR/ledgers keep their spend.
+    """
     from fedsilo.clients.client_app import app as client_app
     from fedsilo.server.server_app import app as server_app
+    from fedsilo.simulations.ledgers import write_site_policies
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -42,6 +55,11 @@ def run_simulation(
     from flwr.supercore.telemetry import EventType
 
     run_dir = Path(cfg.run_dir)
+    if site_policies is None:
+        site_policies = [SitePolicy(max_epsilon=cfg.target_epsilon, delta=cfg.target_delta)] * sites
+    if len(site_policies) != sites:
+        raise ConfigError(f"{len(site_policies)} site policies for {sites} sites.")
+    write_site_policies(run_dir, site_policies)
     run_config = cfg.to_flwr()
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)

@@ -1,13 +1,21 @@
-"""The ClientApp keeps a site's spend across rounds in the SuperNode's context."""
+"""The ClientApp: a site's spend lives in its ledger, and its budget is enforced there."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+from pathlib import Path
+
 import pytest
+from fedsilo.clients import client_app
 from fedsilo.clients.client_app import train
 from fedsilo.config import RunConfig
+from fedsilo.privacy import ledger
 from fedsilo.privacy.accountant import epsilon
-from fedsilo.privacy.events import SampledGaussianEvent
+from fedsilo.privacy.policy import SitePolicy
+from fedsilo.privacy.refusal import REFUSAL_CODE
 from fedsilo.server.evaluate import global_model
+from fedsilo.simulations.ledgers import simulated_ledger, write_site_policies
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 
@@ -30,25 +38,148 @@ def train_message(cfg: RunConfig, server_round: int) -> Message:
     return Message(content=content, dst_node_id=1, message_type="train")
 
 
-def test_epsilon_accumulates_across_rounds_with_one_context() -> None:
-    cfg = RunConfig(rounds=2, accountant="rdp")
-    ctx = Context(
-        run_id=1,
+def sim_context(cfg: RunConfig, run_id: int = 1, pid: int = 0) -> Context:
+    """A fresh SuperNode context: nothing in context.state (as after a restart)."""
+    return Context(
+        run_id=run_id,
         node_id=1,
-        node_config={"partition-id": 0, "num-partitions": 3},
+        node_config={"partition-id": pid, "num-partitions": 3},
         state=RecordDict(),
         run_config=cfg.to_flwr(),
     )
-    eps = []
-    for rnd in (1, 2):
-        reply = train(train_message(cfg, rnd), ctx)
-        metrics = reply.content["metrics"]
-        assert isinstance(metrics, MetricRecord)
-        eps.append(float(metrics["epsilon"]))
-        sigma, steps = float(metrics["noise-multiplier"]), int(metrics["steps"])
-    assert reply.content["site"]["name"] == "site-0"  # type: ignore[index]
-    q = cfg.batch_size / 479
-    one = SampledGaussianEvent(noise_multiplier=sigma, sample_rate=q, steps=steps)
-    assert eps[0] == pytest.approx(epsilon([one], delta=1e-5, accountant="rdp"), rel=1e-2)
-    assert eps[1] == pytest.approx(epsilon([one, one], delta=1e-5, accountant="rdp"), rel=1e-2)
-    assert eps[1] > eps[0] and eps[1] <= cfg.target_epsilon
+
+
+def metrics_of(reply: Message) -> MetricRecord:
+    assert not reply.has_error(), reply.error.reason
+    metrics = reply.content["metrics"]
+    assert isinstance(metrics, MetricRecord)
+    return metrics
+
+
+def refusal_of(reply: Message) -> dict[str, str]:
+    assert reply.has_error() and reply.error.code == REFUSAL_CODE
+    return json.loads(reply.error.reason)  # type: ignore[no-any-return]
+
+
+def test_spend_accumulates_across_rounds_and_restarts(tmp_path: Path) -> None:
+    # Prepare: each round in a fresh context, as a SuperNode restart leaves it.
+    cfg = RunConfig(rounds=2, accountant="rdp", run_dir=str(tmp_path))
+    write_site_policies(tmp_path, [SitePolicy(max_epsilon=8.0)])
+    # Execute
+    m1 = metrics_of(train(train_message(cfg, 1), sim_context(cfg)))
+    m2 = metrics_of(train(train_message(cfg, 2), sim_context(cfg)))
+    # Assert: round 2 composes with round 1, which only the ledger remembered.
+    contents = ledger.read(simulated_ledger(tmp_path, 0))
+    one = contents.spends[0].event
+    assert one.noise_multiplier == float(m1["noise-multiplier"]) == float(m2["noise-multiplier"])
+    assert one.steps == int(m1["steps"]) and one.sample_rate == pytest.approx(64 / 479, rel=0.01)
+    assert float(m1["epsilon"]) == pytest.approx(epsilon([one], delta=1e-5, accountant="rdp"))
+    assert float(m2["epsilon"]) == pytest.approx(epsilon([one, one], delta=1e-5, accountant="rdp"))
+    assert float(m2["epsilon"]) <= cfg.target_epsilon
+    assert float(m2["site-epsilon"]) == pytest.approx(epsilon([one, one], delta=1e-5))
+    assert not contents.tampered
+    assert [(s.run, s.round) for s in contents.spends] == [("1", 1), ("1", 2)]
+    assert contents.spends[1].event == one
+
+
+def test_site_at_its_budget_refuses_the_next_round(tmp_path: Path) -> None:
+    # Prepare: run 1 trains round 1; then another run on the same data (another
+    # process, written straight to the ledger here) spends as much as one round.
+    budget = 4.0
+    cfg = RunConfig(rounds=2, accountant="rdp", target_epsilon=budget, run_dir=str(tmp_path))
+    write_site_policies(tmp_path, [SitePolicy(max_epsilon=budget)])
+    metrics_of(train(train_message(cfg, 1), sim_context(cfg, run_id=1)))
+    path = simulated_ledger(tmp_path, 0)
+    first = ledger.read(path).spends[0]
+    other = dataclasses.replace(first, run="2")
+    with ledger.transaction(path) as txn:
+        txn.append(other)
+    spent = epsilon([first.event, other.event], delta=1e-5)
+    assert spent < budget < epsilon([first.event, other.event, first.event], delta=1e-5)
+    lines = path.read_bytes().count(b"\n")
+    # Execute: run 1's round 2 no longer fits.
+    reply = train(train_message(cfg, 2), sim_context(cfg, run_id=1))
+    # Assert: a refusal naming the site, the spend and the budget; nothing recorded.
+    refusal = refusal_of(reply)
+    assert refusal["site"] == "site-0"
+    assert (
+        f"from {spent:.3f}" in refusal["refused"] and "over its budget of 4" in refusal["refused"]
+    )
+    assert path.read_bytes().count(b"\n") == lines
+
+
+def test_spend_is_recorded_before_training(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = RunConfig(rounds=1, accountant="rdp", run_dir=str(tmp_path))
+    write_site_policies(tmp_path, [SitePolicy(max_epsilon=8.0)])
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("power cut during training")
+
+    monkeypatch.setattr(client_app, "train_round", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(train_message(cfg, 1), sim_context(cfg))
+    spends = ledger.read(simulated_ledger(tmp_path, 0)).spends
+    assert len(spends) == 1 and spends[0].round == 1  # over-counted, never under-counted
+
+
+@pytest.mark.parametrize(
+    "run,policy,needle",
+    [
+        ({"target_epsilon": 8.0}, {"max_epsilon": 4.0}, "target-epsilon 8, more than"),
+        ({"target_delta": 1e-4}, {"max_epsilon": 8.0}, "target-delta 0.0001, more than"),
+        ({"max_grad_norm": 5.0}, {"max_epsilon": 8.0, "max_clip_norm": 1.0}, "max-grad-norm 5"),
+        ({}, {"max_epsilon": 8.0, "min_noise_multiplier": 50.0}, "below this site's minimum"),
+    ],
+)
+def test_run_asking_more_than_the_policy_is_refused(
+    tmp_path: Path, run: dict[str, float], policy: dict[str, float], needle: str
+) -> None:
+    cfg = RunConfig(rounds=1, run_dir=str(tmp_path), **run)  # type: ignore[arg-type]
+    write_site_policies(tmp_path, [SitePolicy(**policy)])
+    refusal = refusal_of(train(train_message(cfg, 1), sim_context(cfg)))
+    assert needle in refusal["refused"]
+    assert ledger.read(simulated_ledger(tmp_path, 0)).spends == []
+
+
+def test_deployed_site_without_a_budget_refuses(tmp_path: Path) -> None:
+    from fedsilo.task.data import load_dataset, save_npz
+
+    data = tmp_path / "site.npz"
+    save_npz(data, load_dataset("digits", "train").subset(__import__("numpy").arange(200)))
+    cfg = RunConfig(rounds=1)
+    for node_config, needle in (
+        ({"data-path": str(data)}, "no privacy budget"),
+        ({"data-path": str(data), "policy-max-epsilon": 8.0}, "no privacy ledger"),
+        (
+            {"data-path": str(data), "policy-max-epsilon": "lots", "ledger-path": "x"},
+            "must be a number",
+        ),
+    ):
+        ctx = Context(1, 1, node_config, RecordDict(), cfg.to_flwr())  # type: ignore[arg-type]
+        assert needle in refusal_of(train(train_message(cfg, 1), ctx))["refused"]
+
+
+def test_deployed_site_records_its_policy_and_spend(tmp_path: Path) -> None:
+    import numpy as np
+    from fedsilo.task.data import load_dataset, save_npz
+
+    data = tmp_path / "site.npz"
+    save_npz(data, load_dataset("digits", "train").subset(np.arange(300)))
+    path = tmp_path / "ledger" / "a.jsonl"
+    node_config = {
+        "data-path": str(data),
+        "site-name": "hospital-a",
+        "ledger-path": str(path),
+        "policy-max-epsilon": 6.0,
+        "policy-delta": 1e-5,
+        "policy-min-noise-multiplier": 0.0,
+        "policy-max-clip-norm": 2.0,
+    }
+    cfg = RunConfig(rounds=1, local_epochs=1, accountant="rdp", target_epsilon=6.0)
+    ctx = Context(7, 1, node_config, RecordDict(), cfg.to_flwr())  # type: ignore[arg-type]
+    reply = train(train_message(cfg, 1), ctx)
+    metrics_of(reply)
+    contents = ledger.read(path)
+    assert contents.policy == SitePolicy(max_epsilon=6.0, max_clip_norm=2.0)
+    assert contents.site == "hospital-a" and len(contents.spends) == 1
+    assert reply.content["site"]["ledger-head"] == contents.head  # type: ignore[index]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
+from fedsilo.errors import PrivacyError
 from fedsilo.privacy.accountant import RDP_ORDERS, calibrate_noise, epsilon
 from fedsilo.privacy.events import SampledGaussianEvent as Event
 from hypothesis import given, settings
@@ -80,3 +81,136 @@ def test_calibration_never_overshoots(target: float, q: float, steps: int, acc: 
         [Event(noise_multiplier=sigma, sample_rate=q, steps=steps)], delta=1e-5, accountant=acc
     )
     assert got <= target
+
+
+# Properties. Epsilon is monotone in each parameter of the sampled Gaussian
+# mechanism (Mironov et al. 2019; PRV inherits it from the privacy curves).
+sigmas, rates, step_counts = st.floats(0.5, 20), st.floats(0.001, 0.5), st.integers(1, 2000)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    sigma=sigmas,
+    q=rates,
+    steps=step_counts,
+    more=st.integers(1, 2000),
+    acc=st.sampled_from(["prv", "rdp", "rdp"]),
+)
+def test_epsilon_non_decreasing_in_steps(
+    sigma: float, q: float, steps: int, more: int, acc: str
+) -> None:
+    a = epsilon(
+        [Event(noise_multiplier=sigma, sample_rate=q, steps=steps)], delta=1e-5, accountant=acc
+    )
+    b = epsilon(
+        [Event(noise_multiplier=sigma, sample_rate=q, steps=steps + more)],
+        delta=1e-5,
+        accountant=acc,
+    )
+    assert b >= a * (1 - 1e-6)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    sigma=sigmas,
+    q=rates,
+    factor=st.floats(1.0, 2.0),
+    steps=step_counts,
+    acc=st.sampled_from(["prv", "rdp", "rdp"]),
+)
+def test_epsilon_non_decreasing_in_sample_rate(
+    sigma: float, q: float, factor: float, steps: int, acc: str
+) -> None:
+    a = epsilon(
+        [Event(noise_multiplier=sigma, sample_rate=q, steps=steps)], delta=1e-5, accountant=acc
+    )
+    b = epsilon(
+        [Event(noise_multiplier=sigma, sample_rate=q * factor, steps=steps)],
+        delta=1e-5,
+        accountant=acc,
+    )
+    assert b >= a * (1 - 1e-6)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    sigma=sigmas,
+    q=rates,
+    factor=st.floats(1.0, 3.0),
+    steps=step_counts,
+    acc=st.sampled_from(["prv", "rdp", "rdp"]),
+)
+def test_epsilon_non_increasing_in_noise(
+    sigma: float, q: float, factor: float, steps: int, acc: str
+) -> None:
+    a = epsilon(
+        [Event(noise_multiplier=sigma, sample_rate=q, steps=steps)], delta=1e-5, accountant=acc
+    )
+    b = epsilon(
+        [Event(noise_multiplier=sigma * factor, sample_rate=q, steps=steps)],
+        delta=1e-5,
+        accountant=acc,
+    )
+    assert b <= a * (1 + 1e-6)
+
+
+@settings(max_examples=5, deadline=None)
+@given(
+    target=st.floats(2, 10),
+    q=st.floats(0.01, 0.3),
+    steps=st.integers(1, 300),
+    prior_sigma=st.floats(1.0, 5.0),
+    prior_steps=st.integers(1, 200),
+)
+def test_calibration_with_prior_spend_never_overshoots(
+    target: float, q: float, steps: int, prior_sigma: float, prior_steps: int
+) -> None:
+    prior = [Event(noise_multiplier=prior_sigma, sample_rate=q, steps=prior_steps)]
+    try:
+        sigma = calibrate_noise(
+            target_epsilon=target,
+            delta=1e-5,
+            sample_rate=q,
+            steps=steps,
+            accountant="rdp",
+            prior=prior,
+        )
+    except PrivacyError:  # the prior alone is (nearly) the whole budget: refused, never overshot
+        assert epsilon(prior, delta=1e-5, accountant="rdp") > target * 0.5
+        return
+    plan = Event(noise_multiplier=sigma, sample_rate=q, steps=steps)
+    assert epsilon([*prior, plan], delta=1e-5, accountant="rdp") <= target
+
+
+def test_rdp_matches_dp_accounting_for_mixed_events() -> None:
+    # A ledger composes rounds with different sigma (different runs): heterogeneous events.
+    events = [
+        Event(noise_multiplier=1.2, sample_rate=0.05, steps=300),
+        Event(noise_multiplier=2.0, sample_rate=0.1, steps=200),
+    ]
+    acc = rdp.RdpAccountant(RDP_ORDERS)
+    for e in events:
+        acc.compose(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(
+                    e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier)
+                ),
+                e.steps,
+            )
+        )
+    assert epsilon(events, delta=1e-5, accountant="rdp") == pytest.approx(
+        acc.get_epsilon(1e-5), rel=0.01
+    )
+    pld_acc = pld.PLDAccountant(value_discretization_interval=1e-4)
+    for e in events:
+        pld_acc.compose(
+            dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(
+                    e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier)
+                ),
+                e.steps,
+            )
+        )
+    theirs = float(pld_acc.get_epsilon(1e-5))
+    ours = epsilon(events, delta=1e-5, accountant="prv")
+    assert theirs * 0.99 <= ours <= theirs * 1.03 + 0.01

@@ -1,0 +1,217 @@
+"""Audit of site ledgers: verify the chain, recompute epsilon, check the policy. No I/O to the user.
+
+For each ledger: the hash chain and line digests are verified (fedsilo.privacy.ledger);
+epsilon is recomputed from the spend entries by PRV and by RDP at the ledger's
+delta (the delta of its policy in force), per dataset fingerprint, and the largest
+is reported; each spend is checked against the policy that was in force when it
+was recorded. Status, worst first:
+
+  tampered   the chain or a line digest is broken, or a ledger head the server
+             recorded in summary.json is not in the ledger
+  violated   spend beyond the budget (PRV), a spend breaking the policy in force
+             (noise below the minimum, clip norm above the maximum, delta above
+             the policy's), or no policy at all
+  exhausted  within budget, but one more round like the last would not fit
+  ok         within budget, with room for another such round
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsilo.errors import ConfigError
+from fedsilo.privacy import ledger
+from fedsilo.privacy.accountant import epsilon
+from fedsilo.privacy.events import RoundSpend
+from fedsilo.privacy.ledger import LedgerContents, PolicyEntry
+from fedsilo.privacy.policy import DEFAULT_DELTA, SitePolicy
+
+STATUSES = ("ok", "exhausted", "violated", "tampered")
+PASSING = ("ok", "exhausted")
+
+
+@dataclass(frozen=True)
+class SiteAudit:
+    """One ledger's audit: the row `fedsilo audit` prints."""
+
+    site: str
+    ledger: str
+    events: int
+    steps: int
+    epsilon_prv: float
+    epsilon_rdp: float
+    delta: float
+    budget: float | None
+    status: str
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> float | None:
+        return None if self.budget is None else max(0.0, self.budget - self.epsilon_prv)
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = ("site", "ledger", "events", "steps", "epsilon_prv", "epsilon_rdp", "delta")
+        return {
+            **{k: getattr(self, k) for k in keys},
+            "budget": self.budget,
+            "status": self.status,
+            "problems": list(self.problems),
+        }
+
+
+def find_ledgers(paths: Iterable[str | Path]) -> list[tuple[Path, dict[str, str]]]:
+    """The ledger files under `paths`, each with the heads a run's summary.json recorded.
+
+    A path is a ledger file, a directory of `*.jsonl` ledgers, or a run directory
+    (its `ledgers/` folder, checked against its `summary.json`).
+
+    Raises:
+        ConfigError: a path does not exist or holds no ledger.
+    """
+    found: list[tuple[Path, dict[str, str]]] = []
+    for raw in paths:
+        p = Path(raw)
+        if p.is_file():
+            found.append((p, {}))
+            continue
+        if not p.is_dir():
+            raise ConfigError(f"{p} does not exist. Give ledger files, directories or run dirs.")
+        folder = p / "ledgers" if (p / "ledgers").is_dir() else p
+        files = sorted(folder.glob("*.jsonl"))
+        if not files:
+            raise ConfigError(
+                f"No ledgers (*.jsonl) in {folder}. Give a site's ledger file, a directory "
+                "of them, or a run directory of `fedsilo simulate` (RUN_DIR/ledgers/)."
+            )
+        heads = _summary_heads(p / "summary.json")
+        found.extend((f, heads) for f in files)
+    return found
+
+
+def audit(path: Path, summary_heads: dict[str, str] | None = None) -> SiteAudit:
+    """Audit one ledger file (see the module docstring for the statuses)."""
+    contents = ledger.read(path)
+    policy = contents.policy
+    delta = policy.delta if policy else DEFAULT_DELTA
+    problems = list(contents.problems)
+    tampered = bool(problems)
+    head = (summary_heads or {}).get(contents.site)
+    if head and head not in _line_hashes(path):
+        problems.append(
+            f"summary.json records ledger head {head[:12]}... for {contents.site}; no line of "
+            "the ledger has it (lines removed or rewritten)"
+        )
+        tampered = True
+    violations = _policy_violations(contents)
+    eps_prv, eps_rdp = _worst_epsilon(contents, delta)
+    if policy is not None and policy.over_budget(eps_prv):
+        violations.append(
+            f"epsilon {eps_prv:.4f} (PRV, delta {delta:g}) exceeds the budget "
+            f"{policy.max_epsilon:g}"
+        )
+    problems.extend(violations)
+    if tampered:
+        status = "tampered"
+    elif violations:
+        status = "violated"
+    elif policy is not None and _next_round_exceeds(contents, policy):
+        status = "exhausted"
+    else:
+        status = "ok"
+    spends = contents.spends
+    return SiteAudit(
+        site=contents.site,
+        ledger=str(path),
+        events=len(spends),
+        steps=sum(s.event.steps for s in spends),
+        epsilon_prv=eps_prv,
+        epsilon_rdp=eps_rdp,
+        delta=delta,
+        budget=policy.max_epsilon if policy else None,
+        status=status,
+        problems=problems,
+    )
+
+
+def epsilon_curve(path: Path) -> list[float]:
+    """Cumulative epsilon (PRV, at the ledger's delta) on each spend's dataset after each spend."""
+    contents = ledger.read(path)
+    delta = contents.policy.delta if contents.policy else DEFAULT_DELTA
+    spends = contents.spends
+    return [
+        epsilon(
+            [s.event for s in spends[: i + 1] if s.dataset == spend.dataset],
+            delta=delta,
+            accountant="prv",
+        )
+        for i, spend in enumerate(spends)
+    ]
+
+
+def _policy_violations(contents: LedgerContents) -> list[str]:
+    problems: list[str] = []
+    in_force: SitePolicy | None = None
+    for number, entry in enumerate(contents.entries, start=1):
+        if isinstance(entry, PolicyEntry):
+            in_force = entry.policy
+            continue
+        where = f"entry {number} (run {entry.run}, round {entry.round})"
+        if in_force is None:
+            problems.append(f"{where}: spend recorded before any policy")
+            continue
+        problems.extend(f"{where}: {p}" for p in _breaches(entry, in_force))
+    if not contents.entries or in_force is None:
+        problems.append("no policy recorded: the budget cannot be checked")
+    return problems
+
+
+def _breaches(spend: RoundSpend, policy: SitePolicy) -> list[str]:
+    out = []
+    if spend.event.noise_multiplier < policy.min_noise_multiplier:
+        out.append(
+            f"noise multiplier {spend.event.noise_multiplier:.4g} below the policy's "
+            f"minimum {policy.min_noise_multiplier:g}"
+        )
+    if policy.max_clip_norm and spend.clip_norm > policy.max_clip_norm:
+        out.append(f"clip norm {spend.clip_norm:g} above the policy's {policy.max_clip_norm:g}")
+    if spend.delta > policy.delta:
+        out.append(f"delta {spend.delta:g} above the policy's {policy.delta:g}")
+    return out
+
+
+def _worst_epsilon(contents: LedgerContents, delta: float) -> tuple[float, float]:
+    datasets = sorted({s.dataset for s in contents.spends})
+    if not datasets:
+        return 0.0, 0.0
+    prv = max(epsilon(contents.events(d), delta=delta, accountant="prv") for d in datasets)
+    rdp = max(epsilon(contents.events(d), delta=delta, accountant="rdp") for d in datasets)
+    return prv, rdp
+
+
+def _next_round_exceeds(contents: LedgerContents, policy: SitePolicy) -> bool:
+    spends = contents.spends
+    if not spends:
+        return False
+    last = spends[-1]
+    return policy.over_budget(policy.spent([*contents.events(last.dataset), last.event]))
+
+
+def _line_hashes(path: Path) -> set[str]:
+    return {ledger.line_sha256(line) for line in path.read_bytes().split(b"\n")[:-1]}
+
+
+def _summary_heads(path: Path) -> dict[str, str]:
+    """Site name -> the last ledger head the server recorded (none when unreadable)."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        return {
+            str(s["site"]): str(s["ledger_head"])
+            for s in summary.get("sites", [])
+            if s.get("ledger_head")
+        }
+    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+        return {}

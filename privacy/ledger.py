@@ -1,0 +1,245 @@
+"""A site's privacy ledger: an append-only, hash-chained JSON Lines file.
+
+Each line is one JSON object (keys sorted, no spaces) ending in a newline:
+  {"kind": "policy", ...}   the site's policy (SitePolicy fields), written when the
+                            ledger is created and again whenever the site changes it
+  {"kind": "spend", ...}    one local training round (RoundSpend fields:
+                            noise_multiplier, sample_rate, steps, clip_norm, delta,
+                            dataset, run, round, time, site)
+Every line also carries
+  prev_sha256   SHA-256 (hex) of the previous line's bytes without its newline;
+                64 zeros on the first line. Deleting, reordering or inserting a
+                line breaks it at the line after.
+  sha256        SHA-256 of the line's own canonical JSON without this key, so an
+                edited value is caught on the line itself (the last line included).
+The chain makes tampering evident, not impossible: whoever controls the file can
+rewrite all of it. The server's summary records each site's ledger head, which the
+audit checks against.
+
+Appends hold an exclusive `fcntl.flock` on the file for the whole check-then-append
+transaction, write the line with one `write` on an O_APPEND descriptor and fsync it
+before returning, so two processes appending lose and corrupt nothing, and a spend
+is durable before the update it pays for leaves the site.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedsilo.errors import PrivacyError
+from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
+from fedsilo.privacy.policy import SitePolicy
+
+GENESIS = "0" * 64  # prev_sha256 of a ledger's first line
+
+
+class LedgerError(PrivacyError):
+    """A ledger that cannot be trusted (tampered, truncated) or written."""
+
+
+@dataclass(frozen=True)
+class PolicyEntry:
+    """A policy line: from here on the site holds itself to `policy`."""
+
+    site: str
+    policy: SitePolicy
+    time: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "policy", "site": self.site, **self.policy.to_dict(), "time": self.time}
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> PolicyEntry:
+        return PolicyEntry(site=str(d["site"]), policy=SitePolicy.from_dict(d), time=str(d["time"]))
+
+
+Entry = PolicyEntry | RoundSpend
+
+
+@dataclass(frozen=True)
+class LedgerContents:
+    """What a ledger file holds, and anything wrong with it.
+
+    `problems` name each broken line ("line 3: ..."); `entries` are the lines that
+    parsed, in file order, whether or not the chain holds.
+    """
+
+    path: Path
+    entries: list[Entry] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    head: str = GENESIS  # sha256 of the last complete line's bytes
+
+    @property
+    def tampered(self) -> bool:
+        return bool(self.problems)
+
+    @property
+    def policy(self) -> SitePolicy | None:
+        """The policy in force now: the last policy line."""
+        policies = [e.policy for e in self.entries if isinstance(e, PolicyEntry)]
+        return policies[-1] if policies else None
+
+    @property
+    def site(self) -> str:
+        return self.entries[0].site if self.entries else self.path.stem
+
+    @property
+    def spends(self) -> list[RoundSpend]:
+        return [e for e in self.entries if isinstance(e, RoundSpend)]
+
+    def events(self, dataset: str | None = None) -> list[SampledGaussianEvent]:
+        """The mechanism events on `dataset` (every dataset when None)."""
+        return [s.event for s in self.spends if dataset is None or s.dataset == dataset]
+
+
+def now() -> str:
+    """The current UTC time, ISO 8601 to the millisecond."""
+    t = time.time()
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(t)) + f".{int(t % 1 * 1000):03d}Z"
+
+
+def line_sha256(line: bytes) -> str:
+    return hashlib.sha256(line).hexdigest()
+
+
+def encode(entry: Entry, prev_sha256: str) -> bytes:
+    """The ledger line (without newline) for `entry` after a line hashing to `prev_sha256`."""
+    body = {**entry.to_dict(), "prev_sha256": prev_sha256}
+    body["sha256"] = _digest(body)
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def decode(raw: bytes) -> Entry:
+    """The entry a line holds; raises ValueError/KeyError when it is not one."""
+    d = json.loads(raw)
+    if not isinstance(d, dict):
+        raise ValueError("not a JSON object")
+    if d.get("kind") == "policy":
+        return PolicyEntry.from_dict(d)
+    if d.get("kind") == "spend":
+        return RoundSpend.from_dict(d)
+    raise ValueError(f"unknown kind {d.get('kind')!r}")
+
+
+def parse(path: Path, data: bytes) -> LedgerContents:
+    """Verify a ledger's bytes line by line; never raises for bad content."""
+    contents = LedgerContents(path=path)
+    lines = data.split(b"\n")
+    complete, tail = lines[:-1], lines[-1]
+    prev = GENESIS
+    for number, raw in enumerate(complete, start=1):
+        where = f"line {number}"
+        try:
+            d = json.loads(raw)
+            entry = decode(raw)
+        except (ValueError, KeyError, TypeError) as exc:
+            contents.problems.append(f"{where}: not a ledger entry ({exc})")
+            prev = line_sha256(raw)
+            continue
+        if d.get("sha256") != _digest({k: v for k, v in d.items() if k != "sha256"}):
+            contents.problems.append(f"{where}: content does not match its sha256 (edited)")
+        if d.get("prev_sha256") != prev:
+            contents.problems.append(
+                f"{where}: prev_sha256 does not match line {number - 1}"
+                if number > 1
+                else f"{where}: first line's prev_sha256 is not {GENESIS[:8]}... (lines removed?)"
+            )
+        contents.entries.append(entry)
+        prev = line_sha256(raw)
+    if tail:
+        contents.problems.append(
+            f"line {len(complete) + 1}: incomplete (no newline; truncated or a write cut short)"
+        )
+    return LedgerContents(path, contents.entries, contents.problems, prev)
+
+
+def read(path: str | Path) -> LedgerContents:
+    """Parse and verify the ledger at `path` (an empty ledger when it does not exist)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except FileNotFoundError:
+        data = b""
+    except OSError as exc:
+        raise LedgerError(f"Cannot read ledger {p}: {exc.strerror}.") from None
+    return parse(p, data)
+
+
+class Transaction:
+    """The verified contents of a locked ledger, and appends to it."""
+
+    def __init__(self, fd: int, contents: LedgerContents) -> None:
+        self._fd = fd
+        self.contents = contents
+
+    def append(self, entry: Entry) -> str:
+        """Append `entry` durably (write + fsync); return the new head sha256."""
+        line = encode(entry, self.contents.head)
+        data = line + b"\n"
+        written = os.write(self._fd, data)
+        if written != len(data):  # a full disk: the short line is caught by the next read
+            raise LedgerError(f"Short write to ledger {self.contents.path}: disk full?")
+        os.fsync(self._fd)
+        head = line_sha256(line)
+        self.contents = LedgerContents(
+            self.contents.path, [*self.contents.entries, entry], [], head
+        )
+        return head
+
+
+@contextmanager
+def transaction(path: str | Path) -> Iterator[Transaction]:
+    """Lock the ledger at `path` (creating it), verify it, and yield a Transaction.
+
+    Raises:
+        LedgerError: the ledger cannot be opened, or fails verification (a site
+            never adds spend to a ledger it cannot trust).
+    """
+    p = Path(path)
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    except OSError as exc:
+        raise LedgerError(f"Cannot open ledger {p}: {exc.strerror}.") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        contents = parse(p, _read_all(fd))
+        if contents.tampered:
+            raise LedgerError(
+                f"Ledger {p} fails verification ({'; '.join(contents.problems[:3])}). "
+                "The site will not train until an operator restores it: run "
+                f"`fedsilo audit {p}`."
+            )
+        yield Transaction(fd, contents)
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def ensure_policy(path: str | Path, site: str, policy: SitePolicy) -> None:
+    """Make `policy` the ledger's policy in force (appending it when it differs)."""
+    with transaction(path) as txn:
+        if txn.contents.policy != policy:
+            txn.append(PolicyEntry(site=site, policy=policy, time=now()))
+
+
+def _read_all(fd: int) -> bytes:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+def _digest(body: dict[str, Any]) -> str:
+    return hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    ).hexdigest()

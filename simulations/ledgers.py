@@ -1,0 +1,32 @@
+"""Where a simulated site keeps its ledger: RUN_DIR/ledgers/site-N.jsonl.
+
+Flower gives a simulated site only `partition-id`/`num-partitions` as node config,
+so `fedsilo simulate` plays the role of each virtual site's operator: before the
+engine starts it writes each site's policy as the head of its ledger, and the
+simulated ClientApp finds the ledger from its partition id and the run directory.
+The ledger code is the deployed sites' own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from fedsilo.privacy.ledger import ensure_policy
+from fedsilo.privacy.policy import SitePolicy
+
+LEDGER_DIR = "ledgers"
+
+
+def simulated_ledger(run_dir: str | Path, partition_id: int) -> Path:
+    return Path(run_dir) / LEDGER_DIR / f"site-{partition_id}.jsonl"
+
+
+def write_site_policies(run_dir: str | Path, policies: Sequence[SitePolicy]) -> list[Path]:
+    """Make policies[i] the policy of simulated site i (appending to existing ledgers)."""
+    paths = []
+    for pid, policy in enumerate(policies):
+        path = simulated_ledger(run_dir, pid)
+        ensure_policy(path, f"site-{pid}", policy)
+        paths.append(path)
+    return paths

@@ -1,0 +1,126 @@
+"""`fedsilo audit`: statuses, exit codes, --json/--markdown/--plot, and user errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fedsilo.cli import main
+from fedsilo.privacy import ledger
+from fedsilo.privacy.accountant import epsilon
+from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
+from fedsilo.privacy.policy import SitePolicy
+
+EVENT = SampledGaussianEvent(noise_multiplier=1.0, sample_rate=0.1, steps=50)
+ONE, TWO, THREE = (epsilon([EVENT] * n, delta=1e-5) for n in (1, 2, 3))
+
+
+def make(path: Path, budget: float, rounds: int, *, site: str = "site-a", **spend: object) -> Path:
+    ledger.ensure_policy(path, site, SitePolicy(max_epsilon=budget, max_clip_norm=2.0))
+    with ledger.transaction(path) as txn:
+        for r in range(1, rounds + 1):
+            txn.append(
+                RoundSpend(
+                    **{  # type: ignore[arg-type]
+                        "event": EVENT,
+                        "clip_norm": 1.0,
+                        "delta": 1e-5,
+                        "dataset": "sha256:00",
+                        "run": "1",
+                        "round": r,
+                        "time": "2026-01-01T00:00:00.000Z",
+                        "site": site,
+                        **spend,
+                    }
+                )
+            )
+    return path
+
+
+def audit_json(capsys: pytest.CaptureFixture[str], *paths: Path) -> tuple[int, list[dict]]:  # type: ignore[type-arg]
+    code = main(["audit", "--json", *map(str, paths)])
+    return code, json.loads(capsys.readouterr().out)["sites"]
+
+
+def test_statuses_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ok = make(tmp_path / "ok.jsonl", budget=THREE + 0.1, rounds=2, site="ok")
+    exhausted = make(tmp_path / "ex.jsonl", budget=(TWO + THREE) / 2, rounds=2, site="ex")
+    over = make(tmp_path / "over.jsonl", budget=ONE, rounds=2, site="over")
+    clip = make(tmp_path / "clip.jsonl", budget=8, rounds=1, site="clip", clip_norm=3.0)
+    code, sites = audit_json(capsys, ok, exhausted)
+    assert code == 0
+    assert [s["status"] for s in sites] == ["ok", "exhausted"]
+    first = sites[0]
+    assert set(first) == {
+        "site", "ledger", "events", "steps", "epsilon_prv", "epsilon_rdp", "delta", "budget",
+        "status", "problems",
+    }  # fmt: skip
+    assert first["events"] == 2 and first["steps"] == 100 and first["delta"] == 1e-5
+    assert first["epsilon_prv"] == pytest.approx(TWO)
+    assert first["epsilon_rdp"] == pytest.approx(epsilon([EVENT] * 2, delta=1e-5, accountant="rdp"))
+    assert first["epsilon_prv"] < first["epsilon_rdp"]
+    code, sites = audit_json(capsys, over, clip)
+    assert code == 1
+    assert [s["status"] for s in sites] == ["violated", "violated"]
+    assert "exceeds the budget" in sites[0]["problems"][0]
+    assert "clip norm 3 above the policy's 2" in sites[1]["problems"][0]
+
+
+def test_tampered_ledger_is_reported_with_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = make(tmp_path / "t.jsonl", budget=8, rounds=3)
+    path.write_bytes(path.read_bytes().replace(b'"steps":50', b'"steps":5', 1))
+    code, sites = audit_json(capsys, path)
+    assert code == 1 and sites[0]["status"] == "tampered"
+    assert sites[0]["problems"][0].startswith("line 2:")
+
+
+def test_run_dir_is_checked_against_the_heads_in_its_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: the server saw site-a's head after round 2; the ledger was cut back to round 1.
+    run = tmp_path / "run"
+    path = make(run / "ledgers" / "site-a.jsonl", budget=20, rounds=2)
+    head = ledger.read(path).head
+    summary = {"sites": [{"site": "site-a", "ledger_head": head}]}
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert audit_json(capsys, run)[1][0]["status"] == "ok"
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:-1]))
+    code, sites = audit_json(capsys, run)
+    # Assert: the chain alone is intact, the anchor is not.
+    assert code == 1 and sites[0]["status"] == "tampered"
+    assert "summary.json records ledger head" in sites[0]["problems"][0]
+
+
+def test_table_markdown_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = make(tmp_path / "site-a.jsonl", budget=20, rounds=2)
+    assert main(["audit", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "site-a" in out and "ok" in out and f"{TWO:.3f}" in out
+    png = tmp_path / "eps.png"
+    assert main(["audit", "--markdown", "--plot", str(png), str(path)]) == 0
+    report = capsys.readouterr().out
+    assert report.startswith("# fedsilo privacy audit") and "**All sites passed**" in report
+    assert "| site-a | 2 | 100 |" in report
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["/nonexistent/ledger.jsonl"], "does not exist"),
+        (["{empty}"], "No ledgers (*.jsonl) in"),
+        (["{empty}", "--plot", "x.svg"], "`--plot` writes a PNG file"),
+    ],
+)
+def test_user_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    (tmp_path / "empty").mkdir()
+    code = main(["audit", *(a.replace("{empty}", str(tmp_path / "empty")) for a in args)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error:") and needle in err.replace("\n", " ")
+    assert "Traceback" not in err

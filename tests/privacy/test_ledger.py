@@ -1,0 +1,195 @@
+"""The ledger: round-trips, hash chain tamper evidence, and concurrent appends."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import pytest
+from fedsilo.privacy import ledger
+from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
+from fedsilo.privacy.ledger import GENESIS, LedgerError, PolicyEntry
+from fedsilo.privacy.policy import SitePolicy
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+
+def spend(round_: int, *, run: str = "1", steps: int = 10) -> RoundSpend:
+    return RoundSpend(
+        event=SampledGaussianEvent(noise_multiplier=1.1, sample_rate=0.1, steps=steps),
+        clip_norm=1.0,
+        delta=1e-5,
+        dataset="sha256:" + "ab" * 32,
+        run=run,
+        round=round_,
+        time="2026-01-01T00:00:00.000Z",
+        site="site-a",
+    )
+
+
+def write(path: Path, rounds: int = 3) -> None:
+    ledger.ensure_policy(path, "site-a", SitePolicy(max_epsilon=8.0))
+    with ledger.transaction(path) as txn:
+        for r in range(1, rounds + 1):
+            txn.append(spend(r))
+
+
+def lines(path: Path) -> list[bytes]:
+    return path.read_bytes().splitlines(keepends=True)
+
+
+spends = st.builds(
+    RoundSpend,
+    event=st.builds(
+        SampledGaussianEvent,
+        noise_multiplier=st.floats(0.1, 100),
+        sample_rate=st.floats(1e-6, 1),
+        steps=st.integers(0, 10**6),
+    ),
+    clip_norm=st.floats(1e-3, 1e3),
+    delta=st.floats(1e-12, 0.5),
+    dataset=st.text(min_size=1),
+    run=st.text(),
+    round=st.integers(1, 10**6),
+    time=st.text(),
+    site=st.text(),
+)
+
+
+@settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(entries=st.lists(spends, min_size=1, max_size=6))
+def test_write_read_round_trips(
+    tmp_path_factory: pytest.TempPathFactory, entries: list[RoundSpend]
+) -> None:
+    path = tmp_path_factory.mktemp("rt") / "ledger.jsonl"
+    with ledger.transaction(path) as txn:
+        for e in entries:
+            txn.append(e)
+    contents = ledger.read(path)
+    assert contents.problems == []
+    assert contents.entries == entries
+
+
+def test_lines_carry_the_required_fields_and_chain(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    write(path, rounds=2)
+    raw = lines(path)
+    objs = [json.loads(x) for x in raw]
+    assert objs[0]["kind"] == "policy" and objs[0]["max_epsilon"] == 8.0
+    assert objs[0]["prev_sha256"] == GENESIS
+    for prev, obj in zip(raw[:-1], objs[1:], strict=True):
+        for key in (
+            "noise_multiplier",
+            "sample_rate",
+            "steps",
+            "delta",
+            "dataset",
+            "run",
+            "round",
+            "time",
+        ):
+            assert key in obj
+        assert obj["prev_sha256"] == ledger.line_sha256(prev.rstrip(b"\n"))
+    assert ledger.read(path).head == ledger.line_sha256(raw[-1].rstrip(b"\n"))
+
+
+def test_policy_is_recorded_once_and_again_when_changed(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    write(path, rounds=1)
+    ledger.ensure_policy(path, "site-a", SitePolicy(max_epsilon=8.0))
+    ledger.ensure_policy(path, "site-a", SitePolicy(max_epsilon=4.0))
+    contents = ledger.read(path)
+    assert [type(e) for e in contents.entries] == [PolicyEntry, RoundSpend, PolicyEntry]
+    assert contents.policy == SitePolicy(max_epsilon=4.0)
+
+
+def test_edit_a_number_is_caught_on_that_line(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    write(path)
+    raw = lines(path)
+    raw[2] = raw[2].replace(b'"steps":10', b'"steps":1')
+    path.write_bytes(b"".join(raw))
+    problems = ledger.read(path).problems
+    assert problems[0].startswith("line 3: content does not match")
+    assert any(p.startswith("line 4: prev_sha256") for p in problems)
+
+
+def test_edit_of_the_last_line_is_caught(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    write(path)
+    path.write_bytes(path.read_bytes().replace(b'"round":3', b'"round":2'))
+    assert ledger.read(path).problems == ["line 4: content does not match its sha256 (edited)"]
+
+
+def test_deleted_line_is_caught(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    write(path)
+    raw = lines(path)
+    del raw[2]
+    path.write_bytes(b"".join(raw))
+    assert ledger.read(path).problems == ["line 3: prev_sha256 does not match line 2"]
+
+
+def test_deleted_first_line_is_caught(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    write(path)
+    path.write_bytes(b"".join(lines(path)[1:]))
+    assert ledger.read(path).problems[0].startswith("line 1: first line's prev_sha256")
+
+
+def test_swapped_lines_are_caught(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    write(path)
+    raw = lines(path)
+    raw[2], raw[3] = raw[3], raw[2]
+    path.write_bytes(b"".join(raw))
+    problems = ledger.read(path).problems
+    assert problems[0] == "line 3: prev_sha256 does not match line 2"
+
+
+def test_truncated_last_line_is_caught(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    write(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 40])  # a write cut short mid-line
+    contents = ledger.read(path)
+    assert contents.problems == ["line 4: incomplete (no newline; truncated or a write cut short)"]
+    assert len(contents.spends) == 2
+
+
+def test_a_damaged_ledger_takes_no_more_spend(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    write(path)
+    path.write_bytes(path.read_bytes()[:-1])
+    with pytest.raises(LedgerError, match="fails verification"), ledger.transaction(path) as txn:
+        txn.append(spend(4))
+    assert not path.read_bytes().endswith(b"\n")
+
+
+def _append_many(path: str, worker: int, count: int) -> None:
+    for i in range(count):
+        with ledger.transaction(path) as txn:
+            txn.append(spend(i, run=f"w{worker}"))
+
+
+def test_concurrent_appends_lose_nothing(tmp_path: Path) -> None:
+    # Prepare
+    path = tmp_path / "l.jsonl"
+    write(path, rounds=0)
+    workers, count = 4, 25
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_many, args=(str(path), w, count)) for w in range(workers)]
+    # Execute
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    # Assert: every line there once, the chain intact.
+    assert [p.exitcode for p in procs] == [0] * workers
+    contents = ledger.read(path)
+    assert contents.problems == []
+    got = sorted((s.run, s.round) for s in contents.spends)
+    assert got == sorted((f"w{w}", i) for w in range(workers) for i in range(count))
