@@ -74,3 +74,16 @@ def test_simulation_needs_one_policy_per_site(tmp_path: Path) -> None:
     cfg = RunConfig(run_dir=str(tmp_path / "run"))
     with pytest.raises(ConfigError, match="1 site policies for 2 sites"):
         run_simulation(cfg, sites=2, site_policies=[SitePolicy(max_epsilon=8.0)])
+
+
+def test_refusals_are_summarised_per_site_and_reason() -> None:
+    from fedsilo.simulations.command import refusal_lines
+
+    summary = {
+        "refusals": [
+            {"site": "site-1", "round": 1, "reason": "over budget"},
+            {"site": "site-1", "round": 2, "reason": "over budget"},
+        ]
+    }
+    assert refusal_lines(summary) == ["[yellow]site-1 refused round(s) 1, 2[/]: over budget"]
+    assert refusal_lines({}) == []
