@@ -141,7 +141,7 @@ def parse(path: Path, data: bytes) -> LedgerContents:
         try:
             d = json.loads(raw)
             entry = decode(raw)
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, PrivacyError) as exc:
             contents.problems.append(f"{where}: not a ledger entry ({exc})")
             prev = line_sha256(raw)
             continue

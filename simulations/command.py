@@ -151,8 +151,11 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         Console().print(summary_table(summary))
+        for line in refusal_lines(summary):
+            Console().print(line, highlight=False)
         Console().print(
-            f"run directory: {summary['run_dir']}  ({summary['wall_seconds']:.1f} s)",
+            f"run directory: {summary['run_dir']}  ({summary['wall_seconds']:.1f} s); "
+            f"the sites' privacy ledgers: fedsilo audit {summary['run_dir']}",
             highlight=False,
         )
     return 0 if summary["completed_rounds"] == summary["planned_rounds"] else 1
@@ -176,6 +179,17 @@ def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:
     if len(budgets) == 1:
         budgets = budgets * sites
     return [SitePolicy(max_epsilon=b, delta=cfg.target_delta) for b in budgets]
+
+
+def refusal_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per site and reason: which rounds the site refused, and why."""
+    refused: dict[tuple[str, str], list[int]] = {}
+    for r in summary.get("refusals", []):
+        refused.setdefault((r["site"], r["reason"]), []).append(r["round"])
+    return [
+        f"[yellow]{site} refused round(s) {', '.join(map(str, rounds))}[/]: {reason}"
+        for (site, reason), rounds in refused.items()
+    ]
 
 
 def summary_table(summary: dict[str, Any]) -> Table:

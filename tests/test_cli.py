@@ -31,6 +31,7 @@ def fedsilo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["--rounds", "0"], "`rounds` must be an integer >= 1"),
         (["--sites", "0"], "`--sites` must be >= 1"),
         (["--device", "tpu"], "`device` must be one of"),
+        (["--site-max-epsilon", "8,x"], "`--site-max-epsilon` must be one number > 0"),
     ],
 )
 def test_bad_config_one_line_no_traceback(tmp_path: Path, args: list[str], needle: str) -> None:
@@ -49,3 +50,40 @@ def test_help_teaches(tmp_path: Path) -> None:
     assert res.returncode == 0
     for flag in ("--sites", "--partition", "--target-epsilon", "--json", "dirichlet:ALPHA"):
         assert flag in res.stdout
+
+
+@pytest.mark.parametrize("text", ["0", "1,2", "inf", "nan", "1,2,3,4"])
+def test_site_max_epsilon_values_are_checked(text: str) -> None:
+    from fedsilo.config import RunConfig
+    from fedsilo.errors import ConfigError
+    from fedsilo.simulations.command import site_policies
+
+    with pytest.raises(ConfigError, match="`--site-max-epsilon` must be"):
+        site_policies(text, 3, RunConfig())
+    assert [p.max_epsilon for p in site_policies("4", 2, RunConfig())] == [4.0, 4.0]
+    assert [p.max_epsilon for p in site_policies("", 2, RunConfig())] == [8.0, 8.0]
+    assert [p.max_epsilon for p in site_policies("1,2,3", 3, RunConfig())] == [1.0, 2.0, 3.0]
+
+
+def test_simulation_needs_one_policy_per_site(tmp_path: Path) -> None:
+    from fedsilo.config import RunConfig
+    from fedsilo.errors import ConfigError
+    from fedsilo.privacy.policy import SitePolicy
+    from fedsilo.simulations.runner import run_simulation
+
+    cfg = RunConfig(run_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match="1 site policies for 2 sites"):
+        run_simulation(cfg, sites=2, site_policies=[SitePolicy(max_epsilon=8.0)])
+
+
+def test_refusals_are_summarised_per_site_and_reason() -> None:
+    from fedsilo.simulations.command import refusal_lines
+
+    summary = {
+        "refusals": [
+            {"site": "site-1", "round": 1, "reason": "over budget"},
+            {"site": "site-1", "round": 2, "reason": "over budget"},
+        ]
+    }
+    assert refusal_lines(summary) == ["[yellow]site-1 refused round(s) 1, 2[/]: over budget"]
+    assert refusal_lines({}) == []

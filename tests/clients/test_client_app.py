@@ -128,11 +128,15 @@ def test_spend_is_recorded_before_training(tmp_path: Path, monkeypatch: pytest.M
         ({"target_epsilon": 8.0}, {"max_epsilon": 4.0}, "target-epsilon 8, more than"),
         ({"target_delta": 1e-4}, {"max_epsilon": 8.0}, "target-delta 0.0001, more than"),
         ({"max_grad_norm": 5.0}, {"max_epsilon": 8.0, "max_clip_norm": 1.0}, "max-grad-norm 5"),
-        ({}, {"max_epsilon": 8.0, "min_noise_multiplier": 50.0}, "below this site's minimum"),
+        (
+            {"accountant": "rdp"},
+            {"max_epsilon": 8.0, "min_noise_multiplier": 50.0},
+            "below this site's minimum",
+        ),
     ],
 )
 def test_run_asking_more_than_the_policy_is_refused(
-    tmp_path: Path, run: dict[str, float], policy: dict[str, float], needle: str
+    tmp_path: Path, run: dict[str, object], policy: dict[str, float], needle: str
 ) -> None:
     cfg = RunConfig(rounds=1, run_dir=str(tmp_path), **run)  # type: ignore[arg-type]
     write_site_policies(tmp_path, [SitePolicy(**policy)])

@@ -124,3 +124,10 @@ def test_user_errors_are_one_line(
     assert code == 2
     assert err.startswith("error:") and needle in err.replace("\n", " ")
     assert "Traceback" not in err
+
+
+def test_unwritable_plot_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = make(tmp_path / "site-a.jsonl", budget=20, rounds=1)
+    code = main(["audit", "--json", "--plot", str(tmp_path / "no" / "dir" / "x.png"), str(path)])
+    assert code == 2
+    assert capsys.readouterr().err.startswith("error: Cannot write the plot")

@@ -193,3 +193,23 @@ def test_concurrent_appends_lose_nothing(tmp_path: Path) -> None:
     assert contents.problems == []
     got = sorted((s.run, s.round) for s in contents.spends)
     assert got == sorted((f"w{w}", i) for w in range(workers) for i in range(count))
+
+
+def test_an_invalid_policy_line_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    write(path, rounds=1)
+    path.write_bytes(path.read_bytes().replace(b'"max_epsilon":8.0', b'"max_epsilon":-1', 1))
+    problems = ledger.read(path).problems
+    assert problems[0].startswith("line 1: not a ledger entry (`policy-max-epsilon` must be")
+
+
+def test_unusable_ledger_paths_are_errors(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with (
+        pytest.raises(LedgerError, match="Cannot open ledger"),
+        ledger.transaction(blocker / "l.jsonl"),
+    ):
+        pass
+    with pytest.raises(LedgerError, match="Cannot read ledger"):
+        ledger.read(tmp_path)
