@@ -18,7 +18,13 @@ from fedsilo.errors import FedsiloError
 from rich.console import Console
 
 # Modules providing `register(subparsers)`; each adds one subcommand with `func` set.
-COMMANDS = ("fedsilo.simulations.command",)
+COMMANDS = (
+    "fedsilo.simulations.command",
+    "fedsilo.simulations.data_command",
+    "fedsilo.privacy.command",
+    "fedsilo.server.command",
+    "fedsilo.clients.command",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
