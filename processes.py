@@ -131,7 +131,9 @@ def split_address(address: str) -> tuple[str, int]:
     """`host:port` or `[v6]:port` -> (host, port)."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit() or not host:
-        raise ConfigError(f"Server address {address!r} must be HOST:PORT, e.g. fl.example.org:9092.")
+        raise ConfigError(
+            f"Server address {address!r} must be HOST:PORT, e.g. fl.example.org:9092."
+        )
     return host.strip("[]"), int(port)
 
 
@@ -166,7 +168,13 @@ def probe_tls(address: str, ca_file: Path, *, timeout: float = 5.0) -> None:
                 "your federation's server, or your kit comes from another provisioning. "
                 "Not connecting."
             ) from None
-        except (ssl.SSLError, ConnectionResetError, BrokenPipeError, socket.timeout) as exc:
+        except (TimeoutError, ssl.SSLEOFError, ConnectionResetError, BrokenPipeError) as exc:
+            # Closed before any answer: a server still starting, or a proxy whose backend
+            # is down. Worth retrying.
+            raise Unreachable(
+                f"{address}: connection closed during the TLS handshake ({exc})"
+            ) from None
+        except ssl.SSLError as exc:
             raise TLSError(
                 f"TLS: the server at {address} does not speak TLS ({exc}). If it was started "
                 "with --insecure, the whole federation must be: pass --insecure here too "

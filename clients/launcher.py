@@ -24,8 +24,8 @@ from fedsilo.errors import ConfigError, FedsiloError
 from fedsilo.privacy.provision import SiteKit
 from fedsilo.processes import (
     TLSError,
-    child_env,
     Unreachable,
+    child_env,
     flower_bin,
     free_port,
     probe_tls,

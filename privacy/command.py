@@ -40,9 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         type=Path,
         help="TOML file with [federation] server-hosts, sites (and fleet-port)",
     )
-    p.add_argument(
-        "--fleet-port", type=int, default=None, help="port sites dial (default 9092)"
-    )
+    p.add_argument("--fleet-port", type=int, default=None, help="port sites dial (default 9092)")
     p.add_argument(
         "--force",
         action="store_true",

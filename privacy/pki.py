@@ -43,7 +43,9 @@ def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(CURVE)
 
 
-def new_ca(name: str, *, days: int = CA_DAYS) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+def new_ca(
+    name: str, *, days: int = CA_DAYS
+) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     """A self-signed CA for one federation."""
     key = new_key()
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} federation CA")])

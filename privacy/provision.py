@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from fedsilo.errors import ConfigError
 from fedsilo.privacy import pki
 
@@ -206,8 +208,8 @@ def renew_server(out: Path, *, hosts: Sequence[str] = ()) -> list[Path]:
 
 def _write_server(
     out: Path,
-    ca_key: pki.ec.EllipticCurvePrivateKey,
-    ca_cert: pki.x509.Certificate,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
     hosts: list[str],
     fleet_port: int,
 ) -> list[Path]:
@@ -228,7 +230,7 @@ def _write_server(
     ]
 
 
-def _write_site(out: Path, name: str, ca_cert: pki.x509.Certificate, server: str) -> list[Path]:
+def _write_site(out: Path, name: str, ca_cert: x509.Certificate, server: str) -> list[Path]:
     private, public = pki.site_keypair()
     d = out / "sites" / name
     p = SitePolicy()

@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     s.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
     n = s.add_argument_group("network")
-    n.add_argument("--listen", default="0.0.0.0", help="address the Fleet API binds")  # noqa: S104
+    n.add_argument("--listen", default="0.0.0.0", help="address the Fleet API binds")
     n.add_argument("--fleet-port", type=int, help="port sites dial (default: the kit's)")
     n.add_argument(
         "--control-port",

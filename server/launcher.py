@@ -29,7 +29,7 @@ from typing import Any
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, FedsiloError
 from fedsilo.privacy.provision import ServerKit
-from fedsilo.processes import check_port_free, child_env, flower_bin, spawn, stop
+from fedsilo.processes import check_port_free, child_env, flower_bin, free_port, spawn, stop
 from fedsilo.server.run_dir import read_metrics
 
 log = logging.getLogger("fedsilo.server")
@@ -49,7 +49,7 @@ class RunFailed(FedsiloError):
 class ServerOptions:
     """How the SuperLink listens and whom it waits for."""
 
-    listen: str = "0.0.0.0"  # the Fleet API faces the sites  # noqa: S104
+    listen: str = "0.0.0.0"  # the Fleet API faces the sites
     fleet_port: int = 9092
     control_port: int = CONTROL_PORT
     wait_sites: int = 1  # start the run once this many sites are online
@@ -103,11 +103,15 @@ def write_run_config(path: Path, cfg: RunConfig) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def superlink_command(kit: ServerKit, opts: ServerOptions) -> list[str]:
+def superlink_command(
+    kit: ServerKit, opts: ServerOptions, *, fleet: str, database: Path
+) -> list[str]:
     cmd = [
         flower_bin("flower-superlink"),
         "--fleet-api-address",
-        f"{opts.listen}:{opts.fleet_port}",
+        fleet,
+        "--database",
+        str(database),
         "--host",
         "127.0.0.1",
         "--port",
@@ -135,8 +139,10 @@ class Server:
         self.kit, self.cfg, self.opts = kit, cfg, opts
         self.run_dir = Path(cfg.run_dir)
         self.home = self.run_dir / "flwr-home"
+        self.database = self.run_dir / "flwr-home" / "superlink.db"  # registered sites
         self.env = child_env(FLWR_HOME=str(self.home))
         self.children: list[subprocess.Popen[bytes]] = []
+        self.superlink: subprocess.Popen[bytes] | None = None
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -148,12 +154,10 @@ class Server:
             stdin=subprocess.DEVNULL,
         )
 
-    def start_superlink(self) -> None:
-        check_port_free(self.opts.listen, self.opts.fleet_port, flag="--fleet-port")
-        check_port_free("127.0.0.1", self.opts.control_port, flag="--control-port")
-        write_flwr_home(self.home, self.kit, self.opts)
+    def start_superlink(self, fleet: str) -> subprocess.Popen[bytes]:
+        """Start the SuperLink with its Fleet API on `fleet`; return once it answers."""
         proc = spawn(
-            superlink_command(self.kit, self.opts),
+            superlink_command(self.kit, self.opts, fleet=fleet, database=self.database),
             log_file=self.run_dir / "superlink.log",
             env=self.env,
             cwd=self.run_dir,
@@ -167,12 +171,31 @@ class Server:
                     + tail(self.run_dir / "superlink.log")
                 )
             if self._nodes() is not None:
-                return
+                return proc
             time.sleep(0.5)
         raise ConfigError(
             f"flower-superlink did not answer within {STARTUP_TIMEOUT_S:.0f} s; see "
             f"{self.run_dir / 'superlink.log'}."
         )
+
+    def start(self) -> dict[str, str]:
+        """Allow-list the kit's sites, then open the Fleet API; return site -> node id.
+
+        Sites are registered on a SuperLink whose Fleet API listens on a private
+        loopback port, which is then restarted on the real port with the same state:
+        a site that connects early is never refused for a key not yet registered.
+        """
+        check_port_free(self.opts.listen, self.opts.fleet_port, flag="--fleet-port")
+        check_port_free("127.0.0.1", self.opts.control_port, flag="--control-port")
+        write_flwr_home(self.home, self.kit, self.opts)
+        ids: dict[str, str] = {}
+        if not self.opts.insecure:
+            staging = self.start_superlink(f"127.0.0.1:{free_port()}")
+            ids = self.register_sites()
+            stop(staging)
+            self.children.remove(staging)
+        self.superlink = self.start_superlink(f"{self.opts.listen}:{self.opts.fleet_port}")
+        return ids
 
     def _nodes(self) -> list[dict[str, Any]] | None:
         """The SuperLink's nodes, or None while its Control API does not answer."""
@@ -190,8 +213,10 @@ class Server:
         """Allow-list every site key of the kit; return site name -> node id."""
         procs = {
             name: subprocess.Popen(
-                [flower_bin("flwr"), "supernode", "register", str(pub.resolve()), CONNECTION]
-                + ["--name", name, "--format", "json"],
+                [
+                    *(flower_bin("flwr"), "supernode", "register", str(pub.resolve())),
+                    *(CONNECTION, "--name", name, "--format", "json"),
+                ],
                 env=self.env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -232,8 +257,8 @@ class Server:
             time.sleep(1.0)
 
     def _check_superlink(self) -> None:
-        proc = self.children[0]
-        if proc.poll() is not None:
+        proc = self.superlink
+        if proc is not None and proc.poll() is not None:
             raise RunFailed(
                 f"flower-superlink exited with code {proc.returncode}:\n"
                 + tail(self.run_dir / "superlink.log")
@@ -245,8 +270,10 @@ class Server:
         run_config = self.run_dir / "run-config.toml"
         write_run_config(run_config, self.cfg)
         proc = spawn(
-            [flower_bin("flwr"), "run", str(app), CONNECTION, "--run-config", str(run_config)]
-            + ["--stream"],
+            [
+                *(flower_bin("flwr"), "run", str(app), CONNECTION),
+                *("--run-config", str(run_config), "--stream"),
+            ],
             log_file=self.run_dir / "run.log",
             env=self.env,
             cwd=self.run_dir,
@@ -285,11 +312,10 @@ def start_server(
     server = Server(kit, cfg, opts)
     server.run_dir.mkdir(parents=True, exist_ok=True)
     try:
-        server.start_superlink()
-        on_event("superlink", {"fleet": f"{opts.listen}:{opts.fleet_port}"})
-        if not opts.insecure:
-            ids = server.register_sites()
+        ids = server.start()
+        if ids:
             on_event("registered", {"sites": sorted(ids)})
+        on_event("superlink", {"fleet": f"{opts.listen}:{opts.fleet_port}"})
         server.wait_for_sites(on_event)
         return server.run(on_event)
     finally:
@@ -302,4 +328,3 @@ def tail(path: Path, lines: int = 15) -> str:
     except OSError:
         return f"(no log at {path})"
     return "\n".join(text.splitlines()[-lines:])
-

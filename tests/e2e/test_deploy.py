@@ -1,0 +1,230 @@
+"""A real federation on loopback: `fedsilo provision`, `fedsilo server start`, three
+`fedsilo client start` processes over TLS with SuperNode authentication.
+
+Each test starts real flower-superlink/flower-supernode processes on free ports,
+each process with its own FLWR_HOME under tmp_path, and checks at the end that no
+process it started (nor their flower-superexec/flwr-*app children) is left.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.federation import (
+    Proc,
+    TLSSniffer,
+    end_leftovers,
+    fedsilo,
+    free_port,
+    leftovers,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Iterator[Path]:
+    """A provisioned federation (sites a, b, c) and digits split three ways."""
+    res = fedsilo(
+        "provision",
+        "--out",
+        "fed",
+        "--server-host",
+        "localhost",
+        "--server-host",
+        "127.0.0.1",
+        "--sites",
+        "a,b,c",
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.stderr
+    res = fedsilo(
+        "data", "split", "--dataset", "digits", "--sites", "3", "--out", "data", cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr
+    yield tmp_path
+    left = leftovers(tmp_path)
+    end_leftovers(tmp_path)
+    assert not left, f"processes left behind: {left}"
+
+
+def server(tmp: Path, fleet: int, *args: str) -> Proc:
+    return Proc(
+        tmp,
+        "server",
+        "server",
+        "start",
+        "--kit",
+        "fed/server",
+        "--listen",
+        "127.0.0.1",
+        "--fleet-port",
+        str(fleet),
+        "--control-port",
+        str(free_port()),
+        *args,
+    )
+
+
+def client(tmp: Path, site: str, data: int, address: str, *args: str) -> Proc:
+    return Proc(
+        tmp,
+        f"client-{site}",
+        "client",
+        "start",
+        "--kit",
+        f"fed/sites/{site}",
+        "--data",
+        f"data/site-{data}.npz",
+        "--server",
+        address,
+        "--device",
+        "cpu",
+        *args,
+    )
+
+
+def rounds(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_three_sites_two_rounds_over_tls(fed: Path) -> None:
+    fleet = free_port()
+    sniffer = TLSSniffer(fleet)  # site a dials through it: we see the bytes on the wire
+    srv = server(fed, fleet, "--rounds", "2", "--out", "run", "--eval-data", "data/server-eval.npz")
+    sites = [
+        client(fed, "a", 1, f"127.0.0.1:{sniffer.port}"),
+        client(fed, "b", 2, f"127.0.0.1:{fleet}"),
+        client(fed, "c", 3, f"localhost:{fleet}"),
+    ]
+    try:
+        code = srv.wait(timeout=400)
+        assert code == 0, srv.text()[-4000:]
+        summary = json.loads((fed / "run" / "summary.json").read_text())
+        assert summary["completed_rounds"] == 2
+        assert [r["round"] for r in summary["rounds"]] == [1, 2]
+        assert summary["final"]["accuracy"] >= 0.6  # central, on the server's own file
+        assert sorted(s["site"] for s in summary["sites"]) == ["a", "b", "c"]
+        assert all(0 < s["epsilon"] <= 8.0 for s in summary["sites"])
+        assert summary["failures"] == []
+        assert (fed / "run" / "final_model.pt").is_file()
+        assert json.loads((fed / "run" / "config.json").read_text())["eval-data"] == str(
+            (fed / "data" / "server-eval.npz").resolve()
+        )
+        # Every connection site a opened to the Fleet API began with a TLS handshake
+        # record (content type 0x16, version 0x03 0x0N): nothing went in clear text.
+        assert sniffer.first_bytes, "site a never connected through the relay"
+        assert all(b[:2] == b"\x16\x03" for b in sniffer.first_bytes), sniffer.first_bytes
+        # No code travelled with the run: the app installed at the site is the manifest only.
+        (app,) = (fed / "fed" / "sites" / "a" / "flwr-home" / "apps").iterdir()
+        installed = {p.name for p in app.rglob("*") if p.is_file()}
+        assert "pyproject.toml" in installed and not any(n.endswith(".py") for n in installed)
+    finally:
+        for s in sites:
+            if s.popen.poll() is None:
+                assert s.terminate() == 0, s.text()[-3000:]  # SIGTERM: a clean stop
+        sniffer.close()
+    for s in sites:
+        assert "stopped" in s.text()
+
+
+def test_lost_site_round_completes_with_the_others(fed: Path) -> None:
+    fleet = free_port()
+    srv = server(
+        fed, fleet, "--rounds", "2", "--min-sites", "2", "--wait-sites", "3", "--out", "run"
+    )
+    sites = {s: client(fed, s, i + 1, f"127.0.0.1:{fleet}") for i, s in enumerate("abc")}
+    try:
+        wait_for(lambda: len(rounds(fed / "run")) >= 1, 300, "round 1", [srv, *sites.values()])
+        sites["c"].kill_group()  # the site's machine dies: no goodbye
+        code = srv.wait(timeout=300)
+        assert code == 0, srv.text()[-4000:]
+        done = rounds(fed / "run")
+        assert [r["round"] for r in done] == [1, 2]
+        assert done[0]["sites"] == ["a", "b", "c"]
+        assert done[1]["sites"] == ["a", "b"]
+        assert done[1]["failed"] == ["c"]
+        summary = json.loads((fed / "run" / "summary.json").read_text())
+        assert [f["site"] for f in summary["failures"]] == ["c"]
+        assert summary["failures"][0]["round"] == 2
+    finally:
+        for name in ("a", "b"):
+            if sites[name].popen.poll() is None:
+                sites[name].terminate()
+        end_leftovers(fed)  # site c's SuperNode died with its launcher; its group is gone
+
+
+def test_only_authorised_sites_with_the_federation_ca_and_tls_get_in(fed: Path) -> None:
+    # Site c was provisioned, but the server kit no longer authorises its key.
+    (fed / "fed" / "server" / "sites" / "c.pub").unlink()
+    # A second, unrelated federation: same site name, another CA.
+    res = fedsilo(
+        "provision", "--out", "other", "--server-host", "127.0.0.1", "--sites", "a", cwd=fed
+    )
+    assert res.returncode == 0, res.stderr
+    fleet = free_port()
+    srv = server(fed, fleet, "--min-sites", "1", "--out", "run")
+    address = f"127.0.0.1:{fleet}"
+    try:
+        intruder = client(fed, "c", 3, address)
+        assert intruder.wait(timeout=240) != 0
+        out = intruder.text()
+        assert "error: The server refused this site" in out and "Traceback" not in out
+        assert "Receiving: train message" not in (fed / "fed/sites/c/supernode.log").read_text()
+        assert not (fed / "fed" / "sites" / "c" / "flwr-home" / "apps").exists()
+
+        foreign = Proc(
+            fed, "client-foreign", "client", "start", "--kit", "other/sites/a",
+            "--data", "data/site-1.npz", "--server", address,
+        )  # fmt: skip
+        assert foreign.wait(timeout=120) != 0
+        assert "error: TLS: the server at" in foreign.text()
+        assert "did not sign" in foreign.text()
+
+        plain = client(fed, "a", 1, address, "--insecure")
+        assert plain.wait(timeout=120) != 0
+        assert "WARNING: --insecure" in plain.text()
+        assert "speaks TLS but this site was started with --insecure" in plain.text()
+    finally:
+        assert srv.terminate() == 130, srv.text()[-3000:]  # SIGTERM stops it, and its children
+    assert "interrupted" in srv.text()
+    assert not (fed / "run" / "summary.json").exists()
+
+
+def test_insecure_server_refuses_secure_site(fed: Path) -> None:
+    fleet = free_port()
+    srv = server(fed, fleet, "--insecure", "--out", "run")
+    try:
+        wait_for(lambda: "listening for sites" in srv.text(), 120, "the server", [srv])
+        assert "WARNING: --insecure: no TLS and no site authentication" in srv.text()
+        secure = client(fed, "a", 1, f"127.0.0.1:{fleet}")
+        assert secure.wait(timeout=120) != 0
+        assert "error: TLS: the server at" in secure.text()
+        assert "does not speak TLS" in secure.text() and "--insecure" in secure.text()
+    finally:
+        srv.terminate()
+
+
+def test_taken_port_is_a_clear_error(fed: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        res = fedsilo(
+            "server", "start", "--kit", "fed/server", "--listen", "127.0.0.1",
+            "--fleet-port", str(port), "--out", "run", cwd=fed,
+        )  # fmt: skip
+    assert res.returncode != 0
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert lines[-1].startswith("error: Port") or "error: Port" in res.stderr
+    assert "is taken" in res.stderr and "--fleet-port" in res.stderr
+    assert "Traceback" not in res.stderr
