@@ -69,9 +69,20 @@ def spawn(
             env=env,
             cwd=cwd,
             start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     log.info("spawn: pid %d: %s", proc.pid, " ".join(cmd))
     return proc
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the launcher dies, even by
+    SIGKILL, so a SuperLink/SuperNode never outlives the `fedsilo` process that owns it."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def stop(proc: subprocess.Popen[bytes], *, grace: float = STOP_GRACE_S) -> int | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -94,3 +95,15 @@ def test_data_split_writes_site_files(fed: Path, capsys: pytest.CaptureFixture[s
     # Refuses to overwrite, and says so.
     assert main(["data", "split", "--sites", "3", "--out", "d"]) != 0
     assert "already exist" in capsys.readouterr().err
+
+
+def test_taken_port(fed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        code = main([*SERVER, "--fleet-port", port, "--out", "run"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code != 0 and "error: Port" in err and "Traceback" not in err
+    assert f"Port {port} on 127.0.0.1 is taken" in err and "--fleet-port" in err
+    assert not (fed / "run" / "superlink.log").exists()  # nothing was started

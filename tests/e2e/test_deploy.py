@@ -8,18 +8,20 @@ process it started (nor their flower-superexec/flwr-*app children) is left.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import socket
+import os
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fedsilo.cli import main
 
 from tests.e2e.federation import (
     Proc,
     TLSSniffer,
     end_leftovers,
-    fedsilo,
     free_port,
     leftovers,
     wait_for,
@@ -29,25 +31,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def fed(tmp_path: Path) -> Iterator[Path]:
+def fed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """A provisioned federation (sites a, b, c) and digits split three ways."""
-    res = fedsilo(
-        "provision",
-        "--out",
-        "fed",
-        "--server-host",
-        "localhost",
-        "--server-host",
-        "127.0.0.1",
-        "--sites",
-        "a,b,c",
-        cwd=tmp_path,
-    )
-    assert res.returncode == 0, res.stderr
-    res = fedsilo(
-        "data", "split", "--dataset", "digits", "--sites", "3", "--out", "data", cwd=tmp_path
-    )
-    assert res.returncode == 0, res.stderr
+    monkeypatch.chdir(tmp_path)
+    hosts = ["--server-host", "localhost", "--server-host", "127.0.0.1"]
+    assert main(["provision", "--out", "fed", *hosts, "--sites", "a,b,c"]) == 0
+    assert main(["data", "split", "--dataset", "digits", "--sites", "3", "--out", "data"]) == 0
     yield tmp_path
     left = leftovers(tmp_path)
     end_leftovers(tmp_path)
@@ -97,80 +86,74 @@ def rounds(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_three_sites_two_rounds_over_tls(fed: Path) -> None:
+def test_three_sites_over_tls_then_one_is_lost(fed: Path) -> None:
+    """Rounds 1-2: three sites over TLS. Then site c's machine dies; round 3 completes
+    with a and b (min-sites 2) and the run directory records c's failure."""
     fleet = free_port()
     sniffer = TLSSniffer(fleet)  # site a dials through it: we see the bytes on the wire
-    srv = server(fed, fleet, "--rounds", "2", "--out", "run", "--eval-data", "data/server-eval.npz")
-    sites = [
-        client(fed, "a", 1, f"127.0.0.1:{sniffer.port}"),
-        client(fed, "b", 2, f"127.0.0.1:{fleet}"),
-        client(fed, "c", 3, f"localhost:{fleet}"),
-    ]
+    srv = server(
+        fed,
+        fleet,
+        *("--rounds", "3", "--min-sites", "2", "--wait-sites", "3", "--out", "run"),
+        *("--eval-data", "data/server-eval.npz"),
+    )
+    sites = {
+        "a": client(fed, "a", 1, f"127.0.0.1:{sniffer.port}"),
+        "b": client(fed, "b", 2, f"127.0.0.1:{fleet}"),
+        "c": client(fed, "c", 3, f"localhost:{fleet}"),
+    }
     try:
-        code = srv.wait(timeout=400)
+        wait_for(lambda: len(rounds(fed / "run")) >= 2, 400, "round 2", [srv, *sites.values()])
+        # Site c's machine dies: SIGKILL for its launcher, SuperNode and ClientApps.
+        site_c = [pid for pid, _ in leftovers(fed / "fed" / "sites" / "c")]
+        assert site_c, "site c runs no process"
+        sites["c"].kill_group()
+        for pid in site_c:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        code = srv.wait(timeout=300)
         assert code == 0, srv.text()[-4000:]
+
+        done = rounds(fed / "run")
+        assert [r["round"] for r in done] == [1, 2, 3]
+        assert done[0]["sites"] == done[1]["sites"] == ["a", "b", "c"]
+        assert done[0]["failed"] == done[1]["failed"] == []
+        assert done[2]["sites"] == ["a", "b"] and done[2]["failed"] == ["c"]
         summary = json.loads((fed / "run" / "summary.json").read_text())
-        assert summary["completed_rounds"] == 2
-        assert [r["round"] for r in summary["rounds"]] == [1, 2]
+        assert summary["completed_rounds"] == 3
+        assert [(f["site"], f["round"]) for f in summary["failures"]] == [("c", 3)]
+        assert "heartbeat" in summary["failures"][0]["reason"]
         assert summary["final"]["accuracy"] >= 0.6  # central, on the server's own file
+        assert all(r["accuracy"] > 0 for r in done)
         assert sorted(s["site"] for s in summary["sites"]) == ["a", "b", "c"]
         assert all(0 < s["epsilon"] <= 8.0 for s in summary["sites"])
-        assert summary["failures"] == []
         assert (fed / "run" / "final_model.pt").is_file()
         assert json.loads((fed / "run" / "config.json").read_text())["eval-data"] == str(
             (fed / "data" / "server-eval.npz").resolve()
         )
+        assert "round 3: accuracy" in srv.text() and "failed: c" in srv.text()
         # Every connection site a opened to the Fleet API began with a TLS handshake
         # record (content type 0x16, version 0x03 0x0N): nothing went in clear text.
         assert sniffer.first_bytes, "site a never connected through the relay"
         assert all(b[:2] == b"\x16\x03" for b in sniffer.first_bytes), sniffer.first_bytes
-        # No code travelled with the run: the app installed at the site is the manifest only.
+        # No code travelled with the run: the app installed at the site is the manifest.
         (app,) = (fed / "fed" / "sites" / "a" / "flwr-home" / "apps").iterdir()
         installed = {p.name for p in app.rglob("*") if p.is_file()}
         assert "pyproject.toml" in installed and not any(n.endswith(".py") for n in installed)
     finally:
-        for s in sites:
-            if s.popen.poll() is None:
-                assert s.terminate() == 0, s.text()[-3000:]  # SIGTERM: a clean stop
-        sniffer.close()
-    for s in sites:
-        assert "stopped" in s.text()
-
-
-def test_lost_site_round_completes_with_the_others(fed: Path) -> None:
-    fleet = free_port()
-    srv = server(
-        fed, fleet, "--rounds", "2", "--min-sites", "2", "--wait-sites", "3", "--out", "run"
-    )
-    sites = {s: client(fed, s, i + 1, f"127.0.0.1:{fleet}") for i, s in enumerate("abc")}
-    try:
-        wait_for(lambda: len(rounds(fed / "run")) >= 1, 300, "round 1", [srv, *sites.values()])
-        sites["c"].kill_group()  # the site's machine dies: no goodbye
-        code = srv.wait(timeout=300)
-        assert code == 0, srv.text()[-4000:]
-        done = rounds(fed / "run")
-        assert [r["round"] for r in done] == [1, 2]
-        assert done[0]["sites"] == ["a", "b", "c"]
-        assert done[1]["sites"] == ["a", "b"]
-        assert done[1]["failed"] == ["c"]
-        summary = json.loads((fed / "run" / "summary.json").read_text())
-        assert [f["site"] for f in summary["failures"]] == ["c"]
-        assert summary["failures"][0]["round"] == 2
-    finally:
         for name in ("a", "b"):
             if sites[name].popen.poll() is None:
-                sites[name].terminate()
-        end_leftovers(fed)  # site c's SuperNode died with its launcher; its group is gone
+                assert sites[name].terminate() == 0, sites[name].text()[-3000:]  # clean stop
+        sniffer.close()
+    for name in ("a", "b"):
+        assert "stopped" in sites[name].text()
 
 
 def test_only_authorised_sites_with_the_federation_ca_and_tls_get_in(fed: Path) -> None:
     # Site c was provisioned, but the server kit no longer authorises its key.
     (fed / "fed" / "server" / "sites" / "c.pub").unlink()
     # A second, unrelated federation: same site name, another CA.
-    res = fedsilo(
-        "provision", "--out", "other", "--server-host", "127.0.0.1", "--sites", "a", cwd=fed
-    )
-    assert res.returncode == 0, res.stderr
+    assert main(["provision", "--out", "other", "--server-host", "127.0.0.1", "--sites", "a"]) == 0
     fleet = free_port()
     srv = server(fed, fleet, "--min-sites", "1", "--out", "run")
     address = f"127.0.0.1:{fleet}"
@@ -212,19 +195,3 @@ def test_insecure_server_refuses_secure_site(fed: Path) -> None:
         assert "does not speak TLS" in secure.text() and "--insecure" in secure.text()
     finally:
         srv.terminate()
-
-
-def test_taken_port_is_a_clear_error(fed: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        res = fedsilo(
-            "server", "start", "--kit", "fed/server", "--listen", "127.0.0.1",
-            "--fleet-port", str(port), "--out", "run", cwd=fed,
-        )  # fmt: skip
-    assert res.returncode != 0
-    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert lines[-1].startswith("error: Port") or "error: Port" in res.stderr
-    assert "is taken" in res.stderr and "--fleet-port" in res.stderr
-    assert "Traceback" not in res.stderr
