@@ -44,6 +44,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="seconds to keep retrying a server that is not up (default 600)",
     )
     s.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads per training process (default: all cores); 1 when several "
+        "sites share one machine",
+    )
+    s.add_argument(
         "--insecure",
         action="store_true",
         help="NO TLS and NO authentication (only if the server runs --insecure too)",
@@ -63,6 +70,8 @@ def run(args: argparse.Namespace) -> int:
     if args.device not in DEVICES:
         raise ConfigError(f"`--device` must be one of {', '.join(DEVICES)}. Found {args.device!r}.")
     resolve_device(args.device)
+    if args.threads < 0:
+        raise ConfigError(f"`--threads` must be >= 0 (0 = all cores). Found {args.threads}.")
     kit = read_site_kit(args.kit)
     server = args.server or kit.server
     split_address(server)
@@ -72,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         connect_timeout_s=args.connect_timeout,
         insecure=args.insecure,
+        threads=args.threads,
     )
     if args.insecure:
         err.print(INSECURE_WARNING, highlight=False)

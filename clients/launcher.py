@@ -51,6 +51,7 @@ class ClientOptions:
     device: str = "auto"
     connect_timeout_s: float = 600.0  # keep retrying a server that is not up this long
     insecure: bool = False
+    threads: int = 0  # torch CPU threads per ClientApp; 0 = torch's default (all cores)
 
 
 def node_config(kit: SiteKit, opts: ClientOptions) -> dict[str, str | float]:
@@ -126,6 +127,8 @@ def start_client(kit: SiteKit, opts: ClientOptions, *, on_event: EventFn) -> int
     env = child_env(FLWR_HOME=str(home.resolve()))
     if opts.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
+    if opts.threads > 0:  # inherited by every flwr-clientapp process the SuperNode starts
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opts.threads)
     log_file = kit.path / "supernode.log"
     proc = spawn(supernode_command(kit, opts, free_port()), log_file=log_file, env=env)
     on_event(f"site {kit.name} started (pid {proc.pid}); log {log_file}")

@@ -53,6 +53,7 @@ CLIENT = ["client", "start", "--kit", "fed/sites/a", "--data", "site.npz"]
         ([*SERVER, "EXPIRE"], "server certificate expired on"),
         ([*CLIENT, "--server", "nocolon"], "must be HOST:PORT"),
         ([*CLIENT, "--device", "tpu"], "`--device` must be one of"),
+        ([*CLIENT, "--threads", "-1"], "`--threads` must be >= 0"),
         ([*CLIENT, "--data", "missing.npz", "--server", "127.0.0.1:9"], "does not exist"),
         (
             [*CLIENT, "--server", "127.0.0.1:9", "--connect-timeout", "0.5"],

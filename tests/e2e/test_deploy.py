@@ -75,6 +75,8 @@ def client(tmp: Path, site: str, data: int, address: str, *args: str) -> Proc:
         address,
         "--device",
         "cpu",
+        "--threads",
+        "1",  # three sites share this machine's cores
         *args,
     )
 
