@@ -226,15 +226,21 @@ class Server:
             for name, pub in self.kit.sites.items()
         }
         ids = {}
-        for name, p in procs.items():
-            out, err = p.communicate(timeout=120)
-            try:
-                ids[name] = str(json.loads(out)["node-id"])
-            except (json.JSONDecodeError, KeyError):
-                raise ConfigError(
-                    f"Registering site {name!r} ({self.kit.sites[name]}) failed: "
-                    f"{(out + err).strip()[-500:]}"
-                ) from None
+        try:
+            for name, p in procs.items():
+                out, err = p.communicate(timeout=120)
+                try:
+                    ids[name] = str(json.loads(out)["node-id"])
+                except (json.JSONDecodeError, KeyError):
+                    raise ConfigError(
+                        f"Registering site {name!r} ({self.kit.sites[name]}) failed: "
+                        f"{(out + err).strip()[-500:]}"
+                    ) from None
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
         return ids
 
     def wait_for_sites(self, on_event: ProgressFn) -> None:
@@ -310,6 +316,12 @@ def start_server(
     if not Path(cfg.run_dir).is_absolute():
         raise ConfigError(f"`run-dir` must be absolute for a deployed run. Found {cfg.run_dir!r}.")
     server = Server(kit, cfg, opts)
+    for used in ("metrics.jsonl", "summary.json", "flwr-home"):
+        if (server.run_dir / used).exists():
+            raise ConfigError(
+                f"Run directory {server.run_dir} already holds a run ({used}); nothing was "
+                "started. Pick a new one with --out."
+            )
     server.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         ids = server.start()

@@ -51,6 +51,7 @@ CLIENT = ["client", "start", "--kit", "fed/sites/a", "--data", "site.npz"]
         ([*SERVER, "--config", "run.toml"], "Unknown key `epsilon`"),
         ([*SERVER, "--min-sites", "3", "--wait-sites", "2"], "must be >= min-sites"),
         ([*SERVER, "EXPIRE"], "server certificate expired on"),
+        ([*SERVER, "--out", "used"], "already holds a run (metrics.jsonl)"),
         ([*CLIENT, "--server", "nocolon"], "must be HOST:PORT"),
         ([*CLIENT, "--device", "tpu"], "`--device` must be one of"),
         ([*CLIENT, "--threads", "-1"], "`--threads` must be >= 0"),
@@ -68,6 +69,8 @@ def test_one_line_error(
     fed: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str
 ) -> None:
     (fed / "run.toml").write_text("epsilon = 3\n")
+    (fed / "used").mkdir()
+    (fed / "used" / "metrics.jsonl").write_text("")
     if "EXPIRE" in args:
         args = [a for a in args if a != "EXPIRE"]
         expire_server_cert(fed)
