@@ -159,24 +159,25 @@ def test_only_authorised_sites_with_the_federation_ca_and_tls_get_in(fed: Path) 
     fleet = free_port()
     srv = server(fed, fleet, "--min-sites", "1", "--out", "run")
     address = f"127.0.0.1:{fleet}"
+    # Three sites that must not get in, started at once (each waits for the server).
+    intruder = client(fed, "c", 3, address)
+    foreign = Proc(
+        fed, "client-foreign", "client", "start", "--kit", "other/sites/a",
+        "--data", "data/site-1.npz", "--server", address,
+    )  # fmt: skip
+    plain = client(fed, "a", 1, address, "--insecure")
     try:
-        intruder = client(fed, "c", 3, address)
         assert intruder.wait(timeout=240) != 0
         out = intruder.text()
         assert "error: The server refused this site" in out and "Traceback" not in out
         assert "Receiving: train message" not in (fed / "fed/sites/c/supernode.log").read_text()
         assert not (fed / "fed" / "sites" / "c" / "flwr-home" / "apps").exists()
 
-        foreign = Proc(
-            fed, "client-foreign", "client", "start", "--kit", "other/sites/a",
-            "--data", "data/site-1.npz", "--server", address,
-        )  # fmt: skip
-        assert foreign.wait(timeout=120) != 0
+        assert foreign.wait(timeout=240) != 0
         assert "error: TLS: the server at" in foreign.text()
         assert "did not sign" in foreign.text()
 
-        plain = client(fed, "a", 1, address, "--insecure")
-        assert plain.wait(timeout=120) != 0
+        assert plain.wait(timeout=240) != 0
         assert "WARNING: --insecure" in plain.text()
         assert "speaks TLS but this site was started with --insecure" in plain.text()
     finally:
