@@ -133,9 +133,13 @@ def run(args: argparse.Namespace) -> int:
     if args.insecure:
         err.print(INSECURE_WARNING, highlight=False)
     _quiet_logs(False)
+    who = (
+        "ANY site may join (--insecure)"
+        if args.insecure
+        else f"{len(kit.sites)} authorised site(s) ({', '.join(kit.sites)})"
+    )
     err.print(
-        f"[bold]fedsilo server[/]: {len(kit.sites)} authorised site(s) "
-        f"({', '.join(kit.sites)}), {cfg.rounds} rounds on {cfg.dataset}, "
+        f"[bold]fedsilo server[/]: {who}, {cfg.rounds} rounds on {cfg.dataset}, "
         f"min-sites {cfg.min_sites}; run dir {cfg.run_dir}",
         highlight=False,
     )
