@@ -96,6 +96,11 @@ class SiteKit:
         return self.path / "ledger.jsonl"
 
 
+def address(host: str, port: int) -> str:
+    """HOST:PORT as gRPC dials it (IPv6 literals in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def validate_site_name(name: str) -> str:
     if not SITE_NAME.match(name):
         raise ConfigError(
@@ -171,7 +176,7 @@ def provision(
     ]
     written += _write_server(out, ca_key, ca_cert, list(hosts), fleet_port)
     for s in sites:
-        written += _write_site(out, s, ca_cert, f"{hosts[0]}:{fleet_port}")
+        written += _write_site(out, s, ca_cert, address(hosts[0], fleet_port))
     return written
 
 
@@ -194,7 +199,7 @@ def add_site(out: Path, name: str, *, force: bool = False) -> list[Path]:
             "pass --force to issue it a new key (its old key stops working)."
         )
     kit = read_server_kit(out / "server", check=False)
-    return _write_site(out, name, ca_cert, f"{kit.hosts[0]}:{kit.fleet_port}")
+    return _write_site(out, name, ca_cert, address(kit.hosts[0], kit.fleet_port))
 
 
 def renew_server(out: Path, *, hosts: Sequence[str] = ()) -> list[Path]:

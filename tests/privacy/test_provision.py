@@ -51,6 +51,8 @@ def test_layout_modes_and_key_types(fed: Path) -> None:
     assert sorted(read_server_kit(fed / "server").sites) == ["a", "b"]
     kit = read_site_kit(fed / "sites" / "a")
     assert (kit.name, kit.server) == ("a", "fl.example.org:9092")
+    provision(fed.parent / "v6", hosts=["::1"], sites=["a"])
+    assert read_site_kit(fed.parent / "v6" / "sites" / "a").server == "[::1]:9092"
     assert kit.policy.max_epsilon == 10.0 and kit.policy.delta == 1e-5
 
 
