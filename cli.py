@@ -2,6 +2,10 @@
 
   fedsilo simulate   run a federation of virtual sites on this machine
   fedsilo audit      verify site privacy ledgers and report their spend
+  fedsilo provision  make the federation's CA, server TLS and site keys
+  fedsilo server     run the aggregation server (flower-superlink over TLS)
+  fedsilo client     run a site (flower-supernode, authenticated by its key)
+  fedsilo data       split a dataset into per-site files for demos and tests
   (run `fedsilo --help` for the full list)
 
 User mistakes (FedsiloError) print one `error:` line and exit non-zero, with no
@@ -19,7 +23,14 @@ from fedsilo.errors import FedsiloError
 from rich.console import Console
 
 # Modules providing `register(subparsers)`; each adds one subcommand with `func` set.
-COMMANDS = ("fedsilo.simulations.command", "fedsilo.privacy.audit_command")
+COMMANDS = (
+    "fedsilo.simulations.command",
+    "fedsilo.privacy.audit_command",
+    "fedsilo.simulations.data_command",
+    "fedsilo.privacy.command",
+    "fedsilo.server.command",
+    "fedsilo.clients.command",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -93,8 +93,9 @@ class SitePolicy:
         if "policy-max-epsilon" not in node_config:
             raise PrivacyError(
                 "This site has no privacy budget: set `policy-max-epsilon` (and "
-                "`ledger-path`) in its node config, e.g. fedsilo client start "
-                "--max-epsilon 8 --ledger site.jsonl. It refuses to train without one."
+                "`ledger-path`) in its node config; `fedsilo client start` passes them "
+                "from the [policy] table of the site kit's site.toml. "
+                "It refuses to train without one."
             )
         values: dict[str, float] = {}
         for key in POLICY_KEYS:

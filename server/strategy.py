@@ -65,6 +65,8 @@ class SiteReports(Strategy):
         self.failures: list[Failure] = []
         self.refusals: list[Refusal] = []
         self.last_round_sites: list[str] = []
+        self.node_names: dict[int, str] = {}  # node id -> site name, from earlier replies
+        self._sent: list[Message] = []  # this round's train messages (ids set on sending)
 
     def summary(self) -> None:
         self.inner.summary()
@@ -72,14 +74,24 @@ class SiteReports(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        self._sent = list(self.inner.configure_train(server_round, arrays, config, grid))
+        return self._sent
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         usable: list[tuple[str, Message]] = []
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
+        replied: set[int] = set()
         for msg in replies:
+            # An error the SuperLink makes for a lost site names no site and comes from
+            # the SuperLink: find the site from the message it answers.
+            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
+            replied.add(node)
             site = _site_name(msg)
+            if site.startswith("node-"):
+                site = self.node_names.get(node, f"node-{node}")
+            self.node_names.setdefault(node, site)
             if msg.has_error():
                 refusal = parse_refusal(msg.error.code, msg.error.reason or "")
                 if refusal is not None:
@@ -109,6 +121,9 @@ class SiteReports(Strategy):
                 ledger_head=_ledger_head(msg),
             )
             usable.append((site, msg))
+        for node in sorted(set(sent.values()) - replied):
+            site = self.node_names.get(node, f"node-{node}")
+            self.failures.append(Failure(site, server_round, "no reply before the round timeout"))
         usable.sort(key=lambda pair: pair[0])
         self.last_round_sites = [site for site, _ in usable]
         log.info("aggregate_train: round %d: %d results", server_round, len(usable))

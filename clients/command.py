@@ -1,0 +1,98 @@
+"""`fedsilo client start`: run this site of the federation.
+
+Examples:
+  fedsilo client start --kit site-a --data /data/site-a.npz
+  fedsilo client start --kit site-a --data a.npz --server fl.example.org:9092 --device cpu
+
+The kit (DIR/sites/NAME from `fedsilo provision`) holds the federation CA, this
+site's private key and site.toml (server address, site name, privacy policy).
+The site waits (with backoff) for the server, trains every round it is asked to
+under DP-SGD within its policy, and runs until Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+
+INSECURE_WARNING = (
+    "[bold red]WARNING: --insecure: no TLS and no site authentication.[/] This site's model "
+    "updates cross the network in clear text and it cannot tell the real server from an "
+    "impostor. Use only on a network you fully trust."
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("client", help="run a site of the federation (`fedsilo client start`)")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = actions.add_parser(
+        "start",
+        help="join the federation as this site",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--kit", required=True, type=Path, help="this site's kit (DIR/sites/NAME)")
+    s.add_argument("--data", required=True, type=Path, help="this site's data (.npz)")
+    s.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    s.add_argument("--server", help="HOST:PORT of the server (default: site.toml's)")
+    s.add_argument(
+        "--connect-timeout",
+        type=float,
+        default=600.0,
+        help="seconds to keep retrying a server that is not up (default 600)",
+    )
+    s.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads per training process (default: all cores); 1 when several "
+        "sites share one machine",
+    )
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="NO TLS and NO authentication (only if the server runs --insecure too)",
+    )
+    s.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedsilo.clients.launcher import ClientOptions, start_client
+    from fedsilo.config import DEVICES
+    from fedsilo.errors import ConfigError
+    from fedsilo.privacy.provision import read_site_kit
+    from fedsilo.processes import split_address, terminate_on_signals
+    from fedsilo.task.train import resolve_device
+
+    err = Console(stderr=True)
+    if args.device not in DEVICES:
+        raise ConfigError(f"`--device` must be one of {', '.join(DEVICES)}. Found {args.device!r}.")
+    resolve_device(args.device)
+    if args.threads < 0:
+        raise ConfigError(f"`--threads` must be >= 0 (0 = all cores). Found {args.threads}.")
+    kit = read_site_kit(args.kit)
+    server = args.server or kit.server
+    split_address(server)
+    opts = ClientOptions(
+        server=server,
+        data=args.data,
+        device=args.device,
+        connect_timeout_s=args.connect_timeout,
+        insecure=args.insecure,
+        threads=args.threads,
+    )
+    if args.insecure:
+        err.print(INSECURE_WARNING, highlight=False)
+    err.print(
+        f"[bold]fedsilo client[/]: site {kit.name}, data {args.data}, server {server}, policy "
+        f"max epsilon {kit.policy.max_epsilon:g} at delta {kit.policy.delta:g}",
+        highlight=False,
+    )
+    with terminate_on_signals():
+        try:
+            start_client(kit, opts, on_event=lambda text: err.print(text, highlight=False))
+        except KeyboardInterrupt:
+            err.print(f"site {kit.name} stopped")
+    return 0

@@ -1,0 +1,178 @@
+"""Run a site: Flower's SuperNode with the site's CA, auth key, data and privacy policy.
+
+`start_client`:
+  1. reads the site kit (CA valid, key an OpenSSH ECDSA key with mode 0600) and
+     checks the data file;
+  2. waits for the server with backoff, checking on each attempt that it speaks
+     TLS with a certificate the federation CA signed for the address dialled
+     (a wrong CA or a plaintext server stops at once, with the reason);
+  3. starts `flower-supernode` (node config: data path, site name, ledger path and
+     the site's policy; runtime dependency installation off), and waits for it;
+  4. stops it, and every ClientApp it started, on Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsilo.errors import ConfigError, FedsiloError
+from fedsilo.privacy.provision import SiteKit
+from fedsilo.processes import (
+    TLSError,
+    Unreachable,
+    child_env,
+    flower_bin,
+    free_port,
+    probe_tls,
+    server_speaks_tls,
+    spawn,
+    stop,
+    wait_with_backoff,
+)
+
+log = logging.getLogger("fedsilo.client")
+NODE_AUTH_REFUSED = 305  # flower-supernode: SUPERNODE_CONNECTION_ERROR (key not allow-listed)
+EventFn = Callable[[str], None]
+
+
+class SiteRefused(FedsiloError):
+    """The server did not admit this site."""
+
+
+@dataclass(frozen=True)
+class ClientOptions:
+    server: str  # host:port of the Fleet API
+    data: Path
+    device: str = "auto"
+    connect_timeout_s: float = 600.0  # keep retrying a server that is not up this long
+    insecure: bool = False
+    threads: int = 0  # torch CPU threads per ClientApp; 0 = torch's default (all cores)
+
+
+def node_config(kit: SiteKit, opts: ClientOptions) -> dict[str, str | float]:
+    """The node config the ClientApp reads: data, identity, ledger and policy."""
+    return {
+        "data-path": str(opts.data.resolve()),
+        "site-name": kit.name,
+        "ledger-path": str(kit.ledger.resolve()),
+        **kit.policy.node_config(),
+    }
+
+
+def format_node_config(values: Mapping[str, str | float]) -> str:
+    """`key="value" key=1.0 ...` as flower-supernode's --node-config parses it."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, str):
+            if '"' in value or "\n" in value:
+                raise ConfigError(f"`{key}` may not contain a double quote: {value!r}.")
+            parts.append(f'{key}="{value}"')
+        else:
+            parts.append(f"{key}={float(value)!r}")
+    return " ".join(parts)
+
+
+def supernode_command(kit: SiteKit, opts: ClientOptions, port: int) -> list[str]:
+    cmd = [
+        flower_bin("flower-supernode"),
+        "--superlink",
+        opts.server,
+        "--node-config",
+        format_node_config(node_config(kit, opts)),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]  # runtime dependency installation is off by default on a SuperNode: keep it off
+    if opts.insecure:
+        return [*cmd, "--insecure"]
+    return [
+        *cmd,
+        "--root-certificates",
+        str(kit.ca.resolve()),
+        "--auth-supernode-private-key",
+        str(kit.key.resolve()),
+    ]
+
+
+def check_server(kit: SiteKit, opts: ClientOptions) -> None:
+    """One connection attempt: Unreachable to retry, a FedsiloError to stop."""
+    if not opts.insecure:
+        probe_tls(opts.server, kit.ca)
+    elif server_speaks_tls(opts.server):
+        raise TLSError(
+            f"The server at {opts.server} speaks TLS but this site was started with "
+            "--insecure. Drop --insecure: the federation is secure."
+        )
+
+
+def start_client(kit: SiteKit, opts: ClientOptions, *, on_event: EventFn) -> int:
+    """Run the site until it is stopped; return the SuperNode's exit code."""
+    from fedsilo.task.data import load_npz
+
+    load_npz(opts.data)  # a missing or malformed file fails here, not at the first round
+    wait_with_backoff(
+        lambda: check_server(kit, opts),
+        deadline_s=opts.connect_timeout_s,
+        what=f"the federation server {opts.server}",
+        on_retry=on_event,
+    )
+    on_event(f"server {opts.server} is up" + ("" if opts.insecure else " (TLS verified)"))
+    home = kit.path / "flwr-home"
+    env = child_env(FLWR_HOME=str(home.resolve()))
+    if opts.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    if opts.threads > 0:  # inherited by every flwr-clientapp process the SuperNode starts
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opts.threads)
+    log_file = kit.path / "supernode.log"
+    proc = spawn(supernode_command(kit, opts, free_port()), log_file=log_file, env=env)
+    on_event(f"site {kit.name} started (pid {proc.pid}); log {log_file}")
+    try:
+        return watch(proc, log_file, on_event)
+    finally:
+        stop(proc)
+
+
+def watch(proc: subprocess.Popen[bytes], log_file: Path, on_event: EventFn) -> int:
+    """Follow the SuperNode until it exits; translate Flower's failures into errors."""
+    offset = 0
+    joined = False
+    while True:
+        code = proc.poll()
+        text = _read_from(log_file, offset)
+        offset += len(text.encode())
+        if not joined and "SuperNode ID:" in text:
+            on_event("admitted by the server; waiting for rounds")
+            joined = True
+        if code is not None:
+            break
+        time.sleep(0.5)
+    if code == NODE_AUTH_REFUSED or "Failed to activate SuperNode" in _read_from(log_file, 0):
+        raise SiteRefused(
+            "The server refused this site: its key is not on the federation's allow-list "
+            "(not provisioned for this server, or removed). Ask the operator to run "
+            "`fedsilo provision add-site` and restart the server; no model was received."
+        )
+    if code not in (0, -15):
+        raise FedsiloError(
+            f"flower-supernode exited with code {code}; see {log_file}:\n"
+            + "\n".join(_read_from(log_file, 0).splitlines()[-10:])
+        )
+    return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+
+
+__all__ = ["ClientOptions", "SiteRefused", "Unreachable", "start_client"]

@@ -1,0 +1,362 @@
+"""Provisioning: lay out a federation's keys, certificates and configs as kits.
+
+    DIR/ca/ca.key ca.crt          the federation CA (keep ca.key offline; 0600)
+    DIR/server/                   copy to the server machine
+      ca.crt server.crt server.key(0600) server.toml
+      sites/NAME.pub              the authorised sites' SuperNode public keys
+    DIR/sites/NAME/               copy to site NAME
+      ca.crt site.key(0600) site.pub site.toml
+
+Existing material is never overwritten without `force`; the CA is never
+regenerated unless the caller asks for a new federation with `force`.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
+from fedsilo.errors import ConfigError
+from fedsilo.privacy import pki
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+FLEET_PORT = 9092  # Flower's Fleet API (gRPC-rere) default: what sites dial
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """What a site allows runs to spend; the site edits `[policy]` in site.toml."""
+
+    max_epsilon: float = 10.0  # per run; the demo run (epsilon 8) fits, a careless 100 does not
+    delta: float = 1e-5  # the largest delta the site accepts
+    min_noise_multiplier: float = 0.0  # 0 = no floor beyond the epsilon cap
+    max_clip_norm: float = 0.0  # 0 = no cap
+
+    def node_config(self) -> dict[str, float]:
+        return {
+            "policy-max-epsilon": self.max_epsilon,
+            "policy-delta": self.delta,
+            "policy-min-noise-multiplier": self.min_noise_multiplier,
+            "policy-max-clip-norm": self.max_clip_norm,
+        }
+
+
+@dataclass(frozen=True)
+class ServerKit:
+    """A server kit directory, read and checked."""
+
+    path: Path
+    hosts: list[str]
+    fleet_port: int
+    sites: dict[str, Path]  # site name -> public key file
+
+    @property
+    def ca(self) -> Path:
+        return self.path / "ca.crt"
+
+    @property
+    def cert(self) -> Path:
+        return self.path / "server.crt"
+
+    @property
+    def key(self) -> Path:
+        return self.path / "server.key"
+
+
+@dataclass(frozen=True)
+class SiteKit:
+    """A site kit directory, read and checked."""
+
+    path: Path
+    name: str
+    server: str  # host:port of the Fleet API
+    policy: SitePolicy = field(default_factory=SitePolicy)
+
+    @property
+    def ca(self) -> Path:
+        return self.path / "ca.crt"
+
+    @property
+    def key(self) -> Path:
+        return self.path / "site.key"
+
+    @property
+    def ledger(self) -> Path:
+        return self.path / "ledger.jsonl"
+
+
+def address(host: str, port: int) -> str:
+    """HOST:PORT as gRPC dials it (IPv6 literals in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def validate_site_name(name: str) -> str:
+    if not SITE_NAME.match(name):
+        raise ConfigError(
+            f"Site name {name!r} must be 1-63 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit."
+        )
+    return name
+
+
+def parse_sites(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise ConfigError("`--sites` names no site; use e.g. --sites a,b,c.")
+    for n in names:
+        validate_site_name(n)
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"Site name(s) {', '.join(dup)} given twice in --sites.")
+    return names
+
+
+def read_federation_file(path: Path) -> tuple[list[str], list[str], int]:
+    """`--federation FILE.toml`: ([federation] server-hosts, sites, fleet-port)."""
+    raw = read_toml(path)
+    fed = raw.get("federation")
+    if not isinstance(fed, dict):
+        raise ConfigError(f"{path}: needs a [federation] table with server-hosts and sites.")
+    unknown = set(fed) - {"server-hosts", "sites", "fleet-port"}
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown key(s) {', '.join(sorted(unknown))} in [federation]; "
+            "known: server-hosts, sites, fleet-port."
+        )
+    hosts, sites = fed.get("server-hosts"), fed.get("sites")
+    if not (isinstance(hosts, list) and hosts and all(isinstance(h, str) for h in hosts)):
+        raise ConfigError(f"{path}: `server-hosts` must be a non-empty list of strings.")
+    if not (isinstance(sites, list) and sites and all(isinstance(s, str) for s in sites)):
+        raise ConfigError(f"{path}: `sites` must be a non-empty list of strings.")
+    port = fed.get("fleet-port", FLEET_PORT)
+    if not isinstance(port, int) or not 0 < port < 65536:
+        raise ConfigError(f"{path}: `fleet-port` must be a port number. Found {port!r}.")
+    return hosts, parse_sites(",".join(sites)), port
+
+
+def provision(
+    out: Path,
+    *,
+    hosts: Sequence[str],
+    sites: Sequence[str],
+    fleet_port: int = FLEET_PORT,
+    force: bool = False,
+) -> list[Path]:
+    """Create a federation: CA, server kit, one kit per site. Returns the files written."""
+    if not hosts:
+        raise ConfigError("Give at least one --server-host (the name or address sites dial).")
+    for s in sites:
+        validate_site_name(s)
+    if (out / "ca" / "ca.key").exists() and not force:
+        raise ConfigError(
+            f"{out} already holds a federation (ca/ca.key). Nothing was changed. "
+            "Add sites with `fedsilo provision add-site`; pass --force only to replace "
+            "the whole federation (every site must then get its new kit)."
+        )
+    for h in hosts:
+        pki.san_for(h)  # reject bad hosts before writing anything
+    if force:  # a new CA: keys authorised under the old one must not linger
+        for stale in (out / "server" / "sites").glob("*.pub"):
+            stale.unlink()
+    ca_key, ca_cert = pki.new_ca(out.resolve().name)
+    written = [
+        _write(out / "ca" / "ca.key", pki.pem_key(ca_key), secret=True),
+        _write(out / "ca" / "ca.crt", pki.pem_cert(ca_cert)),
+    ]
+    written += _write_server(out, ca_key, ca_cert, list(hosts), fleet_port)
+    for s in sites:
+        written += _write_site(out, s, ca_cert, address(hosts[0], fleet_port))
+    return written
+
+
+def add_site(out: Path, name: str, *, force: bool = False) -> list[Path]:
+    """Add one site to an existing federation, leaving every other key untouched."""
+    validate_site_name(name)
+    ca_cert_path = out / "ca" / "ca.crt"
+    if not ca_cert_path.exists():
+        raise ConfigError(
+            f"{out} holds no federation (missing ca/ca.crt). Create one first with "
+            "`fedsilo provision --out DIR --server-host HOST --sites ...`; the CA is never "
+            "created implicitly."
+        )
+    ca_cert = pki.load_cert(ca_cert_path)
+    pki.check_valid(ca_cert, ca_cert_path, what="federation CA certificate")
+    site_dir = out / "sites" / name
+    if site_dir.exists() and not force:
+        raise ConfigError(
+            f"Site {name!r} already exists in {out} ({site_dir}). Nothing was changed; "
+            "pass --force to issue it a new key (its old key stops working)."
+        )
+    kit = read_server_kit(out / "server", check=False)
+    return _write_site(out, name, ca_cert, address(kit.hosts[0], kit.fleet_port))
+
+
+def renew_server(out: Path, *, hosts: Sequence[str] = ()) -> list[Path]:
+    """Re-issue the server certificate from the federation CA (new key, same CA)."""
+    ca_key = pki.load_ca_key(out / "ca" / "ca.key")
+    ca_cert = pki.load_cert(out / "ca" / "ca.crt")
+    pki.check_valid(ca_cert, out / "ca" / "ca.crt", what="federation CA certificate")
+    kit = read_server_kit(out / "server", check=False)
+    return _write_server(out, ca_key, ca_cert, list(hosts) or kit.hosts, kit.fleet_port)
+
+
+def _write_server(
+    out: Path,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    hosts: list[str],
+    fleet_port: int,
+) -> list[Path]:
+    key, cert = pki.server_cert(ca_key, ca_cert, hosts)
+    d = out / "server"
+    (d / "sites").mkdir(parents=True, exist_ok=True)
+    toml = (
+        "# fedsilo server kit: `fedsilo server start --kit THIS_DIR`\n"
+        "[server]\n"
+        f"hosts = [{', '.join(_q(h) for h in hosts)}]  # the certificate's SANs\n"
+        f"fleet-port = {fleet_port}  # what sites dial (Flower Fleet API, gRPC over TLS)\n"
+    )
+    return [
+        _write(d / "ca.crt", pki.pem_cert(ca_cert)),
+        _write(d / "server.key", pki.pem_key(key), secret=True),
+        _write(d / "server.crt", pki.pem_cert(cert)),
+        _write(d / "server.toml", toml.encode()),
+    ]
+
+
+def _write_site(out: Path, name: str, ca_cert: x509.Certificate, server: str) -> list[Path]:
+    private, public = pki.site_keypair()
+    d = out / "sites" / name
+    p = SitePolicy()
+    toml = (
+        f"# fedsilo site kit: `fedsilo client start --kit THIS_DIR --data YOUR.npz`\n"
+        "[site]\n"
+        f"name = {_q(name)}\n"
+        f"server = {_q(server)}  # host:port of the federation server (Fleet API)\n"
+        "\n"
+        "# This site's privacy policy: runs that ask for more are refused. Edit to taste.\n"
+        "[policy]\n"
+        f"max-epsilon = {p.max_epsilon!r}  # largest total epsilon this site spends on one run\n"
+        f"delta = {p.delta!r}  # largest delta accepted\n"
+        f"min-noise-multiplier = {p.min_noise_multiplier!r}  # 0 = no floor\n"
+        f"max-clip-norm = {p.max_clip_norm!r}  # 0 = no cap\n"
+    )
+    return [
+        _write(d / "ca.crt", pki.pem_cert(ca_cert)),
+        _write(d / "site.key", private, secret=True),
+        _write(d / "site.pub", public),
+        _write(d / "site.toml", toml.encode()),
+        _write(out / "server" / "sites" / f"{name}.pub", public),
+    ]
+
+
+def read_server_kit(path: Path, *, check: bool = True) -> ServerKit:
+    """Read DIR/server; with `check`, verify certificates (validity, CA, SANs) and keys."""
+    raw = read_toml(path / "server.toml")
+    srv = raw.get("server", {})
+    hosts = srv.get("hosts")
+    port = srv.get("fleet-port", FLEET_PORT)
+    if not (isinstance(hosts, list) and hosts and all(isinstance(h, str) for h in hosts)):
+        raise ConfigError(f"{path / 'server.toml'}: [server] hosts must be a non-empty list.")
+    if not isinstance(port, int):
+        raise ConfigError(f"{path / 'server.toml'}: [server] fleet-port must be an integer.")
+    sites = {p.stem: p for p in sorted((path / "sites").glob("*.pub"))}
+    kit = ServerKit(path=path, hosts=hosts, fleet_port=port, sites=sites)
+    if check:
+        ca = pki.load_cert(kit.ca)
+        pki.check_valid(ca, kit.ca, what="federation CA certificate")
+        cert = pki.load_cert(kit.cert)
+        pki.check_valid(cert, kit.cert, what="server certificate")
+        pki.check_signed_by(cert, ca, kit.cert)
+        for h in hosts:
+            pki.check_host_covered(cert, h, kit.cert)
+        if not kit.key.exists():
+            raise ConfigError(f"{kit.key}: the server's TLS key is missing.")
+        if not sites:
+            raise ConfigError(
+                f"{path / 'sites'} holds no site public keys: no site could join. "
+                "Add one with `fedsilo provision add-site`."
+            )
+        for pub in sites.values():
+            pki.load_site_public_key(pub)
+    return kit
+
+
+def read_site_kit(path: Path) -> SiteKit:
+    """Read DIR/sites/NAME and check its CA certificate and key."""
+    raw = read_toml(path / "site.toml")
+    site = raw.get("site", {})
+    name, server = site.get("name"), site.get("server")
+    if not isinstance(name, str) or not isinstance(server, str):
+        raise ConfigError(f"{path / 'site.toml'}: [site] needs `name` and `server` strings.")
+    policy = _policy(raw.get("policy", {}), path / "site.toml")
+    kit = SiteKit(path=path, name=validate_site_name(name), server=server, policy=policy)
+    ca = pki.load_cert(kit.ca)
+    pki.check_valid(ca, kit.ca, what="federation CA certificate")
+    pki.load_site_private_key(kit.key)
+    mode = kit.key.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(
+            f"{kit.key}: the site's private key is readable by others (mode {mode:o}); "
+            f"anyone who reads it can join the federation as {name!r}. Run `chmod 600 {kit.key}`."
+        )
+    return kit
+
+
+def _policy(raw: Mapping[str, Any], path: Path) -> SitePolicy:
+    names = {
+        "max-epsilon": "max_epsilon",
+        "delta": "delta",
+        "min-noise-multiplier": "min_noise_multiplier",
+        "max-clip-norm": "max_clip_norm",
+    }
+    values: dict[str, float] = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigError(
+                f"{path}: unknown key `{key}` in [policy]; known: {', '.join(names)}."
+            )
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+            raise ConfigError(f"{path}: [policy] `{key}` must be a number >= 0. Found {value!r}.")
+        values[names[key]] = float(value)
+    policy = SitePolicy(**values)
+    if not policy.max_epsilon > 0:
+        raise ConfigError(
+            f"{path}: [policy] max-epsilon must be > 0; a site cannot train without spending "
+            "privacy budget."
+        )
+    if not 0 < policy.delta < 1:
+        raise ConfigError(f"{path}: [policy] delta must be in (0, 1). Found {policy.delta!r}.")
+    return policy
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} does not exist. Is {path.parent} a kit written by `fedsilo provision`?"
+        ) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML ({exc}).") from None
+
+
+def _write(path: Path, data: bytes, *, secret: bool = False) -> Path:
+    (pki.write_secret if secret else pki.write_public)(path, data)
+    return path
+
+
+def _q(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,175 @@
+"""`fedsilo server start`: run the federation server for one federated run.
+
+Examples:
+  fedsilo server start --kit fed/server                       # every site, digits defaults
+  fedsilo server start --kit fed/server --rounds 5 --min-sites 2 --eval-data eval.npz
+  fedsilo server start --kit fed/server --config run.toml --out runs/exp1
+
+Starts Flower's SuperLink with TLS and SuperNode authentication, admits only the
+kit's sites (fed/server/sites/*.pub), waits for them, runs the rounds and writes the
+run directory (metrics.jsonl, checkpoints, final model, summary.json). Ctrl-C or
+SIGTERM stops the run and every process it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from fedsilo.config import RunConfig
+from fedsilo.errors import ConfigError
+from rich.console import Console
+
+INSECURE_WARNING = (
+    "[bold red]WARNING: --insecure: no TLS and no site authentication.[/] Models, updates "
+    "and metrics cross the network in clear text, and ANY machine that reaches the port "
+    "can join as a site and receive the model. Use only on a network you fully trust."
+)
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("server", help="run the federation server (`fedsilo server start`)")
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    s = actions.add_parser(
+        "start",
+        help="start the server and run the federation",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    s.add_argument("--kit", required=True, type=Path, help="the server kit (DIR/server)")
+    s.add_argument("--config", type=Path, help="run config TOML (kebab-case keys of the run)")
+    s.add_argument("--rounds", type=int, help="federated rounds")
+    s.add_argument(
+        "--min-sites",
+        type=int,
+        help="rounds need this many replying sites (default: every site of the kit)",
+    )
+    s.add_argument(
+        "--wait-sites",
+        type=int,
+        help="start once this many sites are online (default: --min-sites)",
+    )
+    s.add_argument("--dataset", help="the task: digits, fashion-mnist or mnist")
+    s.add_argument(
+        "--eval-data",
+        type=Path,
+        help="central evaluation on this file (site data format); default: the test split",
+    )
+    s.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
+    n = s.add_argument_group("network")
+    n.add_argument("--listen", default="0.0.0.0", help="address the Fleet API binds")
+    n.add_argument("--fleet-port", type=int, help="port sites dial (default: the kit's)")
+    n.add_argument(
+        "--control-port",
+        type=int,
+        default=9093,
+        help="Flower's Control API port, on 127.0.0.1 (default 9093)",
+    )
+    n.add_argument(
+        "--insecure",
+        action="store_true",
+        help="NO TLS and NO site authentication (sites must pass --insecure too)",
+    )
+    s.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
+    """Defaults, then --config TOML, then flags; run-dir and eval-data made absolute."""
+    from fedsilo.privacy.provision import read_toml
+    from fedsilo.server.run_dir import default_run_dir
+
+    values: dict[str, Any] = RunConfig().to_flwr()
+    values["min-sites"] = sites
+    if args.config is not None:
+        values.update(read_toml(args.config))
+    flags = {
+        "rounds": args.rounds,
+        "min-sites": args.min_sites,
+        "dataset": args.dataset,
+        "eval-data": str(args.eval_data.resolve()) if args.eval_data else None,
+    }
+    values.update({k: v for k, v in flags.items() if v is not None})
+    source = f"{args.config} and the command line" if args.config else "the command line"
+    cfg = RunConfig.from_flwr(values, source=source)
+    run_dir = args.out or (Path(cfg.run_dir) if cfg.run_dir else default_run_dir())
+    cfg = dataclasses.replace(cfg, run_dir=str(Path(run_dir).resolve()))
+    if cfg.eval_data:
+        from fedsilo.server.evaluate import load_eval_data
+
+        eval_path = Path(cfg.eval_data).resolve()
+        cfg = dataclasses.replace(cfg, eval_data=str(eval_path))
+        load_eval_data(cfg, cfg.eval_data)  # a bad file fails now, not after the sites joined
+    if cfg.min_sites > sites:
+        raise ConfigError(
+            f"`min-sites` is {cfg.min_sites} but the kit authorises only {sites} site(s). "
+            "Lower --min-sites or add sites with `fedsilo provision add-site`."
+        )
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from fedsilo.privacy.provision import read_server_kit
+    from fedsilo.processes import terminate_on_signals
+    from fedsilo.server.launcher import ServerOptions, start_server
+    from fedsilo.simulations.command import _quiet_logs, summary_table
+
+    err = Console(stderr=True)
+    kit = read_server_kit(args.kit, check=not args.insecure)
+    cfg = config_from_args(args, len(kit.sites))
+    wait = args.wait_sites if args.wait_sites is not None else cfg.min_sites
+    if wait < cfg.min_sites:
+        raise ConfigError(f"`--wait-sites` ({wait}) must be >= min-sites ({cfg.min_sites}).")
+    opts = ServerOptions(
+        listen=args.listen,
+        fleet_port=args.fleet_port or kit.fleet_port,
+        control_port=args.control_port,
+        wait_sites=wait,
+        insecure=args.insecure,
+    )
+    if args.insecure:
+        err.print(INSECURE_WARNING, highlight=False)
+    _quiet_logs(False)
+    who = (
+        "ANY site may join (--insecure)"
+        if args.insecure
+        else f"{len(kit.sites)} authorised site(s) ({', '.join(kit.sites)})"
+    )
+    err.print(
+        f"[bold]fedsilo server[/]: {who}, {cfg.rounds} rounds on {cfg.dataset}, "
+        f"min-sites {cfg.min_sites}; run dir {cfg.run_dir}",
+        highlight=False,
+    )
+    t0 = time.monotonic()
+
+    def on_event(kind: str, info: dict[str, Any]) -> None:
+        elapsed = f"[{time.monotonic() - t0:6.1f} s]"
+        if kind == "superlink":
+            err.print(f"{elapsed} listening for sites on {info['fleet']}", highlight=False)
+        elif kind == "registered":
+            err.print(f"{elapsed} authorised: {', '.join(info['sites'])}", highlight=False)
+        elif kind == "sites":
+            err.print(
+                f"{elapsed} sites online: {info['online']} (starting at {info['wanted']})",
+                highlight=False,
+            )
+        elif kind == "round":
+            failed = f", failed: {', '.join(info['failed'])}" if info.get("failed") else ""
+            err.print(
+                f"{elapsed} round {info['round']}: accuracy {info['accuracy']:.3f}, max epsilon "
+                f"{info['max_epsilon']:.2f}, sites {', '.join(info['sites'])}{failed} "
+                f"({info['seconds']:.1f} s)",
+                highlight=False,
+            )
+
+    with terminate_on_signals():
+        summary = start_server(kit, cfg, opts, on_event=on_event)
+    Console().print(summary_table(summary))
+    Console().print(
+        f"run directory: {summary['run_dir']}  ({time.monotonic() - t0:.1f} s)", highlight=False
+    )
+    sys.stdout.flush()
+    return 0 if summary["completed_rounds"] == summary["planned_rounds"] else 1

@@ -1,0 +1,342 @@
+"""Run the federation server: Flower's SuperLink over TLS with SuperNode authentication.
+
+`start_server` does, in order:
+  1. check the kit (certificates valid, CA-signed, SANs) and that the ports are free;
+  2. start `flower-superlink` (TLS on the Fleet, Control and Runtime APIs,
+     `--enable-supernode-auth`, runtime dependency installation off);
+  3. allow-list every site public key of the kit (`flwr supernode register`);
+  4. wait until `wait_sites` sites are online;
+  5. start the run (`flwr run APP fedsilo --stream`) of the same ServerApp that
+     `fedsilo simulate` runs, and report each round from RUN_DIR/metrics.jsonl;
+  6. stop every child process, whatever happened.
+
+The Flower app submitted is a directory holding only fedsilo's app manifest
+(pyproject.toml): sites and server import the fedsilo they installed; no code
+travels with a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedsilo.config import RunConfig
+from fedsilo.errors import ConfigError, FedsiloError
+from fedsilo.privacy.provision import ServerKit
+from fedsilo.processes import check_port_free, child_env, flower_bin, free_port, spawn, stop
+from fedsilo.server.run_dir import read_metrics
+
+log = logging.getLogger("fedsilo.server")
+CONNECTION = "fedsilo"  # the SuperLink connection name in the private FLWR_HOME
+CONTROL_PORT = 9093  # Flower's Control/Runtime HTTPS API (operator only; bound to loopback)
+STARTUP_TIMEOUT_S = 60.0
+ProgressFn = Callable[[str, dict[str, Any]], None]
+
+
+class RunFailed(FedsiloError):
+    """The federated run ended without completing its rounds."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the SuperLink listens and whom it waits for."""
+
+    listen: str = "0.0.0.0"  # the Fleet API faces the sites
+    fleet_port: int = 9092
+    control_port: int = CONTROL_PORT
+    wait_sites: int = 1  # start the run once this many sites are online
+    wait_timeout_s: float = 3600.0  # ... or give up after this long
+    insecure: bool = False
+
+
+def manifest() -> Path:
+    """The installed fedsilo's Flower app manifest."""
+    import fedsilo
+
+    return Path(fedsilo.__file__).resolve().parent / "pyproject.toml"
+
+
+def write_app_dir(root: Path) -> Path:
+    """A Flower app directory holding only the manifest: the FAB carries no code."""
+    app = root / "fedsilo"
+    app.mkdir(parents=True, exist_ok=True)
+    (app / "pyproject.toml").write_bytes(manifest().read_bytes())
+    return app
+
+
+def write_flwr_home(home: Path, kit: ServerKit, opts: ServerOptions) -> None:
+    """A private FLWR_HOME whose config.toml points `flwr` at this SuperLink."""
+    home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f'address = "127.0.0.1:{opts.control_port}"',
+    ]
+    if opts.insecure:
+        lines.append("insecure = true")
+    else:
+        lines.append(f'root-certificates = "{kit.ca.resolve()}"')
+    (home / "config.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_run_config(path: Path, cfg: RunConfig) -> None:
+    """The run config as a TOML file for `flwr run --run-config`."""
+    lines = []
+    for key, value in cfg.to_flwr().items():
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, str):
+            text = json.dumps(value)  # a JSON string is a valid TOML basic string
+        else:
+            text = repr(value)
+        lines.append(f'"{key}" = {text}')
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def superlink_command(
+    kit: ServerKit, opts: ServerOptions, *, fleet: str, database: Path
+) -> list[str]:
+    cmd = [
+        flower_bin("flower-superlink"),
+        "--fleet-api-address",
+        fleet,
+        "--database",
+        str(database),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(opts.control_port),
+        "--disable-runtime-dependency-installation",
+    ]
+    if opts.insecure:
+        return [*cmd, "--insecure"]
+    return [
+        *cmd,
+        "--ssl-ca-certfile",
+        str(kit.ca.resolve()),
+        "--ssl-certfile",
+        str(kit.cert.resolve()),
+        "--ssl-keyfile",
+        str(kit.key.resolve()),
+        "--enable-supernode-auth",
+    ]
+
+
+class Server:
+    """The SuperLink and the `flwr` commands that drive it, for one run."""
+
+    def __init__(self, kit: ServerKit, cfg: RunConfig, opts: ServerOptions) -> None:
+        self.kit, self.cfg, self.opts = kit, cfg, opts
+        self.run_dir = Path(cfg.run_dir)
+        self.home = self.run_dir / "flwr-home"
+        self.database = self.run_dir / "flwr-home" / "superlink.db"  # registered sites
+        self.env = child_env(FLWR_HOME=str(self.home))
+        self.children: list[subprocess.Popen[bytes]] = []
+        self.superlink: subprocess.Popen[bytes] | None = None
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [flower_bin("flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def start_superlink(self, fleet: str) -> subprocess.Popen[bytes]:
+        """Start the SuperLink with its Fleet API on `fleet`; return once it answers."""
+        proc = spawn(
+            superlink_command(self.kit, self.opts, fleet=fleet, database=self.database),
+            log_file=self.run_dir / "superlink.log",
+            env=self.env,
+            cwd=self.run_dir,
+        )
+        self.children.append(proc)
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise ConfigError(
+                    f"flower-superlink exited with code {proc.returncode} at start:\n"
+                    + tail(self.run_dir / "superlink.log")
+                )
+            if self._nodes() is not None:
+                return proc
+            time.sleep(0.5)
+        raise ConfigError(
+            f"flower-superlink did not answer within {STARTUP_TIMEOUT_S:.0f} s; see "
+            f"{self.run_dir / 'superlink.log'}."
+        )
+
+    def start(self) -> dict[str, str]:
+        """Allow-list the kit's sites, then open the Fleet API; return site -> node id.
+
+        Sites are registered on a SuperLink whose Fleet API listens on a private
+        loopback port, which is then restarted on the real port with the same state:
+        a site that connects early is never refused for a key not yet registered.
+        """
+        check_port_free(self.opts.listen, self.opts.fleet_port, flag="--fleet-port")
+        check_port_free("127.0.0.1", self.opts.control_port, flag="--control-port")
+        write_flwr_home(self.home, self.kit, self.opts)
+        ids: dict[str, str] = {}
+        if not self.opts.insecure:
+            staging = self.start_superlink(f"127.0.0.1:{free_port()}")
+            ids = self.register_sites()
+            stop(staging)
+            self.children.remove(staging)
+        self.superlink = self.start_superlink(f"{self.opts.listen}:{self.opts.fleet_port}")
+        return ids
+
+    def _nodes(self) -> list[dict[str, Any]] | None:
+        """The SuperLink's nodes, or None while its Control API does not answer."""
+        res = self.flwr("supernode", "ls", CONNECTION, "--format", "json", timeout=60)
+        try:
+            out = json.loads(res.stdout)
+        except json.JSONDecodeError:
+            return None
+        if not out.get("success"):
+            return None
+        nodes: list[dict[str, Any]] = out["nodes"]
+        return nodes
+
+    def register_sites(self) -> dict[str, str]:
+        """Allow-list every site key of the kit; return site name -> node id."""
+        procs = {
+            name: subprocess.Popen(
+                [
+                    *(flower_bin("flwr"), "supernode", "register", str(pub.resolve())),
+                    *(CONNECTION, "--name", name, "--format", "json"),
+                ],
+                env=self.env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                text=True,
+            )
+            for name, pub in self.kit.sites.items()
+        }
+        ids = {}
+        try:
+            for name, p in procs.items():
+                out, err = p.communicate(timeout=120)
+                try:
+                    ids[name] = str(json.loads(out)["node-id"])
+                except (json.JSONDecodeError, KeyError):
+                    raise ConfigError(
+                        f"Registering site {name!r} ({self.kit.sites[name]}) failed: "
+                        f"{(out + err).strip()[-500:]}"
+                    ) from None
+        finally:
+            for p in procs.values():
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        return ids
+
+    def wait_for_sites(self, on_event: ProgressFn) -> None:
+        deadline = time.monotonic() + self.opts.wait_timeout_s
+        last = -1
+        while True:
+            self._check_superlink()
+            nodes = self._nodes() or []
+            online = sum(1 for n in nodes if n.get("status") == "online")
+            if online != last:
+                on_event("sites", {"online": online, "wanted": self.opts.wait_sites})
+                last = online
+            if online >= self.opts.wait_sites:
+                return
+            if time.monotonic() > deadline:
+                raise RunFailed(
+                    f"Only {online} of the {self.opts.wait_sites} sites needed came online "
+                    f"within {self.opts.wait_timeout_s:.0f} s; no run was started."
+                )
+            time.sleep(1.0)
+
+    def _check_superlink(self) -> None:
+        proc = self.superlink
+        if proc is not None and proc.poll() is not None:
+            raise RunFailed(
+                f"flower-superlink exited with code {proc.returncode}:\n"
+                + tail(self.run_dir / "superlink.log")
+            )
+
+    def run(self, on_event: ProgressFn) -> dict[str, Any]:
+        """Submit the run, report its rounds, return summary.json's object."""
+        app = write_app_dir(self.run_dir / "app")
+        run_config = self.run_dir / "run-config.toml"
+        write_run_config(run_config, self.cfg)
+        proc = spawn(
+            [
+                *(flower_bin("flwr"), "run", str(app), CONNECTION),
+                *("--run-config", str(run_config), "--stream"),
+            ],
+            log_file=self.run_dir / "run.log",
+            env=self.env,
+            cwd=self.run_dir,
+        )
+        self.children.append(proc)
+        seen = 0
+        while True:
+            done = proc.poll() is not None
+            for record in read_metrics(self.run_dir)[seen:]:
+                on_event("round", record)
+                seen += 1
+            if done:
+                break
+            self._check_superlink()
+            time.sleep(0.5)
+        summary_file = self.run_dir / "summary.json"
+        if not summary_file.exists():
+            raise RunFailed(
+                f"The run ended without a summary (flwr run exit code {proc.returncode}):\n"
+                + tail(self.run_dir / "run.log")
+            )
+        summary: dict[str, Any] = json.loads(summary_file.read_text(encoding="utf-8"))
+        return summary
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.children):
+            stop(proc)
+
+
+def start_server(
+    kit: ServerKit, cfg: RunConfig, opts: ServerOptions, *, on_event: ProgressFn
+) -> dict[str, Any]:
+    """Start the SuperLink, admit the kit's sites, run the federation; stop everything."""
+    if not Path(cfg.run_dir).is_absolute():
+        raise ConfigError(f"`run-dir` must be absolute for a deployed run. Found {cfg.run_dir!r}.")
+    server = Server(kit, cfg, opts)
+    for used in ("metrics.jsonl", "summary.json", "flwr-home"):
+        if (server.run_dir / used).exists():
+            raise ConfigError(
+                f"Run directory {server.run_dir} already holds a run ({used}); nothing was "
+                "started. Pick a new one with --out."
+            )
+    server.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        ids = server.start()
+        if ids:
+            on_event("registered", {"sites": sorted(ids)})
+        on_event("superlink", {"fleet": f"{opts.listen}:{opts.fleet_port}"})
+        server.wait_for_sites(on_event)
+        return server.run(on_event)
+    finally:
+        server.stop_all()
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return f"(no log at {path})"
+    return "\n".join(text.splitlines()[-lines:])

@@ -1,0 +1,200 @@
+"""A real federation on loopback: `fedsilo provision`, `fedsilo server start`, three
+`fedsilo client start` processes over TLS with SuperNode authentication.
+
+Each test starts real flower-superlink/flower-supernode processes on free ports,
+each process with its own FLWR_HOME under tmp_path, and checks at the end that no
+process it started (nor their flower-superexec/flwr-*app children) is left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fedsilo.cli import main
+
+from tests.e2e.federation import (
+    Proc,
+    TLSSniffer,
+    end_leftovers,
+    free_port,
+    leftovers,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def fed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A provisioned federation (sites a, b, c) and digits split three ways."""
+    monkeypatch.chdir(tmp_path)
+    hosts = ["--server-host", "localhost", "--server-host", "127.0.0.1"]
+    assert main(["provision", "--out", "fed", *hosts, "--sites", "a,b,c"]) == 0
+    assert main(["data", "split", "--dataset", "digits", "--sites", "3", "--out", "data"]) == 0
+    yield tmp_path
+    left = leftovers(tmp_path)
+    end_leftovers(tmp_path)
+    assert not left, f"processes left behind: {left}"
+
+
+def server(tmp: Path, fleet: int, *args: str) -> Proc:
+    return Proc(
+        tmp,
+        "server",
+        "server",
+        "start",
+        "--kit",
+        "fed/server",
+        "--listen",
+        "127.0.0.1",
+        "--fleet-port",
+        str(fleet),
+        "--control-port",
+        str(free_port()),
+        *args,
+    )
+
+
+def client(tmp: Path, site: str, data: int, address: str, *args: str) -> Proc:
+    return Proc(
+        tmp,
+        f"client-{site}",
+        "client",
+        "start",
+        "--kit",
+        f"fed/sites/{site}",
+        "--data",
+        f"data/site-{data}.npz",
+        "--server",
+        address,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",  # three sites share this machine's cores
+        *args,
+    )
+
+
+def rounds(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_three_sites_over_tls_then_one_is_lost(fed: Path) -> None:
+    """Rounds 1-2: three sites over TLS. Then site c's machine dies; round 3 completes
+    with a and b (min-sites 2) and the run directory records c's failure."""
+    fleet = free_port()
+    sniffer = TLSSniffer(fleet)  # site a dials through it: we see the bytes on the wire
+    srv = server(
+        fed,
+        fleet,
+        *("--rounds", "3", "--min-sites", "2", "--wait-sites", "3", "--out", "run"),
+        *("--eval-data", "data/server-eval.npz"),
+    )
+    sites = {
+        "a": client(fed, "a", 1, f"127.0.0.1:{sniffer.port}"),
+        "b": client(fed, "b", 2, f"127.0.0.1:{fleet}"),
+        "c": client(fed, "c", 3, f"localhost:{fleet}"),
+    }
+    try:
+        wait_for(lambda: len(rounds(fed / "run")) >= 2, 400, "round 2", [srv, *sites.values()])
+        # Site c's machine dies: SIGKILL for its launcher, SuperNode and ClientApps.
+        site_c = [pid for pid, _ in leftovers(fed / "fed" / "sites" / "c")]
+        assert site_c, "site c runs no process"
+        sites["c"].kill_group()
+        for pid in site_c:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        code = srv.wait(timeout=300)
+        assert code == 0, srv.text()[-4000:]
+
+        done = rounds(fed / "run")
+        assert [r["round"] for r in done] == [1, 2, 3]
+        assert done[0]["sites"] == done[1]["sites"] == ["a", "b", "c"]
+        assert done[0]["failed"] == done[1]["failed"] == []
+        assert done[2]["sites"] == ["a", "b"] and done[2]["failed"] == ["c"]
+        summary = json.loads((fed / "run" / "summary.json").read_text())
+        assert summary["completed_rounds"] == 3
+        assert [(f["site"], f["round"]) for f in summary["failures"]] == [("c", 3)]
+        assert "heartbeat" in summary["failures"][0]["reason"]
+        assert summary["final"]["accuracy"] >= 0.6  # central, on the server's own file
+        assert all(r["accuracy"] > 0 for r in done)
+        assert sorted(s["site"] for s in summary["sites"]) == ["a", "b", "c"]
+        assert all(0 < s["epsilon"] <= 8.0 for s in summary["sites"])
+        assert (fed / "run" / "final_model.pt").is_file()
+        assert json.loads((fed / "run" / "config.json").read_text())["eval-data"] == str(
+            (fed / "data" / "server-eval.npz").resolve()
+        )
+        assert "round 3: accuracy" in srv.text() and "failed: c" in srv.text()
+        # Every connection site a opened to the Fleet API began with a TLS handshake
+        # record (content type 0x16, version 0x03 0x0N): nothing went in clear text.
+        assert sniffer.first_bytes, "site a never connected through the relay"
+        assert all(b[:2] == b"\x16\x03" for b in sniffer.first_bytes), sniffer.first_bytes
+        # No code travelled with the run: the app installed at the site is the manifest.
+        (app,) = (fed / "fed" / "sites" / "a" / "flwr-home" / "apps").iterdir()
+        installed = {p.name for p in app.rglob("*") if p.is_file()}
+        assert "pyproject.toml" in installed and not any(n.endswith(".py") for n in installed)
+    finally:
+        for name in ("a", "b"):
+            if sites[name].popen.poll() is None:
+                assert sites[name].terminate() == 0, sites[name].text()[-3000:]  # clean stop
+        sniffer.close()
+    for name in ("a", "b"):
+        assert "stopped" in sites[name].text()
+
+
+def test_only_authorised_sites_with_the_federation_ca_and_tls_get_in(fed: Path) -> None:
+    # Site c was provisioned, but the server kit no longer authorises its key.
+    (fed / "fed" / "server" / "sites" / "c.pub").unlink()
+    # A second, unrelated federation: same site name, another CA.
+    assert main(["provision", "--out", "other", "--server-host", "127.0.0.1", "--sites", "a"]) == 0
+    fleet = free_port()
+    srv = server(fed, fleet, "--min-sites", "1", "--out", "run")
+    address = f"127.0.0.1:{fleet}"
+    # Three sites that must not get in, started at once (each waits for the server).
+    intruder = client(fed, "c", 3, address)
+    foreign = Proc(
+        fed, "client-foreign", "client", "start", "--kit", "other/sites/a",
+        "--data", "data/site-1.npz", "--server", address,
+    )  # fmt: skip
+    plain = client(fed, "a", 1, address, "--insecure")
+    try:
+        assert intruder.wait(timeout=240) != 0
+        out = intruder.text()
+        assert "error: The server refused this site" in out and "Traceback" not in out
+        assert "Receiving: train message" not in (fed / "fed/sites/c/supernode.log").read_text()
+        assert not (fed / "fed" / "sites" / "c" / "flwr-home" / "apps").exists()
+
+        assert foreign.wait(timeout=240) != 0
+        assert "error: TLS: the server at" in foreign.text()
+        assert "did not sign" in foreign.text()
+
+        assert plain.wait(timeout=240) != 0
+        assert "WARNING: --insecure" in plain.text()
+        assert "speaks TLS but this site was started with --insecure" in plain.text()
+    finally:
+        assert srv.terminate() == 130, srv.text()[-3000:]  # SIGTERM stops it, and its children
+    assert "interrupted" in srv.text()
+    assert not (fed / "run" / "summary.json").exists()
+
+
+def test_insecure_server_refuses_secure_site(fed: Path) -> None:
+    fleet = free_port()
+    srv = server(fed, fleet, "--insecure", "--out", "run")
+    try:
+        wait_for(lambda: "listening for sites" in srv.text(), 120, "the server", [srv])
+        assert "WARNING: --insecure: no TLS and no site authentication" in srv.text()
+        secure = client(fed, "a", 1, f"127.0.0.1:{fleet}")
+        assert secure.wait(timeout=120) != 0
+        assert "error: TLS: the server at" in secure.text()
+        assert "does not speak TLS" in secure.text() and "--insecure" in secure.text()
+    finally:
+        srv.terminate()

@@ -1,0 +1,198 @@
+"""Provisioning: the kits' layout, key types and modes, SANs, and the refusals."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import ssl
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from fedsilo.errors import ConfigError
+from fedsilo.privacy import pki
+from fedsilo.privacy.provision import (
+    add_site,
+    provision,
+    read_federation_file,
+    read_server_kit,
+    read_site_kit,
+    renew_server,
+)
+
+
+@pytest.fixture
+def fed(tmp_path: Path) -> Path:
+    out = tmp_path / "fed"
+    provision(out, hosts=["fl.example.org", "10.0.0.5", "::1"], sites=["a", "b"])
+    return out
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_layout_modes_and_key_types(fed: Path) -> None:
+    for d, names in (
+        (fed / "server", {"ca.crt", "server.crt", "server.key", "server.toml", "sites"}),
+        (fed / "sites" / "a", {"ca.crt", "site.key", "site.pub", "site.toml"}),
+    ):
+        assert {p.name for p in d.iterdir()} == names
+    for secret in (fed / "ca/ca.key", fed / "server/server.key", fed / "sites/a/site.key"):
+        assert mode(secret) == 0o600
+    assert mode(fed / "sites/a/site.pub") == 0o644
+    key = serialization.load_ssh_private_key((fed / "sites/a/site.key").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    # The server kit authorises exactly the sites' public keys.
+    assert (fed / "server/sites/a.pub").read_bytes() == (fed / "sites/a/site.pub").read_bytes()
+    assert sorted(read_server_kit(fed / "server").sites) == ["a", "b"]
+    kit = read_site_kit(fed / "sites" / "a")
+    assert (kit.name, kit.server) == ("a", "fl.example.org:9092")
+    provision(fed.parent / "v6", hosts=["::1"], sites=["a"])
+    assert read_site_kit(fed.parent / "v6" / "sites" / "a").server == "[::1]:9092"
+    assert kit.policy.max_epsilon == 10.0 and kit.policy.delta == 1e-5
+
+
+def test_server_certificate_sans_and_chain(fed: Path) -> None:
+    cert = pki.load_cert(fed / "server/server.crt")
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    assert san.get_values_for_type(x509.IPAddress) == [
+        ipaddress.ip_address("10.0.0.5"),
+        ipaddress.ip_address("::1"),
+    ]
+    ca = pki.load_cert(fed / "ca/ca.crt")
+    cert.verify_directly_issued_by(ca)  # raises if not
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    # An independent TLS stack accepts the pair: Python's ssl loads cert, key and CA.
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(fed / "server/server.crt", fed / "server/server.key")
+    ssl.create_default_context(cafile=str(fed / "ca/ca.crt"))
+
+
+def test_add_site_keeps_every_existing_key(fed: Path) -> None:
+    before = {p: p.read_bytes() for p in fed.rglob("*") if p.is_file()}
+    add_site(fed, "c")
+    for path, data in before.items():
+        assert path.read_bytes() == data, path
+    assert (fed / "server/sites/c.pub").read_bytes() == (fed / "sites/c/site.pub").read_bytes()
+    assert read_site_kit(fed / "sites/c").server == "fl.example.org:9092"
+
+
+def test_never_overwrites_without_force(fed: Path) -> None:
+    ca = (fed / "ca/ca.crt").read_bytes()
+    with pytest.raises(ConfigError, match=r"already holds a federation"):
+        provision(fed, hosts=["x"], sites=["z"])
+    with pytest.raises(ConfigError, match=r"already exists"):
+        add_site(fed, "a")
+    assert (fed / "ca/ca.crt").read_bytes() == ca
+    old = (fed / "sites/a/site.pub").read_bytes()
+    add_site(fed, "a", force=True)
+    assert (fed / "sites/a/site.pub").read_bytes() != old
+    assert (fed / "ca/ca.crt").read_bytes() == ca  # a site re-key never touches the CA
+
+
+def test_force_replaces_the_ca_and_drops_old_authorisations(fed: Path) -> None:
+    ca = (fed / "ca/ca.crt").read_bytes()
+    provision(fed, hosts=["fl.example.org"], sites=["z"], force=True)
+    assert (fed / "ca/ca.crt").read_bytes() != ca
+    assert sorted(read_server_kit(fed / "server").sites) == ["z"]
+
+
+def test_add_site_without_federation_never_creates_a_ca(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"never created implicitly"):
+        add_site(tmp_path / "none", "a")
+    assert not (tmp_path / "none" / "ca").exists()
+
+
+def test_expired_server_certificate(fed: Path) -> None:
+    ca_key = pki.load_ca_key(fed / "ca/ca.key")
+    ca = pki.load_cert(fed / "ca/ca.crt")
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)
+    _, cert = pki.server_cert(ca_key, ca, ["fl.example.org"], not_after=past)
+    (fed / "server/server.crt").write_bytes(pki.pem_cert(cert))
+    with pytest.raises(ConfigError, match=r"server certificate expired on .* renew-server"):
+        read_server_kit(fed / "server")
+    renew_server(fed)
+    read_server_kit(fed / "server")  # valid again, same CA
+    assert (fed / "server/ca.crt").read_bytes() == (fed / "ca/ca.crt").read_bytes()
+
+
+def test_server_address_not_covered_by_sans(fed: Path) -> None:
+    cert = pki.load_cert(fed / "server/server.crt")
+    pki.check_host_covered(cert, "FL.example.org", fed / "server/server.crt")
+    pki.check_host_covered(cert, "10.0.0.5", fed / "server/server.crt")
+    with pytest.raises(ConfigError, match=r"'10.0.0.6' is not covered .*--server-host 10.0.0.6"):
+        pki.check_host_covered(cert, "10.0.0.6", fed / "server/server.crt")
+    with pytest.raises(ConfigError, match=r"not covered"):
+        pki.check_host_covered(cert, "evil.example.org", fed / "server/server.crt")
+    # A kit whose config names a host the certificate lacks is refused at start.
+    toml = (fed / "server/server.toml").read_text().replace('"::1"', '"::1", "other.org"')
+    (fed / "server/server.toml").write_text(toml)
+    with pytest.raises(ConfigError, match=r"'other.org' is not covered"):
+        read_server_kit(fed / "server")
+
+
+def test_wrong_key_types(fed: Path) -> None:
+    ed = ed25519.Ed25519PrivateKey.generate()
+    (fed / "server/sites/b.pub").write_bytes(
+        ed.public_key().public_bytes(
+            serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+        )
+    )
+    with pytest.raises(ConfigError, match=r"b.pub: wrong key type Ed25519.*ECDSA"):
+        read_server_kit(fed / "server")
+    pki.write_secret(
+        fed / "sites/a/site.key",
+        ed.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.OpenSSH,
+            serialization.NoEncryption(),
+        ),
+    )
+    with pytest.raises(ConfigError, match=r"site.key: wrong key type Ed25519"):
+        read_site_kit(fed / "sites/a")
+    (fed / "sites/a/site.key").write_text("not a key")
+    with pytest.raises(ConfigError, match=r"not an unencrypted OpenSSH private key"):
+        read_site_kit(fed / "sites/a")
+
+
+def test_site_key_readable_by_others_is_refused(fed: Path) -> None:
+    (fed / "sites/a/site.key").chmod(0o644)
+    with pytest.raises(ConfigError, match=r"readable by others .*chmod 600"):
+        read_site_kit(fed / "sites/a")
+
+
+def test_certificate_from_another_federation(fed: Path, tmp_path: Path) -> None:
+    provision(tmp_path / "other", hosts=["fl.example.org"], sites=["a"])
+    (fed / "server/ca.crt").write_bytes((tmp_path / "other/ca/ca.crt").read_bytes())
+    with pytest.raises(ConfigError, match=r"not issued by the federation CA"):
+        read_server_kit(fed / "server")
+
+
+@pytest.mark.parametrize(
+    "sites,match",
+    [(["Bad Name"], "Site name 'Bad Name'"), (["../x"], "Site name")],
+)
+def test_bad_site_names(tmp_path: Path, sites: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        provision(tmp_path / "f", hosts=["h"], sites=sites)
+    assert not (tmp_path / "f").exists()
+
+
+def test_bad_host(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"neither an IP address nor a DNS name"):
+        provision(tmp_path / "f", hosts=["http://x"], sites=["a"])
+    assert not (tmp_path / "f").exists()
+
+
+def test_federation_file(tmp_path: Path) -> None:
+    f = tmp_path / "federation.toml"
+    f.write_text('[federation]\nserver-hosts = ["h", "10.1.2.3"]\nsites = ["a", "b"]\n')
+    assert read_federation_file(f) == (["h", "10.1.2.3"], ["a", "b"], 9092)
+    f.write_text('[federation]\nserver-hosts = ["h"]\nsites = ["a"]\nsitez = 1\n')
+    with pytest.raises(ConfigError, match=r"unknown key"):
+        read_federation_file(f)

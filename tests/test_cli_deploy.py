@@ -1,0 +1,113 @@
+"""`fedsilo provision|server|client|data`: every user mistake is one `error:` line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fedsilo.cli import main
+from fedsilo.privacy import pki
+from fedsilo.privacy.provision import provision
+
+
+@pytest.fixture
+def fed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    provision(tmp_path / "fed", hosts=["localhost", "127.0.0.1"], sites=["a", "b", "c"])
+    np.savez(tmp_path / "site.npz", x=np.zeros((20, 64), np.float32), y=np.arange(20) % 10)
+    return tmp_path
+
+
+def expire_server_cert(fed: Path) -> None:
+    ca_key = pki.load_ca_key(fed / "fed/ca/ca.key")
+    ca = pki.load_cert(fed / "fed/ca/ca.crt")
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    _, cert = pki.server_cert(ca_key, ca, ["localhost", "127.0.0.1"], not_after=past)
+    (fed / "fed/server/server.crt").write_bytes(pki.pem_cert(cert))
+
+
+SERVER = ["server", "start", "--kit", "fed/server", "--listen", "127.0.0.1"]
+CLIENT = ["client", "start", "--kit", "fed/sites/a", "--data", "site.npz"]
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["provision", "--server-host", "h", "--sites", "a"], "needs --out DIR"),
+        (["provision", "--out", "new", "--sites", "a"], "needs --server-host HOST"),
+        (["provision", "--out", "fed", "--server-host", "h", "--sites", "a"], "already holds"),
+        (["provision", "--out", "new", "--server-host", "h", "--sites", "A B"], "Site name"),
+        (["provision", "--out", "new", "--server-host", "h", "--sites", "a,a"], "given twice"),
+        (["provision", "add-site", "--out", "fed", "a"], "already exists"),
+        (["provision", "add-site", "--out", "nothing", "d"], "holds no federation"),
+        (["provision", "--out", "new", "--federation", "missing.toml"], "does not exist"),
+        ([*SERVER, "--kit", "nope"], "Is nope a kit written by `fedsilo provision`?"),
+        ([*SERVER, "--min-sites", "4"], "authorises only 3 site(s)"),
+        ([*SERVER, "--rounds", "0"], "`rounds` must be an integer >= 1"),
+        ([*SERVER, "--eval-data", "missing.npz"], "site data file does not exist"),
+        ([*SERVER, "--config", "run.toml"], "Unknown key `epsilon`"),
+        ([*SERVER, "--min-sites", "3", "--wait-sites", "2"], "must be >= min-sites"),
+        ([*SERVER, "EXPIRE"], "server certificate expired on"),
+        ([*SERVER, "--out", "used"], "already holds a run (metrics.jsonl)"),
+        ([*CLIENT, "--server", "nocolon"], "must be HOST:PORT"),
+        ([*CLIENT, "--device", "tpu"], "`--device` must be one of"),
+        ([*CLIENT, "--threads", "-1"], "`--threads` must be >= 0"),
+        ([*CLIENT, "--data", "missing.npz", "--server", "127.0.0.1:9"], "does not exist"),
+        (
+            [*CLIENT, "--server", "127.0.0.1:9", "--connect-timeout", "0.5"],
+            "Gave up after 0 s: the federation server 127.0.0.1:9 is not reachable",
+        ),
+        (["client", "start", "--kit", "fed/sites/zz", "--data", "site.npz"], "does not exist"),
+        (["data", "split", "--sites", "0", "--out", "d"], "`--sites` must be >= 1"),
+        (["data", "split", "--sites", "2", "--partition", "dirichlet:0", "--out", "d"], "alpha"),
+    ],
+)
+def test_one_line_error(
+    fed: Path, capsys: pytest.CaptureFixture[str], args: list[str], needle: str
+) -> None:
+    (fed / "run.toml").write_text("epsilon = 3\n")
+    (fed / "used").mkdir()
+    (fed / "used" / "metrics.jsonl").write_text("")
+    if "EXPIRE" in args:
+        args = [a for a in args if a != "EXPIRE"]
+        expire_server_cert(fed)
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err  # the last line
+    assert needle in " ".join(err.split()), err
+    assert not (fed / "runs").exists()  # nothing started
+
+
+def test_data_split_writes_site_files(fed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "split", "--dataset", "digits", "--sites", "3", "--out", "d"]) == 0
+    sizes = []
+    ys = []
+    for i in (1, 2, 3):
+        with np.load(fed / f"d/site-{i}.npz") as f:
+            assert f["x"].shape[1:] == (64,)
+            sizes.append(len(f["y"]))
+            ys.append(f["y"])
+    assert sum(sizes) == 1438 and max(sizes) - min(sizes) <= 1  # digits train split, iid
+    with np.load(fed / "d/server-eval.npz") as f:
+        assert len(f["y"]) == 359  # the test split, for --eval-data
+    # Refuses to overwrite, and says so.
+    assert main(["data", "split", "--sites", "3", "--out", "d"]) != 0
+    assert "already exist" in capsys.readouterr().err
+
+
+def test_taken_port(fed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        code = main([*SERVER, "--fleet-port", port, "--out", "run"])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code != 0 and "error: Port" in err and "Traceback" not in err
+    assert f"Port {port} on 127.0.0.1 is taken" in err and "--fleet-port" in err
+    assert not (fed / "run" / "superlink.log").exists()  # nothing was started

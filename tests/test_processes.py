@@ -1,0 +1,98 @@
+"""The site's pre-flight TLS check against small local servers (no Flower)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fedsilo.privacy.provision import provision
+from fedsilo.processes import TLSError, Unreachable, free_port, probe_tls, server_speaks_tls
+
+
+@contextlib.contextmanager
+def listener(tls: ssl.SSLContext | None) -> Iterator[int]:
+    """A loopback server: a TLS handshake with `tls`, or plaintext bytes back when None."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    sock.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                try:
+                    if tls is None:
+                        conn.recv(1024)
+                        conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00" + b"\x00" * 18)
+                    else:
+                        with tls.wrap_socket(conn, server_side=True) as s:
+                            s.recv(1)
+                except (OSError, ssl.SSLError):
+                    pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield int(sock.getsockname()[1])
+    finally:
+        stop.set()
+        thread.join()
+        sock.close()
+
+
+@pytest.fixture
+def kits(tmp_path: Path) -> Path:
+    provision(tmp_path / "fed", hosts=["localhost"], sites=["a"])  # no IP SAN on purpose
+    provision(tmp_path / "other", hosts=["localhost"], sites=["a"])
+    return tmp_path
+
+
+def server_ctx(fed: Path) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(fed / "server/server.crt", fed / "server/server.key")
+    return ctx
+
+
+def test_verified_server(kits: Path) -> None:
+    with listener(server_ctx(kits / "fed")) as port:
+        probe_tls(f"localhost:{port}", kits / "fed/sites/a/ca.crt")
+        assert server_speaks_tls(f"localhost:{port}")
+
+
+def test_server_of_another_federation(kits: Path) -> None:
+    with (
+        listener(server_ctx(kits / "other")) as port,
+        pytest.raises(TLSError, match="did not sign"),
+    ):
+        probe_tls(f"localhost:{port}", kits / "fed/sites/a/ca.crt")
+
+
+def test_address_not_in_the_certificate(kits: Path) -> None:
+    with (
+        listener(server_ctx(kits / "fed")) as port,
+        pytest.raises(TLSError, match=r"does not cover '127\.0\.0\.1'"),
+    ):
+        probe_tls(f"127.0.0.1:{port}", kits / "fed/sites/a/ca.crt")
+
+
+def test_plaintext_server(kits: Path) -> None:
+    with listener(None) as port:
+        with pytest.raises(TLSError, match=r"does not speak TLS.*--insecure"):
+            probe_tls(f"127.0.0.1:{port}", kits / "fed/sites/a/ca.crt")
+        assert not server_speaks_tls(f"127.0.0.1:{port}")
+
+
+def test_nothing_listening_is_retried(kits: Path) -> None:
+    with pytest.raises(Unreachable):
+        probe_tls(f"127.0.0.1:{free_port()}", kits / "fed/sites/a/ca.crt")
