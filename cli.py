@@ -27,7 +27,7 @@ COMMANDS = (
     "fedsilo.simulations.command",
     "fedsilo.privacy.audit_command",
     "fedsilo.simulations.data_command",
-    "fedsilo.privacy.command",
+    "fedsilo.privacy.provision_command",
     "fedsilo.server.command",
     "fedsilo.clients.command",
 )
