@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fedsilo.clients.dp_train import DPPlan, plan_run
 from fedsilo.config import RunConfig
-from fedsilo.errors import BudgetExceededError, PrivacyError
+from fedsilo.errors import PrivacyError
 from fedsilo.privacy import ledger
 from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
 from fedsilo.privacy.policy import LEDGER_KEY, SitePolicy
@@ -160,12 +160,9 @@ def _check_run_fits(policy: SitePolicy, prior: list[SampledGaussianEvent], plan:
         sample_rate=plan.sample_rate,
         steps=plan.steps_per_round * plan.rounds,
     )
-    after = policy.spent([*prior, whole])
-    if policy.over_budget(after):
-        before = policy.spent(prior)
-        raise BudgetExceededError(
-            f"this run's {plan.rounds} round(s) would bring the site's epsilon from "
-            f"{before:.3f} to {after:.3f}, over its budget of {policy.max_epsilon:g} at delta "
-            f"{policy.delta:g} ({max(0.0, policy.max_epsilon - before):.3f} remains). The site "
-            "refuses: ask for a smaller target-epsilon or fewer rounds."
-        )
+    policy.check_round(
+        prior,
+        whole,
+        what=f"this run's {plan.rounds} round(s)",
+        fix="ask for a smaller target-epsilon or fewer rounds.",
+    )

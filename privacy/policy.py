@@ -155,20 +155,28 @@ class SitePolicy:
         return spent > self.max_epsilon * (1 + EPS_RTOL)
 
     def check_round(
-        self, prior: Sequence[SampledGaussianEvent], event: SampledGaussianEvent
+        self,
+        prior: Sequence[SampledGaussianEvent],
+        event: SampledGaussianEvent,
+        *,
+        what: str = "this round",
+        fix: str = "training on would break its privacy promise.",
     ) -> float:
         """Epsilon after `prior` plus `event`; refuse when it exceeds the budget.
 
+        Args:
+            what: what `event` is, for the message ("this round", "this run's 3 rounds").
+            fix: the end of the refusal message: what the requester can do.
+
         Raises:
-            BudgetExceededError: the round does not fit what remains.
+            BudgetExceededError: the spend does not fit what remains.
         """
         after = self.spent([*prior, event])
         if self.over_budget(after):
             before = self.spent(prior)
             raise BudgetExceededError(
-                f"this round would bring the site's epsilon from {before:.3f} to {after:.3f}, "
+                f"{what} would bring the site's epsilon from {before:.3f} to {after:.3f}, "
                 f"over its budget of {self.max_epsilon:g} at delta {self.delta:g} "
-                f"({max(0.0, self.max_epsilon - before):.3f} remains). The site refuses: "
-                "training on would break its privacy promise."
+                f"({max(0.0, self.max_epsilon - before):.3f} remains). The site refuses: {fix}"
             )
         return after
