@@ -30,6 +30,9 @@ RDP_ORDERS = (
     + [80, 96, 128, 192, 256, 384, 512, 1024]
 )
 
+# Integer orders only: what the calibration bracket uses (see calibrate_noise).
+BRACKET_ORDERS = [a for a in RDP_ORDERS if float(a).is_integer()]
+
 
 def epsilon(
     events: Sequence[SampledGaussianEvent], *, delta: float, accountant: str = "prv"
@@ -78,6 +81,17 @@ def calibrate_noise(
         plan = SampledGaussianEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
         return epsilon([*prior, plan], delta=delta, accountant=acc)
 
+    def _rdp_int_epsilon(sigma: float) -> float:
+        # The bracket only needs an upper bound on the PRV epsilon: RDP at integer
+        # orders is one (fewer orders, looser bound) and 5x cheaper than with the
+        # fractional ones, whose series dominate calibration time.
+        history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in prior if e.steps > 0]
+        rdp = RDPAccountant()
+        rdp.history = _merge([*history, (sigma, sample_rate, steps)])
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            return float(rdp.get_epsilon(delta=delta, alphas=BRACKET_ORDERS))
+
     if eps_at(SIGMA_MAX, "rdp") > target_epsilon and eps_at(SIGMA_MAX, accountant) > target_epsilon:
         spent = epsilon(prior, delta=delta, accountant=accountant)
         raise PrivacyError(
@@ -85,9 +99,11 @@ def calibrate_noise(
             f"{sample_rate:.4g} within epsilon {target_epsilon:g} (already spent {spent:.3g}). "
             "Raise the budget, or train fewer rounds/epochs."
         )
-    hi = _bisect(lambda s: eps_at(s, "rdp") <= target_epsilon, SIGMA_MIN, SIGMA_MAX, tolerance)
     if accountant == "rdp":
-        return hi
+        return _bisect(
+            lambda s: eps_at(s, "rdp") <= target_epsilon, SIGMA_MIN, SIGMA_MAX, tolerance
+        )
+    hi = _bisect(lambda s: _rdp_int_epsilon(s) <= target_epsilon, SIGMA_MIN, SIGMA_MAX, tolerance)
     # RDP's conversion is looser than PRV, so the PRV answer lies at or below `hi`;
     # widen upwards in the rare case numerical error puts it above.
     while eps_at(hi, accountant) > target_epsilon:
@@ -97,18 +113,28 @@ def calibrate_noise(
                 f"{target_epsilon:g} under {accountant}."
             )
         hi = min(SIGMA_MAX, hi * 1.25)
-    lo = max(SIGMA_MIN, hi / 2)
-    if eps_at(lo, accountant) <= target_epsilon:
-        return lo
-    return _bisect(lambda s: eps_at(s, accountant) <= target_epsilon, lo, hi, tolerance)
+    # The PRV answer is typically within 10% of the RDP bracket: step down by 20%
+    # until it no longer fits, then bisect (each PRV evaluation costs ~0.1 s).
+    lo = max(SIGMA_MIN, 0.8 * hi)
+    while lo > SIGMA_MIN and eps_at(lo, accountant) <= target_epsilon:
+        hi, lo = lo, max(SIGMA_MIN, 0.8 * lo)
+    fits = lambda s: eps_at(s, accountant) <= target_epsilon  # noqa: E731
+    return _bisect(fits, lo, hi, tolerance, lo_known_unfit=lo > SIGMA_MIN)
 
 
-def _bisect(fits: Callable[[float], bool], lo: float, hi: float, tolerance: float) -> float:
+def _bisect(
+    fits: Callable[[float], bool],
+    lo: float,
+    hi: float,
+    tolerance: float,
+    *,
+    lo_known_unfit: bool = False,
+) -> float:
     """Smallest sigma in [lo, hi] (to relative tolerance) with fits(sigma), given fits(hi).
 
     Log-space bisection: epsilon decreases monotonically in sigma.
     """
-    if fits(lo):
+    if not lo_known_unfit and fits(lo):
         return lo
     while hi - lo > tolerance * lo:
         mid = math.sqrt(lo * hi)
