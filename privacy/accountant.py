@@ -92,7 +92,10 @@ def calibrate_noise(
             warnings.simplefilter("ignore")
             return float(rdp.get_epsilon(delta=delta, alphas=BRACKET_ORDERS))
 
-    if eps_at(SIGMA_MAX, "rdp") > target_epsilon and eps_at(SIGMA_MAX, accountant) > target_epsilon:
+    if (
+        _rdp_int_epsilon(SIGMA_MAX) > target_epsilon
+        and eps_at(SIGMA_MAX, accountant) > target_epsilon
+    ):
         spent = epsilon(prior, delta=delta, accountant=accountant)
         raise PrivacyError(
             f"No noise level up to sigma={SIGMA_MAX:g} keeps {steps} steps at sample rate "
