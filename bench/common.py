@@ -46,24 +46,21 @@ def markdown(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def interleaved(
-    fns: dict[str, Callable[[], None]], *, reps: int, seconds_each: float
-) -> dict[str, float]:
-    """Median seconds per call of each fn, timed in alternation so load hits all alike."""
+def interleaved(fns: dict[str, Callable[[], None]], *, reps: int) -> dict[str, float]:
+    """Median seconds per call of each fn, calls alternated one by one `reps` times.
+
+    Alternating single calls (not blocks) means a burst of load from another process
+    hits every fn alike; the median drops the calls a burst hit hardest.
+    """
     for fn in fns.values():  # warm-up
         fn()
         fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            calls, t0 = 0, time.perf_counter()
-            while True:
-                fn()
-                calls += 1
-                elapsed = time.perf_counter() - t0
-                if elapsed >= seconds_each:
-                    break
-            samples[name].append(elapsed / calls)
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 

@@ -4,7 +4,7 @@ Run: `python -m bench.dp_throughput [--threads 1] [--reps 5] [--batch-size 256]`
 
 For each model (the digits MLP, the 26k-parameter tanh CNN on 28x28 inputs) and
 each per-sample gradient method, a fresh subprocess times the method's DP-SGD step
-and a plain SGD step on the same batch, alternating them `--reps` times (the
+and a plain SGD step on the same batch, alternating single steps `--reps` times (medians) (the
 machine may be shared; ratios from one process are what to compare). Methods:
 
 - `fedsilo`: the product's `DPTrainer.step` (fedsilo.task.clipping: ghost norms and
@@ -145,7 +145,7 @@ def measure(model_name: str, method: str, batch: int, reps: int, threads: int) -
     for _ in range(3):
         plain()
     plain_rss = peak_rss_mb()
-    t = interleaved({"plain": plain, "dp": dp}, reps=reps, seconds_each=0.6)
+    t = interleaved({"plain": plain, "dp": dp}, reps=reps)
     return {
         "model": model_name,
         "method": method,
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", default="mlp,cnn")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=60, help="alternations of one plain, one DP step")
     p.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: what each simulated site uses)"
     )
