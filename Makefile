@@ -40,8 +40,13 @@ typecheck: $(STAMP)
 	mkdir -p build/typecheck && ln -sfn ../.. build/typecheck/fedsilo
 	cd build/typecheck && MYPYPATH=. ../../$(VENV)/bin/mypy --config-file ../../pyproject.toml -p fedsilo
 
+# Benchmarks (bench/, not part of the package): each prints a Markdown table and writes
+# bench/results/NAME.json. `make bench` runs all at their default sizes (tens of minutes
+# on 2 CPU cores; utility is the long one): run one with `$(PY) -m bench.NAME --help`.
+BENCHES ?= dp_throughput federation_overhead utility
 bench: $(STAMP)
-	@echo "benchmarks: see bench/ (added with the benchmarks issue)"
+	mkdir -p bench/results
+	set -e; for b in $(BENCHES); do echo "== bench.$$b"; $(PY) -m bench.$$b; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache .mypy_cache .ruff_cache

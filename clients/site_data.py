@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
 from fedsilo.simulations.partition import partition_indices
-from fedsilo.task.data import SHAPES, Dataset, load_dataset, load_npz
+from fedsilo.task.data import SHAPES, Dataset, load_dataset, load_labels, load_npz
 
 
 @dataclass(frozen=True)
@@ -44,9 +44,10 @@ def load_site_data(cfg: RunConfig, node_config: Mapping[str, object]) -> SiteDat
     if "partition-id" in node_config:
         pid = int(str(node_config["partition-id"]))
         num = int(str(node_config["num-partitions"]))
-        full = load_dataset(cfg.dataset, "train", cfg.data_dir)
-        parts = partition_indices(full.y.numpy(), num, cfg.partition_spec, seed=cfg.seed)
-        return SiteData(f"site-{pid}", full.subset(parts[pid]), True)
+        labels = load_labels(cfg.dataset, "train", cfg.data_dir)
+        parts = partition_indices(labels, num, cfg.partition_spec, seed=cfg.seed)
+        data = load_dataset(cfg.dataset, "train", cfg.data_dir, index=parts[pid])
+        return SiteData(f"site-{pid}", data, True)
     raise ConfigError(
         "This site has no data: set `data-path` in its node config "
         "(fedsilo client start --data PATH)."

@@ -27,6 +27,12 @@ from fedsilo.server.run_dir import read_metrics
 log = logging.getLogger("fedsilo.simulation")
 APP_DIR = Path(__file__).resolve().parent.parent  # the fedsilo package: holds pyproject.toml
 ProgressFn = Callable[[dict[str, Any]], None]
+# Each virtual site is a Ray actor holding one CPU and running torch on one thread.
+# Without this torch gives every actor as many threads as the machine has cores, and
+# on 2 cores two actors x 2 threads ran the CNN's DP step ~4x slower than 2 x 1
+# (bench/federation_overhead.py; OpenMP threads spin-waiting on each other).
+SITE_THREADS = 1
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 def run_simulation(
@@ -77,7 +83,7 @@ def run_simulation(
         run_config=dict(run_config),
     )
     backend_config: dict[str, Any] = {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": SITE_THREADS, "num_gpus": 0.0},
         "init_args": {
             "num_cpus": os.cpu_count() or 1,
             "include_dashboard": False,
@@ -89,6 +95,13 @@ def run_simulation(
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(run_dir, on_round, stop), daemon=True)
     watcher.start()
+    # Ray's workers inherit the driver's environment; torch reads these at import.
+    # The driver's own thread count is pinned first, so only the actors change.
+    import torch
+
+    torch.set_num_threads(torch.get_num_threads())
+    saved = {k: os.environ.get(k) for k in THREAD_VARS}
+    os.environ.update({k: str(SITE_THREADS) for k in THREAD_VARS})
     try:
         _run_simulation(
             num_supernodes=sites,
@@ -113,6 +126,11 @@ def run_simulation(
             raise cause from None
         raise
     finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         stop.set()
         watcher.join()
     summary_file = run_dir / "summary.json"

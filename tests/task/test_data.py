@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fedsilo.errors import DataError
-from fedsilo.task.data import load_dataset, load_npz, read_idx, save_npz
+from fedsilo.task.data import load_dataset, load_labels, load_npz, read_idx, save_npz
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -37,6 +37,20 @@ def test_fashion_mnist_idx() -> None:
     test = load_dataset("fashion-mnist", "test")
     assert tuple(test.x.shape) == (10000, 1, 28, 28)
     assert float(test.x.min()) >= 0.0 and float(test.x.max()) <= 1.0
+
+
+def test_loading_selected_rows_equals_selecting_from_the_full_split(tmp_path: Path) -> None:
+    images = np.random.default_rng(0).integers(0, 256, (7, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5, 9, 2], dtype=np.uint8)
+    write_idx(tmp_path / "train-images-idx3-ubyte", images)
+    write_idx(tmp_path / "train-labels-idx1-ubyte", labels, gz=False)
+    index = np.array([5, 0, 2])
+    full = load_dataset("mnist", "train", str(tmp_path))
+    part = load_dataset("mnist", "train", str(tmp_path), index=index)
+    assert bool((part.x == full.x[index]).all()) and part.y.tolist() == [9, 3, 4]
+    assert part.x.dtype == full.x.dtype and float(part.x.max()) <= 1.0
+    assert load_labels("mnist", "train", str(tmp_path)).tolist() == labels.tolist()
+    assert load_labels("digits", "train").tolist() == load_dataset("digits", "train").y.tolist()
 
 
 def test_idx_roundtrip_plain_and_gzip(tmp_path: Path) -> None:

@@ -1,0 +1,199 @@
+"""Accuracy at a given epsilon: Fashion-MNIST, 10 sites, IID and Dirichlet(0.5).
+
+Run: `python -m bench.utility [--epsilons 3] [--partitions iid] [--rounds 10] ...`
+
+Each DP cell is a real `fedsilo simulate --json` run (the product: Flower engine,
+ClientApp, ServerApp, accountant) with the Fashion-MNIST settings below; it reports
+the central test accuracy, the largest epsilon any site reports and the wall time.
+
+`none` (no DP) is a benchmark-only baseline, never a product flag: plain FedAvg in
+this process over the same sites, model, batch size, local epochs and rounds, each
+site running ordinary mini-batch SGD (no clipping, no noise).
+
+`--validate` is for tuning: every cell then runs in this process on a validation
+split carved from the *train* set (10%, seeded) instead of the test set, with the
+same DP-SGD code (fedsilo.task.train.DPTrainer) and the calibrated noise of the
+product. The test set is only ever read by the final, untuned runs.
+
+Writes bench/results/utility.json: {"rows": [{"partition", "target_epsilon",
+"accuracy", "epsilon", "wall_s", ...}]}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+from bench.common import machine, markdown, write_json
+
+# The Fashion-MNIST settings tuned on the validation split (README, Performance).
+FM = {
+    "sites": 10,
+    "rounds": 10,
+    "local_epochs": 2,
+    "batch_size": 256,
+    "lr": 2.0,
+    "momentum": 0.0,
+    "max_grad_norm": 1.0,
+}
+NODP_LR = 0.5  # plain SGD on unclipped gradients wants a smaller step
+VALIDATION_FRACTION = 0.1
+
+
+def simulate(partition: str, eps: float, hp: dict[str, Any]) -> dict[str, Any]:
+    """One `fedsilo simulate` run (the product), timed from outside."""
+    with tempfile.TemporaryDirectory(prefix="fedsilo-utility-") as out:
+        cmd = [sys.executable, "-m", "fedsilo", "simulate", "--json", "--out", out]
+        cmd += ["--dataset", "fashion-mnist", "--sites", str(hp["sites"])]
+        cmd += ["--partition", partition, "--target-epsilon", str(eps)]
+        for key in ("rounds", "local_epochs", "batch_size", "lr", "momentum", "max_grad_norm"):
+            cmd += [f"--{key.replace('_', '-')}", str(hp[key])]
+        t0 = time.monotonic()
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        wall = time.monotonic() - t0
+    if done.returncode != 0:
+        raise SystemExit(f"simulate failed: {done.stderr.strip().splitlines()[-1:]}")
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    return {
+        "accuracy": summary["final"]["accuracy"],
+        "epsilon": max(s["epsilon"] for s in summary["sites"]),
+        "wall_s": wall,
+        "per_round_accuracy": [r["accuracy"] for r in summary["rounds"]],
+    }
+
+
+def fedavg_in_process(
+    partition: str, eps: float | None, hp: dict[str, Any], *, validate: bool, seed: int = 0
+) -> dict[str, Any]:
+    """FedAvg over `sites` sites in this process: DP-SGD sites (eps) or plain SGD (None)."""
+    import numpy as np
+    import torch
+    from fedsilo.clients.dp_train import plan_run
+    from fedsilo.config import RunConfig
+    from fedsilo.privacy.accountant import epsilon
+    from fedsilo.privacy.events import SampledGaussianEvent
+    from fedsilo.simulations.partition import partition_indices
+    from fedsilo.task.data import load_dataset
+    from fedsilo.task.models import build_model
+    from fedsilo.task.train import DPTrainer, evaluate
+
+    torch.set_num_threads(1)
+    t0 = time.monotonic()
+    train = load_dataset("fashion-mnist", "train")
+    if validate:
+        order = np.random.default_rng(seed + 777).permutation(len(train))
+        n_val = int(len(train) * VALIDATION_FRACTION)
+        held_out, train = train.subset(order[:n_val]), train.subset(order[n_val:])
+    else:
+        held_out = load_dataset("fashion-mnist", "test")
+    cfg = RunConfig(
+        dataset="fashion-mnist",
+        rounds=hp["rounds"],
+        local_epochs=hp["local_epochs"],
+        batch_size=hp["batch_size"],
+        lr=hp["lr"],
+        momentum=hp["momentum"],
+        max_grad_norm=hp["max_grad_norm"],
+        target_epsilon=eps if eps is not None else 1.0,
+        partition=partition,
+        seed=seed,
+    )
+    parts = partition_indices(train.y.numpy(), hp["sites"], cfg.partition_spec, seed=seed)
+    sites = [train.subset(p) for p in parts]
+    plans = {}
+    if eps is not None:
+        for n in sorted({len(s) for s in sites}):
+            plans[n] = plan_run(cfg, n, prior=[])
+    model = build_model("cnn", (1, 28, 28), 10, seed=seed)
+    curve, spent = [], 0.0
+    for rnd in range(1, hp["rounds"] + 1):
+        states, weights = [], []
+        for i, data in enumerate(sites):
+            local = build_model("cnn", (1, 28, 28), 10, seed=seed)
+            local.load_state_dict(model.state_dict())
+            gen = torch.Generator().manual_seed((seed * 1_000_003 + i) * 10_007 + rnd)
+            plan = plans.get(len(data))
+            trainer = DPTrainer(
+                local,
+                noise_multiplier=plan.noise_multiplier if plan else 0.0,
+                max_grad_norm=hp["max_grad_norm"] if plan else float("inf"),
+                expected_batch_size=hp["batch_size"],
+                lr=hp["lr"] if plan else NODP_LR,
+                momentum=hp["momentum"],
+                generator=gen,
+            )
+            trainer.train_epochs(data, hp["local_epochs"])
+            states.append(local.state_dict())
+            weights.append(len(data))
+        total = sum(weights)
+        avg = {
+            k: sum(s[k] * (w / total) for s, w in zip(states, weights, strict=True))
+            for k in states[0]
+        }
+        model.load_state_dict(avg)
+        curve.append(evaluate(model, held_out)[1])
+    if plans:
+        spent = max(
+            epsilon(
+                [
+                    SampledGaussianEvent(
+                        noise_multiplier=p.noise_multiplier,
+                        sample_rate=p.sample_rate,
+                        steps=p.steps_per_round * p.rounds,
+                    )
+                ],
+                delta=cfg.target_delta,
+            )
+            for p in plans.values()
+        )
+    return {
+        "accuracy": curve[-1],
+        "epsilon": spent if plans else float("inf"),
+        "wall_s": time.monotonic() - t0,
+        "per_round_accuracy": curve,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--epsilons", default="1,3,8,none", help="comma list; `none` = no DP")
+    p.add_argument("--partitions", default="iid,dirichlet:0.5")
+    p.add_argument("--validate", action="store_true", help="tune: in-process, validation split")
+    p.add_argument("--name", default="utility", help="results file name")
+    for key, value in FM.items():
+        p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
+    args = p.parse_args(argv)
+    hp = {k: getattr(args, k) for k in FM}
+    rows = []
+    for partition in args.partitions.split(","):
+        for e in args.epsilons.split(","):
+            eps = None if e == "none" else float(e)
+            if eps is None or args.validate:
+                res = fedavg_in_process(partition, eps, hp, validate=args.validate)
+                how = "in-process FedAvg" + (" (validation)" if args.validate else "")
+            else:
+                res = simulate(partition, eps, hp)
+                how = "fedsilo simulate"
+            row = {"partition": partition, "target_epsilon": e, **res, "how": how, **hp}
+            rows.append(row)
+            print(
+                f"{partition} eps={e}: acc {res['accuracy']:.4f} "
+                f"eps {res['epsilon']:.3f} {res['wall_s']:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
+    cols = ["partition", "target_epsilon", "accuracy", "epsilon", "wall_s", "how"]
+    print(markdown(rows, cols))
+    path = write_json(args.name, {"rows": rows, "machine": machine(), "pid": os.getpid()})
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
