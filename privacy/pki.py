@@ -90,6 +90,12 @@ def san_for(host: str) -> x509.GeneralName:
     return x509.DNSName(host)
 
 
+# The server's own Flower components (SuperExec, the ServerApp process, the `flwr`
+# CLI) reach the SuperLink over loopback with TLS verified against the federation CA,
+# so the server certificate always covers these too, whatever --server-host says.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
 def server_cert(
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
@@ -98,9 +104,10 @@ def server_cert(
     days: int = SERVER_DAYS,
     not_after: dt.datetime | None = None,
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    """The server's TLS key and a certificate with a SAN for every host."""
+    """The server's TLS key and a certificate with a SAN for every host and loopback."""
     if not hosts:
         raise PKIError("The server needs at least one host name or address (--server-host).")
+    names = list(dict.fromkeys([*hosts, *LOOPBACK_HOSTS]))  # ordered, no duplicates
     key = new_key()
     now = _now()
     end = not_after or now + dt.timedelta(days=days)
@@ -112,7 +119,7 @@ def server_cert(
         .serial_number(x509.random_serial_number())
         .not_valid_before(min(now - CLOCK_SKEW, end - dt.timedelta(days=1)))
         .not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName([san_for(h) for h in hosts]), critical=False)
+        .add_extension(x509.SubjectAlternativeName([san_for(h) for h in names]), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(

@@ -15,10 +15,10 @@ from fedsilo.processes import TLSError, Unreachable, free_port, probe_tls, serve
 
 
 @contextlib.contextmanager
-def listener(tls: ssl.SSLContext | None) -> Iterator[int]:
+def listener(tls: ssl.SSLContext | None, host: str = "127.0.0.1") -> Iterator[int]:
     """A loopback server: a TLS handshake with `tls`, or plaintext bytes back when None."""
     sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+    sock.bind((host, 0))
     sock.listen(8)
     sock.settimeout(0.2)
     stop = threading.Event()
@@ -53,7 +53,8 @@ def listener(tls: ssl.SSLContext | None) -> Iterator[int]:
 
 @pytest.fixture
 def kits(tmp_path: Path) -> Path:
-    provision(tmp_path / "fed", hosts=["localhost"], sites=["a"])  # no IP SAN on purpose
+    # The server certificate covers localhost, 127.0.0.1 and ::1 (always) but no other IP.
+    provision(tmp_path / "fed", hosts=["localhost"], sites=["a"])
     provision(tmp_path / "other", hosts=["localhost"], sites=["a"])
     return tmp_path
 
@@ -80,9 +81,15 @@ def test_server_of_another_federation(kits: Path) -> None:
 
 def test_address_not_in_the_certificate(kits: Path) -> None:
     with (
-        listener(server_ctx(kits / "fed")) as port,
-        pytest.raises(TLSError, match=r"does not cover '127\.0\.0\.1'"),
+        listener(server_ctx(kits / "fed"), host="127.0.0.2") as port,
+        pytest.raises(TLSError, match=r"does not cover '127\.0\.0\.2'"),
     ):
+        probe_tls(f"127.0.0.2:{port}", kits / "fed/sites/a/ca.crt")
+
+
+def test_loopback_is_always_covered(kits: Path) -> None:
+    # The server's own Flower components dial 127.0.0.1 even when provisioned for a name.
+    with listener(server_ctx(kits / "fed")) as port:
         probe_tls(f"127.0.0.1:{port}", kits / "fed/sites/a/ca.crt")
 
 

@@ -59,10 +59,12 @@ def test_layout_modes_and_key_types(fed: Path) -> None:
 def test_server_certificate_sans_and_chain(fed: Path) -> None:
     cert = pki.load_cert(fed / "server/server.crt")
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org"]
+    # Every --server-host, plus loopback: the server's own Flower components dial it.
+    assert san.get_values_for_type(x509.DNSName) == ["fl.example.org", "localhost"]
     assert san.get_values_for_type(x509.IPAddress) == [
         ipaddress.ip_address("10.0.0.5"),
         ipaddress.ip_address("::1"),
+        ipaddress.ip_address("127.0.0.1"),
     ]
     ca = pki.load_cert(fed / "ca/ca.crt")
     cert.verify_directly_issued_by(ca)  # raises if not
