@@ -148,19 +148,24 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+def _connect(address: str, timeout: float) -> tuple[str, socket.socket]:
+    """A TCP connection to `host:port` and the host it dialled; Unreachable when none."""
+    host, port = split_address(address)
+    try:
+        return host, socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        raise Unreachable(f"{address}: {exc.strerror or exc}") from None
+
+
 def probe_tls(address: str, ca_file: Path, *, timeout: float = 5.0) -> None:
     """One TLS handshake with the server, verifying its certificate against `ca_file`.
 
     Raises Unreachable when nothing answers (retry), TLSError when the server answers
     but TLS fails (a wrong CA, a name the certificate does not cover, a plaintext server).
     """
-    host, port = split_address(address)
     ctx = ssl.create_default_context(cafile=str(ca_file))
     ctx.set_alpn_protocols(["h2"])
-    try:
-        raw = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        raise Unreachable(f"{address}: {exc.strerror or exc}") from None
+    host, raw = _connect(address, timeout)
     with raw:
         try:
             with ctx.wrap_socket(raw, server_hostname=host):
@@ -195,15 +200,11 @@ def probe_tls(address: str, ca_file: Path, *, timeout: float = 5.0) -> None:
 
 def server_speaks_tls(address: str, *, timeout: float = 5.0) -> bool:
     """True when the server completes a TLS handshake (certificate not checked)."""
-    host, port = split_address(address)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     ctx.set_alpn_protocols(["h2"])
-    try:
-        raw = socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        raise Unreachable(f"{address}: {exc.strerror or exc}") from None
+    host, raw = _connect(address, timeout)
     with raw:
         try:
             with ctx.wrap_socket(raw, server_hostname=host):

@@ -78,15 +78,13 @@ def components(sc: dict[str, Any]) -> dict[str, Any]:
     """Per-occurrence costs of everything a simulated round does besides training."""
     import torch
     from fedsilo.cli import build_parser
-    from fedsilo.clients.dp_train import plan_run
+    from fedsilo.clients.dp_train import plan_run, site_trainer
     from fedsilo.clients.site_data import load_site_data
     from fedsilo.privacy.accountant import epsilon
     from fedsilo.privacy.events import SampledGaussianEvent
     from fedsilo.server.evaluate import global_model, load_eval_data, make_evaluator
     from fedsilo.simulations.command import config_from_args
     from fedsilo.simulations.runner import preflight
-    from fedsilo.task.models import build_model, resolve_model_name
-    from fedsilo.task.train import DPTrainer
     from flwr.app import ArrayRecord
 
     torch.set_num_threads(1)
@@ -110,16 +108,8 @@ def components(sc: dict[str, Any]) -> dict[str, Any]:
             plans[n] = plan_run(cfg, n, prior=[])
             plan_s.append(time.monotonic() - t0)
         plan = plans[n]
-        shape = tuple(site.data.x.shape[1:])
-        model = build_model(resolve_model_name(cfg.model, shape), shape, 10, seed=cfg.seed)
-        trainer = DPTrainer(
-            model,
-            noise_multiplier=plan.noise_multiplier,
-            max_grad_norm=cfg.max_grad_norm,
-            expected_batch_size=cfg.batch_size,
-            lr=cfg.lr,
-            generator=torch.Generator().manual_seed(pid),
-        )
+        # The product's own trainer for the round (fresh global model: a round's work).
+        trainer = site_trainer(cfg, site.data, plan, torch.Generator().manual_seed(pid))
         t0 = time.monotonic()
         trainer.train_epochs(site.data, cfg.local_epochs)
         train_s.append(time.monotonic() - t0)

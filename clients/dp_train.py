@@ -91,21 +91,21 @@ def site_generator(
     return gen
 
 
-def train_round(
+def site_trainer(
     cfg: RunConfig,
     data: Dataset,
-    global_state: Mapping[str, torch.Tensor],
     plan: DPPlan,
-    prior: Sequence[SampledGaussianEvent],
     generator: torch.Generator,
-) -> RoundResult:
-    """Train one round from the global model with DP-SGD, and account for it."""
+    global_state: Mapping[str, torch.Tensor] | None = None,
+) -> DPTrainer:
+    """The DP-SGD trainer a site runs a round with (the run's model, from `global_state`)."""
     shape = tuple(data.x.shape[1:])
     model = build_model(
         resolve_model_name(cfg.model, shape), shape, data.num_classes, seed=cfg.seed
     )
-    model.load_state_dict(dict(global_state))
-    trainer = DPTrainer(
+    if global_state is not None:
+        model.load_state_dict(dict(global_state))
+    return DPTrainer(
         model,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
@@ -115,12 +115,24 @@ def train_round(
         generator=generator,
         device=resolve_device(cfg.device),
     )
+
+
+def train_round(
+    cfg: RunConfig,
+    data: Dataset,
+    global_state: Mapping[str, torch.Tensor],
+    plan: DPPlan,
+    prior: Sequence[SampledGaussianEvent],
+    generator: torch.Generator,
+) -> RoundResult:
+    """Train one round from the global model with DP-SGD, and account for it."""
+    trainer = site_trainer(cfg, data, plan, generator, global_state)
     stats = trainer.train_epochs(data, cfg.local_epochs)
     event = SampledGaussianEvent(
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=stats.steps
     )
     eps = epsilon([*prior, event], delta=cfg.target_delta, accountant=cfg.accountant)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
     return RoundResult(
         state_dict=state, examples=len(data), train_loss=stats.mean_loss, event=event, epsilon=eps
     )
