@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 
-from fedsilo.clients.dp_train import site_generator, train_round
+from fedsilo.clients.dp_train import feature_cache_dir, site_generator, train_round
 from fedsilo.clients.site_budget import authorise_round, site_budget
 from fedsilo.clients.site_data import load_site_data
 from fedsilo.config import RunConfig
@@ -66,7 +66,13 @@ def train(msg: Message, context: Context) -> Message:
         simulated=site.simulated,
     )
     result = train_round(
-        cfg, site.data, arrays.to_torch_state_dict(), auth.plan, auth.run_prior, gen
+        cfg,
+        site.data,
+        arrays.to_torch_state_dict(),
+        auth.plan,
+        auth.run_prior,
+        gen,
+        cache_dir=feature_cache_dir(budget.ledger),
     )
     if result.event != auth.event:  # the ledger must hold exactly what was spent
         raise RuntimeError(f"trained {result.event}, but the ledger recorded {auth.event}")

@@ -13,14 +13,17 @@ import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from fedsilo.config import RunConfig
 from fedsilo.privacy.accountant import calibrate_noise, epsilon
 from fedsilo.privacy.events import SampledGaussianEvent
 from fedsilo.task.data import Dataset
-from fedsilo.task.models import build_model, resolve_model_name
+from fedsilo.task.features import cached_features
+from fedsilo.task.models import build_model, resolve_model_name, split_front
 from fedsilo.task.train import DPTrainer, resolve_device, sample_rate, steps_per_epoch
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -91,30 +94,61 @@ def site_generator(
     return gen
 
 
-def site_trainer(
-    cfg: RunConfig,
-    data: Dataset,
-    plan: DPPlan,
-    generator: torch.Generator,
-    global_state: Mapping[str, torch.Tensor] | None = None,
-) -> DPTrainer:
-    """The DP-SGD trainer a site runs a round with (the run's model, from `global_state`)."""
+def feature_cache_dir(ledger_path: Path) -> Path:
+    """Where a site keeps features of its own data between rounds: beside its ledger.
+
+    It holds derived data of the site's examples, so it lives with the site's other
+    private state, on the site, never sent anywhere.
+    """
+    return ledger_path.parent / "feature-cache"
+
+
+def site_model(
+    cfg: RunConfig, data: Dataset, global_state: Mapping[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """The run's model for this site's data, with the global weights when given."""
     shape = tuple(data.x.shape[1:])
     model = build_model(
         resolve_model_name(cfg.model, shape), shape, data.num_classes, seed=cfg.seed
     )
     if global_state is not None:
         model.load_state_dict(dict(global_state))
-    return DPTrainer(
-        model,
+    return model
+
+
+def site_trainer(
+    cfg: RunConfig,
+    data: Dataset,
+    plan: DPPlan,
+    generator: torch.Generator,
+    global_state: Mapping[str, torch.Tensor] | None = None,
+    *,
+    cache_dir: Path | None = None,
+) -> tuple[nn.Module, DPTrainer, Dataset]:
+    """The site's model, the DP-SGD trainer for its trained part, and what that trains on.
+
+    A model with a fixed front (scatnet) trains its head on the front's features,
+    computed once per dataset and kept in `cache_dir` across rounds; other models
+    train whole on `data`. Either way each example is one row, so Poisson sampling,
+    clipping and the accounting are unchanged.
+    """
+    model = site_model(cfg, data, global_state)
+    device = resolve_device(cfg.device)
+    front, head = split_front(model)
+    if front is not None:
+        key = str(getattr(front, "cache_key", type(front).__name__))
+        data = cached_features(front, data, cache_dir, front_key=key, device=device)
+    trainer = DPTrainer(
+        head,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
         expected_batch_size=cfg.batch_size,
         lr=cfg.lr,
         momentum=cfg.momentum,
         generator=generator,
-        device=resolve_device(cfg.device),
+        device=device,
     )
+    return model, trainer, data
 
 
 def train_round(
@@ -124,15 +158,19 @@ def train_round(
     plan: DPPlan,
     prior: Sequence[SampledGaussianEvent],
     generator: torch.Generator,
+    *,
+    cache_dir: Path | None = None,
 ) -> RoundResult:
     """Train one round from the global model with DP-SGD, and account for it."""
-    trainer = site_trainer(cfg, data, plan, generator, global_state)
-    stats = trainer.train_epochs(data, cfg.local_epochs)
+    model, trainer, train_data = site_trainer(
+        cfg, data, plan, generator, global_state, cache_dir=cache_dir
+    )
+    stats = trainer.train_epochs(train_data, cfg.local_epochs)
     event = SampledGaussianEvent(
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=stats.steps
     )
     eps = epsilon([*prior, event], delta=cfg.target_delta, accountant=cfg.accountant)
-    state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return RoundResult(
         state_dict=state, examples=len(data), train_loss=stats.mean_loss, event=event, epsilon=eps
     )

@@ -10,7 +10,6 @@ after that over-counts the spend; nothing can under-count it.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
 from fedsilo.privacy.policy import LEDGER_KEY, SitePolicy
 from fedsilo.simulations.ledgers import simulated_ledger
 from fedsilo.task.data import Dataset
+from fedsilo.task.features import data_key
 from fedsilo.task.train import sample_rate, steps_per_epoch
 
 
@@ -83,12 +83,7 @@ def fingerprint(data: Dataset) -> str:
     The same examples give the same fingerprint whatever file they came from, so
     spend on them accumulates; any change to the data starts a new account.
     """
-    h = hashlib.sha256()
-    for tensor in (data.x, data.y):
-        a = tensor.detach().cpu().contiguous().numpy()
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + data_key(data)
 
 
 def authorise_round(

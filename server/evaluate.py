@@ -7,7 +7,8 @@ from collections.abc import Callable, Mapping
 import torch
 from fedsilo.config import RunConfig
 from fedsilo.task.data import SHAPES, Dataset, load_dataset, load_npz
-from fedsilo.task.models import build_model, resolve_model_name
+from fedsilo.task.features import featurize
+from fedsilo.task.models import build_model, resolve_model_name, split_front
 from fedsilo.task.train import evaluate, resolve_device
 
 
@@ -28,12 +29,19 @@ def global_model(cfg: RunConfig) -> torch.nn.Module:
 def make_evaluator(
     cfg: RunConfig, data: Dataset
 ) -> Callable[[Mapping[str, torch.Tensor]], tuple[float, float]]:
-    """A function from a global state_dict to (loss, accuracy) on `data`."""
+    """A function from a global state_dict to (loss, accuracy) on `data`.
+
+    A model's fixed front (scatnet's scattering) runs over `data` once, here; each
+    round then evaluates only the head on those features.
+    """
     model = global_model(cfg)
     device = resolve_device(cfg.device)
+    front, head = split_front(model)
+    if front is not None:
+        data = featurize(front, data, device=device)
 
     def run(state: Mapping[str, torch.Tensor]) -> tuple[float, float]:
         model.load_state_dict(dict(state))
-        return evaluate(model, data, device=device)
+        return evaluate(head, data, device=device)
 
     return run

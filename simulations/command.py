@@ -47,7 +47,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=DEFAULTS.data_dir,
         help="directory of IDX files (default: /usr/share/datasets/<dataset>)",
     )
-    g.add_argument("--model", default=DEFAULTS.model, help="auto, mlp or cnn")
+    g.add_argument(
+        "--model",
+        default=DEFAULTS.model,
+        help="auto (scatnet for 28x28 images, mlp for digits), mlp, cnn or scatnet",
+    )
     g.add_argument(
         "--partition",
         default=DEFAULTS.partition,

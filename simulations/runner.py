@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -49,8 +50,9 @@ def run_simulation(
     target epsilon at its delta). Ledgers already in RUN_DIR/ledgers keep their spend.
     """
     from fedsilo.clients.client_app import app as client_app
+    from fedsilo.clients.dp_train import feature_cache_dir
     from fedsilo.server.server_app import app as server_app
-    from fedsilo.simulations.ledgers import write_site_policies
+    from fedsilo.simulations.ledgers import simulated_ledger, write_site_policies
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -133,6 +135,9 @@ def run_simulation(
                 os.environ[key] = value
         stop.set()
         watcher.join()
+        # The virtual sites' cached features (fedsilo.task.features) are derived from a
+        # public dataset the run can re-read: drop them rather than leave ~100 MB a site.
+        shutil.rmtree(feature_cache_dir(simulated_ledger(run_dir, 0)), ignore_errors=True)
     summary_file = run_dir / "summary.json"
     if not summary_file.exists():
         raise FedsiloError(

@@ -1,14 +1,23 @@
-"""Models by name. All are Opacus-compatible: no BatchNorm, tanh activations.
+"""Models by name. All are Opacus-compatible: no BatchNorm; tanh or no activations.
 
 Tanh ("tempered sigmoid") activations keep activations bounded, which suits
 DP-SGD's clipping (Papernot et al., "Tempered Sigmoid Activations for Deep
 Learning with Differential Privacy", AAAI 2021).
+
+`scatnet`, the default for 1x28x28 images, is Tramer and Boneh's ScatterNet +
+linear model ("Differentially Private Learning Needs Better Features (or Much More
+Data)", ICLR 2021): a fixed scattering transform (`front`, no parameters, data
+independent, so it costs no privacy), GroupNorm without parameters, and one
+Linear layer (`head`, the only thing trained). Trainers and evaluators compute the
+front once per dataset (`split_front`) and train and evaluate the head on the
+features.
 """
 
 from __future__ import annotations
 
 import torch
 from fedsilo.errors import ConfigError
+from fedsilo.task.scattering import Scattering2D
 from torch import nn
 
 
@@ -46,11 +55,39 @@ class CNN(nn.Module):
         return self.head(self.features(x))  # type: ignore[no-any-return]
 
 
+class ScatterNet(nn.Module):
+    """Scattering (J=2, L=8: 81 x 7 x 7) -> GroupNorm(27, no affine) -> Linear.
+
+    The 27 groups and the missing affine parameters are Tramer and Boneh's choice
+    for linear ScatterNet models (their `ScatterLinear`, input_norm="GroupNorm").
+    """
+
+    def __init__(self, num_classes: int = 10, groups: int = 27) -> None:
+        super().__init__()
+        self.front = Scattering2D((28, 28), J=2, L=8)
+        channels = self.front.out_channels
+        self.head = nn.Sequential(
+            nn.GroupNorm(groups, channels, affine=False),
+            nn.Flatten(),
+            nn.Linear(channels * 7 * 7, num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.front(x))  # type: ignore[no-any-return]
+
+
+def split_front(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+    """(fixed front, trained head) of a model; (None, model) when all of it trains."""
+    if isinstance(model, ScatterNet):
+        return model.front, model.head
+    return None, model
+
+
 def resolve_model_name(model: str, dataset_shape: tuple[int, ...]) -> str:
-    """`auto` picks mlp for flat inputs and cnn for 1x28x28 images."""
+    """`auto` picks mlp for flat inputs and scatnet for 1x28x28 images."""
     if model != "auto":
         return model
-    return "cnn" if dataset_shape == (1, 28, 28) else "mlp"
+    return "scatnet" if dataset_shape == (1, 28, 28) else "mlp"
 
 
 def build_model(
@@ -71,6 +108,12 @@ def build_model(
                     f"model `cnn` needs 1x28x28 inputs, got {input_shape}; use --model mlp."
                 )
             return CNN(num_classes=num_classes)
-        raise ConfigError(f"Unknown model {name!r}. Use mlp, cnn or auto.")
+        if name == "scatnet":
+            if input_shape != (1, 28, 28):
+                raise ConfigError(
+                    f"model `scatnet` needs 1x28x28 inputs, got {input_shape}; use --model mlp."
+                )
+            return ScatterNet(num_classes=num_classes)
+        raise ConfigError(f"Unknown model {name!r}. Use mlp, cnn, scatnet or auto.")
     finally:
         torch.random.set_rng_state(gen_state)

@@ -175,7 +175,7 @@ def _clippable_layers(model: nn.Module) -> list[nn.Module]:
             raise ConfigError(
                 f"Layer {name or type(module).__name__} ({type(module).__name__}) has "
                 "parameters that DP-SGD cannot clip per sample here; use Linear and Conv2d "
-                "layers (models: mlp, cnn)."
+                "layers (models: mlp, cnn, scatnet)."
             )
         layers.append(module)
     return layers

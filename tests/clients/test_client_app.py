@@ -187,3 +187,50 @@ def test_deployed_site_records_its_policy_and_spend(tmp_path: Path) -> None:
     assert contents.policy == SitePolicy(max_epsilon=6.0, max_clip_norm=2.0)
     assert contents.site == "hospital-a" and len(contents.spends) == 1
     assert reply.content["site"]["ledger-head"] == contents.head  # type: ignore[index]
+
+
+def test_scatnet_site_computes_features_once_beside_its_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+    import torch
+    from fedsilo.task import features
+    from fedsilo.task.data import Dataset, save_npz
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "site.npz"
+    x = torch.from_numpy(rng.random((120, 1, 28, 28), dtype=np.float32))
+    save_npz(data, Dataset(x, torch.from_numpy(rng.integers(0, 10, 120)), 10, "synthetic"))
+    path = tmp_path / "site-a" / "ledger.jsonl"
+    node_config = {
+        "data-path": str(data),
+        "ledger-path": str(path),
+        "policy-max-epsilon": 8.0,
+        "policy-max-clip-norm": 1.0,
+    }
+    cfg = RunConfig(
+        dataset="fashion-mnist",
+        model="scatnet",
+        rounds=2,
+        local_epochs=1,
+        batch_size=32,
+        max_grad_norm=0.1,
+        accountant="rdp",
+    )
+    calls: list[int] = []
+    real = features.featurize
+
+    def counting(*args: object, **kwargs: object) -> Dataset:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(features, "featurize", counting)
+    ctx = Context(3, 1, node_config, RecordDict(), cfg.to_flwr())  # type: ignore[arg-type]
+    first = train(train_message(cfg, 1), ctx)
+    second = train(train_message(cfg, 2), ctx)
+    assert metrics_of(first)["num-examples"] == metrics_of(second)["num-examples"] == 120
+    assert len(calls) == 1  # round 2 read the features round 1 cached
+    assert len(list((tmp_path / "site-a" / "feature-cache").glob("*.pt"))) == 1
+    arrays = second.content["arrays"]
+    assert isinstance(arrays, ArrayRecord)
+    assert sorted(arrays.to_torch_state_dict()) == ["head.2.bias", "head.2.weight"]
