@@ -2,7 +2,8 @@
 
 Run: `python -m bench.dp_throughput [--threads 1] [--reps 5] [--batch-size 256]`.
 
-For each model (the digits MLP, the 26k-parameter tanh CNN on 28x28 inputs) and
+For each model (the digits MLP, the 26k-parameter tanh CNN on 28x28 inputs, and
+scatnet's linear head on scattering features computed once, as sites train it) and
 each per-sample gradient method, a fresh subprocess times the method's DP-SGD step
 and a plain SGD step on the same batch, alternating single steps `--reps` times (medians) (the
 machine may be shared; ratios from one process are what to compare). Methods:
@@ -32,7 +33,7 @@ from typing import Any
 
 from bench.common import interleaved, machine, markdown, peak_rss_mb, write_json
 
-MODELS = {"mlp": (64,), "cnn": (1, 28, 28)}
+MODELS = {"mlp": (64,), "cnn": (1, 28, 28), "scatnet": (1, 28, 28)}
 METHODS = ("fedsilo", "opacus-hooks", "opacus-functorch", "opacus-ghost", "torch-func-vmap")
 
 
@@ -40,7 +41,7 @@ def make_steps(
     model_name: str, method: str, batch: int
 ) -> tuple[Callable[[], None], Callable[[], None]]:
     import torch
-    from fedsilo.task.models import build_model
+    from fedsilo.task.models import build_model, split_front
     from fedsilo.task.train import DPTrainer
     from torch import nn
 
@@ -49,6 +50,11 @@ def make_steps(
     x, y = torch.randn(batch, *shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
     plain_model = build_model(model_name, shape, 10, seed=0)
     dp_model = build_model(model_name, shape, 10, seed=0)
+    front, _ = split_front(plain_model)
+    if front is not None:  # scatnet: both train the head on features computed once
+        with torch.no_grad():
+            x = front(x)
+        plain_model, dp_model = split_front(plain_model)[1], split_front(dp_model)[1]
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01)
     sigma, clip, lr = 1.0, 1.0, 0.01
 
@@ -159,7 +165,7 @@ def measure(model_name: str, method: str, batch: int, reps: int, threads: int) -
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="mlp,cnn")
+    p.add_argument("--models", default="mlp,cnn,scatnet")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--reps", type=int, default=60, help="alternations of one plain, one DP step")
