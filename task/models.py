@@ -6,9 +6,9 @@ Learning with Differential Privacy", AAAI 2021).
 
 `scatnet`, the default for 1x28x28 images, is Tramer and Boneh's ScatterNet +
 linear model ("Differentially Private Learning Needs Better Features (or Much More
-Data)", ICLR 2021): a fixed scattering transform (`front`, no parameters, data
-independent, so it costs no privacy), GroupNorm without parameters, and one
-Linear layer (`head`, the only thing trained). Trainers and evaluators compute the
+Data)", ICLR 2021): a fixed scattering transform and GroupNorm without parameters
+(`front`: data independent, so it costs no privacy), then one Linear layer
+(`head`, the only thing trained). Trainers and evaluators compute the
 front once per dataset (`split_front`) and train and evaluate the head on the
 features.
 """
@@ -55,22 +55,33 @@ class CNN(nn.Module):
         return self.head(self.features(x))  # type: ignore[no-any-return]
 
 
-class ScatterNet(nn.Module):
-    """Scattering (J=2, L=8: 81 x 7 x 7) -> GroupNorm(27, no affine) -> Linear.
+class ScatterFeatures(nn.Module):
+    """ScatterNet's fixed part: scattering (J=2, L=8: 81 x 7 x 7), GroupNorm, flattened.
 
-    The 27 groups and the missing affine parameters are Tramer and Boneh's choice
-    for linear ScatterNet models (their `ScatterLinear`, input_norm="GroupNorm").
+    GroupNorm without affine parameters normalises each example on its own, so it
+    is as fixed and data-independent as the scattering; 27 groups is Tramer and
+    Boneh's choice for linear ScatterNet models (their `ScatterLinear`).
     """
 
-    def __init__(self, num_classes: int = 10, groups: int = 27) -> None:
+    def __init__(self, groups: int = 27) -> None:
         super().__init__()
-        self.front = Scattering2D((28, 28), J=2, L=8)
-        channels = self.front.out_channels
-        self.head = nn.Sequential(
-            nn.GroupNorm(groups, channels, affine=False),
-            nn.Flatten(),
-            nn.Linear(channels * 7 * 7, num_classes),
-        )
+        self.scattering = Scattering2D((28, 28), J=2, L=8)
+        channels = self.scattering.out_channels
+        self.norm = nn.GroupNorm(groups, channels, affine=False)
+        self.out_features = channels * 7 * 7
+        self.cache_key = f"{self.scattering.cache_key}-groupnorm{groups}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.scattering(x)).flatten(1)  # type: ignore[no-any-return]
+
+
+class ScatterNet(nn.Module):
+    """ScatterNet + linear: fixed `front` (ScatterFeatures), one trained Linear `head`."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.front = ScatterFeatures()
+        self.head = nn.Linear(self.front.out_features, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.front(x))  # type: ignore[no-any-return]

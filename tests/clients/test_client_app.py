@@ -233,4 +233,4 @@ def test_scatnet_site_computes_features_once_beside_its_ledger(
     assert len(list((tmp_path / "site-a" / "feature-cache").glob("*.pt"))) == 1
     arrays = second.content["arrays"]
     assert isinstance(arrays, ArrayRecord)
-    assert sorted(arrays.to_torch_state_dict()) == ["head.2.bias", "head.2.weight"]
+    assert sorted(arrays.to_torch_state_dict()) == ["head.bias", "head.weight"]

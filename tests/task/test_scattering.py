@@ -56,7 +56,7 @@ def test_rejects_wrong_shapes() -> None:
 def test_scatnet_trains_only_its_linear_head() -> None:
     model = build_model("scatnet", (1, 28, 28), 10, seed=0)
     assert isinstance(model, ScatterNet)
-    assert sorted(model.state_dict()) == ["head.2.bias", "head.2.weight"]
+    assert sorted(model.state_dict()) == ["head.bias", "head.weight"]
     assert resolve_model_name("auto", (1, 28, 28)) == "scatnet"
     assert resolve_model_name("auto", (64,)) == "mlp"
     with pytest.raises(ConfigError, match="needs 1x28x28"):
