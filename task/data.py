@@ -85,6 +85,14 @@ def load_dataset(
     raise DataError(f"Unknown dataset {name!r}. Use one of digits, fashion-mnist, mnist, npz.")
 
 
+def dataset_files(name: str, split: str, data_dir: str = "") -> list[Path]:
+    """The files a named dataset's split is read from ([] for the embedded digits)."""
+    if name in ("fashion-mnist", "mnist"):
+        root = _idx_root(name, data_dir)
+        return [_find(root, stem) for stem in IDX_FILES[split]]
+    return []
+
+
 def load_labels(name: str, split: str, data_dir: str = "") -> np.ndarray:
     """Only the labels of a named dataset's split (cheap: what partitioning needs)."""
     if name in ("fashion-mnist", "mnist"):

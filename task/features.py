@@ -58,21 +58,37 @@ def cached_features(
     if cache_dir is None:
         return featurize(front, data, device=device)
     path = cache_dir / f"{data_key(data)[:32]}-{front_key}.pt"
-    if path.is_file():
-        try:
-            x = torch.load(path, weights_only=True)
-            if isinstance(x, torch.Tensor) and x.shape[0] == len(data):
-                return Dataset(x, data.y, data.num_classes, data.source)
-        except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-            log.warning("features: cache file %s is unreadable (%s); recomputing", path, exc)
+    cached = read_cached(path)
+    if cached is not None and "x" in cached and cached["x"].shape[0] == len(data):
+        return Dataset(cached["x"], data.y, data.num_classes, data.source)
     out = featurize(front, data, device=device)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=".tmp-", suffix=".pt")
+    write_cached(path, {"x": out.x})
+    return out
+
+
+def read_cached(path: Path) -> dict[str, torch.Tensor] | None:
+    """Tensors a cache file holds; None when it is missing or unreadable (then rewritten)."""
+    if not path.is_file():
+        return None
+    try:
+        found = torch.load(path, weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        log.warning("cache: %s is unreadable (%s); recomputing", path, exc)
+        return None
+    if not isinstance(found, dict) or not all(isinstance(v, torch.Tensor) for v in found.values()):
+        log.warning("cache: %s holds something else; recomputing", path)
+        return None
+    return found
+
+
+def write_cached(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write atomically (a temporary file, then a rename), readable by the owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
     os.close(fd)
     try:
-        torch.save(out.x, tmp)
+        torch.save(tensors, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    return out

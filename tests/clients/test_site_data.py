@@ -1,0 +1,61 @@
+"""Where a site's data comes from; a simulated site decodes its share once per run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fedsilo.clients import site_data
+from fedsilo.clients.site_budget import fingerprint
+from fedsilo.clients.site_data import load_site_data
+from fedsilo.config import RunConfig
+from fedsilo.task import data as task_data
+
+from tests.task.test_data import write_idx
+
+
+def idx_dataset(root: Path, n: int = 200) -> None:
+    rng = np.random.default_rng(0)
+    root.mkdir(exist_ok=True)
+    write_idx(root / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)), gz=True)
+    write_idx(root / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, n), gz=True)
+
+
+def test_simulated_share_is_decoded_once_per_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    idx_dataset(tmp_path / "fm")
+    cfg = RunConfig(
+        dataset="fashion-mnist", data_dir=str(tmp_path / "fm"), run_dir=str(tmp_path / "run")
+    )
+    node = {"partition-id": 1, "num-partitions": 4}
+    calls: list[str] = []
+    real = site_data.load_dataset
+
+    def counting(*args: object, **kwargs: object) -> task_data.Dataset:
+        calls.append("load")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(site_data, "load_dataset", counting)
+    first = load_site_data(cfg, node).data
+    again = load_site_data(cfg, node).data
+    other = load_site_data(cfg, {"partition-id": 2, "num-partitions": 4}).data
+    assert calls == ["load", "load"]  # site 1 twice (decoded once), site 2 once
+    assert torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
+    assert fingerprint(first) == fingerprint(again)  # the ledger sees the same dataset
+    assert fingerprint(first) != fingerprint(other)
+    assert len(list((tmp_path / "run" / "ledgers" / "feature-cache").glob("data-*.pt"))) == 2
+
+
+def test_changed_files_are_decoded_again(tmp_path: Path) -> None:
+    idx_dataset(tmp_path / "fm", n=200)
+    cfg = RunConfig(
+        dataset="fashion-mnist", data_dir=str(tmp_path / "fm"), run_dir=str(tmp_path / "run")
+    )
+    node = {"partition-id": 0, "num-partitions": 2}
+    before = load_site_data(cfg, node).data
+    idx_dataset(tmp_path / "fm", n=300)  # the dataset was replaced between runs
+    after = load_site_data(cfg, node).data
+    assert len(before) == 100 and len(after) == 150
