@@ -106,7 +106,7 @@ def test_feature_cache_reuses_and_repairs(tmp_path: Path) -> None:
     files[0].write_bytes(b"not a tensor")  # a damaged cache is recomputed, not trusted
     again = cached_features(scat, data, tmp_path, front_key=scat.cache_key)
     assert torch.equal(first.x, again.x)
-    assert torch.equal(torch.load(files[0], weights_only=True), first.x)
+    assert torch.equal(torch.load(files[0], weights_only=True)["x"], first.x)
     other = Dataset(data.x.flip(0), data.y.flip(0), 10, "t")
     cached_features(scat, other, tmp_path, front_key=scat.cache_key)
     assert len(list(tmp_path.glob("*.pt"))) == 2  # different examples, different entry
