@@ -73,6 +73,7 @@ def train(msg: Message, context: Context) -> Message:
         auth.run_prior,
         gen,
         cache_dir=feature_cache_dir(budget.ledger),
+        data_id=auth.dataset,  # hashed once per round, for the ledger and the cache
     )
     if result.event != auth.event:  # the ledger must hold exactly what was spent
         raise RuntimeError(f"trained {result.event}, but the ledger recorded {auth.event}")

@@ -124,20 +124,23 @@ def site_trainer(
     global_state: Mapping[str, torch.Tensor] | None = None,
     *,
     cache_dir: Path | None = None,
+    data_id: str | None = None,
 ) -> tuple[nn.Module, DPTrainer, Dataset]:
     """The site's model, the DP-SGD trainer for its trained part, and what that trains on.
 
     A model with a fixed front (scatnet) trains its head on the front's features,
     computed once per dataset and kept in `cache_dir` across rounds; other models
     train whole on `data`. Either way each example is one row, so Poisson sampling,
-    clipping and the accounting are unchanged.
+    clipping and the accounting are unchanged. `data_id`: the data's fingerprint, when
+    the caller has computed it (fedsilo.task.features.cached_features).
     """
     model = site_model(cfg, data, global_state)
     device = resolve_device(cfg.device)
     front, head = split_front(model)
     if front is not None:
-        key = str(getattr(front, "cache_key", type(front).__name__))
-        data = cached_features(front, data, cache_dir, front_key=key, device=device)
+        data = cached_features(
+            front, data, cache_dir, front_key=front.cache_key, data_id=data_id, device=device
+        )
     trainer = DPTrainer(
         head,
         noise_multiplier=plan.noise_multiplier,
@@ -160,10 +163,11 @@ def train_round(
     generator: torch.Generator,
     *,
     cache_dir: Path | None = None,
+    data_id: str | None = None,
 ) -> RoundResult:
     """Train one round from the global model with DP-SGD, and account for it."""
     model, trainer, train_data = site_trainer(
-        cfg, data, plan, generator, global_state, cache_dir=cache_dir
+        cfg, data, plan, generator, global_state, cache_dir=cache_dir, data_id=data_id
     )
     stats = trainer.train_epochs(train_data, cfg.local_epochs)
     event = SampledGaussianEvent(

@@ -43,6 +43,7 @@ class Authorisation:
     run_prior: list[SampledGaussianEvent]  # this run's earlier rounds on this dataset
     site_epsilon: float  # all spend on this dataset after this round, at the policy's delta
     head: str  # the ledger's head sha256 after the append
+    dataset: str  # the fingerprint of the data the spend is recorded against
 
 
 def site_budget(node_config: Mapping[str, object], cfg: RunConfig, site: str) -> SiteBudget:
@@ -140,7 +141,7 @@ def authorise_round(
                 site=site,
             )
         )
-    return Authorisation(plan, event, [s.event for s in mine], site_epsilon, head)
+    return Authorisation(plan, event, [s.event for s in mine], site_epsilon, head, dataset)
 
 
 def _check_run_fits(policy: SitePolicy, prior: list[SampledGaussianEvent], plan: DPPlan) -> None:

@@ -135,7 +135,7 @@ def run_simulation(
                 os.environ[key] = value
         stop.set()
         watcher.join()
-        # The virtual sites' cached features (fedsilo.task.features) are derived from a
+        # The virtual sites' cached features and decoded data shares are derived from a
         # public dataset the run can re-read: drop them rather than leave ~100 MB a site.
         shutil.rmtree(feature_cache_dir(simulated_ledger(run_dir, 0)), ignore_errors=True)
     summary_file = run_dir / "summary.json"

@@ -52,12 +52,18 @@ def cached_features(
     cache_dir: Path | None,
     *,
     front_key: str,
+    data_id: str | None = None,
     device: torch.device | None = None,
 ) -> Dataset:
-    """featurize(front, data), read from `cache_dir` when computed before (None: no cache)."""
+    """featurize(front, data), read from `cache_dir` when computed before (None: no cache).
+
+    `data_id` is `data_key(data)` (or the ledger's "sha256:" fingerprint of it) when the
+    caller has already hashed the data; otherwise it is computed here.
+    """
     if cache_dir is None:
         return featurize(front, data, device=device)
-    path = cache_dir / f"{data_key(data)[:32]}-{front_key}.pt"
+    digest = (data_id or data_key(data)).removeprefix("sha256:")
+    path = cache_dir / f"{digest[:32]}-{front_key}.pt"
     cached = read_cached(path)
     if cached is not None and "x" in cached and cached["x"].shape[0] == len(data):
         return Dataset(cached["x"], data.y, data.num_classes, data.source)

@@ -87,7 +87,7 @@ class ScatterNet(nn.Module):
         return self.head(self.front(x))  # type: ignore[no-any-return]
 
 
-def split_front(model: nn.Module) -> tuple[nn.Module | None, nn.Module]:
+def split_front(model: nn.Module) -> tuple[ScatterFeatures | None, nn.Module]:
     """(fixed front, trained head) of a model; (None, model) when all of it trains."""
     if isinstance(model, ScatterNet):
         return model.front, model.head
