@@ -1,0 +1,36 @@
+"""What crosses the wire between the ServerApp and a site's ClientApp: one home for the keys.
+
+Both sides import these names; neither spells a key as a string literal. Every
+value a site sends is listed here with why it is safe to send (README, "What a
+site sends"): only the DP model update and public facts about the run leave a site.
+
+Server -> site (a train message, built by Flower's FedAvg):
+  ARRAYS        the global model (public to every site of the federation)
+  CONFIG        ConfigRecord with SERVER_ROUND
+
+Site -> server (a train reply):
+  ARRAYS        the site's model after DP-SGD (covered by the site's DP guarantee)
+  METRICS       MetricRecord with REPLY_METRICS
+  SITE          ConfigRecord with LEDGER_HEAD (a commitment to the site's ledger)
+
+A site's *name* never travels in a message: the server takes it from the identity
+Flower authenticated (the node's registered key; in simulation the partition).
+"""
+
+from __future__ import annotations
+
+ARRAYS = "arrays"
+CONFIG = "config"
+SERVER_ROUND = "server-round"
+
+METRICS = "metrics"
+NUM_EXAMPLES = "num-examples"  # the site's example count: public, it sets the sample rate
+EPSILON = "epsilon"  # this run's cumulative epsilon at DELTA: a function of the public plan
+DELTA = "delta"  # the run's target delta (from the run config)
+TARGET_EPSILON = "target-epsilon"  # the run's target (from the run config)
+NOISE_MULTIPLIER = "noise-multiplier"  # calibrated from the run config and NUM_EXAMPLES only
+STEPS = "steps"  # DP-SGD steps this round: local-epochs x round(N / batch-size)
+REPLY_METRICS = (NUM_EXAMPLES, EPSILON, DELTA, TARGET_EPSILON, NOISE_MULTIPLIER, STEPS)
+
+SITE = "site"
+LEDGER_HEAD = "ledger-head"  # sha256 of the site's last ledger line after this round's spend
