@@ -34,3 +34,8 @@ REPLY_METRICS = (NUM_EXAMPLES, EPSILON, DELTA, TARGET_EPSILON, NOISE_MULTIPLIER,
 
 SITE = "site"
 LEDGER_HEAD = "ledger-head"  # sha256 of the site's last ledger line after this round's spend
+
+# A site that trained but will not send its update (it is not finite) replies with a
+# Flower error of this code and a reason; a refusal to train uses REFUSAL_CODE
+# (fedsilo.privacy.refusal). Both are outside Flower's own ErrorCode values (0-8).
+SITE_FAILURE_CODE = 4101

@@ -116,12 +116,14 @@ def _components(sc: dict[str, Any], run_dir: str) -> dict[str, Any]:
     import torch
     from fedsilo.cli import build_parser
     from fedsilo.clients.dp_train import plan_run, site_trainer
-    from fedsilo.clients.site_data import load_site_data
+    from fedsilo.privacy.policy import SitePolicy
     from fedsilo.privacy.accountant import epsilon
     from fedsilo.privacy.events import SampledGaussianEvent
     from fedsilo.server.evaluate import global_model, load_eval_data, make_evaluator
     from fedsilo.simulations.command import config_from_args
+    from fedsilo.simulations.ledgers import write_site_policies
     from fedsilo.simulations.runner import preflight
+    from fedsilo.simulations.sites import SimulatedSites
     from flwr.app import ArrayRecord
 
     argv = ["simulate", "--sites", str(sc["sites"]), "--dataset", sc["dataset"]]
@@ -132,6 +134,9 @@ def _components(sc: dict[str, Any], run_dir: str) -> dict[str, Any]:
     preflight(cfg, sc["sites"])
     pre = time.monotonic() - t0
 
+    policy = SitePolicy(max_epsilon=cfg.target_epsilon, delta=cfg.target_delta)
+    write_site_policies(run_dir, [policy] * sc["sites"])
+    load_site_data = SimulatedSites(run_dir)
     load_s, reload_s, train_s, plan_s, setup_s = [], [], [], [], []
     plans: dict[int, Any] = {}
     for pid in range(sc["sites"]):
@@ -150,9 +155,7 @@ def _components(sc: dict[str, Any], run_dir: str) -> dict[str, Any]:
         plan = plans[n]
         # The product's own trainer for the round (fresh global model: a round's work).
         t0 = time.monotonic()  # includes a fixed front's features (once per site and run)
-        _, trainer, train_data = site_trainer(
-            cfg, site.data, plan, torch.Generator().manual_seed(pid)
-        )
+        _, trainer, train_data = site_trainer(cfg, site.data, plan, site.random(1))
         setup_s.append(time.monotonic() - t0)
         t0 = time.monotonic()
         trainer.train_epochs(train_data, cfg.local_epochs)

@@ -1,54 +1,52 @@
 """The fedsilo ClientApp: one site's side of a round. Translates messages only.
 
-It loads the site's data from its node config, has the site's budget authorise
-the round (fedsilo.clients.site_budget: policy check, then the spend is written to
-the site's ledger before training), trains the received global model with DP-SGD
-(fedsilo.clients.dp_train) and replies with the update, the example count,
-training metrics and the site's epsilon. A site that refuses replies with a
-fedsilo refusal (fedsilo.privacy.refusal) saying why. The same ClientApp runs in
-`fedsilo simulate` and under `flower-supernode` in deployment.
+`build_client_app(resolve_site)` makes a ClientApp whose sites come from
+`resolve_site` (fedsilo.clients.site_env): `app`, the one the manifest names and
+`flower-supernode` runs, resolves deployed sites; `fedsilo simulate` builds its own
+with simulated sites. The round itself is the same code either way: the site's
+budget authorises it (fedsilo.clients.site_budget: policy check, then the spend is
+written to the ledger before training), the site trains the global model with
+DP-SGD (fedsilo.clients.dp_train) on its own random source, checks what it is about
+to send, and replies with only what fedsilo.protocol lists: the DP update, its
+example count, this run's epsilon and plan, and its ledger head. A site that
+refuses replies with a fedsilo refusal (fedsilo.privacy.refusal) that says why
+without disclosing its spend elsewhere.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 
-from fedsilo.clients.dp_train import feature_cache_dir, site_generator, train_round
-from fedsilo.clients.site_budget import authorise_round, site_budget
-from fedsilo.clients.site_data import load_site_data
+from fedsilo import protocol
+from fedsilo.clients.dp_train import train_round
+from fedsilo.clients.site_budget import authorise_round
+from fedsilo.clients.site_env import NAME_KEY, SiteResolver, deployed_site
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, PrivacyError
-from fedsilo.privacy.refusal import REFUSAL_CODE, refusal_reason
-from flwr.app import (
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Error,
-    Message,
-    MetricRecord,
-    RecordDict,
-)
+from fedsilo.privacy.refusal import REFUSAL_CODE, public_reason, refusal_reason
+from fedsilo.task.features import drop_cache
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 log = logging.getLogger("fedsilo.client")
-app = ClientApp()
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
+def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message:
     """Train the global model locally under DP and reply with the update (or refuse)."""
     cfg = RunConfig.from_flwr(context.run_config)
-    site = load_site_data(cfg, context.node_config)
-    server_round = int(str(msg.content["config"]["server-round"]))
-    arrays = msg.content["arrays"]
+    server_round = _server_round(msg)
+    arrays = msg.content.get(protocol.ARRAYS)
     if not isinstance(arrays, ArrayRecord):
         raise ConfigError("The server's train message carries no model arrays.")
+    name = str(context.node_config.get(NAME_KEY, "site"))
     # The ledger, not context.state, holds the spend: it survives SuperNode restarts
     # and separate runs on the same data.
     try:
-        budget = site_budget(context.node_config, cfg, site.name)
+        site = resolve_site(cfg, context.node_config)
+        name = site.name
         auth = authorise_round(
-            budget,
+            site.budget,
             cfg,
             site.data,
             site=site.name,
@@ -56,54 +54,76 @@ def train(msg: Message, context: Context) -> Message:
             server_round=server_round,
         )
     except PrivacyError as exc:
-        log.warning("train: site %s refuses round %d: %s", site.name, server_round, exc)
-        return Message(Error(REFUSAL_CODE, refusal_reason(site.name, str(exc))), reply_to=msg)
+        log.warning("train: site %s refuses round %d: %s", name, server_round, exc)
+        reason = refusal_reason(name, public_reason(exc))
+        return Message(Error(REFUSAL_CODE, reason), reply_to=msg)
 
-    gen = site_generator(
-        cfg,
-        site_index=int(str(context.node_config.get("partition-id", 0))),
-        server_round=server_round,
-        simulated=site.simulated,
-    )
     result = train_round(
         cfg,
         site.data,
         arrays.to_torch_state_dict(),
         auth.plan,
         auth.run_prior,
-        gen,
-        cache_dir=feature_cache_dir(budget.ledger),
+        site.random(server_round),
+        cache_dir=site.cache_dir,
         data_id=auth.dataset,  # hashed once per round, for the ledger and the cache
     )
+    if server_round == cfg.rounds and not site.keep_cache:
+        drop_cache(site.cache_dir)  # features of private data do not outlive the run
     if result.event != auth.event:  # the ledger must hold exactly what was spent
         raise RuntimeError(f"trained {result.event}, but the ledger recorded {auth.event}")
+    bad = [k for k, v in result.state_dict.items() if not bool(v.isfinite().all())]
+    if bad or not math.isfinite(result.epsilon):
+        why = (
+            f"the update is not finite (NaN or infinity in {', '.join(bad[:3])}); the site "
+            "sends nothing. Check the scale of its data (features of order 1) and lr."
+        )
+        log.error("train: site %s round %d: %s", site.name, server_round, why)
+        return Message(Error(protocol.SITE_FAILURE_CODE, why), reply_to=msg)
     log.info(
-        "train: site %s round %d epsilon %.3f (site total %.3f of %g)",
+        "train: site %s round %d epsilon %.3f of target %g",
         site.name,
         server_round,
         result.epsilon,
-        auth.site_epsilon,
-        budget.policy.max_epsilon,
+        cfg.target_epsilon,
     )
     metrics = MetricRecord(
         {
-            "num-examples": result.examples,
-            "train-loss": result.train_loss,
-            "epsilon": result.epsilon,
-            "delta": cfg.target_delta,
-            "target-epsilon": cfg.target_epsilon,
-            "noise-multiplier": auth.plan.noise_multiplier,
-            "steps": result.event.steps,
-            "site-epsilon": auth.site_epsilon,
-            "site-budget": budget.policy.max_epsilon,
-            "site-delta": budget.policy.delta,
+            protocol.NUM_EXAMPLES: result.examples,
+            protocol.EPSILON: result.epsilon,
+            protocol.DELTA: cfg.target_delta,
+            protocol.TARGET_EPSILON: cfg.target_epsilon,
+            protocol.NOISE_MULTIPLIER: auth.plan.noise_multiplier,
+            protocol.STEPS: result.event.steps,
         }
     )
     content = RecordDict(
         {
-            "arrays": ArrayRecord(result.state_dict),
-            "metrics": metrics,
-            "site": ConfigRecord({"name": site.name, "ledger-head": auth.head}),
+            protocol.ARRAYS: ArrayRecord(result.state_dict),
+            protocol.METRICS: metrics,
+            protocol.SITE: ConfigRecord({protocol.LEDGER_HEAD: auth.head}),
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _server_round(msg: Message) -> int:
+    config = msg.content.get(protocol.CONFIG)
+    raw = config.get(protocol.SERVER_ROUND) if isinstance(config, ConfigRecord) else None
+    if isinstance(raw, bool) or not isinstance(raw, int):
+        raise ConfigError(f"The server's train message has no integer `server-round`: {raw!r}.")
+    return raw
+
+
+def build_client_app(resolve_site: SiteResolver) -> ClientApp:
+    """A ClientApp whose sites come from `resolve_site`."""
+    client = ClientApp()
+
+    @client.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return train(msg, context, resolve_site)
+
+    return client
+
+
+app = build_client_app(deployed_site)  # what `flower-supernode` runs (the app manifest)

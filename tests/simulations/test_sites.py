@@ -1,4 +1,4 @@
-"""Where a site's data comes from; a simulated site decodes its share once per run."""
+"""Virtual sites: a simulated site decodes its share once per run."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fedsilo.clients import site_data
 from fedsilo.clients.site_budget import fingerprint
-from fedsilo.clients.site_data import load_site_data
 from fedsilo.config import RunConfig
+from fedsilo.privacy.policy import SitePolicy
+from fedsilo.simulations import sites
+from fedsilo.simulations.ledgers import write_site_policies
+from fedsilo.simulations.sites import SimulatedSites
 from fedsilo.task import data as task_data
 
 from tests.task.test_data import write_idx
@@ -38,7 +40,9 @@ def test_simulated_share_is_decoded_once_per_run(
         calls.append("load")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(site_data, "load_dataset", counting)
+    monkeypatch.setattr(sites, "load_dataset", counting)
+    write_site_policies(cfg.run_dir, [SitePolicy(max_epsilon=8.0)] * 4)
+    load_site_data = SimulatedSites(cfg.run_dir)
     first = load_site_data(cfg, node).data
     again = load_site_data(cfg, node).data
     other = load_site_data(cfg, {"partition-id": 2, "num-partitions": 4}).data
@@ -55,6 +59,8 @@ def test_changed_files_are_decoded_again(tmp_path: Path) -> None:
         dataset="fashion-mnist", data_dir=str(tmp_path / "fm"), run_dir=str(tmp_path / "run")
     )
     node = {"partition-id": 0, "num-partitions": 2}
+    write_site_policies(cfg.run_dir, [SitePolicy(max_epsilon=8.0)] * 2)
+    load_site_data = SimulatedSites(cfg.run_dir)
     before = load_site_data(cfg, node).data
     idx_dataset(tmp_path / "fm", n=300)  # the dataset was replaced between runs
     after = load_site_data(cfg, node).data

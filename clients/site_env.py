@@ -1,0 +1,87 @@
+"""A site's environment: its data, ledger, policy and randomness, resolved once. No Flower.
+
+The ClientApp never guesses where these come from: it is built with a `SiteResolver`
+by whoever runs it, and the resolver alone turns the node config into a
+`SiteEnvironment`.
+
+- `deployed_site` is the resolver of the ClientApp the manifest names, the one
+  `flower-supernode` runs. It reads the node config `fedsilo client start` passes
+  (`data-path`, `site-name`, `ledger-path`, `policy-*`, `keep-feature-cache`) and
+  draws DP randomness from a cryptographically secure source seeded from the OS
+  (fedsilo.task.rng.SecureRandom). A node config without those keys is refused,
+  whatever else it holds: a SuperNode started with a `partition-id` never falls into
+  the simulated path, and nothing the server sends (run seed included) reaches the
+  site's random source.
+- `fedsilo.simulations.sites.SimulatedSites` is the resolver of `fedsilo simulate`
+  only: it builds its ClientApp in-process and hands it to the simulation engine.
+  Its sites take a share of a public dataset, keep their ledgers in the run directory
+  and draw reproducible randomness from `--seed` (experiments, not deployments).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsilo.clients.dp_train import feature_cache_dir
+from fedsilo.clients.site_budget import SiteBudget
+from fedsilo.clients.site_data import load_site_file
+from fedsilo.config import RunConfig
+from fedsilo.errors import PrivacyError
+from fedsilo.privacy import ledger
+from fedsilo.privacy.policy import LEDGER_KEY, SitePolicy
+from fedsilo.task.data import Dataset
+from fedsilo.task.rng import SecureRandom, SeededRandom, SiteRandom
+
+DATA_KEY = "data-path"
+NAME_KEY = "site-name"
+KEEP_CACHE_KEY = "keep-feature-cache"
+
+
+@dataclass(frozen=True)
+class SiteEnvironment:
+    """Everything that differs between one site and another, and between simulation and deployment."""
+
+    name: str
+    data: Dataset
+    budget: SiteBudget
+    cache_dir: Path  # features of the site's own data between rounds (private, like the data)
+    keep_cache: bool  # False: the ClientApp deletes cache_dir after the run's last round
+    # None: every round draws from a fresh SecureRandom (deployment). An int: a simulated
+    # site's own stream, reproducible from the run's --seed (experiments only).
+    simulation_seed: int | None = None
+
+    @property
+    def simulated(self) -> bool:
+        return self.simulation_seed is not None
+
+    def random(self, server_round: int) -> SiteRandom:
+        """The source of this round's Poisson sampling and Gaussian noise."""
+        if self.simulation_seed is None:
+            return SecureRandom()
+        return SeededRandom(self.simulation_seed * 10_007 + server_round)
+
+
+SiteResolver = Callable[[RunConfig, Mapping[str, object]], SiteEnvironment]
+
+
+def deployed_site(cfg: RunConfig, node_config: Mapping[str, object]) -> SiteEnvironment:
+    """A real site, from the node config `fedsilo client start` gives its SuperNode.
+
+    Raises:
+        ConfigError, DataError: no data file, or one that does not fit the run's task.
+        PrivacyError: no ledger or no policy (a site never trains without both).
+    """
+    data = load_site_file(cfg, node_config.get(DATA_KEY))
+    name = str(node_config.get(NAME_KEY) or node_config[DATA_KEY])
+    policy = SitePolicy.from_node_config(node_config)
+    if not str(node_config.get(LEDGER_KEY, "")):
+        raise PrivacyError(
+            "This site has no privacy ledger: set `ledger-path` in its node config "
+            "(fedsilo client start passes the kit's ledger). It refuses to train without one."
+        )
+    path = Path(str(node_config[LEDGER_KEY])).expanduser()
+    ledger.ensure_policy(path, name, policy)
+    keep = str(node_config.get(KEEP_CACHE_KEY, "false")).lower() == "true"
+    return SiteEnvironment(name, data, SiteBudget(path, policy), feature_cache_dir(path), keep)
