@@ -9,7 +9,10 @@ and a plain SGD step on the same batch, alternating single steps `--reps` times 
 machine may be shared; ratios from one process are what to compare). Methods:
 
 - `fedsilo`: the product's `DPTrainer.step` (fedsilo.task.clipping: ghost norms and
-  book-keeping for Linear layers, per-sample products for Conv2d);
+  book-keeping for Linear layers, per-sample products for Conv2d) with a deployed
+  site's noise (fedsilo.task.rng.SecureRandom, ChaCha20); the same process also times
+  the step with simulation's seeded torch generator (`SeededRandom`), alternating with
+  the other two, and reports `secure_vs_seeded`, the cost of the secure source;
 - `opacus-hooks`: Opacus GradSampleModule hooks + DPOptimizer (fedsilo before this);
 - `opacus-functorch`: the same with `force_functorch=True`;
 - `opacus-ghost`: Opacus fast gradient clipping (ghost clipping, two backward passes);
@@ -37,11 +40,11 @@ MODELS = {"mlp": (64,), "cnn": (1, 28, 28), "scatnet": (1, 28, 28)}
 METHODS = ("fedsilo", "opacus-hooks", "opacus-functorch", "opacus-ghost", "torch-func-vmap")
 
 
-def make_steps(
-    model_name: str, method: str, batch: int
-) -> tuple[Callable[[], None], Callable[[], None]]:
+def make_steps(model_name: str, method: str, batch: int) -> dict[str, Callable[[], None]]:
+    """The steps to alternate: "plain" and "dp" (and "dp_seeded" for fedsilo)."""
     import torch
     from fedsilo.task.models import build_model, split_front
+    from fedsilo.task.rng import SecureRandom, SeededRandom
     from fedsilo.task.train import DPTrainer
     from torch import nn
 
@@ -64,17 +67,28 @@ def make_steps(
         plain_opt.step()
 
     if method == "fedsilo":
-        trainer = DPTrainer(
-            dp_model,
-            noise_multiplier=sigma,
-            max_grad_norm=clip,
-            expected_batch_size=batch,
-            lr=lr,
-            generator=gen,
+        seeded_model = build_model(model_name, shape, 10, seed=0)
+        if front is not None:
+            seeded_model = split_front(seeded_model)[1]
+        trainer, seeded = (
+            DPTrainer(
+                m,
+                noise_multiplier=sigma,
+                max_grad_norm=clip,
+                expected_batch_size=batch,
+                lr=lr,
+                rng=rng,
+            )
+            for m, rng in ((dp_model, SecureRandom()), (seeded_model, SeededRandom(0)))
         )
+
+        def dp_seeded() -> None:
+            seeded.step(x, y)
 
         def dp() -> None:
             trainer.step(x, y)
+
+        return {"plain": plain, "dp": dp, "dp_seeded": dp_seeded}
 
     elif method in ("opacus-hooks", "opacus-functorch"):
         from opacus import GradSampleModule
@@ -138,7 +152,7 @@ def make_steps(
 
     else:
         raise SystemExit(f"unknown method {method}")
-    return plain, dp
+    return {"plain": plain, "dp": dp}
 
 
 def measure(model_name: str, method: str, batch: int, reps: int, threads: int) -> dict[str, Any]:
@@ -147,11 +161,12 @@ def measure(model_name: str, method: str, batch: int, reps: int, threads: int) -
 
     torch.set_num_threads(threads)
     warnings.filterwarnings("ignore")
-    plain, dp = make_steps(model_name, method, batch)
+    steps = make_steps(model_name, method, batch)
     for _ in range(3):
-        plain()
+        steps["plain"]()
     plain_rss = peak_rss_mb()
-    t = interleaved({"plain": plain, "dp": dp}, reps=reps)
+    t = interleaved(steps, reps=reps)
+    extra = {"secure_vs_seeded": t["dp"] / t["dp_seeded"]} if "dp_seeded" in t else {}
     return {
         "model": model_name,
         "method": method,
@@ -160,6 +175,7 @@ def measure(model_name: str, method: str, batch: int, reps: int, threads: int) -
         "ratio": t["dp"] / t["plain"],
         "plain_peak_rss_mb": plain_rss,
         "peak_rss_mb": peak_rss_mb(),
+        **extra,
     }
 
 
@@ -193,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(f"{model_name}/{method}: ratio {rows[-1]['ratio']:.2f}", file=sys.stderr)
     cols = ["model", "method", "plain_samples_per_s", "dp_samples_per_s", "ratio"]
+    cols += ["secure_vs_seeded"]
     cols += ["plain_peak_rss_mb", "peak_rss_mb"]
     print(markdown(rows, cols))
     info = {**machine(), "threads": args.threads, "batch_size": args.batch_size}

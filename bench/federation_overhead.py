@@ -113,12 +113,11 @@ def components(sc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _components(sc: dict[str, Any], run_dir: str) -> dict[str, Any]:
-    import torch
     from fedsilo.cli import build_parser
     from fedsilo.clients.dp_train import plan_run, site_trainer
-    from fedsilo.privacy.policy import SitePolicy
     from fedsilo.privacy.accountant import epsilon
     from fedsilo.privacy.events import SampledGaussianEvent
+    from fedsilo.privacy.policy import SitePolicy
     from fedsilo.server.evaluate import global_model, load_eval_data, make_evaluator
     from fedsilo.simulations.command import config_from_args
     from fedsilo.simulations.ledgers import write_site_policies

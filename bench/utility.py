@@ -84,6 +84,7 @@ def fedavg_in_process(
     from fedsilo.task.data import load_dataset
     from fedsilo.task.features import featurize
     from fedsilo.task.models import build_model, split_front
+    from fedsilo.task.rng import SeededRandom
     from fedsilo.task.train import DPTrainer, evaluate
 
     torch.set_num_threads(1)
@@ -129,7 +130,7 @@ def fedavg_in_process(
         for i, data in enumerate(sites):
             local = new_model()
             local.load_state_dict(model.state_dict())
-            gen = torch.Generator().manual_seed((seed * 1_000_003 + i) * 10_007 + rnd)
+            rng = SeededRandom((seed * 1_000_003 + i) * 10_007 + rnd)  # as fedsilo simulate
             plan = plans.get(len(data))
             trainer = DPTrainer(
                 split_front(local)[1],
@@ -138,7 +139,7 @@ def fedavg_in_process(
                 expected_batch_size=hp["batch_size"],
                 lr=hp["lr"] if plan else hp.get("nodp_lr", NODP_LR),
                 momentum=hp["momentum"],
-                generator=gen,
+                rng=rng,
             )
             trainer.train_epochs(data, hp["local_epochs"])
             states.append(local.state_dict())

@@ -10,7 +10,6 @@ events, so it accumulates across rounds and process restarts.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,14 @@ from fedsilo.privacy.events import SampledGaussianEvent
 from fedsilo.task.data import Dataset
 from fedsilo.task.features import cached_features
 from fedsilo.task.models import build_model, resolve_model_name, split_front
-from fedsilo.task.train import DPTrainer, resolve_device, sample_rate, steps_per_epoch
+from fedsilo.task.rng import SiteRandom
+from fedsilo.task.train import (
+    DPTrainer,
+    check_private_state,
+    resolve_device,
+    sample_rate,
+    steps_per_epoch,
+)
 from torch import nn
 
 
@@ -54,7 +60,6 @@ class RoundResult:
 
     state_dict: dict[str, torch.Tensor]
     examples: int
-    train_loss: float
     event: SampledGaussianEvent
     epsilon: float  # cumulative, over every event including this round's
 
@@ -74,24 +79,6 @@ def plan_run(cfg: RunConfig, n_examples: int, prior: Sequence[SampledGaussianEve
     return DPPlan(
         noise_multiplier=sigma, sample_rate=q, steps_per_round=per_round, rounds=cfg.rounds
     )
-
-
-def site_generator(
-    cfg: RunConfig, *, site_index: int, server_round: int, simulated: bool
-) -> torch.Generator:
-    """The generator for Poisson sampling and noise.
-
-    A simulated site derives it from the run seed (one user controls every site, and
-    the same seed must give the same metrics). A real site never does: the server
-    chooses the run seed, and noise it can predict is noise it can subtract. Real
-    sites draw the seed from the OS entropy pool.
-    """
-    gen = torch.Generator()
-    if simulated:
-        gen.manual_seed((cfg.seed * 1_000_003 + site_index) * 10_007 + server_round)
-    else:
-        gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
-    return gen
 
 
 def feature_cache_dir(ledger_path: Path) -> Path:
@@ -120,7 +107,7 @@ def site_trainer(
     cfg: RunConfig,
     data: Dataset,
     plan: DPPlan,
-    generator: torch.Generator,
+    rng: SiteRandom,
     global_state: Mapping[str, torch.Tensor] | None = None,
     *,
     cache_dir: Path | None = None,
@@ -135,6 +122,7 @@ def site_trainer(
     the caller has computed it (fedsilo.task.features.cached_features).
     """
     model = site_model(cfg, data, global_state)
+    check_private_state(model)  # the fixed front too: everything in the state dict is sent
     device = resolve_device(cfg.device)
     front, head = split_front(model)
     if front is not None:
@@ -148,7 +136,7 @@ def site_trainer(
         expected_batch_size=cfg.batch_size,
         lr=cfg.lr,
         momentum=cfg.momentum,
-        generator=generator,
+        rng=rng,
         device=device,
     )
     return model, trainer, data
@@ -160,14 +148,14 @@ def train_round(
     global_state: Mapping[str, torch.Tensor],
     plan: DPPlan,
     prior: Sequence[SampledGaussianEvent],
-    generator: torch.Generator,
+    rng: SiteRandom,
     *,
     cache_dir: Path | None = None,
     data_id: str | None = None,
 ) -> RoundResult:
     """Train one round from the global model with DP-SGD, and account for it."""
     model, trainer, train_data = site_trainer(
-        cfg, data, plan, generator, global_state, cache_dir=cache_dir, data_id=data_id
+        cfg, data, plan, rng, global_state, cache_dir=cache_dir, data_id=data_id
     )
     stats = trainer.train_epochs(train_data, cfg.local_epochs)
     event = SampledGaussianEvent(
@@ -175,6 +163,4 @@ def train_round(
     )
     eps = epsilon([*prior, event], delta=cfg.target_delta, accountant=cfg.accountant)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return RoundResult(
-        state_dict=state, examples=len(data), train_loss=stats.mean_loss, event=event, epsilon=eps
-    )
+    return RoundResult(state_dict=state, examples=len(data), event=event, epsilon=eps)

@@ -41,7 +41,7 @@ KEEP_CACHE_KEY = "keep-feature-cache"
 
 @dataclass(frozen=True)
 class SiteEnvironment:
-    """Everything that differs between one site and another, and between simulation and deployment."""
+    """What differs between sites, and between simulation and deployment."""
 
     name: str
     data: Dataset

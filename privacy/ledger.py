@@ -45,6 +45,13 @@ GENESIS = "0" * 64  # prev_sha256 of a ledger's first line
 class LedgerError(PrivacyError):
     """A ledger that cannot be trusted (tampered, truncated) or written."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(
+            message,
+            public="the site's privacy ledger cannot be read, verified or written; the site "
+            "trains no round until its operator repairs it.",
+        )
+
 
 @dataclass(frozen=True)
 class PolicyEntry:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 
+from fedsilo.errors import PrivacyError
+
 REFUSAL_CODE = 4100  # outside Flower's ErrorCode values (0-8 in flwr 1.39)
 
 
@@ -30,3 +32,8 @@ def parse_refusal(code: int, reason: str) -> tuple[str, str] | None:
         return str(d["site"]), str(d["refused"])
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def public_reason(exc: PrivacyError) -> str:
+    """What a refusing site tells the server: the rule that refused, never its spend."""
+    return exc.public

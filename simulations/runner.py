@@ -49,10 +49,10 @@ def run_simulation(
     `site_policies[i]` is virtual site i's own policy (default: a budget of the run's
     target epsilon at its delta). Ledgers already in RUN_DIR/ledgers keep their spend.
     """
-    from fedsilo.clients.client_app import app as client_app
-    from fedsilo.clients.dp_train import feature_cache_dir
+    from fedsilo.clients.client_app import build_client_app
     from fedsilo.server.server_app import app as server_app
-    from fedsilo.simulations.ledgers import simulated_ledger, write_site_policies
+    from fedsilo.simulations.ledgers import write_site_policies
+    from fedsilo.simulations.sites import SimulatedSites, simulated_cache_dir
     from flwr.app import Context, RecordDict
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
@@ -108,7 +108,8 @@ def run_simulation(
         _run_simulation(
             num_supernodes=sites,
             exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            client_app=client_app,
+            # The deployed ClientApp's code, with virtual sites: only this runner makes one.
+            client_app=build_client_app(SimulatedSites(str(run_dir))),
             server_app=server_app,
             backend_name="ray",
             backend_config=backend_config,
@@ -137,7 +138,7 @@ def run_simulation(
         watcher.join()
         # The virtual sites' cached features and decoded data shares are derived from a
         # public dataset the run can re-read: drop them rather than leave ~100 MB a site.
-        shutil.rmtree(feature_cache_dir(simulated_ledger(run_dir, 0)), ignore_errors=True)
+        shutil.rmtree(simulated_cache_dir(run_dir), ignore_errors=True)
     summary_file = run_dir / "summary.json"
     if not summary_file.exists():
         raise FedsiloError(

@@ -6,7 +6,11 @@ dataset instead of once per step is what makes it cheap (a site's 6,000
 Fashion-MNIST images take seconds; the head then trains in milliseconds per step).
 
 The cache is a directory of `<data fingerprint>-<front key>.pt` files, written
-atomically; a file that does not load is recomputed and replaced. Plain PyTorch, no Flower.
+atomically; a file that does not load is recomputed and replaced. Features of private
+data are as private as the data (scatnet's are a near-invertible copy of the images):
+the folder is owner-only (0700) and its files 0600, whatever the umask, and a site
+deletes it when its run ends (`drop_cache`) unless its operator keeps it. Plain PyTorch,
+no Flower.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import hashlib
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -89,7 +94,7 @@ def read_cached(path: Path) -> dict[str, torch.Tensor] | None:
 
 def write_cached(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write atomically (a temporary file, then a rename), readable by the owner only."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(path.parent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".pt")
     os.close(fd)
     try:
@@ -98,3 +103,17 @@ def write_cached(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def private_dir(path: Path) -> None:
+    """Create `path` owner-only (0700), or narrow an existing folder to 0700."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        path.chmod(0o700)
+
+
+def drop_cache(cache_dir: Path) -> None:
+    """Delete a site's cache folder (features and decoded data of its own examples)."""
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    if cache_dir.exists():
+        log.warning("cache: could not delete %s; delete it by hand", cache_dir)

@@ -104,10 +104,14 @@ def resolve_model_name(model: str, dataset_shape: tuple[int, ...]) -> str:
 def build_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int
 ) -> nn.Module:
-    """Build a model with weights drawn from `seed` (the same on server and sites)."""
-    gen_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
+    """Build a model with weights drawn from `seed` (the same on server and sites).
+
+    Weights are drawn on the CPU from the CPU default generator, seeded inside a fork
+    of its state and restored after: no global generator, CPU or CUDA, is left changed
+    (`torch.manual_seed` would also seed every CUDA generator, and leave it seeded).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(seed)
         if name == "mlp":
             in_features = 1
             for d in input_shape:
@@ -126,5 +130,3 @@ def build_model(
                 )
             return ScatterNet(num_classes=num_classes)
         raise ConfigError(f"Unknown model {name!r}. Use mlp, cnn, scatnet or auto.")
-    finally:
-        torch.random.set_rng_state(gen_state)

@@ -3,7 +3,8 @@
 `DPTrainer` runs DP-SGD (Abadi et al., "Deep Learning with Differential Privacy",
 CCS 2016, Algorithm 1) on tensors held in memory:
 - Poisson sampling: each example joins a step's batch independently with
-  probability q = expected_batch_size / N, drawn from an explicit torch.Generator;
+  probability q = expected_batch_size / N, drawn from the site's own random source
+  (fedsilo.task.rng: never torch's global generators, never the server's seed);
 - per-sample gradients clipped to `max_grad_norm` and summed by
   `fedsilo.task.clipping` (ghost norms and book-keeping for Linear layers,
   unfolded per-sample products for Conv2d), from one backward pass to the layer
@@ -26,6 +27,7 @@ import torch
 from fedsilo.errors import ConfigError
 from fedsilo.task.clipping import SUPPORTED, clip_factors, clipped_sum, layer_grads
 from fedsilo.task.data import Dataset
+from fedsilo.task.rng import SiteRandom
 from torch import nn
 
 OPACUS_PREFIX = "_module."
@@ -53,14 +55,16 @@ class DPTrainer:
         expected_batch_size: int,
         lr: float,
         momentum: float = 0.0,
-        generator: torch.Generator,
+        rng: SiteRandom,
         device: torch.device | None = None,
     ) -> None:
+        check_private_state(model)
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device)
         self.layers = _clippable_layers(self.model)
-        self.generator = generator
-        self.noise_generator = generator if self.device.type == "cpu" else None
+        # Sampling and noise are drawn on the CPU from the site's source, then moved to
+        # the device: no CUDA generator is ever used (a server could seed that one).
+        self.rng = rng
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
@@ -81,10 +85,7 @@ class DPTrainer:
         with torch.no_grad():
             for p, g in grads.items():
                 if std > 0:
-                    noise = torch.normal(
-                        0.0, std, g.shape, generator=self.noise_generator, device=g.device
-                    )
-                    g = g + noise
+                    g = g + self.rng.gaussian(g.shape, std).to(g.device, non_blocking=True)
                 # Opacus's loss_reduction="mean": divide by the *expected* batch size.
                 p.grad = g / self.expected_batch_size
         self.optimizer.step()
@@ -141,7 +142,7 @@ class DPTrainer:
         self.model.train()
         losses, seen, empty = 0.0, 0, 0
         for _ in range(steps):
-            mask = torch.rand(n, generator=self.generator) < q
+            mask = self.rng.bernoulli_mask(n, q)
             idx = mask.nonzero(as_tuple=True)[0]
             loss = self.step(data.x[idx], data.y[idx])
             if idx.numel() == 0:
@@ -179,6 +180,41 @@ def _clippable_layers(model: nn.Module) -> list[nn.Module]:
             )
         layers.append(module)
     return layers
+
+
+def check_private_state(model: nn.Module) -> None:
+    """Refuse a model holding state that training could fit to private data outside DP.
+
+    DP-SGD privatises gradients only. A BatchNorm layer mixes the examples of a batch
+    (so no per-example gradient bounds any one example's influence) and, like an
+    InstanceNorm tracking running statistics, keeps running means of the data in its
+    buffers, which would leave the site un-noised in the state dict. Any other buffer
+    saved in the state dict is refused too. Buffers that are not saved (scatnet's fixed
+    filters: `persistent=False`) never leave the site and are allowed.
+
+    Raises:
+        ConfigError: naming the first such module and buffer.
+    """
+    norms = nn.modules.batchnorm._NormBase
+    for name, module in model.named_modules():
+        where = f"Layer {name or '(model)'} ({type(module).__name__})"
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise ConfigError(
+                f"{where} normalises over the batch and keeps running statistics of the "
+                "training data, which DP-SGD does not privatise; use GroupNorm or LayerNorm."
+            )
+        if isinstance(module, norms) and module.track_running_stats:
+            raise ConfigError(
+                f"{where} keeps running statistics of the training data, which DP-SGD does "
+                "not privatise; use track_running_stats=False, GroupNorm or LayerNorm."
+            )
+        for buffer, _ in module.named_buffers(recurse=False):
+            if buffer not in module._non_persistent_buffers_set:
+                raise ConfigError(
+                    f"{where} saves buffer `{buffer}` in its state dict, which DP-SGD does "
+                    "not privatise; register fixed buffers with persistent=False, or make "
+                    "it a parameter."
+                )
 
 
 def sample_rate(n: int, expected_batch_size: int) -> float:

@@ -34,7 +34,7 @@ def test_simulated_share_is_decoded_once_per_run(
     )
     node = {"partition-id": 1, "num-partitions": 4}
     calls: list[str] = []
-    real = site_data.load_dataset
+    real = sites.load_dataset
 
     def counting(*args: object, **kwargs: object) -> task_data.Dataset:
         calls.append("load")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from fedsilo.errors import ConfigError
 from fedsilo.task.models import CNN, MLP
+from fedsilo.task.rng import SeededRandom
 from fedsilo.task.train import DPTrainer
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
@@ -51,7 +52,7 @@ def test_clipped_sum_equals_opacus_per_sample_gradients(
         max_grad_norm=clip,
         expected_batch_size=6,
         lr=1.0,
-        generator=torch.Generator(),
+        rng=SeededRandom(0),
     )
     sums, _, norms = trainer.clipped_grad_sums(x, y)
 
@@ -75,7 +76,7 @@ def test_step_equals_opacus_dp_optimizer_without_noise() -> None:
         expected_batch_size=10,
         lr=0.5,
         momentum=0.9,
-        generator=torch.Generator(),
+        rng=SeededRandom(0),
     ).step(x, y)
     gsm = GradSampleModule(theirs, batch_first=True, loss_reduction="mean")
     opt = DPOptimizer(
@@ -101,5 +102,5 @@ def test_layers_without_a_clipping_rule_are_refused() -> None:
             max_grad_norm=1.0,
             expected_batch_size=2,
             lr=1.0,
-            generator=torch.Generator(),
+            rng=SeededRandom(0),
         )

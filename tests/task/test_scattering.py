@@ -11,6 +11,7 @@ from fedsilo.errors import ConfigError
 from fedsilo.task.data import Dataset
 from fedsilo.task.features import cached_features, featurize
 from fedsilo.task.models import ScatterNet, build_model, resolve_model_name, split_front
+from fedsilo.task.rng import SeededRandom
 from fedsilo.task.scattering import Scattering2D
 from fedsilo.task.train import DPTrainer, evaluate
 
@@ -88,7 +89,7 @@ def test_dp_step_on_the_head_clips_per_example() -> None:
         max_grad_norm=0.1,
         expected_batch_size=32,
         lr=1.0,
-        generator=torch.Generator().manual_seed(0),
+        rng=SeededRandom(0),
     )
     sums, _, norms = trainer.clipped_grad_sums(feats.x, feats.y)
     assert norms.max() > 0.1  # clipping binds
@@ -110,3 +111,25 @@ def test_feature_cache_reuses_and_repairs(tmp_path: Path) -> None:
     other = Dataset(data.x.flip(0), data.y.flip(0), 10, "t")
     cached_features(scat, other, tmp_path, front_key=scat.cache_key)
     assert len(list(tmp_path.glob("*.pt"))) == 2  # different examples, different entry
+
+
+def test_feature_cache_is_owner_only_whatever_the_umask(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    from fedsilo.task.features import drop_cache, write_cached
+
+    old = os.umask(0o022)
+    try:
+        cache = tmp_path / "site" / "feature-cache"
+        write_cached(cache / "a.pt", {"x": torch.zeros(2)})
+        wide = tmp_path / "wide"
+        wide.mkdir(mode=0o755)
+        write_cached(wide / "b.pt", {"x": torch.zeros(2)})  # an existing folder is narrowed
+    finally:
+        os.umask(old)
+    for folder, name in ((cache, "a.pt"), (wide, "b.pt")):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        assert stat.S_IMODE((folder / name).stat().st_mode) == 0o600
+    drop_cache(cache)
+    assert not cache.exists()

@@ -6,9 +6,11 @@ import copy
 
 import pytest
 import torch
+from fedsilo.errors import ConfigError
 from fedsilo.task.data import Dataset
 from fedsilo.task.models import CNN, MLP, build_model
-from fedsilo.task.train import DPTrainer, evaluate, strip_module_prefix
+from fedsilo.task.rng import SeededRandom
+from fedsilo.task.train import DPTrainer, check_private_state, evaluate, strip_module_prefix
 from torch import nn
 
 
@@ -25,7 +27,7 @@ def make_trainer(
         max_grad_norm=clip,
         expected_batch_size=batch,
         lr=lr,
-        generator=torch.Generator().manual_seed(seed),
+        rng=SeededRandom(seed),
     )
 
 
@@ -128,3 +130,47 @@ def test_evaluate_accuracy_of_a_perfect_model() -> None:
         model.weight.copy_(torch.eye(10) * 10)
     loss, acc = evaluate(model, Dataset(x, torch.arange(10), 10, "eye"))
     assert acc == 1.0 and loss < 0.01
+
+
+@pytest.mark.parametrize(
+    "layer,needle",
+    [
+        (nn.BatchNorm1d(8, affine=False), "normalises over the batch"),
+        (nn.BatchNorm1d(8, track_running_stats=False), "normalises over the batch"),
+        (nn.InstanceNorm1d(8, track_running_stats=True), "keeps running statistics"),
+    ],
+)
+def test_models_with_private_statistics_are_refused(layer: nn.Module, needle: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 8), layer, nn.Linear(8, 2))
+    with pytest.raises(ConfigError, match=needle) as err:
+        DPTrainer(
+            model,
+            noise_multiplier=1.0,
+            max_grad_norm=1.0,
+            expected_batch_size=4,
+            lr=0.1,
+            rng=SeededRandom(0),
+        )
+    assert f"Layer 1 ({type(layer).__name__})" in str(err.value)
+
+
+class Counter(nn.Module):
+    """A layer whose saved buffer would carry data-dependent state in the state dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.register_buffer("seen", torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)  # type: ignore[no-any-return]
+
+
+def test_saved_buffers_are_refused_but_fixed_ones_are_not() -> None:
+    with pytest.raises(ConfigError, match="saves buffer `seen`"):
+        check_private_state(Counter())
+    # scatnet's fixed filters are non-persistent: allowed, and never in the state dict.
+    scat = build_model("scatnet", (1, 28, 28), 10, seed=0)
+    check_private_state(scat)
+    assert sorted(scat.state_dict()) == ["head.bias", "head.weight"]
+    assert all(k in dict(scat.named_parameters()) for k in scat.state_dict())
