@@ -1,16 +1,22 @@
 """A site's budget: its policy and ledger, and the write-ahead check of each round. No Flower.
 
-`authorise_round` is the only way a round gets to train. Under the ledger's lock
-it checks the run against the site's policy, plans the run's noise at its first
-round (and checks the whole run fits what remains of the budget on this dataset)
-or re-reads that plan from the ledger, checks that the round's spend fits,
-and appends the spend to the ledger, fsync'd, before any training starts. A crash
-after that over-counts the spend; nothing can under-count it.
+`authorise_round` is the only way a round gets to train. Under the ledger's lock it:
+1. checks the run against the site's policy (target epsilon and delta, clip norm);
+2. at a run's first round plans the run's noise and checks that the whole planned
+   run fits what remains of the site's budget; at a later round re-reads that plan
+   from the ledger and refuses any change to it (rounds, sample rate, steps, clip
+   norm, delta: a restarted site process enforces it too);
+3. refuses a round number outside 1..rounds and any (run, round) already recorded,
+   so a run never exceeds its target epsilon whatever the server sends;
+4. checks that the round fits the budget, composing *every* spend on the ledger,
+   whatever data it was on (changed or re-ordered data never gets a fresh budget);
+5. appends the spend to the ledger, fsync'd, before any training starts.
+A crash after that over-counts the spend; nothing can under-count it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,8 +25,7 @@ from fedsilo.config import RunConfig
 from fedsilo.errors import PrivacyError
 from fedsilo.privacy import ledger
 from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
-from fedsilo.privacy.policy import LEDGER_KEY, SitePolicy
-from fedsilo.simulations.ledgers import simulated_ledger
+from fedsilo.privacy.policy import SitePolicy
 from fedsilo.task.data import Dataset
 from fedsilo.task.features import data_key
 from fedsilo.task.train import sample_rate, steps_per_epoch
@@ -40,42 +45,10 @@ class Authorisation:
 
     plan: DPPlan
     event: SampledGaussianEvent
-    run_prior: list[SampledGaussianEvent]  # this run's earlier rounds on this dataset
-    site_epsilon: float  # all spend on this dataset after this round, at the policy's delta
+    run_prior: list[SampledGaussianEvent]  # this run's earlier rounds
+    site_epsilon: float  # all the site's spend after this round, at the policy's delta
     head: str  # the ledger's head sha256 after the append
     dataset: str  # the fingerprint of the data the spend is recorded against
-
-
-def site_budget(node_config: Mapping[str, object], cfg: RunConfig, site: str) -> SiteBudget:
-    """The site's policy and ledger, from its own configuration.
-
-    A deployed site (`data-path` in its node config) needs `ledger-path` and
-    `policy-max-epsilon` there; its policy becomes the ledger's policy in force. A
-    simulated site reads the policy `fedsilo simulate` wrote to RUN_DIR/ledgers.
-
-    Raises:
-        PrivacyError: the site has no ledger or no policy (it never trains without).
-    """
-    if "data-path" in node_config or "partition-id" not in node_config:
-        policy = SitePolicy.from_node_config(node_config)
-        if LEDGER_KEY not in node_config or not str(node_config[LEDGER_KEY]):
-            raise PrivacyError(
-                "This site has no privacy ledger: set `ledger-path` in its node config "
-                "(fedsilo client start --ledger site.jsonl). It refuses to train without one."
-            )
-        path = Path(str(node_config[LEDGER_KEY])).expanduser()
-        ledger.ensure_policy(path, site, policy)
-        return SiteBudget(path, policy)
-    if not cfg.run_dir:
-        raise PrivacyError("A simulated site needs the run's `run-dir` to find its ledger.")
-    path = simulated_ledger(cfg.run_dir, int(str(node_config["partition-id"])))
-    found = ledger.read(path).policy
-    if found is None:
-        raise PrivacyError(
-            f"Simulated site {site} has no policy in {path}. Start simulations with "
-            "`fedsilo simulate`, which writes each site's policy there."
-        )
-    return SiteBudget(path, found)
 
 
 def fingerprint(data: Dataset) -> str:
@@ -110,25 +83,22 @@ def authorise_round(
     )
     dataset = fingerprint(data)
     with ledger.transaction(budget.ledger) as txn:
-        spends = [s for s in txn.contents.spends if s.dataset == dataset]
+        spends = txn.contents.spends
+        everything = [s.event for s in spends]
         mine = [s for s in spends if s.run == run]
         if mine:  # the plan is fixed at the run's first round, even across restarts
-            plan = DPPlan(
-                noise_multiplier=mine[0].event.noise_multiplier,
-                sample_rate=sample_rate(len(data), cfg.batch_size),
-                steps_per_round=cfg.local_epochs * steps_per_epoch(len(data), cfg.batch_size),
-                rounds=cfg.rounds,
-            )
+            plan = _recorded_plan(mine[0], cfg, len(data))
         else:
             plan = plan_run(cfg, len(data), prior=[])
-            _check_run_fits(policy, [s.event for s in spends], plan)
+            _check_run_fits(policy, everything, plan)
+        _check_round(plan, mine, server_round)
         policy.check_noise(plan.noise_multiplier)
         event = SampledGaussianEvent(
             noise_multiplier=plan.noise_multiplier,
             sample_rate=plan.sample_rate,
             steps=plan.steps_per_round,
         )
-        site_epsilon = policy.check_round([s.event for s in spends], event)
+        site_epsilon = policy.check_round(everything, event)
         head = txn.append(
             RoundSpend(
                 event=event,
@@ -139,9 +109,54 @@ def authorise_round(
                 round=server_round,
                 time=ledger.now(),
                 site=site,
+                run_rounds=plan.rounds,
             )
         )
     return Authorisation(plan, event, [s.event for s in mine], site_epsilon, head, dataset)
+
+
+class RoundRefused(PrivacyError):
+    """A round the run's recorded plan does not allow (the server asked for more)."""
+
+
+def _recorded_plan(first: RoundSpend, cfg: RunConfig, n: int) -> DPPlan:
+    """The plan the run's first round recorded; refuse a run config that departs from it."""
+    rounds = first.run_rounds or cfg.rounds  # lines written before run_rounds was recorded
+    steps = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
+    asked = (
+        ("rounds", cfg.rounds, rounds),
+        ("sample rate", sample_rate(n, cfg.batch_size), first.event.sample_rate),
+        ("steps per round", steps, first.event.steps),
+        ("max-grad-norm", cfg.max_grad_norm, first.clip_norm),
+        ("target-delta", cfg.target_delta, first.delta),
+    )
+    for what, now, then in asked:
+        if not math.isclose(now, then, rel_tol=1e-12):
+            raise RoundRefused(
+                f"the run's {what} changed from {then:g} at its first round to {now:g}; a "
+                "run's plan is fixed at its first round (its noise was calibrated for it). "
+                "Start a new run instead."
+            )
+    return DPPlan(
+        noise_multiplier=first.event.noise_multiplier,
+        sample_rate=first.event.sample_rate,
+        steps_per_round=first.event.steps,
+        rounds=rounds,
+    )
+
+
+def _check_round(plan: DPPlan, mine: list[RoundSpend], server_round: int) -> None:
+    """Refuse a round outside the run's plan, or one the site already trained."""
+    if not 1 <= server_round <= plan.rounds:
+        raise RoundRefused(
+            f"round {server_round} is outside this run's planned rounds 1..{plan.rounds}; the "
+            "site trains only the rounds its noise was calibrated for."
+        )
+    if any(s.round == server_round for s in mine):
+        raise RoundRefused(
+            f"round {server_round} of this run was already trained; the site trains each "
+            "round of a run once."
+        )
 
 
 def _check_run_fits(policy: SitePolicy, prior: list[SampledGaussianEvent], plan: DPPlan) -> None:

@@ -1,16 +1,18 @@
 """Audit of site ledgers: verify the chain, recompute epsilon, check the policy. No I/O to the user.
 
 For each ledger: the hash chain and line digests are verified (fedsilo.privacy.ledger);
-epsilon is recomputed from the spend entries by PRV and by RDP at the ledger's
-delta (the delta of its policy in force), per dataset fingerprint, and the largest
-is reported; each spend is checked against the policy that was in force when it
-was recorded. Status, worst first:
+epsilon is recomputed from *every* spend entry by PRV and by RDP at the ledger's
+delta (the delta of its policy in force): exactly the composition the site enforces
+its budget on, whatever data each spend was on; each spend is checked against the
+policy that was in force when it was recorded. Status, worst first:
 
   tampered   the chain or a line digest is broken, or a ledger head the server
              recorded in summary.json is not in the ledger
   violated   spend beyond the budget (PRV), a spend breaking the policy in force
              (noise below the minimum, clip norm above the maximum, delta above
-             the policy's), or no policy at all
+             the policy's), an entry whose values are no meaningful spend (noise 0,
+             a sample rate above 1, NaN, steps < 1: its epsilon cannot be
+             computed), or no policy at all
   exhausted  within budget, but one more round like the last would not fit
   ok         within budget, with room for another such round
 """
@@ -18,6 +20,7 @@ was recorded. Status, worst first:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,6 +102,8 @@ def audit(path: Path, summary_heads: dict[str, str] | None = None) -> SiteAudit:
     delta = policy.delta if policy else DEFAULT_DELTA
     problems = list(contents.problems)
     tampered = bool(problems)
+    if contents.omitted:
+        problems.append(f"... and {contents.omitted} more problem line(s) not listed")
     head = (summary_heads or {}).get(contents.site)
     if head and head not in _line_hashes(path):
         problems.append(
@@ -106,8 +111,9 @@ def audit(path: Path, summary_heads: dict[str, str] | None = None) -> SiteAudit:
             "the ledger has it (lines removed or rewritten)"
         )
         tampered = True
-    violations = _policy_violations(contents)
-    eps_prv, eps_rdp = _worst_epsilon(contents, delta)
+    violations = [*contents.invalid, *_policy_violations(contents)]
+    eps_prv, eps_rdp, failed = _spent(contents, delta)
+    violations.extend(failed)
     if policy is not None and policy.over_budget(eps_prv):
         violations.append(
             f"epsilon {eps_prv:.4f} (PRV, delta {delta:g}) exceeds the budget "
@@ -138,18 +144,11 @@ def audit(path: Path, summary_heads: dict[str, str] | None = None) -> SiteAudit:
 
 
 def epsilon_curve(path: Path) -> list[float]:
-    """Cumulative epsilon (PRV, at the ledger's delta) on each spend's dataset after each spend."""
+    """The site's cumulative epsilon (PRV, at the ledger's delta) after each spend."""
     contents = ledger.read(path)
     delta = contents.policy.delta if contents.policy else DEFAULT_DELTA
-    spends = contents.spends
-    return [
-        epsilon(
-            [s.event for s in spends[: i + 1] if s.dataset == spend.dataset],
-            delta=delta,
-            accountant="prv",
-        )
-        for i, spend in enumerate(spends)
-    ]
+    events = contents.events()
+    return [epsilon(events[: i + 1], delta=delta, accountant="prv") for i in range(len(events))]
 
 
 def _policy_violations(contents: LedgerContents) -> list[str]:
@@ -183,21 +182,26 @@ def _breaches(spend: RoundSpend, policy: SitePolicy) -> list[str]:
     return out
 
 
-def _worst_epsilon(contents: LedgerContents, delta: float) -> tuple[float, float]:
-    datasets = sorted({s.dataset for s in contents.spends})
-    if not datasets:
-        return 0.0, 0.0
-    prv = max(epsilon(contents.events(d), delta=delta, accountant="prv") for d in datasets)
-    rdp = max(epsilon(contents.events(d), delta=delta, accountant="rdp") for d in datasets)
-    return prv, rdp
+def _spent(contents: LedgerContents, delta: float) -> tuple[float, float, list[str]]:
+    """(PRV epsilon, RDP epsilon, problems) of every spend on the ledger composed."""
+    events = contents.events()
+    if not events:
+        return 0.0, 0.0, []
+    try:
+        return (
+            epsilon(events, delta=delta, accountant="prv"),
+            epsilon(events, delta=delta, accountant="rdp"),
+            [],
+        )
+    except (ValueError, ArithmeticError, RuntimeError) as exc:  # extreme but valid values
+        return math.inf, math.inf, [f"epsilon cannot be computed from the spends ({exc})"]
 
 
 def _next_round_exceeds(contents: LedgerContents, policy: SitePolicy) -> bool:
     spends = contents.spends
     if not spends:
         return False
-    last = spends[-1]
-    return policy.over_budget(policy.spent([*contents.events(last.dataset), last.event]))
+    return policy.over_budget(policy.spent([*contents.events(), spends[-1].event]))
 
 
 def _line_hashes(path: Path) -> set[str]:

@@ -6,6 +6,7 @@ ran with which parameters; epsilon is always recomputed from events, never store
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -22,15 +23,25 @@ class SampledGaussianEvent:
     sample_rate: float
     steps: int
 
+    def __post_init__(self) -> None:
+        """Only a meaningful mechanism is ever composed (an accountant fed NaN hangs)."""
+        sigma, q, steps = self.noise_multiplier, self.sample_rate, self.steps
+        if not (_is_number(sigma) and math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"noise_multiplier must be a finite number > 0, not {sigma!r}")
+        if not (_is_number(q) and 0 < q <= 1):
+            raise ValueError(f"sample_rate must be in (0, 1], not {q!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an integer >= 1, not {steps!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> SampledGaussianEvent:
         return SampledGaussianEvent(
-            noise_multiplier=float(d["noise_multiplier"]),
-            sample_rate=float(d["sample_rate"]),
-            steps=int(d["steps"]),
+            noise_multiplier=_number(d, "noise_multiplier"),
+            sample_rate=_number(d, "sample_rate"),
+            steps=_integer(d, "steps"),
         )
 
 
@@ -40,8 +51,11 @@ class RoundSpend:
 
     `event` is what the accountants compose; the rest says on what and when: the
     per-example clip norm, the delta the run was calibrated at, the fingerprint of
-    the training data (spend is accounted per dataset), the Flower run id, the
-    server round and the UTC time the spend was recorded (before training).
+    the training data it was spent on, the Flower run id, the server round, the UTC
+    time the spend was recorded (before training), and the run's planned rounds
+    (`run_rounds`, fixed at its first round; 0 on lines written before fedsilo
+    recorded it). Every spend counts against the site's one budget, whatever data
+    it was on.
     """
 
     event: SampledGaussianEvent
@@ -52,6 +66,15 @@ class RoundSpend:
     round: int
     time: str
     site: str
+    run_rounds: int = 0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"clip_norm must be a finite number > 0, not {self.clip_norm!r}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), not {self.delta!r}")
+        if self.round < 1 or self.run_rounds < 0:
+            raise ValueError(f"round must be >= 1, not {self.round!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -64,17 +87,37 @@ class RoundSpend:
             "run": self.run,
             "round": self.round,
             "time": self.time,
+            **({"run_rounds": self.run_rounds} if self.run_rounds else {}),
         }
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> RoundSpend:
         return RoundSpend(
             event=SampledGaussianEvent.from_dict(d),
-            clip_norm=float(d["clip_norm"]),
-            delta=float(d["delta"]),
+            clip_norm=_number(d, "clip_norm"),
+            delta=_number(d, "delta"),
             dataset=str(d["dataset"]),
             run=str(d["run"]),
-            round=int(d["round"]),
+            round=_integer(d, "round"),
             time=str(d["time"]),
             site=str(d["site"]),
+            run_rounds=_integer(d, "run_rounds") if "run_rounds" in d else 0,
         )
+
+
+def _number(d: dict[str, Any], key: str) -> float:
+    value = d[key]
+    if not _is_number(value):
+        raise ValueError(f"{key} must be a number, not {value!r}")
+    return float(value)
+
+
+def _integer(d: dict[str, Any], key: str) -> int:
+    value = d[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{key} must be an integer, not {value!r}")
+    return value
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)

@@ -24,9 +24,11 @@ is durable before the update it pays for leaves the site.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -40,6 +42,8 @@ from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
 from fedsilo.privacy.policy import SitePolicy
 
 GENESIS = "0" * 64  # prev_sha256 of a ledger's first line
+MAX_PROBLEMS = 20  # problems kept per kind: a junk file must not print 390,000 lines
+log = logging.getLogger("fedsilo.ledger")
 
 
 class LedgerError(PrivacyError):
@@ -76,18 +80,30 @@ Entry = PolicyEntry | RoundSpend
 class LedgerContents:
     """What a ledger file holds, and anything wrong with it.
 
-    `problems` name each broken line ("line 3: ..."); `entries` are the lines that
-    parsed, in file order, whether or not the chain holds.
+    `problems` name each line that breaks the chain or is not a ledger line at all
+    ("line 3: ..."): the ledger was tampered with or damaged. `invalid` name lines
+    whose hashes hold but whose values are no meaningful entry (noise 0, a sample rate
+    above 1, NaN, steps < 1, ...): something wrote nonsense, and the ledger's spend
+    cannot be computed from them (they are left out of `entries`). `entries` are the
+    lines that parsed, in file order, whether or not the chain holds. Each list keeps
+    the first MAX_PROBLEMS; `omitted` counts the rest.
     """
 
     path: Path
     entries: list[Entry] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     head: str = GENESIS  # sha256 of the last complete line's bytes
+    invalid: list[str] = field(default_factory=list)
+    omitted: int = 0
 
     @property
     def tampered(self) -> bool:
         return bool(self.problems)
+
+    @property
+    def trusted(self) -> bool:
+        """Intact and meaningful: a site appends only to such a ledger."""
+        return not (self.problems or self.invalid or self.omitted)
 
     @property
     def policy(self) -> SitePolicy | None:
@@ -103,9 +119,9 @@ class LedgerContents:
     def spends(self) -> list[RoundSpend]:
         return [e for e in self.entries if isinstance(e, RoundSpend)]
 
-    def events(self, dataset: str | None = None) -> list[SampledGaussianEvent]:
-        """The mechanism events on `dataset` (every dataset when None)."""
-        return [s.event for s in self.spends if dataset is None or s.dataset == dataset]
+    def events(self) -> list[SampledGaussianEvent]:
+        """Every mechanism event on the ledger: together they are the site's spend."""
+        return [s.event for s in self.spends]
 
 
 def now() -> str:
@@ -139,34 +155,52 @@ def decode(raw: bytes) -> Entry:
 
 def parse(path: Path, data: bytes) -> LedgerContents:
     """Verify a ledger's bytes line by line; never raises for bad content."""
-    contents = LedgerContents(path=path)
+    entries: list[Entry] = []
+    problems: list[str] = []
+    invalid: list[str] = []
+    omitted = 0
+
+    def note(found: list[str], text: str) -> None:
+        nonlocal omitted
+        if len(found) < MAX_PROBLEMS:
+            found.append(text)
+        else:
+            omitted += 1
+
     lines = data.split(b"\n")
     complete, tail = lines[:-1], lines[-1]
     prev = GENESIS
     for number, raw in enumerate(complete, start=1):
         where = f"line {number}"
+        this, prev_line = line_sha256(raw), prev
+        prev = this
         try:
             d = json.loads(raw)
-            entry = decode(raw)
-        except (ValueError, KeyError, TypeError, PrivacyError) as exc:
-            contents.problems.append(f"{where}: not a ledger entry ({exc})")
-            prev = line_sha256(raw)
+        except ValueError:
+            note(problems, f"{where}: not a ledger line (not JSON)")
+            continue
+        if not isinstance(d, dict):
+            note(problems, f"{where}: not a ledger line (not a JSON object)")
             continue
         if d.get("sha256") != _digest({k: v for k, v in d.items() if k != "sha256"}):
-            contents.problems.append(f"{where}: content does not match its sha256 (edited)")
-        if d.get("prev_sha256") != prev:
-            contents.problems.append(
+            note(problems, f"{where}: content does not match its sha256 (edited)")
+        if d.get("prev_sha256") != prev_line:
+            note(
+                problems,
                 f"{where}: prev_sha256 does not match line {number - 1}"
                 if number > 1
-                else f"{where}: first line's prev_sha256 is not {GENESIS[:8]}... (lines removed?)"
+                else f"{where}: first line's prev_sha256 is not {GENESIS[:8]}... (lines removed?)",
             )
-        contents.entries.append(entry)
-        prev = line_sha256(raw)
+        try:
+            entries.append(decode(raw))
+        except (ValueError, KeyError, TypeError, PrivacyError) as exc:
+            note(invalid, f"{where}: not a valid entry ({exc})")
     if tail:
-        contents.problems.append(
-            f"line {len(complete) + 1}: incomplete (no newline; truncated or a write cut short)"
+        note(
+            problems,
+            f"line {len(complete) + 1}: incomplete (no newline; truncated or a write cut short)",
         )
-    return LedgerContents(path, contents.entries, contents.problems, prev)
+    return LedgerContents(path, entries, problems, prev, invalid, omitted)
 
 
 def read(path: str | Path) -> LedgerContents:
@@ -189,18 +223,41 @@ class Transaction:
         self.contents = contents
 
     def append(self, entry: Entry) -> str:
-        """Append `entry` durably (write + fsync); return the new head sha256."""
+        """Append `entry` durably (write + fsync); return the new head sha256.
+
+        A write that fails or falls short (a full disk) is rolled back: the file is cut
+        back to its length before the write, so the ledger stays intact and the round
+        that asked is refused.
+
+        Raises:
+            LedgerError: the line could not be written and made durable.
+        """
         line = encode(entry, self.contents.head)
         data = line + b"\n"
-        written = os.write(self._fd, data)
-        if written != len(data):  # a full disk: the short line is caught by the next read
-            raise LedgerError(f"Short write to ledger {self.contents.path}: disk full?")
-        os.fsync(self._fd)
+        before = os.fstat(self._fd).st_size
+        try:
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"only {written} of {len(data)} bytes written")
+            os.fsync(self._fd)
+        except OSError as exc:
+            self._roll_back(before)
+            raise LedgerError(
+                f"Cannot write to ledger {self.contents.path} ({exc.strerror or exc}); the "
+                "entry was rolled back and nothing was spent. Free disk space and retry."
+            ) from None
         head = line_sha256(line)
         self.contents = LedgerContents(
             self.contents.path, [*self.contents.entries, entry], [], head
         )
         return head
+
+    def _roll_back(self, length: int) -> None:
+        try:
+            os.ftruncate(self._fd, length)
+            os.fsync(self._fd)
+        except OSError as exc:  # the next read reports the damaged tail; nothing trains
+            log.error("ledger: could not roll back %s: %s", self.contents.path, exc)
 
 
 @contextmanager
@@ -220,11 +277,11 @@ def transaction(path: str | Path) -> Iterator[Transaction]:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         contents = parse(p, _read_all(fd))
-        if contents.tampered:
+        if not contents.trusted:
+            found = [*contents.problems, *contents.invalid][:3]
             raise LedgerError(
-                f"Ledger {p} fails verification ({'; '.join(contents.problems[:3])}). "
-                "The site will not train until an operator restores it: run "
-                f"`fedsilo audit {p}`."
+                f"Ledger {p} fails verification ({'; '.join(found)}). The site will not "
+                f"train until an operator restores it: run `fedsilo audit {p}`."
             )
         yield Transaction(fd, contents)
     finally:

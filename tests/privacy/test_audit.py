@@ -9,6 +9,7 @@ import pytest
 from fedsilo.cli import main
 from fedsilo.privacy import ledger
 from fedsilo.privacy.accountant import epsilon
+from fedsilo.privacy.audit import audit
 from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
 from fedsilo.privacy.policy import SitePolicy
 
@@ -131,3 +132,39 @@ def test_unwritable_plot_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixt
     code = main(["audit", "--json", "--plot", str(tmp_path / "no" / "dir" / "x.png"), str(path)])
     assert code == 2
     assert capsys.readouterr().err.startswith("error: Cannot write the plot")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"noise_multiplier": 0.0},
+        {"sample_rate": 2.0},
+        {"noise_multiplier": float("nan")},
+        {"steps": -3},
+    ],
+)
+def test_meaningless_entries_are_violations_not_crashes(
+    tmp_path: Path, changes: dict[str, object]
+) -> None:
+    from tests.privacy.test_ledger import rewrite
+    from tests.privacy.test_ledger import write as write_ledger
+
+    path = tmp_path / "site-a.jsonl"
+    write_ledger(path, rounds=2)
+    rewrite(path, 2, **changes)
+    report = audit(path)  # returns quickly (NaN once made the accountant hang)
+    assert report.status == "violated"
+    assert any(p.startswith("line 2: not a valid entry") for p in report.problems)
+
+
+def test_audit_of_a_junk_file_stays_readable(tmp_path: Path) -> None:
+    import os
+
+    from fedsilo.cli import main
+
+    junk = tmp_path / "junk.jsonl"
+    junk.write_bytes(b"\n".join(os.urandom(64) for _ in range(20_000)))
+    report = audit(junk)
+    assert report.status == "tampered"
+    assert len(report.problems) <= 25 and "more problem line(s)" in report.problems[-2]
+    assert main(["audit", str(junk), "--json"]) == 1

@@ -45,7 +45,7 @@ spends = st.builds(
         SampledGaussianEvent,
         noise_multiplier=st.floats(0.1, 100),
         sample_rate=st.floats(1e-6, 1),
-        steps=st.integers(0, 10**6),
+        steps=st.integers(1, 10**6),
     ),
     clip_norm=st.floats(1e-3, 1e3),
     delta=st.floats(1e-12, 0.5),
@@ -172,7 +172,7 @@ def test_a_damaged_ledger_takes_no_more_spend(tmp_path: Path) -> None:
 def _append_many(path: str, worker: int, count: int) -> None:
     for i in range(count):
         with ledger.transaction(path) as txn:
-            txn.append(spend(i, run=f"w{worker}"))
+            txn.append(spend(i + 1, run=f"w{worker}"))
 
 
 def test_concurrent_appends_lose_nothing(tmp_path: Path) -> None:
@@ -192,15 +192,16 @@ def test_concurrent_appends_lose_nothing(tmp_path: Path) -> None:
     contents = ledger.read(path)
     assert contents.problems == []
     got = sorted((s.run, s.round) for s in contents.spends)
-    assert got == sorted((f"w{w}", i) for w in range(workers) for i in range(count))
+    assert got == sorted((f"w{w}", i + 1) for w in range(workers) for i in range(count))
 
 
 def test_an_invalid_policy_line_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "l.jsonl"
     write(path, rounds=1)
     path.write_bytes(path.read_bytes().replace(b'"max_epsilon":8.0', b'"max_epsilon":-1', 1))
-    problems = ledger.read(path).problems
-    assert problems[0].startswith("line 1: not a ledger entry (`policy-max-epsilon` must be")
+    contents = ledger.read(path)
+    assert contents.problems[0] == "line 1: content does not match its sha256 (edited)"
+    assert contents.invalid[0].startswith("line 1: not a valid entry (`policy-max-epsilon` must be")
 
 
 def test_unusable_ledger_paths_are_errors(tmp_path: Path) -> None:
@@ -213,3 +214,91 @@ def test_unusable_ledger_paths_are_errors(tmp_path: Path) -> None:
         pass
     with pytest.raises(LedgerError, match="Cannot read ledger"):
         ledger.read(tmp_path)
+
+
+@pytest.mark.parametrize("failure", ["enospc", "short"])
+def test_a_failed_append_is_rolled_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    # Prepare: a full disk that takes half the line, then fails (or reports a short write).
+    import errno
+    import os
+
+    path = tmp_path / "l.jsonl"
+    write(path, rounds=2)
+    before = path.read_bytes()
+    real_write = os.write
+
+    def full_disk(fd: int, data: bytes) -> int:
+        written = real_write(fd, data[: len(data) // 2])
+        if failure == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return written
+
+    monkeypatch.setattr(ledger.os, "write", full_disk)
+    # Execute
+    with pytest.raises(LedgerError, match="rolled back"), ledger.transaction(path) as txn:
+        txn.append(spend(3))
+    monkeypatch.undo()
+    # Assert: the ledger is exactly as before, still trusted, and the next round can append.
+    assert path.read_bytes() == before
+    with ledger.transaction(path) as txn:
+        txn.append(spend(3))
+    assert ledger.read(path).trusted and len(ledger.read(path).spends) == 3
+
+
+def rewrite(path: Path, number: int, **changes: object) -> None:
+    """Give line `number` new values with valid hashes, as a buggy writer could."""
+    import json
+
+    lines = path.read_bytes().split(b"\n")[:-1]
+    out, prev = [], ledger.GENESIS
+    for i, raw in enumerate(lines, start=1):
+        d = json.loads(raw)
+        if i == number:
+            d.update(changes)
+        d.pop("sha256")
+        d["prev_sha256"] = prev
+        d["sha256"] = ledger._digest(d)
+        line = json.dumps(d, sort_keys=True, separators=(",", ":")).encode()
+        out.append(line)
+        prev = ledger.line_sha256(line)
+    path.write_bytes(b"\n".join(out) + b"\n")
+
+
+@pytest.mark.parametrize(
+    "changes,needle",
+    [
+        ({"noise_multiplier": 0.0}, "noise_multiplier must be a finite number > 0"),
+        ({"noise_multiplier": float("nan")}, "noise_multiplier must be a finite number > 0"),
+        ({"sample_rate": 2.0}, "sample_rate must be in (0, 1]"),
+        ({"steps": -5}, "steps must be an integer >= 1"),
+        ({"steps": 1.5}, "steps must be an integer"),
+        ({"clip_norm": float("inf")}, "clip_norm must be a finite number > 0"),
+        ({"delta": 1.0}, "delta must be in (0, 1)"),
+        ({"round": 0}, "round must be >= 1"),
+    ],
+)
+def test_hash_valid_but_meaningless_entries_are_invalid(
+    tmp_path: Path, changes: dict[str, object], needle: str
+) -> None:
+    path = tmp_path / "l.jsonl"
+    write(path, rounds=2)
+    rewrite(path, 3, **changes)
+    contents = ledger.read(path)
+    assert contents.problems == []  # the chain holds ...
+    assert len(contents.invalid) == 1 and contents.invalid[0].startswith("line 3: not a valid")
+    assert needle in contents.invalid[0]  # ... but line 3 is no spend
+    assert len(contents.spends) == 1 and not contents.trusted
+    with pytest.raises(LedgerError, match="fails verification"), ledger.transaction(path):
+        pass
+
+
+def test_junk_is_reported_in_a_bounded_number_of_lines(tmp_path: Path) -> None:
+    import os
+
+    path = tmp_path / "junk.jsonl"
+    path.write_bytes(b"\n".join(os.urandom(100) for _ in range(5000)) + b"\n")
+    contents = ledger.read(path)
+    assert len(contents.problems) == ledger.MAX_PROBLEMS
+    assert contents.omitted >= 5000 - ledger.MAX_PROBLEMS
