@@ -30,7 +30,7 @@ from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, FedsiloError
 from fedsilo.privacy.provision import ServerKit
 from fedsilo.processes import check_port_free, child_env, flower_bin, free_port, spawn, stop
-from fedsilo.server.run_dir import read_metrics
+from fedsilo.server.run_dir import read_metrics, write_site_names
 
 log = logging.getLogger("fedsilo.server")
 CONNECTION = "fedsilo"  # the SuperLink connection name in the private FLWR_HOME
@@ -325,6 +325,9 @@ def start_server(
     server.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         ids = server.start()
+        # Who each authenticated node is: the ServerApp names sites from this, never
+        # from their messages (with --insecure nothing is registered: node-<id>).
+        write_site_names(server.run_dir, {int(node): site for site, node in ids.items()})
         if ids:
             on_event("registered", {"sites": sorted(ids)})
         on_event("superlink", {"fleet": f"{opts.listen}:{opts.fleet_port}"})

@@ -10,12 +10,13 @@ in `fedsilo simulate` and under `flower-superlink` in deployment.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
 from fedsilo.config import RunConfig
 from fedsilo.server.evaluate import global_model, load_eval_data, make_evaluator
-from fedsilo.server.run_dir import RunDir, default_run_dir
+from fedsilo.server.run_dir import RunDir, default_run_dir, read_site_names
 from fedsilo.server.strategy import SiteReports
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -41,10 +42,12 @@ def main(grid: Grid, context: Context) -> None:
             fraction_evaluate=1.0,
             min_train_nodes=cfg.min_sites,
             min_available_nodes=cfg.min_sites,
-        )
+        ),
+        names=lambda: read_site_names(run_dir.path),
     )
     arrays = ArrayRecord(global_model(cfg).state_dict())
     rounds: list[dict[str, Any]] = []
+    failed_reason = ""
     for server_round in range(1, cfg.rounds + 1):
         t0 = time.monotonic()
         replies = grid.send_and_receive(
@@ -60,10 +63,24 @@ def main(grid: Grid, context: Context) -> None:
                 len(participants),
                 cfg.min_sites,
             )
+            failed_reason = (
+                f"round {server_round}: {len(participants)} usable repl(ies), fewer than "
+                f"min-sites={cfg.min_sites}"
+            )
+            break
+        state = new_arrays.to_torch_state_dict()
+        loss, accuracy = evaluate(state)
+        if not all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point()):
+            stopped = "the aggregated model is not finite (NaN or infinity)"
+        elif not (math.isfinite(loss) and math.isfinite(accuracy)):
+            stopped = f"central evaluation is not finite (loss {loss}, accuracy {accuracy})"
+        else:
+            stopped = ""
+        if stopped:  # never checkpoint, report or continue from a broken model
+            log.error("main: round %d: %s; stopping", server_round, stopped)
+            failed_reason = f"round {server_round}: {stopped}"
             break
         arrays = new_arrays
-        state = arrays.to_torch_state_dict()
-        loss, accuracy = evaluate(state)
         record = {
             "round": server_round,
             "accuracy": accuracy,
@@ -72,6 +89,10 @@ def main(grid: Grid, context: Context) -> None:
             "sites": participants,
             "failed": [f.site for f in strategy.failures if f.round == server_round],
             "refused": [r.site for r in strategy.refusals if r.round == server_round],
+            "reasons": {
+                **{f.site: f.reason for f in strategy.failures if f.round == server_round},
+                **{r.site: r.reason for r in strategy.refusals if r.round == server_round},
+            },
             "seconds": time.monotonic() - t0,
         }
         run_dir.append_metrics(record)
@@ -85,7 +106,8 @@ def main(grid: Grid, context: Context) -> None:
             record["max_epsilon"],
         )
     run_dir.save_final(arrays.to_torch_state_dict())
-    run_dir.write_summary(build_summary(rounds, strategy, str(run_dir.path), cfg.rounds))
+    summary = build_summary(rounds, strategy, str(run_dir.path), cfg.rounds)
+    run_dir.write_summary({**summary, "stopped": failed_reason or None})
 
 
 def build_summary(
@@ -103,9 +125,6 @@ def build_summary(
                 "epsilon": r.epsilon,
                 "delta": r.delta,
                 "target_epsilon": r.target_epsilon,
-                "site_epsilon": r.site_epsilon,
-                "budget": r.site_budget,
-                "site_delta": r.site_delta,
                 "ledger_head": r.ledger_head,
             }
             for r in sorted(strategy.reports.values(), key=lambda r: r.site)

@@ -1,30 +1,59 @@
-"""Aggregation: FedAvg weighted by examples, wrapped to track each site's report.
+"""Aggregation: FedAvg over validated replies, wrapped to track each site's report.
 
-`SiteReports` wraps any Flower strategy (Flower's DP wrappers do the same): it
-reads each train reply's site name and privacy metrics, logs and drops replies
-that are errors (`failures`) or a site's refusal to train (`refusals`, with the
-site's own reason: fedsilo.privacy.refusal), orders the rest by site name (so aggregation is
-deterministic whatever order replies arrive in) and hands them to the wrapped
-strategy.
+`SiteReports` wraps any Flower strategy (as Flower's DP wrappers do). No site can
+corrupt the run through it:
+
+- **Names come from identities.** A reply's site is the node Flower authenticated
+  (deployed: the node registered with the site's key; simulated: the engine's
+  partition), looked up in RUN_DIR/sites.json (fedsilo.server.run_dir); a node not
+  in it is `node-<id>`. Nothing a message says names a site, so one site cannot
+  pose as another or overwrite another's recorded ledger head. A second reply from
+  one node in a round is a failure.
+- **Every reply is validated before it is aggregated**: the global model's keys,
+  shapes and dtypes, finite values, every key of fedsilo.protocol.REPLY_METRICS of
+  the right type and range, a ledger head. A reply that fails is a recorded
+  `Failure(site, round, reason)` and the round goes on with the others.
+- **A site cannot inflate its weight.** FedAvg weighs a site by its example count,
+  which the site reports. The count a site reports in its first accepted round is
+  its *commitment* for the run; later rounds weigh it by min(reported, committed),
+  and no site weighs more than WEIGHT_CAP_RATIO times the median commitment of the
+  round's sites. A site claiming 10^12 examples thus moves the average at most as
+  much as WEIGHT_CAP_RATIO ordinary sites would (with at least three sites; with
+  one or two, a median is no bound and each such site simply gets its share).
+
+Replies that are errors (`failures`) or a site's refusal to train (`refusals`,
+with the site's public reason: fedsilo.privacy.refusal) are logged and dropped;
+the rest are ordered by site name (deterministic aggregation) and handed to the
+wrapped strategy.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import math
+import re
+import statistics
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
+import torch
+from fedsilo import protocol
 from fedsilo.privacy.refusal import parse_refusal
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 log = logging.getLogger("fedsilo.server")
+WEIGHT_CAP_RATIO = 4.0  # no site weighs more than 4x the median site of its round
+SUPERLINK_NODE_ID = 1  # flwr.common.constant: errors the SuperLink makes for lost nodes
+HEAD = re.compile(r"[0-9a-f]{64}")
+INTEGER_METRICS = (protocol.NUM_EXAMPLES, protocol.STEPS)
 
 
 @dataclass(frozen=True)
 class SiteReport:
-    """A site's latest reply, as the summary and audit show it."""
+    """A site's latest accepted reply, as the summary and audit show it."""
 
     site: str
     examples: int
@@ -32,9 +61,6 @@ class SiteReport:
     delta: float
     target_epsilon: float
     round: int
-    site_epsilon: float | None = None  # all the site's spend on its data, at site_delta
-    site_budget: float | None = None
-    site_delta: float | None = None
     ledger_head: str | None = None  # the site's ledger sha256 after this round's spend
 
 
@@ -49,31 +75,50 @@ class Failure:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A site that refused to train in a round, in its own words."""
+    """A site that refused to train in a round, in its own (public) words."""
 
     site: str
     round: int
     reason: str
 
 
-class SiteReports(Strategy):
-    """Wrap a strategy; keep the latest report of every site and every failure."""
+class InvalidReply(ValueError):
+    """A reply that cannot be aggregated; the message says why."""
 
-    def __init__(self, inner: Strategy) -> None:
+
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+class SiteReports(Strategy):
+    """Wrap a strategy; validate replies; keep each site's latest report and every failure."""
+
+    def __init__(
+        self, inner: Strategy, names: Callable[[], Mapping[int, str]] | None = None
+    ) -> None:
+        """`names()` maps authenticated node ids to site names (re-read for unknown nodes)."""
         self.inner = inner
+        self._names = names or dict
+        self.node_names: dict[int, str] = dict(self._names())
         self.reports: dict[str, SiteReport] = {}
         self.failures: list[Failure] = []
         self.refusals: list[Refusal] = []
         self.last_round_sites: list[str] = []
-        self.node_names: dict[int, str] = {}  # node id -> site name, from earlier replies
+        self.committed: dict[str, int] = {}  # example counts sites committed to
         self._sent: list[Message] = []  # this round's train messages (ids set on sending)
+        self._spec: Spec = {}
 
     def summary(self) -> None:
         self.inner.summary()
 
+    def site_name(self, node: int) -> str:
+        if node not in self.node_names:
+            self.node_names.update(self._names())
+        return self.node_names.get(node, f"node-{node}")
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._spec = spec_of(arrays)
         self._sent = list(self.inner.configure_train(server_round, arrays, config, grid))
         return self._sent
 
@@ -84,52 +129,87 @@ class SiteReports(Strategy):
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in self._sent}
         replied: set[int] = set()
         for msg in replies:
-            # An error the SuperLink makes for a lost site names no site and comes from
-            # the SuperLink: find the site from the message it answers.
-            node = sent.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            replied.add(node)
-            site = _site_name(msg)
-            if site.startswith("node-"):
-                site = self.node_names.get(node, f"node-{node}")
-            self.node_names.setdefault(node, site)
-            if msg.has_error():
-                refusal = parse_refusal(msg.error.code, msg.error.reason or "")
-                if refusal is not None:
-                    self.refusals.append(Refusal(refusal[0], server_round, refusal[1]))
-                    log.warning(
-                        "aggregate_train: round %d: site %s refused: %s", server_round, *refusal
-                    )
-                    continue
-                reason = msg.error.reason.strip().splitlines()[-1] if msg.error.reason else "error"
-                self.failures.append(Failure(site, server_round, reason))
-                log.warning(
-                    "aggregate_train: round %d: site %s failed: %s", server_round, site, reason
-                )
+            src = msg.metadata.src_node_id
+            # An error the SuperLink makes for a lost site comes from the SuperLink:
+            # find the site from the message it answers.
+            node = sent.get(msg.metadata.reply_to_message_id, src)
+            node = node if src == SUPERLINK_NODE_ID else src
+            site = self.site_name(node)
+            if node in replied:
+                self._fail(site, server_round, "a second reply from this site in one round")
                 continue
-            metrics = msg.content["metrics"]
-            assert isinstance(metrics, MetricRecord)
-            self.reports[site] = SiteReport(
-                site=site,
-                examples=int(metrics["num-examples"]),  # type: ignore[arg-type]
-                epsilon=float(metrics["epsilon"]),  # type: ignore[arg-type]
-                delta=float(metrics["delta"]),  # type: ignore[arg-type]
-                target_epsilon=float(metrics["target-epsilon"]),  # type: ignore[arg-type]
-                round=server_round,
-                site_epsilon=_optional(metrics, "site-epsilon"),
-                site_budget=_optional(metrics, "site-budget"),
-                site_delta=_optional(metrics, "site-delta"),
-                ledger_head=_ledger_head(msg),
-            )
+            replied.add(node)
+            if msg.has_error():
+                self._error(site, server_round, msg)
+                continue
+            try:
+                report = self._validate(site, server_round, msg)
+            except InvalidReply as exc:
+                self._fail(site, server_round, f"invalid reply: {exc}")
+                continue
+            self.reports[site] = report
             usable.append((site, msg))
         for node in sorted(set(sent.values()) - replied):
-            site = self.node_names.get(node, f"node-{node}")
-            self.failures.append(Failure(site, server_round, "no reply before the round timeout"))
+            self._fail(self.site_name(node), server_round, "no reply before the round timeout")
         usable.sort(key=lambda pair: pair[0])
         self.last_round_sites = [site for site, _ in usable]
         log.info("aggregate_train: round %d: %d results", server_round, len(usable))
         if not usable:
             return None, None
+        self._bound_weights(usable)
         return self.inner.aggregate_train(server_round, [m for _, m in usable])
+
+    def _error(self, site: str, server_round: int, msg: Message) -> None:
+        refusal = parse_refusal(msg.error.code, msg.error.reason or "")
+        if refusal is not None:  # the site's own name in it is ignored: we know who it is
+            self.refusals.append(Refusal(site, server_round, refusal[1]))
+            log.warning(
+                "aggregate_train: round %d: site %s refused: %s", server_round, site, refusal[1]
+            )
+            return
+        reason = msg.error.reason.strip().splitlines()[-1] if msg.error.reason else "error"
+        self._fail(site, server_round, reason)
+
+    def _fail(self, site: str, server_round: int, reason: str) -> None:
+        self.failures.append(Failure(site, server_round, reason))
+        log.warning("aggregate_train: round %d: site %s failed: %s", server_round, site, reason)
+
+    def _validate(self, site: str, server_round: int, msg: Message) -> SiteReport:
+        if not msg.has_content():
+            raise InvalidReply("no content")
+        arrays = msg.content.get(protocol.ARRAYS)
+        metrics = msg.content.get(protocol.METRICS)
+        record = msg.content.get(protocol.SITE)
+        if not isinstance(arrays, ArrayRecord):
+            raise InvalidReply(f"no `{protocol.ARRAYS}` record of model arrays")
+        if not isinstance(metrics, MetricRecord):
+            raise InvalidReply(f"no `{protocol.METRICS}` record")
+        check_arrays(arrays, self._spec)
+        values = check_metrics(metrics)
+        head = record.get(protocol.LEDGER_HEAD) if isinstance(record, ConfigRecord) else None
+        if not (isinstance(head, str) and HEAD.fullmatch(head)):
+            raise InvalidReply(f"no `{protocol.LEDGER_HEAD}` (a sha256 in hex)")
+        examples = int(values[protocol.NUM_EXAMPLES])
+        self.committed.setdefault(site, examples)
+        return SiteReport(
+            site=site,
+            examples=examples,
+            epsilon=values[protocol.EPSILON],
+            delta=values[protocol.DELTA],
+            target_epsilon=values[protocol.TARGET_EPSILON],
+            round=server_round,
+            ledger_head=head,
+        )
+
+    def _bound_weights(self, usable: list[tuple[str, Message]]) -> None:
+        """Replace each reply's example count by its bounded weight (see the docstring)."""
+        committed = [self.committed[site] for site, _ in usable]
+        cap = WEIGHT_CAP_RATIO * statistics.median(committed) if len(usable) >= 3 else math.inf
+        for site, msg in usable:
+            reported = self.reports[site].examples
+            weight = min(reported, self.committed[site], cap)
+            metrics = cast(MetricRecord, msg.content[protocol.METRICS])  # checked in _validate
+            metrics[protocol.NUM_EXAMPLES] = max(1, int(weight))
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -142,20 +222,42 @@ class SiteReports(Strategy):
         return self.inner.aggregate_evaluate(server_round, replies)
 
 
-def _site_name(msg: Message) -> str:
-    if msg.has_content() and "site" in msg.content:
-        record = msg.content["site"]
-        if isinstance(record, ConfigRecord) and "name" in record:
-            return str(record["name"])
-    return f"node-{msg.metadata.src_node_id}"
+def spec_of(arrays: ArrayRecord) -> Spec:
+    """Keys, shapes and dtypes of a model's arrays."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in arrays.to_torch_state_dict().items()}
 
 
-def _optional(metrics: MetricRecord, key: str) -> float | None:
-    return float(metrics[key]) if key in metrics else None  # type: ignore[arg-type]
+def check_arrays(arrays: ArrayRecord, spec: Spec) -> None:
+    """Raise InvalidReply unless `arrays` has exactly `spec`'s keys, shapes and dtypes, finite."""
+    try:
+        state = arrays.to_torch_state_dict()
+    except Exception as exc:  # whatever a malformed record raises in deserialisation
+        raise InvalidReply(f"model arrays do not deserialise ({type(exc).__name__})") from None
+    if spec and set(state) != set(spec):
+        missing, extra = sorted(set(spec) - set(state)), sorted(set(state) - set(spec))
+        raise InvalidReply(f"model keys differ (missing {missing[:3]}, unexpected {extra[:3]})")
+    for key, tensor in state.items():
+        if spec and (tuple(tensor.shape), tensor.dtype) != spec[key]:
+            raise InvalidReply(
+                f"`{key}` is {tuple(tensor.shape)} {tensor.dtype}, the model's is "
+                f"{spec[key][0]} {spec[key][1]}"
+            )
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            raise InvalidReply(f"`{key}` holds NaN or infinity")
 
 
-def _ledger_head(msg: Message) -> str | None:
-    record = msg.content.get("site")
-    if isinstance(record, ConfigRecord) and "ledger-head" in record:
-        return str(record["ledger-head"])
-    return None
+def check_metrics(metrics: MetricRecord) -> dict[str, float]:
+    """The reply's protocol metrics, each present, of its type and in range."""
+    out: dict[str, float] = {}
+    for key in protocol.REPLY_METRICS:
+        value = metrics.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidReply(f"metric `{key}` is missing or not a number ({value!r})")
+        if key in INTEGER_METRICS and not (isinstance(value, int) and value >= 1):
+            raise InvalidReply(f"metric `{key}` must be an integer >= 1, not {value!r}")
+        if not (math.isfinite(value) and value >= 0):
+            raise InvalidReply(f"metric `{key}` must be finite and >= 0, not {value!r}")
+        out[key] = float(value)
+    if not 0 < out[protocol.DELTA] < 1:
+        raise InvalidReply(f"metric `{protocol.DELTA}` must be in (0, 1)")
+    return out

@@ -49,41 +49,26 @@ def run_simulation(
     `site_policies[i]` is virtual site i's own policy (default: a budget of the run's
     target epsilon at its delta). Ledgers already in RUN_DIR/ledgers keep their spend.
     """
+    from fedsilo import flwr_adapter
     from fedsilo.clients.client_app import build_client_app
+    from fedsilo.server.run_dir import write_site_names
     from fedsilo.server.server_app import app as server_app
     from fedsilo.simulations.ledgers import write_site_policies
     from fedsilo.simulations.sites import SimulatedSites, simulated_cache_dir
-    from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
 
+    flwr_adapter.check_flower_version()
     run_dir = Path(cfg.run_dir)
     if site_policies is None:
         site_policies = [SitePolicy(max_epsilon=cfg.target_epsilon, delta=cfg.target_delta)] * sites
     if len(site_policies) != sites:
         raise ConfigError(f"{len(site_policies)} site policies for {sites} sites.")
     write_site_policies(run_dir, site_policies)
-    run_config = cfg.to_flwr()
-    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
-    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
-    run.override_config = dict(run_config)
-    run.federation_id = NOOP_FEDERATION_ID
-    # As flwr's own `run_simulation` does for the in-process engine (flwr 1.39).
-    TaskIdentity.task_id = 1
-    TaskIdentity.run_id = run.run_id
-    TaskIdentity.node_id = SUPERLINK_NODE_ID
-    context = Context(
-        run_id=run.run_id,
-        node_id=0,
-        node_config={},
-        state=RecordDict(),
-        run_config=dict(run_config),
-    )
+
+    def name_sites(partitions: dict[int, int]) -> None:
+        # A virtual site's name is its partition's, as the engine assigned it: the
+        # ServerApp reads it from here, never from what a site's messages say.
+        write_site_names(run_dir, {node: f"site-{pid}" for node, pid in partitions.items()})
+
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": SITE_THREADS, "num_gpus": 0.0},
         "init_args": {
@@ -105,22 +90,17 @@ def run_simulation(
     saved = {k: os.environ.get(k) for k in THREAD_VARS}
     os.environ.update({k: str(SITE_THREADS) for k in THREAD_VARS})
     try:
-        _run_simulation(
-            num_supernodes=sites,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-            # The deployed ClientApp's code, with virtual sites: only this runner makes one.
-            client_app=build_client_app(SimulatedSites(str(run_dir))),
-            server_app=server_app,
-            backend_name="ray",
-            backend_config=backend_config,
-            server_app_context=context,
-            # is_app: sites read their run config from APP_DIR's manifest fused with
-            # run.override_config, as under `flwr run` (without it they get none).
-            app_dir=str(APP_DIR),
-            run=run,
-            is_app=True,
-            verbose_logging=verbose,
-        )
+        with flwr_adapter.node_partitions(name_sites):
+            flwr_adapter.run_simulation(
+                # The deployed ClientApp's code, with virtual sites: only this runner makes one.
+                client_app=build_client_app(SimulatedSites(str(run_dir))),
+                server_app=server_app,
+                sites=sites,
+                run_config=cfg.to_flwr(),
+                backend_config=backend_config,
+                app_dir=str(APP_DIR),
+                verbose=verbose,
+            )
     except FedsiloError:
         raise
     except Exception as exc:  # the engine wraps ServerApp errors; surface ours

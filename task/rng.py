@@ -10,7 +10,8 @@ its device, so the CUDA path uses no CUDA generator at all.
 - `SecureRandom` (deployed sites): a ChaCha20 keystream (RFC 8439, via the
   `cryptography` package) under a 256-bit key and 128-bit nonce from `os.urandom`,
   fresh for every object. Words of the keystream become uniforms with 53 random bits
-  and Gaussians by the Box-Muller transform (Box and Muller, "A Note on the Generation
+  and Gaussians by the Box-Muller transform (radius from 53-bit uniforms in float64,
+  angle from 24-bit ones) (Box and Muller, "A Note on the Generation
   of Random Normal Deviates", 1958), both outputs of each pair used. Predicting its
   output means breaking ChaCha20; torch's Mersenne Twister, by contrast, keeps 32 bits
   of a seed and can be searched offline.
@@ -76,11 +77,17 @@ class SecureRandom(SiteRandom):
     def gaussian(self, shape: tuple[int, ...] | torch.Size, std: float) -> torch.Tensor:
         n = math.prod(shape)
         pairs = (n + 1) // 2
-        u = self.uniform(2 * pairs).view(2, pairs)
-        radius = torch.sqrt(-2.0 * torch.log1p(-u[0]))  # 1 - u in (0, 1]: log is finite
-        angle = (2.0 * math.pi) * u[1]
-        z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
-        return (z * std).to(torch.float32).view(shape)
+        # Box-Muller: the radius needs the precision (its tail comes from the smallest
+        # uniforms: 53 bits reach 8.6 sigma), so it is computed in float64; the angle is
+        # uniform on the circle and 24 bits (float32's mantissa) resolve it fully.
+        u = self.uniform(pairs)
+        radius = torch.sqrt(-2.0 * torch.log1p(-u)).to(torch.float32)  # 1 - u in (0, 1]
+        angle = (self._words(pairs, torch.int32) & (2**24 - 1)).to(torch.float32)
+        angle *= 2.0 * math.pi / 2**24
+        z = torch.empty(2 * pairs, dtype=torch.float32)
+        torch.mul(radius, torch.cos(angle), out=z[:pairs])
+        torch.mul(radius, torch.sin(angle), out=z[pairs:])
+        return (z[:n] * std).view(shape)
 
 
 class SeededRandom(SiteRandom):

@@ -1,16 +1,25 @@
-"""SiteReports: refusals are logged with the site's reason, the others are aggregated."""
+"""SiteReports: no site can corrupt the run, name itself or inflate its weight.
+
+Every test feeds crafted replies to `SiteReports(FedAvg())`, as a hostile or broken
+site would send them.
+"""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
+from fedsilo import protocol
 from fedsilo.privacy.refusal import REFUSAL_CODE, refusal_reason
 from fedsilo.server.server_app import build_summary
-from fedsilo.server.strategy import Refusal, SiteReports
+from fedsilo.server.strategy import WEIGHT_CAP_RATIO, Refusal, SiteReports
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
+
+NAMES = {11: "site-a", 12: "site-b", 13: "site-c", 14: "site-d"}
 
 
 @pytest.fixture(autouse=True)
@@ -21,56 +30,170 @@ def _task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, attr, value)
 
 
-def instruction() -> Message:
+def instruction(node: int) -> Message:
     return Message(
-        content=RecordDict({"config": ConfigRecord({})}), dst_node_id=1, message_type="train"
+        content=RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train"
     )
 
 
-def update(site: str, value: float) -> Message:
-    metrics = MetricRecord(
-        {
-            "num-examples": 10,
-            "epsilon": 1.0,
-            "delta": 1e-5,
-            "target-epsilon": 8.0,
-            "site-epsilon": 2.5,
-        }
-    )
+def metrics(**overrides: Any) -> dict[str, Any]:
+    values: dict[str, Any] = {
+        protocol.NUM_EXAMPLES: 10,
+        protocol.EPSILON: 1.0,
+        protocol.DELTA: 1e-5,
+        protocol.TARGET_EPSILON: 8.0,
+        protocol.NOISE_MULTIPLIER: 1.1,
+        protocol.STEPS: 5,
+    }
+    values.update(overrides)
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def update(
+    node: int,
+    value: float | torch.Tensor,
+    *,
+    head: str = "f" * 64,
+    claimed_name: str = "",
+    arrays: dict[str, torch.Tensor] | None = None,
+    **metric_overrides: Any,
+) -> Message:
+    w = value if isinstance(value, torch.Tensor) else torch.full((2,), float(value))
+    site = {protocol.LEDGER_HEAD: head}
+    if claimed_name:
+        site["name"] = claimed_name  # what an old or hostile site might still send
     content = RecordDict(
         {
-            "arrays": ArrayRecord({"w": torch.full((2,), value)}),
-            "metrics": metrics,
-            "site": ConfigRecord({"name": site, "ledger-head": "f" * 64}),
+            protocol.ARRAYS: ArrayRecord(arrays if arrays is not None else {"w": w}),
+            protocol.METRICS: MetricRecord(metrics(**metric_overrides)),
+            protocol.SITE: ConfigRecord(site),
         }
     )
-    return Message(content=content, reply_to=instruction())
+    return Message(content=content, reply_to=instruction(node))
+
+
+def strategy() -> SiteReports:
+    s = SiteReports(FedAvg(), names=lambda: NAMES)
+    s._spec = {"w": ((2,), torch.float32)}  # what configure_train records from the global model
+    return s
+
+
+def aggregate(s: SiteReports, replies: list[Message], server_round: int = 1) -> torch.Tensor:
+    arrays, _ = s.aggregate_train(server_round, replies)
+    assert arrays is not None
+    return arrays.to_torch_state_dict()["w"]
 
 
 def test_refusal_is_logged_and_the_others_aggregate(caplog: pytest.LogCaptureFixture) -> None:
-    strategy = SiteReports(FedAvg())
+    s = strategy()
     refusal = Message(
-        Error(REFUSAL_CODE, refusal_reason("site-b", "over its budget of 4")),
-        reply_to=instruction(),
+        Error(REFUSAL_CODE, refusal_reason("whoever", "over its budget")),
+        reply_to=instruction(12),
     )
     with caplog.at_level(logging.WARNING, logger="fedsilo.server"):
-        arrays, _ = strategy.aggregate_train(
-            3, [update("site-a", 2.0), refusal, update("site-c", 4.0)]
-        )
-    assert arrays is not None
-    assert torch.allclose(arrays.to_torch_state_dict()["w"], torch.full((2,), 3.0))
-    assert strategy.last_round_sites == ["site-a", "site-c"]
-    assert strategy.refusals == [Refusal("site-b", 3, "over its budget of 4")]
-    assert strategy.failures == []
-    assert "site site-b refused: over its budget of 4" in caplog.text
-    summary = build_summary([], strategy, "run", 3)
-    assert summary["refusals"] == [{"site": "site-b", "round": 3, "reason": "over its budget of 4"}]
-    assert summary["sites"][0]["site_epsilon"] == 2.5
+        w = aggregate(s, [update(11, 2.0), refusal, update(13, 4.0)], server_round=3)
+    assert torch.allclose(w, torch.full((2,), 3.0))
+    assert s.last_round_sites == ["site-a", "site-c"]
+    # The refusal is filed under the node's name, not the one inside the message.
+    assert s.refusals == [Refusal("site-b", 3, "over its budget")]
+    assert s.failures == []
+    assert "site site-b refused: over its budget" in caplog.text
+    summary = build_summary([], s, "run", 3)
+    assert summary["refusals"] == [{"site": "site-b", "round": 3, "reason": "over its budget"}]
     assert summary["sites"][0]["ledger_head"] == "f" * 64
+    assert set(summary["sites"][0]) == {
+        "site", "examples", "epsilon", "delta", "target_epsilon", "ledger_head"
+    }  # fmt: skip
 
 
 def test_other_errors_stay_failures() -> None:
-    strategy = SiteReports(FedAvg())
-    crash = Message(Error(2, "<class 'ValueError'>:<'boom'>"), reply_to=instruction())
-    arrays, _ = strategy.aggregate_train(1, [crash])
-    assert arrays is None and strategy.refusals == [] and len(strategy.failures) == 1
+    s = strategy()
+    crash = Message(Error(2, "<class 'ValueError'>:<'boom'>"), reply_to=instruction(11))
+    arrays, _ = s.aggregate_train(1, [crash])
+    assert arrays is None and s.refusals == [] and len(s.failures) == 1
+
+
+@pytest.mark.parametrize(
+    "make_bad,needle",
+    [
+        (lambda: update(12, float("nan")), "`w` holds NaN or infinity"),
+        (lambda: update(12, float("inf")), "`w` holds NaN or infinity"),
+        (lambda: update(12, torch.ones(3)), "`w` is (3,) torch.float32, the model's is (2,)"),
+        (lambda: update(12, torch.ones(2, dtype=torch.float64)), "torch.float64"),
+        (lambda: update(12, 0.0, arrays={"v": torch.ones(2)}), "model keys differ"),
+        (lambda: update(12, 0.0, arrays={}), "model keys differ"),
+        (lambda: update(12, 0.0, **{protocol.EPSILON: None}), "metric `epsilon` is missing"),
+        (lambda: update(12, 0.0, **{protocol.EPSILON: float("nan")}), "must be finite"),
+        (lambda: update(12, 0.0, **{protocol.NUM_EXAMPLES: -1438}), "an integer >= 1"),
+        (lambda: update(12, 0.0, **{protocol.NUM_EXAMPLES: 2.5}), "an integer >= 1"),
+        (lambda: update(12, 0.0, **{protocol.STEPS: 0}), "an integer >= 1"),
+        (lambda: update(12, 0.0, **{protocol.DELTA: 2.0}), "must be in (0, 1)"),
+        (lambda: update(12, 0.0, head="not-a-hash"), "ledger-head"),
+    ],
+)
+def test_a_bad_reply_is_a_failure_and_the_round_goes_on(
+    make_bad: Callable[[], Message], needle: str
+) -> None:
+    s = strategy()
+    w = aggregate(s, [update(11, 2.0), make_bad(), update(13, 4.0)])
+    assert torch.allclose(w, torch.full((2,), 3.0))  # the bad reply took no part
+    assert [(f.site, f.round) for f in s.failures] == [("site-b", 1)]
+    assert needle in s.failures[0].reason
+    assert "site-b" not in s.reports
+
+
+def test_replies_without_records_are_failures() -> None:
+    s = strategy()
+    empty = Message(content=RecordDict({}), reply_to=instruction(12))
+    wrong = Message(
+        content=RecordDict({protocol.ARRAYS: ConfigRecord({"x": 1})}), reply_to=instruction(14)
+    )
+    w = aggregate(s, [update(11, 1.0), empty, wrong])
+    assert torch.allclose(w, torch.full((2,), 1.0))
+    assert sorted(f.site for f in s.failures) == ["site-b", "site-d"]
+
+
+def test_names_come_from_the_authenticated_node_not_the_message() -> None:
+    # Two replies that both call themselves site-a: one is, one is site-b.
+    s = strategy()
+    aggregate(s, [update(11, 1.0, claimed_name="site-a"), update(12, 3.0, claimed_name="site-a")])
+    assert sorted(s.reports) == ["site-a", "site-b"]
+    # An unknown node is named by its id; a node replying twice in a round is a failure.
+    s = strategy()
+    aggregate(s, [update(99, 1.0), update(11, 1.0), update(11, 5.0, head="a" * 64)])
+    assert sorted(s.reports) == ["node-99", "site-a"]
+    assert s.reports["site-a"].ledger_head == "f" * 64  # the second reply changed nothing
+    assert [f.reason for f in s.failures] == ["a second reply from this site in one round"]
+
+
+def test_a_spoofed_name_cannot_overwrite_another_sites_ledger_head() -> None:
+    s = strategy()
+    aggregate(s, [update(11, 1.0, head="a" * 64), update(12, 1.0, head="b" * 64)])
+    aggregate(s, [update(11, 1.0, head="c" * 64), update(12, 1.0, head="d" * 64, claimed_name="site-a")], 2)  # fmt: skip
+    assert s.reports["site-a"].ledger_head == "c" * 64
+    assert s.reports["site-b"].ledger_head == "d" * 64
+
+
+def test_a_site_cannot_inflate_its_weight() -> None:
+    # The finding: a site claiming 10^12 examples replaced the global model with its own.
+    s = strategy()
+    honest = [update(11, 0.0, **{protocol.NUM_EXAMPLES: 100}), update(12, 0.0, **{protocol.NUM_EXAMPLES: 100})]  # fmt: skip
+    liar = update(13, 1.0, **{protocol.NUM_EXAMPLES: 10**12})
+    w = aggregate(s, [*honest, liar])
+    # Its weight is capped at WEIGHT_CAP_RATIO x the median (100): 400 / 600 of the average.
+    bound = WEIGHT_CAP_RATIO * 100 / (WEIGHT_CAP_RATIO * 100 + 200)
+    assert torch.allclose(w, torch.full((2,), bound))
+    # A site that commits to few examples in round 1 cannot claim more later.
+    s = strategy()
+    aggregate(s, [update(11, 0.0, **{protocol.NUM_EXAMPLES: 10}), update(12, 0.0, **{protocol.NUM_EXAMPLES: 10}), update(13, 0.0, **{protocol.NUM_EXAMPLES: 10})])  # fmt: skip
+    w = aggregate(
+        s,
+        [
+            update(11, 0.0, **{protocol.NUM_EXAMPLES: 10}),
+            update(12, 0.0, **{protocol.NUM_EXAMPLES: 10}),
+            update(13, 3.0, **{protocol.NUM_EXAMPLES: 30}),
+        ],
+        2,
+    )
+    assert torch.allclose(w, torch.full((2,), 1.0))  # weighed 10 (committed), not 30
+    assert s.reports["site-c"].examples == 30  # the report keeps what it said
