@@ -169,31 +169,28 @@ def test_names_come_from_the_authenticated_node_not_the_message() -> None:
 def test_a_spoofed_name_cannot_overwrite_another_sites_ledger_head() -> None:
     s = strategy()
     aggregate(s, [update(11, 1.0, head="a" * 64), update(12, 1.0, head="b" * 64)])
-    aggregate(s, [update(11, 1.0, head="c" * 64), update(12, 1.0, head="d" * 64, claimed_name="site-a")], 2)  # fmt: skip
+    spoof = update(12, 1.0, head="d" * 64, claimed_name="site-a")
+    aggregate(s, [update(11, 1.0, head="c" * 64), spoof], 2)
     assert s.reports["site-a"].ledger_head == "c" * 64
     assert s.reports["site-b"].ledger_head == "d" * 64
+
+
+def sized(node: int, value: float, examples: int) -> Message:
+    return update(node, value, **{protocol.NUM_EXAMPLES: examples})
 
 
 def test_a_site_cannot_inflate_its_weight() -> None:
     # The finding: a site claiming 10^12 examples replaced the global model with its own.
     s = strategy()
-    honest = [update(11, 0.0, **{protocol.NUM_EXAMPLES: 100}), update(12, 0.0, **{protocol.NUM_EXAMPLES: 100})]  # fmt: skip
-    liar = update(13, 1.0, **{protocol.NUM_EXAMPLES: 10**12})
+    honest = [sized(11, 0.0, 100), sized(12, 0.0, 100)]
+    liar = sized(13, 1.0, 10**12)
     w = aggregate(s, [*honest, liar])
     # Its weight is capped at WEIGHT_CAP_RATIO x the median (100): 400 / 600 of the average.
     bound = WEIGHT_CAP_RATIO * 100 / (WEIGHT_CAP_RATIO * 100 + 200)
     assert torch.allclose(w, torch.full((2,), bound))
     # A site that commits to few examples in round 1 cannot claim more later.
     s = strategy()
-    aggregate(s, [update(11, 0.0, **{protocol.NUM_EXAMPLES: 10}), update(12, 0.0, **{protocol.NUM_EXAMPLES: 10}), update(13, 0.0, **{protocol.NUM_EXAMPLES: 10})])  # fmt: skip
-    w = aggregate(
-        s,
-        [
-            update(11, 0.0, **{protocol.NUM_EXAMPLES: 10}),
-            update(12, 0.0, **{protocol.NUM_EXAMPLES: 10}),
-            update(13, 3.0, **{protocol.NUM_EXAMPLES: 30}),
-        ],
-        2,
-    )
+    aggregate(s, [sized(11, 0.0, 10), sized(12, 0.0, 10), sized(13, 0.0, 10)])
+    w = aggregate(s, [sized(11, 0.0, 10), sized(12, 0.0, 10), sized(13, 3.0, 30)], 2)
     assert torch.allclose(w, torch.full((2,), 1.0))  # weighed 10 (committed), not 30
     assert s.reports["site-c"].examples == 30  # the report keeps what it said
