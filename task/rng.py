@@ -51,6 +51,10 @@ class SiteRandom(ABC):
     def gaussian(self, shape: tuple[int, ...] | torch.Size, std: float) -> torch.Tensor:
         """float32 N(0, std^2) samples of `shape`."""
 
+    def gaussians(self, shapes: list[torch.Size], std: float) -> list[torch.Tensor]:
+        """One N(0, std^2) tensor per shape (a DP step's noise, one per parameter)."""
+        return [self.gaussian(shape, std) for shape in shapes]
+
 
 class SecureRandom(SiteRandom):
     """ChaCha20 keystream keyed from the OS entropy pool (see the module docstring)."""
@@ -88,6 +92,12 @@ class SecureRandom(SiteRandom):
         torch.mul(radius, torch.cos(angle), out=z[:pairs])
         torch.mul(radius, torch.sin(angle), out=z[pairs:])
         return (z[:n] * std).view(shape)
+
+    def gaussians(self, shapes: list[torch.Size], std: float) -> list[torch.Tensor]:
+        # One draw for the whole step, split: the keystream's fixed cost is paid once.
+        sizes = [math.prod(shape) for shape in shapes]
+        flat = self.gaussian((sum(sizes),), std)
+        return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes, strict=True)]
 
 
 class SeededRandom(SiteRandom):

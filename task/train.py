@@ -83,9 +83,11 @@ class DPTrainer:
             loss = loss_sum / x.shape[0]
         std = self.noise_multiplier * self.max_grad_norm
         with torch.no_grad():
+            if std > 0:
+                noises = self.rng.gaussians([g.shape for g in grads.values()], std)
+                for (p, g), noise in zip(grads.items(), noises, strict=True):
+                    grads[p] = g + noise.to(g.device, non_blocking=True)
             for p, g in grads.items():
-                if std > 0:
-                    g = g + self.rng.gaussian(g.shape, std).to(g.device, non_blocking=True)
                 # Opacus's loss_reduction="mean": divide by the *expected* batch size.
                 p.grad = g / self.expected_batch_size
         self.optimizer.step()

@@ -130,10 +130,10 @@ class Recording(SecureRandom):
         super().__init__()
         self.drawn: list[torch.Tensor] = []
 
-    def gaussian(self, shape: tuple[int, ...] | torch.Size, std: float) -> torch.Tensor:
-        z = super().gaussian(shape, std)
-        self.drawn.append(z)
-        return z
+    def gaussians(self, shapes: list[torch.Size], std: float) -> list[torch.Tensor]:
+        zs = super().gaussians(shapes, std)
+        self.drawn.extend(zs)
+        return zs
 
 
 def test_the_noise_added_is_the_sites_draw() -> None:
