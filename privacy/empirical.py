@@ -7,7 +7,8 @@ and guesses "included" for the k+ highest scores and "excluded" for the k- lowes
 (abstaining on the rest): r = k+ + k- guesses, v of them correct. Their main theorem:
 if training is (epsilon, delta)-DP, then
 
-    P[W >= v] <= P[Binomial(r, q) >= v] + 2 m delta * max_{1<=i<=v} P[v > Binomial(r, q) >= v - i] / i
+    P[W >= v] <= P[Binomial(r, q) >= v]
+                 + 2 m delta * max_{1<=i<=v} P[v > Binomial(r, q) >= v - i] / i
 
 with q = e^epsilon / (1 + e^epsilon), the accuracy of epsilon-DP randomised
 response. So an observed v whose probability is below 1 - confidence under

@@ -7,10 +7,11 @@ gives an empirical lower bound on epsilon. The real trainer must stay below the
 claimed epsilon, and a trainer whose noise source forgets the noise must exceed it:
 this guards the hand-written clipping and noise against regressions.
 
-The canaries are Dirac inputs: canary j is 10 times the unit vector on its own input
-coordinate (a gradient ten times the clip norm: clipping must hold it down) (no other example uses those coordinates) with a label of its own, so
-on a linear model only it and the noise move column j of the weights; its score is
-how far its own class's weight in that column rose above the other classes'.
+The canaries are Dirac inputs: canary j is 10 times the unit vector on an input
+coordinate of its own (no other example uses it), with a label of its own. Its
+gradient is ten times the clip norm, so only correct clipping holds its influence
+down; on a linear model only it and the noise move column j of the weights, and its
+score is how far its own class's weight in that column rose above the others'.
 """
 
 from __future__ import annotations
@@ -114,5 +115,5 @@ def test_a_trainer_that_forgets_to_clip_is_caught(monkeypatch: pytest.MonkeyPatc
     from fedsilo.task import train
 
     monkeypatch.setattr(train, "clip_factors", lambda sq, clip: torch.ones_like(sq))
-    broken, r, v = audit(SeededRandom(7))
+    broken, _, _ = audit(SeededRandom(7))
     assert broken > CLAIMED
