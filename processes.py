@@ -138,6 +138,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def check_port(port: int, *, flag: str) -> int:
+    """`port` when it is a TCP port a server can listen on and a site can dial (1..65535)."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"`{flag}` must be a port number in 1..65535. Found {port}.")
+    return port
+
+
 def split_address(address: str) -> tuple[str, int]:
     """`host:port` or `[v6]:port` -> (host, port)."""
     host, sep, port = address.rpartition(":")
@@ -145,7 +152,7 @@ def split_address(address: str) -> tuple[str, int]:
         raise ConfigError(
             f"Server address {address!r} must be HOST:PORT, e.g. fl.example.org:9092."
         )
-    return host.strip("[]"), int(port)
+    return host.strip("[]"), check_port(int(port), flag=f"port of {address}")
 
 
 def _connect(address: str, timeout: float) -> tuple[str, socket.socket]:

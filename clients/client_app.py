@@ -53,9 +53,10 @@ def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message
             run=str(context.run_id),
             server_round=server_round,
         )
-    except PrivacyError as exc:
+    except (PrivacyError, ConfigError) as exc:  # a request the site will not train
         log.warning("train: site %s refuses round %d: %s", name, server_round, exc)
-        reason = refusal_reason(name, public_reason(exc))
+        why = public_reason(exc) if isinstance(exc, PrivacyError) else str(exc)
+        reason = refusal_reason(name, why)
         return Message(Error(REFUSAL_CODE, reason), reply_to=msg)
 
     result = train_round(

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from fedsilo.config import RunConfig
+from fedsilo.errors import ConfigError
 from fedsilo.privacy.accountant import calibrate_noise, epsilon
 from fedsilo.privacy.events import SampledGaussianEvent
 from fedsilo.task.data import Dataset
@@ -64,10 +65,26 @@ class RoundResult:
     epsilon: float  # cumulative, over every event including this round's
 
 
+# The most DP-SGD steps one run may plan: calibrating 10^5 steps takes seconds, 10^6
+# a minute, and 4 * 10^9 (--local-epochs 100000000) exhausts memory in the accountant.
+MAX_RUN_STEPS = 100_000
+
+
 def plan_run(cfg: RunConfig, n_examples: int, prior: Sequence[SampledGaussianEvent]) -> DPPlan:
-    """Calibrate sigma so prior spend plus this run's planned steps fit the target."""
+    """Calibrate sigma so prior spend plus this run's planned steps fit the target.
+
+    Raises:
+        ConfigError: the run plans more than MAX_RUN_STEPS steps.
+    """
     q = sample_rate(n_examples, cfg.batch_size)
     per_round = cfg.local_epochs * steps_per_epoch(n_examples, cfg.batch_size)
+    if per_round * cfg.rounds > MAX_RUN_STEPS:
+        raise ConfigError(
+            f"The run plans {per_round * cfg.rounds:,} DP-SGD steps at a site of "
+            f"{n_examples:,} examples (rounds {cfg.rounds} x local-epochs {cfg.local_epochs} "
+            f"x {steps_per_epoch(n_examples, cfg.batch_size)} steps per epoch); fedsilo plans "
+            f"at most {MAX_RUN_STEPS:,}. Lower --rounds or --local-epochs, or raise --batch-size."
+        )
     sigma = calibrate_noise(
         target_epsilon=cfg.target_epsilon,
         delta=cfg.target_delta,

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -111,11 +112,26 @@ def check_server(kit: SiteKit, opts: ClientOptions) -> None:
         )
 
 
+def check_site_file(path: Path) -> None:
+    """Refuse a site data file that no task could train on (read, shape, labels)."""
+    from fedsilo.errors import DataError
+    from fedsilo.task.data import SHAPES, load_npz
+
+    data = load_npz(path)
+    shape = tuple(data.x.shape[1:])
+    flat = [int(math.prod(s)) for s, _ in SHAPES.values()]
+    if shape not in [s for s, _ in SHAPES.values()] and math.prod(shape) not in flat:
+        known = ", ".join(f"{name}: {'x'.join(map(str, s))}" for name, (s, _) in SHAPES.items())
+        raise DataError(
+            f"{path}: examples of shape {'x'.join(map(str, shape))} fit no task fedsilo runs "
+            f"({known}). Convert the data to the federation's task."
+        )
+
+
 def start_client(kit: SiteKit, opts: ClientOptions, *, on_event: EventFn) -> int:
     """Run the site until it is stopped; return the SuperNode's exit code."""
-    from fedsilo.task.data import load_npz
 
-    load_npz(opts.data)  # a missing or malformed file fails here, not at the first round
+    check_site_file(opts.data)  # a missing or malformed file fails here, not at round 1
     wait_with_backoff(
         lambda: check_server(kit, opts),
         deadline_s=opts.connect_timeout_s,

@@ -13,6 +13,7 @@ kit layout lives in `fedsilo.privacy.provision`.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
@@ -87,7 +88,27 @@ def san_for(host: str) -> x509.GeneralName:
         pass
     if not host or any(c.isspace() or c in "/:@" for c in host):
         raise PKIError(f"Server host {host!r} is neither an IP address nor a DNS name.")
-    return x509.DNSName(host)
+    return x509.DNSName(dns_name(host))
+
+
+def host_name(host: str) -> str:
+    """An IP address as given, a DNS name as its A-labels (what kits and certificates hold)."""
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        return dns_name(host)
+
+
+def dns_name(host: str) -> str:
+    """`host` as certificates and resolvers spell it: internationalised labels as A-labels."""
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        raise PKIError(
+            f"Server host {host!r} is not a valid DNS name (IDNA: a label is empty or longer "
+            "than 63 characters, or holds characters DNS cannot carry)."
+        ) from None
 
 
 # The server's own Flower components (SuperExec, the ServerApp process, the `flwr`
@@ -160,20 +181,30 @@ def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def load_cert(path: Path) -> x509.Certificate:
+def read_file(path: Path, what: str) -> bytes:
+    """The bytes of a kit file, or PKIError saying why it cannot be read."""
     try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
+        return path.read_bytes()
     except FileNotFoundError:
-        raise PKIError(f"{path}: certificate file does not exist.") from None
+        raise PKIError(f"{path}: {what} does not exist.") from None
+    except IsADirectoryError:
+        raise PKIError(f"{path}: {what} is a directory, not a file. Restore the kit.") from None
+    except OSError as exc:
+        raise PKIError(f"{path}: {what} cannot be read ({exc.strerror}).") from None
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    raw = read_file(path, "certificate file")
+    try:
+        return x509.load_pem_x509_certificate(raw)
     except ValueError:
         raise PKIError(f"{path}: not a PEM certificate.") from None
 
 
 def load_ca_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    raw = read_file(path, "the CA key")
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except FileNotFoundError:
-        raise PKIError(f"{path}: the CA key does not exist.") from None
+        key = serialization.load_pem_private_key(raw, password=None)
     except (ValueError, TypeError):
         raise PKIError(f"{path}: not an unencrypted PEM private key.") from None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
@@ -243,6 +274,8 @@ def _same_ip(ip: ipaddress.IPv4Address | ipaddress.IPv6Address, text: str) -> bo
 
 
 def _dns_match(host: str, pattern: str) -> bool:
+    with contextlib.suppress(PKIError):
+        host = dns_name(host)
     host, pattern = host.lower().rstrip("."), pattern.lower().rstrip(".")
     if pattern.startswith("*."):
         return "." in host and host.split(".", 1)[1] == pattern[2:]
@@ -251,10 +284,7 @@ def _dns_match(host: str, pattern: str) -> bool:
 
 def load_site_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     """A site's OpenSSH EC private key, or PKIError naming what is wrong."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise PKIError(f"{path}: the site's private key does not exist.") from None
+    raw = read_file(path, "the site's private key")
     try:
         key = serialization.load_ssh_private_key(raw, password=None)
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
@@ -272,10 +302,7 @@ def load_site_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
 
 def load_site_public_key(path: Path) -> ec.EllipticCurvePublicKey:
     """A site's OpenSSH EC public key, or PKIError naming what is wrong."""
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise PKIError(f"{path}: the site's public key does not exist.") from None
+    raw = read_file(path, "the site's public key")
     try:
         key = serialization.load_ssh_public_key(raw.strip())
     except (ValueError, TypeError, UnsupportedAlgorithm) as exc:

@@ -8,7 +8,7 @@ PRV accountant (an upper bound, Gopi et al. 2021) at the policy's delta.
 
 Node-config keys (a deployed site):
   ledger-path                  the site's ledger file (JSON Lines), created when missing
-  policy-max-epsilon           the most epsilon the site will ever spend on one dataset
+  policy-max-epsilon           the most epsilon the site will ever spend, all its runs composed
   policy-delta                 the delta the budget is stated at (default 1e-5)
   policy-min-noise-multiplier  refuse runs whose noise multiplier is lower (0 = no limit)
   policy-max-clip-norm         refuse runs whose clip norm is larger (0 = no limit)
@@ -32,6 +32,7 @@ POLICY_KEYS = (
     "policy-min-noise-multiplier",
     "policy-max-clip-norm",
 )
+_FIELDS = ("max_epsilon", "delta", "min_noise_multiplier", "max_clip_norm")  # POLICY_KEYS' order
 DEFAULT_DELTA = 1e-5  # the run default; well below 1 / examples for the sites we serve
 BUDGET_ACCOUNTANT = "prv"  # tight upper bound; RDP would refuse runs that are within budget
 # Relative slack for comparing a recomputed epsilon with the budget: the same
@@ -72,6 +73,10 @@ class SitePolicy:
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
+
+    def node_config(self) -> dict[str, float]:
+        """The node-config keys `fedsilo client start` passes to the site's SuperNode."""
+        return dict(zip(POLICY_KEYS, (getattr(self, f) for f in _FIELDS), strict=True))
 
     @staticmethod
     def from_dict(d: Mapping[str, Any]) -> SitePolicy:

@@ -16,14 +16,15 @@ from __future__ import annotations
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from fedsilo.errors import ConfigError
+from fedsilo.errors import ConfigError, PrivacyError
 from fedsilo.privacy import pki
+from fedsilo.privacy.policy import SitePolicy
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,22 +35,8 @@ FLEET_PORT = 9092  # Flower's Fleet API (gRPC-rere) default: what sites dial
 SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
-@dataclass(frozen=True)
-class SitePolicy:
-    """What a site allows runs to spend; the site edits `[policy]` in site.toml."""
-
-    max_epsilon: float = 10.0  # per run; the demo run (epsilon 8) fits, a careless 100 does not
-    delta: float = 1e-5  # the largest delta the site accepts
-    min_noise_multiplier: float = 0.0  # 0 = no floor beyond the epsilon cap
-    max_clip_norm: float = 0.0  # 0 = no cap
-
-    def node_config(self) -> dict[str, float]:
-        return {
-            "policy-max-epsilon": self.max_epsilon,
-            "policy-delta": self.delta,
-            "policy-min-noise-multiplier": self.min_noise_multiplier,
-            "policy-max-clip-norm": self.max_clip_norm,
-        }
+# A new site kit's [policy]: the demo run (epsilon 8) fits, a careless 100 does not.
+DEFAULT_SITE_POLICY = SitePolicy(max_epsilon=10.0)
 
 
 @dataclass(frozen=True)
@@ -81,7 +68,7 @@ class SiteKit:
     path: Path
     name: str
     server: str  # host:port of the Fleet API
-    policy: SitePolicy = field(default_factory=SitePolicy)
+    policy: SitePolicy = DEFAULT_SITE_POLICY
 
     @property
     def ca(self) -> Path:
@@ -156,6 +143,9 @@ def provision(
     """Create a federation: CA, server kit, one kit per site. Returns the files written."""
     if not hosts:
         raise ConfigError("Give at least one --server-host (the name or address sites dial).")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a directory for the federation's kits.")
+    hosts = [pki.host_name(h) for h in hosts]  # internationalised names as A-labels
     for s in sites:
         validate_site_name(s)
     if (out / "ca" / "ca.key").exists() and not force:
@@ -238,7 +228,7 @@ def _write_server(
 def _write_site(out: Path, name: str, ca_cert: x509.Certificate, server: str) -> list[Path]:
     private, public = pki.site_keypair()
     d = out / "sites" / name
-    p = SitePolicy()
+    p = DEFAULT_SITE_POLICY
     toml = (
         f"# fedsilo site kit: `fedsilo client start --kit THIS_DIR --data YOUR.npz`\n"
         "[site]\n"
@@ -247,7 +237,7 @@ def _write_site(out: Path, name: str, ca_cert: x509.Certificate, server: str) ->
         "\n"
         "# This site's privacy policy: runs that ask for more are refused. Edit to taste.\n"
         "[policy]\n"
-        f"max-epsilon = {p.max_epsilon!r}  # largest total epsilon this site spends on one run\n"
+        f"max-epsilon = {p.max_epsilon!r}  # this site's whole budget: all its runs compose\n"
         f"delta = {p.delta!r}  # largest delta accepted\n"
         f"min-noise-multiplier = {p.min_noise_multiplier!r}  # 0 = no floor\n"
         f"max-clip-norm = {p.max_clip_norm!r}  # 0 = no cap\n"
@@ -281,8 +271,15 @@ def read_server_kit(path: Path, *, check: bool = True) -> ServerKit:
         pki.check_signed_by(cert, ca, kit.cert)
         for h in hosts:
             pki.check_host_covered(cert, h, kit.cert)
-        if not kit.key.exists():
+        if not kit.key.is_file():
             raise ConfigError(f"{kit.key}: the server's TLS key is missing.")
+        mode = kit.key.stat().st_mode & 0o777
+        if mode & 0o077:
+            raise ConfigError(
+                f"{kit.key}: the server's TLS private key is readable by others (mode "
+                f"{mode:o}); anyone who reads it can impersonate the server to every site. "
+                f"Run `chmod 600 {kit.key}`."
+            )
         if not sites:
             raise ConfigError(
                 f"{path / 'sites'} holds no site public keys: no site could join. "
@@ -315,6 +312,7 @@ def read_site_kit(path: Path) -> SiteKit:
 
 
 def _policy(raw: Mapping[str, Any], path: Path) -> SitePolicy:
+    """The kit's [policy], checked as the site will enforce it (fedsilo.privacy.policy)."""
     names = {
         "max-epsilon": "max_epsilon",
         "delta": "delta",
@@ -327,18 +325,17 @@ def _policy(raw: Mapping[str, Any], path: Path) -> SitePolicy:
             raise ConfigError(
                 f"{path}: unknown key `{key}` in [policy]; known: {', '.join(names)}."
             )
-        if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-            raise ConfigError(f"{path}: [policy] `{key}` must be a number >= 0. Found {value!r}.")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: [policy] `{key}` must be a number. Found {value!r}.")
         values[names[key]] = float(value)
-    policy = SitePolicy(**values)
-    if not policy.max_epsilon > 0:
+    if "max_epsilon" not in values:
         raise ConfigError(
-            f"{path}: [policy] max-epsilon must be > 0; a site cannot train without spending "
-            "privacy budget."
+            f"{path}: [policy] needs `max-epsilon`; a site never trains without a budget."
         )
-    if not 0 < policy.delta < 1:
-        raise ConfigError(f"{path}: [policy] delta must be in (0, 1). Found {policy.delta!r}.")
-    return policy
+    try:
+        return SitePolicy(**values)
+    except PrivacyError as exc:  # inf, nan, negative, delta outside (0, 1): refused at start
+        raise ConfigError(f"{path}: [policy] {exc}") from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:

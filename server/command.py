@@ -113,7 +113,7 @@ def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
 
 def run(args: argparse.Namespace) -> int:
     from fedsilo.privacy.provision import read_server_kit
-    from fedsilo.processes import terminate_on_signals
+    from fedsilo.processes import check_port, terminate_on_signals
     from fedsilo.server.launcher import ServerOptions, start_server
     from fedsilo.simulations.command import _quiet_logs, summary_table
 
@@ -125,8 +125,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"`--wait-sites` ({wait}) must be >= min-sites ({cfg.min_sites}).")
     opts = ServerOptions(
         listen=args.listen,
-        fleet_port=args.fleet_port or kit.fleet_port,
-        control_port=args.control_port,
+        fleet_port=check_port(
+            kit.fleet_port if args.fleet_port is None else args.fleet_port, flag="--fleet-port"
+        ),
+        control_port=check_port(args.control_port, flag="--control-port"),
         wait_sites=wait,
         insecure=args.insecure,
     )

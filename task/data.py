@@ -79,6 +79,13 @@ def load_dataset(
             raise DataError(
                 f"{root}: {images} has {x.shape[0]} images but {labels} has {y.shape[0]} labels."
             )
+        size = SHAPES[name][0][1:]
+        if tuple(x.shape[1:]) != size:
+            raise DataError(
+                f"{root}: {images} holds {x.shape[1]}x{x.shape[2]} images; {name} is "
+                f"{size[0]}x{size[1]}. Point --data-dir at the {name} IDX files, or bring "
+                "your own data in the site data format (.npz)."
+            )
         if index is not None:
             x, y = x[index], y[index]
         return _finish(x[:, None].astype(np.float32) / 255.0, y, 10, str(root))
@@ -123,15 +130,29 @@ def load_npz(
             f"{path}: site data file does not exist. Create one with `fedsilo data split`."
         )
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise DataError(f"{path}: not a readable .npz file ({exc or 'empty file'}).") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"{path}: a single NumPy array (.npy), not an .npz archive with `x` and `y`. "
+            "Save it with numpy.savez(path, x=features, y=labels)."
+        )
+    try:
+        with loaded as f:
             missing = {"x", "y"} - set(f.files)
             if missing:
                 raise DataError(
                     f"{path}: missing array(s) {sorted(missing)}; a site file needs `x` and `y`."
                 )
             x, y = f["x"], f["y"]
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
         raise DataError(f"{path}: not a readable .npz file ({exc}).") from None
+    if x.ndim < 2 or y.ndim != 1:
+        raise DataError(
+            f"{path}: `x` must be N x features (found shape {x.shape}) and `y` N labels "
+            f"(found shape {y.shape})."
+        )
     if x.dtype == np.uint8:
         x = x.astype(np.float32) / 255.0
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 
@@ -32,9 +33,19 @@ def fedsilo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["--sites", "0"], "`--sites` must be >= 1"),
         (["--device", "tpu"], "`device` must be one of"),
         (["--site-max-epsilon", "8,x"], "`--site-max-epsilon` must be one number > 0"),
+        (["--local-epochs", "100000000"], "fedsilo plans at most 100,000"),
+        (["--dataset", "fashion-mnist", "--data-dir", "IDX32"], "holds 32x32 images"),
     ],
 )
 def test_bad_config_one_line_no_traceback(tmp_path: Path, args: list[str], needle: str) -> None:
+    if "IDX32" in args:  # IDX files of 32x32 images where fashion-mnist's 28x28 belong
+        from tests.task.test_data import write_idx
+
+        (tmp_path / "idx32").mkdir()
+        for split, n in (("train", 60), ("t10k", 10)):
+            write_idx(tmp_path / f"idx32/{split}-images-idx3-ubyte", np.zeros((n, 32, 32)))
+            write_idx(tmp_path / f"idx32/{split}-labels-idx1-ubyte", np.zeros(n))
+        args = [str(tmp_path / "idx32") if a == "IDX32" else a for a in args]
     res = fedsilo("simulate", "--out", str(tmp_path / "run"), *args, cwd=tmp_path)
     assert res.returncode != 0
     assert "Traceback" not in res.stderr

@@ -33,6 +33,35 @@ SERVER = ["server", "start", "--kit", "fed/server", "--listen", "127.0.0.1"]
 CLIENT = ["client", "start", "--kit", "fed/sites/a", "--data", "site.npz"]
 
 
+def bad_inputs(fed: Path) -> None:
+    """The files and kits the one-line error cases name."""
+    import shutil
+
+    (fed / "afile").write_text("")
+    (fed / "empty.npz").write_bytes(b"")
+    np.save(fed / "arr.npy", np.zeros((5, 64)))
+    (fed / "arr.npy").rename(fed / "renamed.npz")
+    np.savez(fed / "scalar.npz", x=np.float32(1.0), y=np.int64(1))
+    np.savez(fed / "wide.npz", x=np.zeros((10, 30), np.float32), y=np.zeros(10, np.int64))
+    for name, edit in (
+        ("keydir", None),
+        ("infpolicy", "inf"),
+        ("nanpolicy", "nan"),
+    ):
+        kit = fed / name
+        shutil.copytree(fed / "fed/sites/a", kit)
+        if edit is None:
+            (kit / "site.key").unlink()
+            (kit / "site.key").mkdir()
+        else:
+            toml = (
+                (kit / "site.toml")
+                .read_text()
+                .replace("max-epsilon = 10.0", f"max-epsilon = {edit}")
+            )
+            (kit / "site.toml").write_text(toml)
+
+
 @pytest.mark.parametrize(
     "args,needle",
     [
@@ -63,6 +92,22 @@ CLIENT = ["client", "start", "--kit", "fed/sites/a", "--data", "site.npz"]
         (["client", "start", "--kit", "fed/sites/zz", "--data", "site.npz"], "does not exist"),
         (["data", "split", "--sites", "0", "--out", "d"], "`--sites` must be >= 1"),
         (["data", "split", "--sites", "2", "--partition", "dirichlet:0", "--out", "d"], "alpha"),
+        # Found by trying each as a user would (issue 10): each once gave a traceback.
+        (["provision", "--out", "afile", "--server-host", "h", "--sites", "a"], "is a file"),
+        (["provision", "--out", "n", "--server-host", "a..b", "--sites", "a"], "not a valid DNS"),
+        ([*SERVER, "--fleet-port", "0"], "`--fleet-port` must be a port number in 1..65535"),
+        ([*SERVER, "--fleet-port", "-1"], "Found -1"),
+        ([*SERVER, "--fleet-port", "70000"], "Found 70000"),
+        ([*SERVER, "--control-port", "0"], "`--control-port` must be a port number"),
+        ([*SERVER, "SERVER_KEY_644"], "server's TLS private key is readable by others"),
+        ([*CLIENT, "--server", "localhost:70000"], "must be a port number in 1..65535"),
+        ([*CLIENT, "--kit", "keydir"], "the site's private key is a directory"),
+        ([*CLIENT, "--kit", "infpolicy"], "`policy-max-epsilon` must be a finite number > 0"),
+        ([*CLIENT, "--kit", "nanpolicy"], "must be a finite number > 0"),
+        ([*CLIENT, "--data", "empty.npz"], "not a readable .npz file"),
+        ([*CLIENT, "--data", "renamed.npz"], "a single NumPy array (.npy)"),
+        ([*CLIENT, "--data", "scalar.npz"], "`x` must be N x features"),
+        ([*CLIENT, "--data", "wide.npz"], "examples of shape 30 fit no task"),
     ],
 )
 def test_one_line_error(
@@ -74,6 +119,10 @@ def test_one_line_error(
     if "EXPIRE" in args:
         args = [a for a in args if a != "EXPIRE"]
         expire_server_cert(fed)
+    if "SERVER_KEY_644" in args:
+        args = [a for a in args if a != "SERVER_KEY_644"]
+        (fed / "fed/server/server.key").chmod(0o644)
+    bad_inputs(fed)
     code = main(args)
     err = capsys.readouterr().err
     assert code != 0

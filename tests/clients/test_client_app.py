@@ -12,7 +12,6 @@ from fedsilo.clients import client_app
 from fedsilo.clients.client_app import train
 from fedsilo.clients.site_env import deployed_site
 from fedsilo.config import RunConfig
-from fedsilo.errors import ConfigError
 from fedsilo.privacy import ledger
 from fedsilo.privacy.accountant import epsilon
 from fedsilo.privacy.policy import SitePolicy
@@ -299,9 +298,15 @@ def test_a_partition_id_never_makes_a_deployed_site_simulated(tmp_path: Path) ->
     cfg = RunConfig(rounds=1, run_dir=str(tmp_path))
     write_site_policies(tmp_path, [SitePolicy(max_epsilon=8.0)])
     ctx = Context(1, 1, {"partition-id": 0, "num-partitions": 2}, RecordDict(), cfg.to_flwr())
-    with pytest.raises(ConfigError, match="no data"):
-        site_train(train_message(cfg, 1), ctx)
+    assert "This site has no data" in refusal_of(site_train(train_message(cfg, 1), ctx))["refused"]
     assert ledger.read(simulated_ledger(tmp_path, 0)).spends == []
+
+
+def test_a_run_too_long_to_plan_is_refused(tmp_path: Path) -> None:
+    cfg = RunConfig(rounds=1, local_epochs=100_000_000)
+    ctx = Context(7, 1, deployed_node_config(tmp_path), RecordDict(), cfg.to_flwr())  # type: ignore[arg-type]
+    assert "fedsilo plans at most" in refusal_of(site_train(train_message(cfg, 1), ctx))["refused"]
+    assert ledger.read(tmp_path / "ledger.jsonl").spends == []
 
 
 def test_a_site_never_sends_a_non_finite_update(tmp_path: Path) -> None:
