@@ -38,7 +38,8 @@ def test_refusing_site_then_audit(tmp_path: Path) -> None:
     assert "more than this site's budget of 2" in out["refusals"][0]["reason"]
     assert "site site-1 refused" in sim.stderr
     site0 = out["sites"][0]
-    assert 0 < site0["site_epsilon"] <= site0["budget"] == 8.0
+    assert 0 < site0["epsilon"] <= 8.0  # this run's epsilon: all a site discloses
+    assert "site_epsilon" not in site0 and "budget" not in site0
     assert out["final"]["accuracy"] >= 0.6
 
     table = fedsilo("audit", str(run_dir), cwd=tmp_path)
@@ -50,6 +51,8 @@ def test_refusing_site_then_audit(tmp_path: Path) -> None:
     assert res.returncode == 0
     sites = {s["site"]: s for s in json.loads(res.stdout)["sites"]}
     assert sites["site-0"]["events"] == 2  # one spend per local round
-    assert sites["site-0"]["epsilon_prv"] == pytest.approx(site0["site_epsilon"], rel=1e-9)
+    # A fresh ledger holds only this run: the site's total is the run's epsilon (PRV).
+    assert sites["site-0"]["epsilon_prv"] == pytest.approx(site0["epsilon"], rel=1e-9)
+    assert sites["site-0"]["budget"] == 8.0
     assert sites["site-0"]["status"] in ("ok", "exhausted")
     assert sites["site-1"]["events"] == 0 and sites["site-1"]["status"] == "ok"
