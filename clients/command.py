@@ -51,6 +51,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "sites share one machine",
     )
     s.add_argument(
+        "--keep-feature-cache",
+        action="store_true",
+        help="keep the features computed from this site's data (KIT/feature-cache, owner-only) "
+        "after a run ends or the site stops; by default they are deleted, since a model's "
+        "features (scatnet's) are a near-invertible copy of the private examples",
+    )
+    s.add_argument(
         "--insecure",
         action="store_true",
         help="NO TLS and NO authentication (only if the server runs --insecure too)",
@@ -82,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         connect_timeout_s=args.connect_timeout,
         insecure=args.insecure,
         threads=args.threads,
+        keep_feature_cache=args.keep_feature_cache,
     )
     if args.insecure:
         err.print(INSECURE_WARNING, highlight=False)

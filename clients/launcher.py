@@ -21,7 +21,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedsilo.clients.dp_train import feature_cache_dir
+from fedsilo.clients.site_env import DATA_KEY, KEEP_CACHE_KEY, NAME_KEY
 from fedsilo.errors import ConfigError, FedsiloError
+from fedsilo.privacy.policy import LEDGER_KEY
 from fedsilo.privacy.provision import SiteKit
 from fedsilo.processes import (
     TLSError,
@@ -35,6 +38,7 @@ from fedsilo.processes import (
     stop,
     wait_with_backoff,
 )
+from fedsilo.task.features import drop_cache
 
 log = logging.getLogger("fedsilo.client")
 NODE_AUTH_REFUSED = 305  # flower-supernode: SUPERNODE_CONNECTION_ERROR (key not allow-listed)
@@ -53,14 +57,16 @@ class ClientOptions:
     connect_timeout_s: float = 600.0  # keep retrying a server that is not up this long
     insecure: bool = False
     threads: int = 0  # torch CPU threads per ClientApp; 0 = torch's default (all cores)
+    keep_feature_cache: bool = False  # features of private data are deleted when the site stops
 
 
 def node_config(kit: SiteKit, opts: ClientOptions) -> dict[str, str | float]:
     """The node config the ClientApp reads: data, identity, ledger and policy."""
     return {
-        "data-path": str(opts.data.resolve()),
-        "site-name": kit.name,
-        "ledger-path": str(kit.ledger.resolve()),
+        DATA_KEY: str(opts.data.resolve()),
+        NAME_KEY: kit.name,
+        LEDGER_KEY: str(kit.ledger.resolve()),
+        KEEP_CACHE_KEY: "true" if opts.keep_feature_cache else "false",
         **kit.policy.node_config(),
     }
 
@@ -152,6 +158,8 @@ def start_client(kit: SiteKit, opts: ClientOptions, *, on_event: EventFn) -> int
         return watch(proc, log_file, on_event)
     finally:
         stop(proc)
+        if not opts.keep_feature_cache:  # a run cut short leaves no copy of private data
+            drop_cache(feature_cache_dir(kit.ledger))
 
 
 def watch(proc: subprocess.Popen[bytes], log_file: Path, on_event: EventFn) -> int:
