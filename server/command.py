@@ -112,10 +112,10 @@ def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedsilo.console import end_of_run_lines, quiet_logs, summary_table
     from fedsilo.privacy.provision import read_server_kit
     from fedsilo.processes import check_port, terminate_on_signals
     from fedsilo.server.launcher import ServerOptions, start_server
-    from fedsilo.simulations.command import _quiet_logs, summary_table
 
     err = Console(stderr=True)
     kit = read_server_kit(args.kit, check=not args.insecure)
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.insecure:
         err.print(INSECURE_WARNING, highlight=False)
-    _quiet_logs(False)
+    quiet_logs(False)
     who = (
         "ANY site may join (--insecure)"
         if args.insecure
@@ -159,19 +159,32 @@ def run(args: argparse.Namespace) -> int:
                 highlight=False,
             )
         elif kind == "round":
-            failed = f", failed: {', '.join(info['failed'])}" if info.get("failed") else ""
             err.print(
                 f"{elapsed} round {info['round']}: accuracy {info['accuracy']:.3f}, max epsilon "
-                f"{info['max_epsilon']:.2f}, sites {', '.join(info['sites'])}{failed} "
+                f"{info['max_epsilon']:.2f}, sites {', '.join(info['sites'])} "
                 f"({info['seconds']:.1f} s)",
                 highlight=False,
             )
+            for line in absent_lines(info):
+                err.print(f"{elapsed}   {line}", highlight=False)
 
     with terminate_on_signals():
         summary = start_server(kit, cfg, opts, on_event=on_event)
     Console().print(summary_table(summary))
+    for line in end_of_run_lines(summary):
+        Console().print(line, highlight=False)
     Console().print(
         f"run directory: {summary['run_dir']}  ({time.monotonic() - t0:.1f} s)", highlight=False
     )
     sys.stdout.flush()
     return 0 if summary["completed_rounds"] == summary["planned_rounds"] else 1
+
+
+def absent_lines(record: dict[str, Any]) -> list[str]:
+    """One line per site that failed or refused in a round's metrics record, with why."""
+    reasons = record.get("reasons") or {}
+    return [
+        f"{site} {what}: {reasons.get(site, 'no reason given')}"
+        for what, key in (("refused", "refused"), ("failed", "failed"))
+        for site in record.get(key) or []
+    ]

@@ -12,18 +12,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import logging
 import math
 import sys
 import time
 from typing import Any
 
 from fedsilo.config import RunConfig
+from fedsilo.console import end_of_run_lines, quiet_logs, summary_table
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.server.run_dir import default_run_dir
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
 DEFAULTS = RunConfig()
 
@@ -113,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     policies = site_policies(args.site_max_epsilon, args.sites, cfg)
     err = Console(stderr=True)
-    _quiet_logs(args.verbose)
+    quiet_logs(args.verbose)
     sizes = preflight(cfg, args.sites)
     err.print(
         f"[bold]fedsilo simulate[/]: {args.sites} sites on {cfg.dataset} "
@@ -155,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(summary) + "\n")
     else:
         Console().print(summary_table(summary))
-        for line in refusal_lines(summary):
+        for line in end_of_run_lines(summary):
             Console().print(line, highlight=False)
         Console().print(
             f"run directory: {summary['run_dir']}  ({summary['wall_seconds']:.1f} s); "
@@ -183,35 +182,3 @@ def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:
     if len(budgets) == 1:
         budgets = budgets * sites
     return [SitePolicy(max_epsilon=b, delta=cfg.target_delta) for b in budgets]
-
-
-def refusal_lines(summary: dict[str, Any]) -> list[str]:
-    """One line per site and reason: which rounds the site refused, and why."""
-    refused: dict[tuple[str, str], list[int]] = {}
-    for r in summary.get("refusals", []):
-        refused.setdefault((r["site"], r["reason"]), []).append(r["round"])
-    return [
-        f"[yellow]{site} refused round(s) {', '.join(map(str, rounds))}[/]: {reason}"
-        for (site, reason), rounds in refused.items()
-    ]
-
-
-def summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title="fedsilo: central evaluation per round")
-    for col in ("round", "accuracy", "loss", "max site epsilon"):
-        table.add_column(col, justify="right")
-    for r in summary["rounds"]:
-        table.add_row(
-            str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", f"{r['max_epsilon']:.3f}"
-        )
-    return table
-
-
-def _quiet_logs(verbose: bool) -> None:
-    """Flower logs at INFO through its own handler; without --verbose keep warnings only."""
-    import flwr.supercore.logger  # noqa: F401  (sets the flwr logger up; we adjust it after)
-
-    level = logging.INFO if verbose else logging.WARNING
-    for name in ("flwr", "ray", "fedsilo"):
-        logging.getLogger(name).setLevel(level)
-    logging.getLogger("flwr").propagate = False  # Opacus adds a root handler at import

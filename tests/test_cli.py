@@ -88,7 +88,7 @@ def test_simulation_needs_one_policy_per_site(tmp_path: Path) -> None:
 
 
 def test_refusals_are_summarised_per_site_and_reason() -> None:
-    from fedsilo.simulations.command import refusal_lines
+    from fedsilo.console import end_of_run_lines, refusal_lines
 
     summary = {
         "refusals": [
@@ -98,3 +98,10 @@ def test_refusals_are_summarised_per_site_and_reason() -> None:
     }
     assert refusal_lines(summary) == ["[yellow]site-1 refused round(s) 1, 2[/]: over budget"]
     assert refusal_lines({}) == []
+    # A run where every site refused or failed says so, and why it stopped.
+    summary["failures"] = [{"site": "site-2", "round": 1, "reason": "invalid reply: NaN"}]
+    summary["stopped"] = "round 1: 0 usable repl(ies), fewer than min-sites=1"
+    assert end_of_run_lines(summary)[1:] == [
+        "[red]site-2 failed round(s) 1[/]: invalid reply: NaN",
+        "[bold red]the run stopped early[/]: round 1: 0 usable repl(ies), fewer than min-sites=1",
+    ]

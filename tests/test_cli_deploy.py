@@ -160,3 +160,19 @@ def test_taken_port(fed: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert code != 0 and "error: Port" in err and "Traceback" not in err
     assert f"Port {port} on 127.0.0.1 is taken" in err and "--fleet-port" in err
     assert not (fed / "run" / "superlink.log").exists()  # nothing was started
+
+
+def test_the_server_console_says_who_failed_or_refused_and_why() -> None:
+    from fedsilo.server.command import absent_lines
+
+    record = {
+        "round": 2,
+        "refused": ["site-b"],
+        "failed": ["site-c"],
+        "reasons": {"site-b": "over budget", "site-c": "invalid reply: `w` holds NaN"},
+    }
+    assert absent_lines(record) == [
+        "site-b refused: over budget",
+        "site-c failed: invalid reply: `w` holds NaN",
+    ]
+    assert absent_lines({"round": 1, "sites": ["a"]}) == []

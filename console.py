@@ -1,0 +1,60 @@
+"""What the command line shows people: tables, reasons and quiet logs (rich). No Flower logic.
+
+`fedsilo simulate` and `fedsilo server start` end a run the same way: the table of
+central evaluation per round, then one line per site that refused or failed, with its
+reason, then why the run stopped early, if it did.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from rich.table import Table
+
+
+def refusal_lines(summary: dict[str, Any]) -> list[str]:
+    """One line per site and reason: which rounds the site refused, and why."""
+    refused: dict[tuple[str, str], list[int]] = {}
+    for r in summary.get("refusals", []):
+        refused.setdefault((r["site"], r["reason"]), []).append(r["round"])
+    return [
+        f"[yellow]{site} refused round(s) {', '.join(map(str, rounds))}[/]: {reason}"
+        for (site, reason), rounds in refused.items()
+    ]
+
+
+def summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="fedsilo: central evaluation per round")
+    for col in ("round", "accuracy", "loss", "max site epsilon"):
+        table.add_column(col, justify="right")
+    for r in summary["rounds"]:
+        table.add_row(
+            str(r["round"]), f"{r['accuracy']:.4f}", f"{r['loss']:.4f}", f"{r['max_epsilon']:.3f}"
+        )
+    return table
+
+
+def end_of_run_lines(summary: dict[str, Any]) -> list[str]:
+    """Refusals, failures and an early stop of a finished run, one line each."""
+    lines = refusal_lines(summary)
+    failed: dict[tuple[str, str], list[int]] = {}
+    for f in summary.get("failures", []):
+        failed.setdefault((f["site"], f["reason"]), []).append(f["round"])
+    lines += [
+        f"[red]{site} failed round(s) {', '.join(map(str, rounds))}[/]: {reason}"
+        for (site, reason), rounds in failed.items()
+    ]
+    if summary.get("stopped"):
+        lines.append(f"[bold red]the run stopped early[/]: {summary['stopped']}")
+    return lines
+
+
+def quiet_logs(verbose: bool) -> None:
+    """Flower logs at INFO through its own handler; without --verbose keep warnings only."""
+    import flwr.supercore.logger  # noqa: F401  (sets the flwr logger up; we adjust it after)
+
+    level = logging.INFO if verbose else logging.WARNING
+    for name in ("flwr", "ray", "fedsilo"):
+        logging.getLogger(name).setLevel(level)
+    logging.getLogger("flwr").propagate = False  # Opacus adds a root handler at import
