@@ -111,7 +111,7 @@ def build_model(
     (`torch.manual_seed` would also seed every CUDA generator, and leave it seeded).
     """
     with torch.random.fork_rng(devices=[]):
-        torch.random.default_generator.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         if name == "mlp":
             in_features = 1
             for d in input_shape:

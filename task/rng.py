@@ -72,7 +72,8 @@ class SecureRandom(SiteRandom):
         if p >= 1.0:  # q = 1 (a site smaller than the batch): every example, every step
             return torch.ones(n, dtype=torch.bool)
         threshold = math.floor(p * 2**MASK_BITS)  # < 2^31: fits the int32 comparison
-        return (self._words(n, torch.int32) & (2**MASK_BITS - 1)) < threshold
+        words = torch.bitwise_and(self._words(n, torch.int32), 2**MASK_BITS - 1)
+        return torch.lt(words, threshold)
 
     def uniform(self, n: int) -> torch.Tensor:
         """n float64 uniforms in [0, 1), 53 random bits each."""
@@ -97,7 +98,8 @@ class SecureRandom(SiteRandom):
         # One draw for the whole step, split: the keystream's fixed cost is paid once.
         sizes = [math.prod(shape) for shape in shapes]
         flat = self.gaussian((sum(sizes),), std)
-        return [part.view(shape) for part, shape in zip(flat.split(sizes), shapes, strict=True)]
+        parts = torch.split(flat, sizes)
+        return [part.view(shape) for part, shape in zip(parts, shapes, strict=True)]
 
 
 class SeededRandom(SiteRandom):
