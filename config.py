@@ -15,7 +15,7 @@ from typing import Any
 
 from fedsilo.errors import ConfigError
 
-DATASETS = ("digits", "fashion-mnist", "mnist", "npz")
+DATASETS = ("digits", "fashion-mnist", "mnist")
 MODELS = ("auto", "mlp", "cnn", "scatnet")
 DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("prv", "rdp")

@@ -28,6 +28,8 @@ from fedsilo.errors import ConfigError, FedsiloError
 log = logging.getLogger("fedsilo.processes")
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
 
+CONTROL_PORT = 9093  # Flower's Control/Runtime HTTPS API (operator only; bound to loopback)
+
 
 class TLSError(FedsiloError):
     """The TLS connection to the federation server failed in a way retrying cannot fix."""

@@ -19,6 +19,7 @@ from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.accountant import calibrate_noise, epsilon
 from fedsilo.privacy.events import SampledGaussianEvent
+from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.task.data import Dataset
 from fedsilo.task.features import cached_features
 from fedsilo.task.models import build_model, resolve_model_name, split_front
@@ -135,14 +136,16 @@ def site_trainer(
     A model with a fixed front (scatnet) trains its head on the front's features,
     computed once per dataset and kept in `cache_dir` across rounds; other models
     train whole on `data`. Either way each example is one row, so Poisson sampling,
-    clipping and the accounting are unchanged. `data_id`: the data's fingerprint, when
-    the caller has computed it (fedsilo.task.features.cached_features).
+    clipping and the accounting are unchanged. `data_id`: the data's fingerprint
+    (fedsilo.privacy.fingerprint), when the caller has computed it; the cache is named
+    after it.
     """
     model = site_model(cfg, data, global_state)
     check_private_state(model)  # the fixed front too: everything in the state dict is sent
     device = resolve_device(cfg.device)
     front, head = split_front(model)
     if front is not None:
+        data_id = data_id or (fingerprint(data) if cache_dir is not None else "")
         data = cached_features(
             front, data, cache_dir, front_key=front.cache_key, data_id=data_id, device=device
         )

@@ -25,9 +25,9 @@ from fedsilo.config import RunConfig
 from fedsilo.errors import PrivacyError
 from fedsilo.privacy import ledger
 from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
+from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.task.data import Dataset
-from fedsilo.task.features import data_key
 from fedsilo.task.train import sample_rate, steps_per_epoch
 
 
@@ -49,15 +49,6 @@ class Authorisation:
     site_epsilon: float  # all the site's spend after this round, at the policy's delta
     head: str  # the ledger's head sha256 after the append
     dataset: str  # the fingerprint of the data the spend is recorded against
-
-
-def fingerprint(data: Dataset) -> str:
-    """SHA-256 over the training tensors (dtype, shape, bytes of x then y).
-
-    The same examples give the same fingerprint whatever file they came from, so
-    spend on them accumulates; any change to the data starts a new account.
-    """
-    return "sha256:" + data_key(data)
 
 
 def authorise_round(

@@ -22,6 +22,7 @@ from typing import Any
 
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
+from fedsilo.processes import CONTROL_PORT
 from rich.console import Console
 
 INSECURE_WARNING = (
@@ -66,8 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     n.add_argument(
         "--control-port",
         type=int,
-        default=9093,
-        help="Flower's Control API port, on 127.0.0.1 (default 9093)",
+        default=CONTROL_PORT,
+        help=f"Flower's Control API port, on 127.0.0.1 (default {CONTROL_PORT})",
     )
     n.add_argument(
         "--insecure",

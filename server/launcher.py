@@ -29,12 +29,19 @@ from typing import Any
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, FedsiloError
 from fedsilo.privacy.provision import ServerKit
-from fedsilo.processes import check_port_free, child_env, flower_bin, free_port, spawn, stop
+from fedsilo.processes import (
+    CONTROL_PORT,
+    check_port_free,
+    child_env,
+    flower_bin,
+    free_port,
+    spawn,
+    stop,
+)
 from fedsilo.server.run_dir import read_metrics, write_site_names
 
 log = logging.getLogger("fedsilo.server")
 CONNECTION = "fedsilo"  # the SuperLink connection name in the private FLWR_HOME
-CONTROL_PORT = 9093  # Flower's Control/Runtime HTTPS API (operator only; bound to loopback)
 STARTUP_TIMEOUT_S = 60.0
 ProgressFn = Callable[[str, dict[str, Any]], None]
 

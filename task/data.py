@@ -89,7 +89,7 @@ def load_dataset(
         if index is not None:
             x, y = x[index], y[index]
         return _finish(x[:, None].astype(np.float32) / 255.0, y, 10, str(root))
-    raise DataError(f"Unknown dataset {name!r}. Use one of digits, fashion-mnist, mnist, npz.")
+    raise DataError(f"Unknown dataset {name!r}. Use one of digits, fashion-mnist, mnist.")
 
 
 def dataset_files(name: str, split: str, data_dir: str = "") -> list[Path]:

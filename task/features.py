@@ -15,7 +15,6 @@ no Flower.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import pickle
@@ -41,33 +40,23 @@ def featurize(front: nn.Module, data: Dataset, *, device: torch.device | None = 
     return Dataset(x, data.y, data.num_classes, data.source)
 
 
-def data_key(data: Dataset) -> str:
-    """SHA-256 over x and y (dtype, shape, bytes): the same examples, the same key."""
-    h = hashlib.sha256()
-    for tensor in (data.x, data.y):
-        a = tensor.detach().cpu().contiguous().numpy()
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def cached_features(
     front: nn.Module,
     data: Dataset,
     cache_dir: Path | None,
     *,
     front_key: str,
-    data_id: str | None = None,
+    data_id: str,
     device: torch.device | None = None,
 ) -> Dataset:
     """featurize(front, data), read from `cache_dir` when computed before (None: no cache).
 
-    `data_id` is `data_key(data)` (or the ledger's "sha256:" fingerprint of it) when the
-    caller has already hashed the data; otherwise it is computed here.
+    `data_id` names the data: the fingerprint its ledger records
+    (fedsilo.privacy.fingerprint), from which the cache file's name derives.
     """
     if cache_dir is None:
         return featurize(front, data, device=device)
-    digest = (data_id or data_key(data)).removeprefix("sha256:")
+    digest = data_id.removeprefix("sha256:")
     path = cache_dir / f"{digest[:32]}-{front_key}.pt"
     cached = read_cached(path)
     if cached is not None and "x" in cached and cached["x"].shape[0] == len(data):

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedsilo.clients.site_budget import RoundRefused, SiteBudget, authorise_round, fingerprint
+from fedsilo.clients.site_budget import RoundRefused, SiteBudget, authorise_round
 from fedsilo.config import RunConfig
 from fedsilo.errors import BudgetExceededError
 from fedsilo.privacy import ledger
 from fedsilo.privacy.accountant import epsilon
+from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.task.data import load_dataset
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fedsilo.clients.site_budget import fingerprint
 from fedsilo.config import RunConfig
+from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.simulations import sites
 from fedsilo.simulations.ledgers import write_site_policies

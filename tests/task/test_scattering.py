@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from fedsilo.errors import ConfigError
+from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.task.data import Dataset
 from fedsilo.task.features import cached_features, featurize
 from fedsilo.task.models import ScatterNet, build_model, resolve_model_name, split_front
@@ -101,15 +102,19 @@ def test_feature_cache_reuses_and_repairs(tmp_path: Path) -> None:
     torch.manual_seed(3)
     data = Dataset(torch.rand(8, 1, 28, 28), torch.randint(0, 10, (8,)), 10, "t")
     scat = Scattering2D()
-    first = cached_features(scat, data, tmp_path, front_key=scat.cache_key)
+    first = cached_features(
+        scat, data, tmp_path, front_key=scat.cache_key, data_id=fingerprint(data)
+    )
     files = list(tmp_path.glob("*.pt"))
     assert len(files) == 1
     files[0].write_bytes(b"not a tensor")  # a damaged cache is recomputed, not trusted
-    again = cached_features(scat, data, tmp_path, front_key=scat.cache_key)
+    again = cached_features(
+        scat, data, tmp_path, front_key=scat.cache_key, data_id=fingerprint(data)
+    )
     assert torch.equal(first.x, again.x)
     assert torch.equal(torch.load(files[0], weights_only=True)["x"], first.x)
     other = Dataset(data.x.flip(0), data.y.flip(0), 10, "t")
-    cached_features(scat, other, tmp_path, front_key=scat.cache_key)
+    cached_features(scat, other, tmp_path, front_key=scat.cache_key, data_id=fingerprint(other))
     assert len(list(tmp_path.glob("*.pt"))) == 2  # different examples, different entry
 
 
