@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from fedsilo import __version__
 from fedsilo.errors import FedsiloError
 from rich.console import Console
+from rich.markup import escape
 
 # Modules providing `register(subparsers)`; each adds one subcommand with `func` set.
 COMMANDS = (
@@ -58,7 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FedsiloError as exc:
         if args.debug:
             raise
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: messages name TOML tables ("[policy]"), which are not rich markup
+        Console(stderr=True).print(
+            f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+        )
         return exc.exit_code
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

@@ -23,7 +23,7 @@ from fedsilo.clients.dp_train import train_round
 from fedsilo.clients.site_budget import authorise_round
 from fedsilo.clients.site_env import NAME_KEY, SiteResolver, deployed_site
 from fedsilo.config import RunConfig
-from fedsilo.errors import ConfigError, PrivacyError
+from fedsilo.errors import ConfigError, DataError, PrivacyError
 from fedsilo.privacy.refusal import REFUSAL_CODE, public_reason, refusal_reason
 from fedsilo.task.features import drop_cache
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -53,9 +53,14 @@ def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message
             run=str(context.run_id),
             server_round=server_round,
         )
-    except (PrivacyError, ConfigError) as exc:  # a request the site will not train
+    except (PrivacyError, ConfigError, DataError) as exc:  # a round the site will not train
         log.warning("train: site %s refuses round %d: %s", name, server_round, exc)
-        why = public_reason(exc) if isinstance(exc, PrivacyError) else str(exc)
+        if isinstance(exc, PrivacyError):
+            why = public_reason(exc)
+        elif isinstance(exc, DataError):  # its message names the site's files: keep it here
+            why = f"the site's data does not fit this run's task ({cfg.dataset}); see its log."
+        else:
+            why = str(exc)
         reason = refusal_reason(name, why)
         return Message(Error(REFUSAL_CODE, reason), reply_to=msg)
 

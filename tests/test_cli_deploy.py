@@ -102,7 +102,7 @@ def bad_inputs(fed: Path) -> None:
         ([*SERVER, "SERVER_KEY_644"], "server's TLS private key is readable by others"),
         ([*CLIENT, "--server", "localhost:70000"], "must be a port number in 1..65535"),
         ([*CLIENT, "--kit", "keydir"], "the site's private key is a directory"),
-        ([*CLIENT, "--kit", "infpolicy"], "`policy-max-epsilon` must be a finite number > 0"),
+        ([*CLIENT, "--kit", "infpolicy"], "[policy] `policy-max-epsilon` must be a finite number"),
         ([*CLIENT, "--kit", "nanpolicy"], "must be a finite number > 0"),
         ([*CLIENT, "--data", "empty.npz"], "not a readable .npz file"),
         ([*CLIENT, "--data", "renamed.npz"], "a single NumPy array (.npy)"),

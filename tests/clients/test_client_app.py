@@ -317,3 +317,11 @@ def test_a_site_never_sends_a_non_finite_update(tmp_path: Path) -> None:
     reply = site_train(train_message(cfg, 1), ctx)
     assert reply.has_error() and reply.error.code == protocol.SITE_FAILURE_CODE
     assert "not finite" in reply.error.reason
+
+
+def test_data_of_another_task_is_refused_without_naming_the_sites_files(tmp_path: Path) -> None:
+    cfg = RunConfig(dataset="fashion-mnist", rounds=1)  # the site holds digits (64 features)
+    ctx = Context(7, 1, deployed_node_config(tmp_path), RecordDict(), cfg.to_flwr())  # type: ignore[arg-type]
+    reason = refusal_of(site_train(train_message(cfg, 1), ctx))["refused"]
+    assert "does not fit this run's task (fashion-mnist)" in reason
+    assert str(tmp_path) not in reason
