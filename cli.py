@@ -18,10 +18,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from fedsilo import __version__
-from fedsilo.errors import FedsiloError
 from rich.console import Console
 from rich.markup import escape
+
+from fedsilo import __version__
+from fedsilo.errors import FedsiloError
 
 # Modules providing `register(subparsers)`; each adds one subcommand with `func` set.
 COMMANDS = (

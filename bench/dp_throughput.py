@@ -43,10 +43,11 @@ METHODS = ("fedsilo", "opacus-hooks", "opacus-functorch", "opacus-ghost", "torch
 def make_steps(model_name: str, method: str, batch: int) -> dict[str, Callable[[], None]]:
     """The steps to alternate: "plain" and "dp" (and "dp_seeded" for fedsilo)."""
     import torch
+    from torch import nn
+
     from fedsilo.task.models import build_model, split_front
     from fedsilo.task.rng import SecureRandom, SeededRandom
     from fedsilo.task.train import DPTrainer
-    from torch import nn
 
     shape = MODELS[model_name]
     gen = torch.Generator().manual_seed(0)

@@ -113,6 +113,8 @@ def components(sc: dict[str, Any]) -> dict[str, Any]:
 
 
 def _components(sc: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    from flwr.app import ArrayRecord
+
     from fedsilo.cli import build_parser
     from fedsilo.clients.dp_train import plan_run, site_trainer
     from fedsilo.privacy.accountant import epsilon
@@ -123,7 +125,6 @@ def _components(sc: dict[str, Any], run_dir: str) -> dict[str, Any]:
     from fedsilo.simulations.ledgers import write_site_policies
     from fedsilo.simulations.runner import preflight
     from fedsilo.simulations.sites import SimulatedSites
-    from flwr.app import ArrayRecord
 
     argv = ["simulate", "--sites", str(sc["sites"]), "--dataset", sc["dataset"]]
     argv += ["--rounds", str(sc["rounds"]), "--out", run_dir, *sc["flags"]]

@@ -76,6 +76,7 @@ def fedavg_in_process(
     """FedAvg over `sites` sites in this process: DP-SGD sites (eps) or plain SGD (None)."""
     import numpy as np
     import torch
+
     from fedsilo.clients.dp_train import plan_run
     from fedsilo.config import RunConfig
     from fedsilo.privacy.accountant import epsilon

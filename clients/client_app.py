@@ -18,6 +18,9 @@ from __future__ import annotations
 import logging
 import math
 
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
 from fedsilo import protocol
 from fedsilo.clients.dp_train import train_round
 from fedsilo.clients.site_budget import authorise_round
@@ -26,8 +29,6 @@ from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, DataError, PrivacyError
 from fedsilo.privacy.refusal import REFUSAL_CODE, public_reason, refusal_reason
 from fedsilo.task.features import drop_cache
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 log = logging.getLogger("fedsilo.client")
 

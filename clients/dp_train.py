@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
+
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.accountant import calibrate_noise, epsilon
@@ -31,7 +33,6 @@ from fedsilo.task.train import (
     sample_rate,
     steps_per_epoch,
 )
-from torch import nn
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,11 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from opacus.accountants import PRVAccountant, RDPAccountant
+
 from fedsilo.config import ACCOUNTANTS
 from fedsilo.errors import PrivacyError
 from fedsilo.privacy.events import SampledGaussianEvent
-from opacus.accountants import PRVAccountant, RDPAccountant
 
 # Calibration searches sigma in [SIGMA_MIN, SIGMA_MAX] (below 0.3 DP-SGD protects
 # next to nothing, so a huge budget gets more noise than it needs); a schedule that needs

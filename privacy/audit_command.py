@@ -18,10 +18,11 @@ import sys
 import time
 from pathlib import Path
 
-from fedsilo.errors import ConfigError
-from fedsilo.privacy.audit import PASSING, SiteAudit, audit, epsilon_curve, find_ledgers
 from rich.console import Console
 from rich.table import Table
+
+from fedsilo.errors import ConfigError
+from fedsilo.privacy.audit import PASSING, SiteAudit, audit, epsilon_curve, find_ledgers
 
 STYLE = {"ok": "green", "exhausted": "yellow", "violated": "bold red", "tampered": "bold red"}
 

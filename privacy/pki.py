@@ -24,6 +24,7 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
 from fedsilo.errors import ConfigError
 
 CURVE = ec.SECP384R1()  # what Flower's SuperNode auth accepts (any NIST curve); TLS-wide support

@@ -22,6 +22,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from fedsilo.errors import ConfigError, PrivacyError
 from fedsilo.privacy import pki
 from fedsilo.privacy.policy import SitePolicy

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
 from fedsilo.processes import CONTROL_PORT
-from rich.console import Console
 
 INSECURE_WARNING = (
     "[bold red]WARNING: --insecure: no TLS and no site authentication.[/] Models, updates "

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
+
 from fedsilo.config import RunConfig
 from fedsilo.task.data import SHAPES, Dataset, load_dataset, load_npz
 from fedsilo.task.features import featurize

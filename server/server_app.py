@@ -14,13 +14,14 @@ import math
 import time
 from typing import Any
 
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
 from fedsilo.config import RunConfig
 from fedsilo.server.evaluate import global_model, load_eval_data, make_evaluator
 from fedsilo.server.run_dir import RunDir, default_run_dir, read_site_names
 from fedsilo.server.strategy import SiteReports
-from flwr.app import ArrayRecord, ConfigRecord, Context
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
 
 log = logging.getLogger("fedsilo.server")
 app = ServerApp()

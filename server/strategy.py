@@ -38,11 +38,12 @@ from dataclasses import dataclass
 from typing import cast
 
 import torch
-from fedsilo import protocol
-from fedsilo.privacy.refusal import parse_refusal
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
+
+from fedsilo import protocol
+from fedsilo.privacy.refusal import parse_refusal
 
 log = logging.getLogger("fedsilo.server")
 WEIGHT_CAP_RATIO = 4.0  # no site weighs more than 4x the median site of its round

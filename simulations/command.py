@@ -17,12 +17,13 @@ import sys
 import time
 from typing import Any
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
 from fedsilo.config import RunConfig
 from fedsilo.console import end_of_run_lines, quiet_logs, summary_table
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.server.run_dir import default_run_dir
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 DEFAULTS = RunConfig()
 

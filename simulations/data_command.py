@@ -14,9 +14,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rich.console import Console
+
 from fedsilo.config import Partition
 from fedsilo.errors import ConfigError
-from rich.console import Console
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

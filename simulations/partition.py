@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import numpy as np
+
 from fedsilo.config import Partition
 from fedsilo.errors import ConfigError
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from fedsilo.clients.dp_train import feature_cache_dir
 from fedsilo.clients.site_budget import SiteBudget
 from fedsilo.clients.site_data import task_shape

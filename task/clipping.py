@@ -23,8 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from fedsilo.errors import ConfigError
 from torch import nn
+
+from fedsilo.errors import ConfigError
 
 # Layers whose parameters this module knows how to clip. Others are refused, never
 # trained without clipping.

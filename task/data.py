@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from fedsilo.errors import DataError
 
 DEFAULT_DIRS = {

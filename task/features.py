@@ -23,8 +23,9 @@ import tempfile
 from pathlib import Path
 
 import torch
-from fedsilo.task.data import Dataset
 from torch import nn
+
+from fedsilo.task.data import Dataset
 
 log = logging.getLogger("fedsilo.features")
 CHUNK = 32  # images per front call: larger chunks spill the FFT's temporaries out of cache

@@ -16,9 +16,10 @@ features.
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from fedsilo.errors import ConfigError
 from fedsilo.task.scattering import Scattering2D
-from torch import nn
 
 
 class MLP(nn.Module):

@@ -24,11 +24,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+
 from fedsilo.errors import ConfigError
 from fedsilo.task.clipping import SUPPORTED, clip_factors, clipped_sum, layer_grads
 from fedsilo.task.data import Dataset
 from fedsilo.task.rng import SiteRandom
-from torch import nn
 
 OPACUS_PREFIX = "_module."
 

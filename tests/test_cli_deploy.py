@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedsilo.cli import main
 from fedsilo.privacy import pki
 from fedsilo.privacy.provision import provision

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
 

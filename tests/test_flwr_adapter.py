@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import flwr
 import pytest
+
 from fedsilo.errors import ConfigError
 from fedsilo.flwr_adapter import check_flower_version
 

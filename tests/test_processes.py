@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from fedsilo.privacy.provision import provision
 from fedsilo.processes import TLSError, Unreachable, free_port, probe_tls, server_speaks_tls
 

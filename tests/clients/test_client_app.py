@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 
 import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+
 from fedsilo import protocol
 from fedsilo.clients import client_app
 from fedsilo.clients.client_app import train
@@ -19,7 +21,6 @@ from fedsilo.privacy.refusal import REFUSAL_CODE
 from fedsilo.server.evaluate import global_model
 from fedsilo.simulations.ledgers import simulated_ledger, write_site_policies
 from fedsilo.simulations.sites import SimulatedSites
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 
 @pytest.fixture(autouse=True)
@@ -177,6 +178,7 @@ def test_deployed_site_without_a_budget_refuses(tmp_path: Path) -> None:
 
 def test_deployed_site_records_its_policy_and_spend(tmp_path: Path) -> None:
     import numpy as np
+
     from fedsilo.task.data import load_dataset, save_npz
 
     data = tmp_path / "site.npz"
@@ -206,6 +208,7 @@ def test_scatnet_site_computes_features_once_beside_its_ledger(
 ) -> None:
     import numpy as np
     import torch
+
     from fedsilo.task import features
     from fedsilo.task.data import Dataset, save_npz
 
@@ -253,6 +256,7 @@ def test_scatnet_site_computes_features_once_beside_its_ledger(
 
 def deployed_node_config(tmp_path: Path, x_scale: float = 1.0) -> dict[str, object]:
     import numpy as np
+
     from fedsilo.task.data import Dataset, load_dataset, save_npz
 
     digits = load_dataset("digits", "train").subset(np.arange(300))

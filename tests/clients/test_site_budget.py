@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedsilo.clients.site_budget import RoundRefused, SiteBudget, authorise_round
 from fedsilo.config import RunConfig
 from fedsilo.errors import BudgetExceededError

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedsilo.clients.launcher import ClientOptions, node_config
 from fedsilo.clients.site_env import deployed_site
 from fedsilo.config import RunConfig

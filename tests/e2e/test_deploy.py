@@ -16,8 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fedsilo.cli import main
 
+from fedsilo.cli import main
 from tests.e2e.federation import (
     Proc,
     TLSSniffer,

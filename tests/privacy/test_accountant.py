@@ -5,11 +5,12 @@ from __future__ import annotations
 import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fedsilo.errors import PrivacyError
 from fedsilo.privacy.accountant import RDP_ORDERS, calibrate_noise, epsilon
 from fedsilo.privacy.events import SampledGaussianEvent as Event
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def google_rdp(q: float, sigma: float, steps: int, delta: float) -> float:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from fedsilo.cli import main
 from fedsilo.privacy import ledger
 from fedsilo.privacy.accountant import epsilon

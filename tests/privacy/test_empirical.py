@@ -21,12 +21,13 @@ import math
 import pytest
 import scipy.stats
 import torch
+from torch import nn
+
 from fedsilo.privacy.accountant import calibrate_noise
 from fedsilo.privacy.empirical import epsilon_lower_bound, guess, p_value
 from fedsilo.task.data import Dataset
 from fedsilo.task.rng import SeededRandom, SiteRandom
 from fedsilo.task.train import DPTrainer, sample_rate, steps_per_epoch
-from torch import nn
 
 CANARIES, FEATURES, CLASSES, OTHERS = 1000, 20, 10, 2000
 BATCH, STEPS, CLIP, LR = 500, 100, 1.0, 2.0

@@ -7,12 +7,13 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from fedsilo.privacy import ledger
 from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
 from fedsilo.privacy.ledger import GENESIS, LedgerError, PolicyEntry
 from fedsilo.privacy.policy import SitePolicy
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 
 def spend(round_: int, *, run: str = "1", steps: int = 10) -> RoundSpend:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from fedsilo.errors import BudgetExceededError, PrivacyError
 from fedsilo.privacy.accountant import epsilon
 from fedsilo.privacy.events import SampledGaussianEvent as Event

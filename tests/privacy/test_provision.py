@@ -12,6 +12,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+
 from fedsilo.errors import ConfigError
 from fedsilo.privacy import pki
 from fedsilo.privacy.provision import (

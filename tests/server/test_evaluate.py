@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from fedsilo.config import RunConfig
 from fedsilo.server.evaluate import global_model, make_evaluator
 from fedsilo.task.data import Dataset

@@ -12,12 +12,13 @@ from typing import Any
 
 import pytest
 import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg
+
 from fedsilo import protocol
 from fedsilo.privacy.refusal import REFUSAL_CODE, refusal_reason
 from fedsilo.server.server_app import build_summary
 from fedsilo.server.strategy import WEIGHT_CAP_RATIO, Refusal, SiteReports
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg
 
 NAMES = {11: "site-a", 12: "site-b", 13: "site-c", 14: "site-d"}
 

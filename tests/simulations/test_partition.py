@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from fedsilo.config import Partition
 from fedsilo.errors import ConfigError
 from fedsilo.simulations.partition import partition_indices

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from fedsilo.config import RunConfig
 from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.privacy.policy import SitePolicy
@@ -14,7 +15,6 @@ from fedsilo.simulations import sites
 from fedsilo.simulations.ledgers import write_site_policies
 from fedsilo.simulations.sites import SimulatedSites
 from fedsilo.task import data as task_data
-
 from tests.task.test_data import write_idx
 
 

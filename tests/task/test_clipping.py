@@ -7,13 +7,14 @@ import warnings
 
 import pytest
 import torch
+from opacus import GradSampleModule
+from opacus.optimizers import DPOptimizer
+from torch import nn
+
 from fedsilo.errors import ConfigError
 from fedsilo.task.models import CNN, MLP
 from fedsilo.task.rng import SeededRandom
 from fedsilo.task.train import DPTrainer
-from opacus import GradSampleModule
-from opacus.optimizers import DPOptimizer
-from torch import nn
 
 
 def opacus_per_sample(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:

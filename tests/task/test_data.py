@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from fedsilo.errors import DataError
 from fedsilo.task.data import load_dataset, load_labels, load_npz, read_idx, save_npz
 

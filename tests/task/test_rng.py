@@ -13,10 +13,11 @@ import math
 
 import pytest
 import torch
+from torch import nn
+
 from fedsilo.task.models import MLP, build_model
 from fedsilo.task.rng import SecureRandom, SeededRandom, SiteRandom
 from fedsilo.task.train import DPTrainer
-from torch import nn
 
 
 def trainer(rng: SiteRandom, *, sigma: float = 1.0) -> DPTrainer:

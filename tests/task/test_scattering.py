@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.task.data import Dataset

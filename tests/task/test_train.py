@@ -6,12 +6,13 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+
 from fedsilo.errors import ConfigError
 from fedsilo.task.data import Dataset
 from fedsilo.task.models import CNN, MLP, build_model
 from fedsilo.task.rng import SeededRandom
 from fedsilo.task.train import DPTrainer, check_private_state, evaluate, strip_module_prefix
-from torch import nn
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
