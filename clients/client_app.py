@@ -22,11 +22,11 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedsilo import protocol
-from fedsilo.clients.dp_train import train_round
+from fedsilo.clients.dp_train import RoundResult, train_round
 from fedsilo.clients.site_budget import authorise_round
 from fedsilo.clients.site_env import NAME_KEY, SiteResolver, deployed_site
 from fedsilo.config import RunConfig
-from fedsilo.errors import ConfigError, DataError, PrivacyError
+from fedsilo.errors import ConfigError, DataError, FedsiloError, PrivacyError
 from fedsilo.privacy.refusal import REFUSAL_CODE, public_reason, refusal_reason
 from fedsilo.task.features import drop_cache
 
@@ -56,14 +56,7 @@ def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message
         )
     except (PrivacyError, ConfigError, DataError) as exc:  # a round the site will not train
         log.warning("train: site %s refuses round %d: %s", name, server_round, exc)
-        if isinstance(exc, PrivacyError):
-            why = public_reason(exc)
-        elif isinstance(exc, DataError):  # its message names the site's files: keep it here
-            why = f"the site's data does not fit this run's task ({cfg.dataset}); see its log."
-        else:
-            why = str(exc)
-        reason = refusal_reason(name, why)
-        return Message(Error(REFUSAL_CODE, reason), reply_to=msg)
+        return Message(Error(REFUSAL_CODE, refusal_reason(name, _public(exc, cfg))), reply_to=msg)
 
     result = train_round(
         cfg,
@@ -79,12 +72,8 @@ def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message
         drop_cache(site.cache_dir)  # features of private data do not outlive the run
     if result.event != auth.event:  # the ledger must hold exactly what was spent
         raise RuntimeError(f"trained {result.event}, but the ledger recorded {auth.event}")
-    bad = [k for k, v in result.state_dict.items() if not bool(v.isfinite().all())]
-    if bad or not math.isfinite(result.epsilon):
-        why = (
-            f"the update is not finite (NaN or infinity in {', '.join(bad[:3])}); the site "
-            "sends nothing. Check the scale of its data (features of order 1) and lr."
-        )
+    why = _unsendable(result)
+    if why:
         log.error("train: site %s round %d: %s", site.name, server_round, why)
         return Message(Error(protocol.SITE_FAILURE_CODE, why), reply_to=msg)
     log.info(
@@ -112,6 +101,26 @@ def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def _public(exc: FedsiloError, cfg: RunConfig) -> str:
+    """What a refusal tells the server: the rule, never the site's spend or its files."""
+    if isinstance(exc, PrivacyError):
+        return public_reason(exc)
+    if isinstance(exc, DataError):  # its message names the site's files: keep it here
+        return f"the site's data does not fit this run's task ({cfg.dataset}); see its log."
+    return str(exc)
+
+
+def _unsendable(result: RoundResult) -> str:
+    """Why the site must not send this round's result ("" when it may)."""
+    bad = [k for k, v in result.state_dict.items() if not bool(v.isfinite().all())]
+    if bad or not math.isfinite(result.epsilon):
+        return (
+            f"the update is not finite (NaN or infinity in {', '.join(bad[:3])}); the site "
+            "sends nothing. Check the scale of its data (features of order 1) and lr."
+        )
+    return ""
 
 
 def _server_round(msg: Message) -> int:

@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
@@ -25,6 +27,7 @@ from fedsilo.server.strategy import SiteReports
 
 log = logging.getLogger("fedsilo.server")
 app = ServerApp()
+Evaluator = Callable[[Mapping[str, torch.Tensor]], tuple[float, float]]
 ROUND_TIMEOUT_S = 3600.0  # a site that has not replied within this is counted as failed
 
 
@@ -48,7 +51,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     arrays = ArrayRecord(global_model(cfg).state_dict())
     rounds: list[dict[str, Any]] = []
-    failed_reason = ""
+    stopped = ""
     for server_round in range(1, cfg.rounds + 1):
         t0 = time.monotonic()
         replies = grid.send_and_receive(
@@ -56,59 +59,61 @@ def main(grid: Grid, context: Context) -> None:
             timeout=ROUND_TIMEOUT_S,
         )
         new_arrays, _ = strategy.aggregate_train(server_round, replies)
-        participants = strategy.last_round_sites
-        if new_arrays is None or len(participants) < cfg.min_sites:
-            log.error(
-                "main: round %d: %d site(s) replied, fewer than min-sites=%d; stopping",
-                server_round,
-                len(participants),
-                cfg.min_sites,
-            )
-            failed_reason = (
-                f"round {server_round}: {len(participants)} usable repl(ies), fewer than "
-                f"min-sites={cfg.min_sites}"
-            )
+        outcome = close_round(server_round, new_arrays, strategy, cfg, evaluate)
+        if isinstance(outcome, str):  # never checkpoint, report or continue from it
+            stopped = f"round {server_round}: {outcome}"
+            log.error("main: %s; stopping", stopped)
             break
-        state = new_arrays.to_torch_state_dict()
-        loss, accuracy = evaluate(state)
-        if not all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point()):
-            stopped = "the aggregated model is not finite (NaN or infinity)"
-        elif not (math.isfinite(loss) and math.isfinite(accuracy)):
-            stopped = f"central evaluation is not finite (loss {loss}, accuracy {accuracy})"
-        else:
-            stopped = ""
-        if stopped:  # never checkpoint, report or continue from a broken model
-            log.error("main: round %d: %s; stopping", server_round, stopped)
-            failed_reason = f"round {server_round}: {stopped}"
-            break
-        arrays = new_arrays
-        record = {
-            "round": server_round,
-            "accuracy": accuracy,
-            "loss": loss,
-            "max_epsilon": max(strategy.reports[s].epsilon for s in participants),
-            "sites": participants,
-            "failed": [f.site for f in strategy.failures if f.round == server_round],
-            "refused": [r.site for r in strategy.refusals if r.round == server_round],
-            "reasons": {
-                **{f.site: f.reason for f in strategy.failures if f.round == server_round},
-                **{r.site: r.reason for r in strategy.refusals if r.round == server_round},
-            },
-            "seconds": time.monotonic() - t0,
-        }
+        arrays, record = outcome
+        record["seconds"] = time.monotonic() - t0
         run_dir.append_metrics(record)
-        run_dir.save_checkpoint(server_round, state)
+        run_dir.save_checkpoint(server_round, arrays.to_torch_state_dict())
         rounds.append(record)
         log.info(
             "main: round %d: accuracy %.4f loss %.4f max epsilon %.3f",
             server_round,
-            accuracy,
-            loss,
+            record["accuracy"],
+            record["loss"],
             record["max_epsilon"],
         )
     run_dir.save_final(arrays.to_torch_state_dict())
     summary = build_summary(rounds, strategy, str(run_dir.path), cfg.rounds)
-    run_dir.write_summary({**summary, "stopped": failed_reason or None})
+    run_dir.write_summary({**summary, "stopped": stopped or None})
+
+
+def close_round(
+    server_round: int,
+    new_arrays: ArrayRecord | None,
+    strategy: SiteReports,
+    cfg: RunConfig,
+    evaluate: Evaluator,
+) -> tuple[ArrayRecord, dict[str, Any]] | str:
+    """The round's new global model and metrics record, or why the run must stop."""
+    participants = strategy.last_round_sites
+    if new_arrays is None or len(participants) < cfg.min_sites:
+        return f"{len(participants)} usable repl(ies), fewer than min-sites={cfg.min_sites}"
+    state = new_arrays.to_torch_state_dict()
+    if not all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point()):
+        return "the aggregated model is not finite (NaN or infinity)"
+    loss, accuracy = evaluate(state)
+    if not (math.isfinite(loss) and math.isfinite(accuracy)):
+        return f"central evaluation is not finite (loss {loss}, accuracy {accuracy})"
+    failures = [f for f in strategy.failures if f.round == server_round]
+    refusals = [r for r in strategy.refusals if r.round == server_round]
+    record: dict[str, Any] = {
+        "round": server_round,
+        "accuracy": accuracy,
+        "loss": loss,
+        "max_epsilon": max(strategy.reports[s].epsilon for s in participants),
+        "sites": participants,
+        "failed": [f.site for f in failures],
+        "refused": [r.site for r in refusals],
+        "reasons": {
+            **{f.site: f.reason for f in failures},
+            **{r.site: r.reason for r in refusals},
+        },
+    }
+    return new_arrays, record
 
 
 def build_summary(
