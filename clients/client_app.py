@@ -76,12 +76,14 @@ def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message
     if why:
         log.error("train: site %s round %d: %s", site.name, server_round, why)
         return Message(Error(protocol.SITE_FAILURE_CODE, why), reply_to=msg)
-    log.info(
-        "train: site %s round %d epsilon %.3f of target %g",
+    log.info(  # the site's own log: its total spend stays here, never in the reply
+        "train: site %s round %d: run epsilon %.3f of target %g; site total %.3f of %g",
         site.name,
         server_round,
         result.epsilon,
         cfg.target_epsilon,
+        auth.site_epsilon,
+        site.budget.policy.max_epsilon,
     )
     metrics = MetricRecord(
         {
