@@ -66,6 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedsilo import flwr_adapter
     from fedsilo.clients.launcher import ClientOptions, start_client
     from fedsilo.config import DEVICES
     from fedsilo.errors import ConfigError
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     from fedsilo.processes import split_address, terminate_on_signals
     from fedsilo.task.train import resolve_device
 
+    flwr_adapter.check_flower_version()  # the launcher drives Flower 1.39's SuperNode
     err = Console(stderr=True)
     if args.device not in DEVICES:
         raise ConfigError(f"`--device` must be one of {', '.join(DEVICES)}. Found {args.device!r}.")

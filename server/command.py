@@ -114,11 +114,13 @@ def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fedsilo import flwr_adapter
     from fedsilo.console import end_of_run_lines, quiet_logs, summary_table
     from fedsilo.privacy.provision import read_server_kit
     from fedsilo.processes import check_port, terminate_on_signals
     from fedsilo.server.launcher import ServerOptions, start_server
 
+    flwr_adapter.check_flower_version()  # the launcher drives Flower 1.39's CLI and processes
     err = Console(stderr=True)
     kit = read_server_kit(args.kit, check=not args.insecure)
     cfg = config_from_args(args, len(kit.sites))
