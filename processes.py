@@ -120,8 +120,14 @@ def terminate_on_signals() -> Iterator[None]:
 
 
 def check_port_free(host: str, port: int, *, flag: str) -> None:
-    """Raise ConfigError when something already listens on host:port."""
+    """Raise ConfigError when something already listens on host:port.
+
+    SO_REUSEADDR, as servers set it: connections of a server that just stopped linger in
+    TIME_WAIT for about a minute and must not make its port look taken; a socket that
+    listens still does (Linux refuses the bind then).
+    """
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as exc:

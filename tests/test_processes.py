@@ -104,3 +104,25 @@ def test_plaintext_server(kits: Path) -> None:
 def test_nothing_listening_is_retried(kits: Path) -> None:
     with pytest.raises(Unreachable):
         probe_tls(f"127.0.0.1:{free_port()}", kits / "fed/sites/a/ca.crt")
+
+
+def test_a_port_in_time_wait_is_free_but_a_listening_one_is_not() -> None:
+    import socket
+
+    from fedsilo.errors import ConfigError
+    from fedsilo.processes import check_port_free
+
+    # A server that accepted a connection and closed first leaves its port in TIME_WAIT.
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    port = server.getsockname()[1]
+    client = socket.create_connection(("127.0.0.1", port))
+    conn, _ = server.accept()
+    with pytest.raises(ConfigError, match="is taken"):
+        check_port_free("127.0.0.1", port, flag="--fleet-port")  # still listening
+    conn.close()
+    server.close()
+    client.close()
+    check_port_free("127.0.0.1", port, flag="--fleet-port")  # restartable at once
