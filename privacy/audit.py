@@ -34,6 +34,7 @@ from fedsilo.privacy.ledger import LedgerContents, PolicyEntry
 from fedsilo.privacy.policy import DEFAULT_DELTA, SitePolicy
 
 STATUSES = ("ok", "exhausted", "violated", "tampered")
+RUN_FILES = ("metrics.jsonl",)  # a run directory's own JSON Lines, never a ledger
 PASSING = ("ok", "exhausted")
 
 
@@ -69,13 +70,18 @@ class SiteAudit:
 def find_ledgers(paths: Iterable[str | Path]) -> list[tuple[Path, dict[str, str]]]:
     """The ledger files under `paths`, each with the heads a run's summary.json recorded.
 
-    A path is a ledger file, a directory of `*.jsonl` ledgers, or a run directory
-    (its `ledgers/` folder, checked against its `summary.json`).
+    A path is a ledger file, a directory of `*.jsonl` ledgers, a run directory of
+    `fedsilo simulate` (its `ledgers/` folder, checked against its `summary.json`), or a
+    deployed run directory: its sites keep their own ledgers, so the ledger files given
+    beside it are checked against its `summary.json`.
 
     Raises:
-        ConfigError: a path does not exist or holds no ledger.
+        ConfigError: a path does not exist or holds no ledger, or a deployed run
+            directory is given without any site ledger.
     """
     found: list[tuple[Path, dict[str, str]]] = []
+    deployed: dict[str, str] = {}  # heads of deployed runs, for the ledger files given
+    deployed_dirs: list[Path] = []
     for raw in paths:
         p = Path(raw)
         if p.is_file():
@@ -83,8 +89,12 @@ def find_ledgers(paths: Iterable[str | Path]) -> list[tuple[Path, dict[str, str]
             continue
         if not p.is_dir():
             raise ConfigError(f"{p} does not exist. Give ledger files, directories or run dirs.")
+        if (p / "summary.json").is_file() and not (p / "ledgers").is_dir():
+            deployed.update(_summary_heads(p / "summary.json"))
+            deployed_dirs.append(p)
+            continue
         folder = p / "ledgers" if (p / "ledgers").is_dir() else p
-        files = sorted(folder.glob("*.jsonl"))
+        files = sorted(f for f in folder.glob("*.jsonl") if f.name not in RUN_FILES)
         if not files:
             raise ConfigError(
                 f"No ledgers (*.jsonl) in {folder}. Give a site's ledger file, a directory "
@@ -92,7 +102,13 @@ def find_ledgers(paths: Iterable[str | Path]) -> list[tuple[Path, dict[str, str]
             )
         heads = _summary_heads(p / "summary.json")
         found.extend((f, heads) for f in files)
-    return found
+    if deployed_dirs and not found:
+        raise ConfigError(
+            f"{deployed_dirs[0]} is a deployed run: its sites keep their own ledgers, so it "
+            "holds none. Give the sites' ledgers beside it to check them against its "
+            f"summary: fedsilo audit {deployed_dirs[0]} site-a/ledger.jsonl site-b/ledger.jsonl"
+        )
+    return [(f, heads or deployed) for f, heads in found]
 
 
 def audit(path: Path, summary_heads: dict[str, str] | None = None) -> SiteAudit:

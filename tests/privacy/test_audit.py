@@ -169,3 +169,30 @@ def test_audit_of_a_junk_file_stays_readable(tmp_path: Path) -> None:
     assert report.status == "tampered"
     assert len(report.problems) <= 25 and "more problem line(s)" in report.problems[-2]
     assert main(["audit", str(junk), "--json"]) == 1
+
+
+def test_a_deployed_run_directory_is_checked_against_the_ledgers_given_beside_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.privacy.test_ledger import write as write_ledger
+
+    # A deployed run directory: metrics and a summary, no ledgers (the sites keep them).
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"round": 1}\n')
+    site_a = tmp_path / "site-a.jsonl"
+    write_ledger(site_a, rounds=1)
+    head = ledger.read(site_a).head
+    summary = {"sites": [{"site": "site-a", "ledger_head": head}]}
+    (run / "summary.json").write_text(json.dumps(summary))
+    # Alone, it says where the ledgers are instead of auditing metrics.jsonl as one.
+    assert main(["audit", str(run)]) == 2
+    assert "deployed run: its sites keep their own ledgers" in capsys.readouterr().err
+    # With the site's ledger beside it, the head the server recorded is checked.
+    assert main(["audit", str(run), str(site_a), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["sites"]
+    assert [(r["site"], r["status"]) for r in rows] == [("site-a", "ok")]
+    summary["sites"][0]["ledger_head"] = "0" * 64  # a head the ledger never had
+    (run / "summary.json").write_text(json.dumps(summary))
+    assert main(["audit", str(run), str(site_a), "--json"]) == 1
+    assert "summary.json records ledger head" in capsys.readouterr().out
