@@ -16,11 +16,18 @@ in memory for a Linear layer on flat inputs:
 Convolutions (and Linear layers on sequences) materialise per-sample gradients with
 one batched matrix product over the unfolded input, as Opacus's hooks do; for the
 small CNNs here that is cheaper than the T^2 ghost norm.
+
+Every other layer with parameters that Opacus can compute per-sample gradients for
+(LayerNorm, GroupNorm, InstanceNorm, Embedding, Conv1d/Conv3d, RMSNorm, ...) goes
+through Opacus's own grad sampler for its type (`opacus_layer_grads`), from the same
+recorded input and output gradient, so one model can mix both; a layer neither
+supports is refused before training.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,9 +47,11 @@ class LayerGrads:
     # Either materialised per-sample gradients (B x weight shape, B x bias shape) ...
     weight: torch.Tensor | None
     bias: torch.Tensor | None
-    # ... or the factors for book-keeping: grad = g^T a (Linear on flat inputs).
+    # ... or the factors for book-keeping: grad = g^T a (Linear on flat inputs) ...
     g: torch.Tensor | None = None
     a: torch.Tensor | None = None
+    # ... or, from an Opacus grad sampler, per-sample gradients by parameter name.
+    others: dict[str, torch.Tensor] | None = None
 
 
 def layer_grads(layer: nn.Module, a: torch.Tensor, g: torch.Tensor) -> LayerGrads:
@@ -92,6 +101,41 @@ def clipped_sum(
     w = (factors @ grads.weight.reshape(b, -1)).view(grads.weight.shape[1:])
     bias = None if grads.bias is None else factors @ grads.bias.reshape(b, -1)
     return w, bias
+
+
+def opacus_samplers() -> dict[type, Any]:
+    """Opacus's per-sample gradient functions by layer type (opacus.grad_sample)."""
+    from opacus.grad_sample import GradSampleModule
+
+    return dict(GradSampleModule.GRAD_SAMPLERS)
+
+
+def opacus_layer_grads(
+    layer: nn.Module, inputs: list[torch.Tensor], g: torch.Tensor, sampler: Any
+) -> LayerGrads:
+    """Per-sample gradients of `layer`'s own trainable parameters by Opacus's `sampler`.
+
+    `g` is the gradient of the *summed* loss with respect to the layer's output, which is
+    what Opacus's samplers take as `backprops` (its hooks scale a mean loss back to this).
+    """
+    per_param = sampler(layer, inputs, g)
+    others = {
+        name: per_param[p]
+        for name, p in layer.named_parameters(recurse=False)
+        if p.requires_grad and p in per_param
+    }
+    if not others:
+        raise ConfigError(f"Opacus computed no per-sample gradient for {type(layer).__name__}.")
+    sq = torch.stack([_sq(v) for v in others.values()]).sum(0)
+    return LayerGrads(sq_norms=sq, weight=None, bias=None, others=others)
+
+
+def clipped_param_sums(grads: LayerGrads, factors: torch.Tensor) -> dict[str, torch.Tensor]:
+    """sum_i factors_i * (example i's gradient), for each parameter name of the layer."""
+    if grads.others is not None:
+        return {k: torch.einsum("b,b...->...", factors, v) for k, v in grads.others.items()}
+    w, b = clipped_sum(grads, factors)
+    return {"weight": w} if b is None else {"weight": w, "bias": b}
 
 
 def clip_factors(sq_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:

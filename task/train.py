@@ -27,7 +27,14 @@ import torch
 from torch import nn
 
 from fedsilo.errors import ConfigError
-from fedsilo.task.clipping import SUPPORTED, clip_factors, clipped_sum, layer_grads
+from fedsilo.task.clipping import (
+    SUPPORTED,
+    clip_factors,
+    clipped_param_sums,
+    layer_grads,
+    opacus_layer_grads,
+    opacus_samplers,
+)
 from fedsilo.task.data import Dataset
 from fedsilo.task.rng import SiteRandom
 
@@ -62,7 +69,8 @@ class DPTrainer:
         check_private_state(model)
         self.device = device or torch.device("cpu")
         self.model = model.to(self.device)
-        self.layers = _clippable_layers(self.model)
+        self.samplers = opacus_samplers()
+        self.layers = _clippable_layers(self.model, self.samplers)
         # Sampling and noise are drawn on the CPU from the site's source, then moved to
         # the device: no CUDA generator is ever used (a server could seed that one).
         self.rng = rng
@@ -102,7 +110,7 @@ class DPTrainer:
         Returns the sum per parameter, the summed loss, and each example's gradient
         norm before clipping.
         """
-        records: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        records: dict[nn.Module, tuple[list[torch.Tensor], torch.Tensor]] = {}
 
         def record(layer: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
             if layer in records:
@@ -110,7 +118,7 @@ class DPTrainer:
                     f"{type(layer).__name__} is called twice in one forward pass; "
                     "per-sample clipping needs each layer used once."
                 )
-            records[layer] = (inputs[0].detach(), out)
+            records[layer] = ([i.detach() for i in inputs], out)
 
         handles = [layer.register_forward_hook(record) for layer in self.layers]
         try:
@@ -124,17 +132,17 @@ class DPTrainer:
         out_grads = torch.autograd.grad(loss, outputs)
         with torch.no_grad():
             per_layer = [
-                layer_grads(layer, records[layer][0], g)
+                layer_grads(layer, records[layer][0][0], g)
+                if isinstance(layer, SUPPORTED)
+                else opacus_layer_grads(layer, records[layer][0], g, self.samplers[type(layer)])
                 for layer, g in zip(self.layers, out_grads, strict=True)
             ]
             sq = torch.stack([lg.sq_norms for lg in per_layer]).sum(0)
             factors = clip_factors(sq, self.max_grad_norm)
             sums: dict[torch.Tensor, torch.Tensor] = {}
             for layer, lg in zip(self.layers, per_layer, strict=True):
-                w, b = clipped_sum(lg, factors)
-                sums[_param(layer, "weight")] = w
-                if b is not None:
-                    sums[_param(layer, "bias")] = b
+                for name, total in clipped_param_sums(lg, factors).items():
+                    sums[_param(layer, name)] = total
         return sums, float(loss.detach()), sq.sqrt()
 
     def train_epochs(self, data: Dataset, epochs: int) -> TrainStats:
@@ -168,18 +176,38 @@ def _param(layer: nn.Module, name: str) -> torch.Tensor:
     return p
 
 
-def _clippable_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's trainable layers; refuse any parameter we could not clip per sample."""
+# Layers Opacus has no grad sampler for, and what to use instead.
+REPLACEMENTS = {
+    "MultiheadAttention": "opacus.layers.DPMultiheadAttention",
+    "LSTM": "opacus.layers.DPLSTM",
+    "GRU": "opacus.layers.DPGRU",
+    "RNN": "opacus.layers.DPRNN",
+}
+
+
+def _clippable_layers(model: nn.Module, samplers: Mapping[type, object]) -> list[nn.Module]:
+    """The model's trainable layers; refuse any parameter we could not clip per sample.
+
+    Linear and Conv2d layers take fedsilo's fast path (fedsilo.task.clipping); any other
+    layer type Opacus has a grad sampler for takes Opacus's.
+    """
     layers: list[nn.Module] = []
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False) if p.requires_grad]
         if not own:
             continue
-        if not isinstance(module, SUPPORTED):
+        kind = type(module).__name__
+        if not isinstance(module, SUPPORTED) and type(module) not in samplers:
+            instead = REPLACEMENTS.get(kind)
             raise ConfigError(
-                f"Layer {name or type(module).__name__} ({type(module).__name__}) has "
-                "parameters that DP-SGD cannot clip per sample here; use Linear and Conv2d "
-                "layers (models: mlp, cnn, scatnet)."
+                f"Layer {name or kind} ({kind}) has parameters whose per-example gradients "
+                "neither fedsilo nor Opacus can compute, so DP-SGD cannot clip them; "
+                + (
+                    f"use {instead}."
+                    if instead
+                    else "use layers Opacus supports (Linear, "
+                    "Conv1d/2d/3d, LayerNorm, GroupNorm, InstanceNorm, Embedding, ...)."
+                )
             )
         layers.append(module)
     return layers

@@ -94,9 +94,28 @@ def test_step_equals_opacus_dp_optimizer_without_noise() -> None:
         assert torch.allclose(a, b, atol=1e-6)
 
 
-def test_layers_without_a_clipping_rule_are_refused() -> None:
-    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
-    with pytest.raises(ConfigError, match="cannot clip per sample"):
+class Scale(nn.Module):
+    """A layer with a parameter no per-sample gradient rule knows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+@pytest.mark.parametrize(
+    "layer,needle",
+    [
+        (nn.MultiheadAttention(4, 2), "(MultiheadAttention) has parameters whose per-example"),
+        (nn.LSTM(4, 4), "use opacus.layers.DPLSTM"),
+        (Scale(), "use layers Opacus supports"),
+    ],
+)
+def test_layers_without_a_clipping_rule_are_refused(layer: nn.Module, needle: str) -> None:
+    model = nn.Sequential(nn.Linear(4, 4), layer)
+    with pytest.raises(ConfigError, match="DP-SGD cannot clip them") as err:
         DPTrainer(
             model,
             noise_multiplier=1.0,
@@ -105,3 +124,82 @@ def test_layers_without_a_clipping_rule_are_refused() -> None:
             lr=1.0,
             rng=SeededRandom(0),
         )
+    assert needle in str(err.value) and "Layer 1 " in str(err.value)
+
+
+class TinyTransformer(nn.Module):
+    """A classifier on token sequences mixing both paths: Embedding and LayerNorm through
+    Opacus's grad samplers, attention's and the head's Linear layers through fedsilo's."""
+
+    def __init__(self, vocab: int = 20, d: int = 8, classes: int = 3) -> None:
+        super().__init__()
+        from opacus.layers import DPMultiheadAttention
+
+        self.embed = nn.Embedding(vocab, d)
+        self.attn = DPMultiheadAttention(d, 2, batch_first=True)
+        self.norm = nn.LayerNorm(d)
+        self.gnorm = nn.GroupNorm(2, d)  # affine: parameters Opacus clips per sample
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)  # B x T x d
+        a, _ = self.attn(h, h, h)
+        h = self.norm(h + a).mean(1)  # B x d
+        return self.head(torch.tanh(self.gnorm(h)))  # type: ignore[no-any-return]
+
+
+def test_a_model_mixing_both_paths_matches_opacus() -> None:
+    # Prepare
+    torch.manual_seed(3)
+    model = TinyTransformer()
+    x, y, clip = torch.randint(0, 20, (6, 5)), torch.randint(0, 3, (6,)), 0.7
+    trainer = DPTrainer(
+        copy.deepcopy(model),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=6,
+        lr=1.0,
+        rng=SeededRandom(0),
+    )
+    kinds = {type(layer).__name__ for layer in trainer.layers}
+    assert {"Embedding", "LayerNorm", "GroupNorm", "Linear"} <= kinds
+    # Execute
+    sums, _, norms = trainer.clipped_grad_sums(x, y)
+    gsm = GradSampleModule(copy.deepcopy(model), batch_first=True, loss_reduction="sum")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nn.functional.cross_entropy(gsm(x), y, reduction="sum").backward()
+    # Assert: per-sample norms and clipped sums equal Opacus's, parameter by parameter.
+    theirs = {k.removeprefix("_module."): p.grad_sample for k, p in gsm.named_parameters()}  # type: ignore[attr-defined]
+    ours = {name: sums[p] for name, p in trainer.model.named_parameters()}
+    assert ours.keys() == theirs.keys()
+    expected = torch.cat([g.reshape(6, -1) for g in theirs.values()], 1).norm(dim=1)
+    assert torch.allclose(norms, expected, rtol=1e-4)
+    factors = (clip / (expected + 1e-6)).clamp(max=1.0)
+    for name, got in ours.items():
+        want = torch.einsum("b,b...->...", factors, theirs[name])
+        assert torch.allclose(got, want, atol=1e-5), name
+
+
+def test_a_mixed_model_step_equals_opacus_dp_optimizer_without_noise() -> None:
+    torch.manual_seed(4)
+    x, y = torch.randint(0, 20, (8, 5)), torch.randint(0, 3, (8,))
+    ours, theirs = TinyTransformer(), TinyTransformer()
+    theirs.load_state_dict(ours.state_dict())
+    DPTrainer(
+        ours, noise_multiplier=0.0, max_grad_norm=0.3, expected_batch_size=10, lr=0.5,
+        rng=SeededRandom(0),
+    ).step(x, y)  # fmt: skip
+    gsm = GradSampleModule(theirs, batch_first=True, loss_reduction="mean")
+    opt = DPOptimizer(
+        torch.optim.SGD(theirs.parameters(), lr=0.5),
+        noise_multiplier=0.0,
+        max_grad_norm=0.3,
+        expected_batch_size=10,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nn.functional.cross_entropy(gsm(x), y).backward()
+    opt.step()
+    for (name, a), b in zip(ours.named_parameters(), theirs.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
