@@ -39,6 +39,7 @@ from typing import cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.constant import SUPERLINK_NODE_ID  # the sender of errors for lost nodes
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -47,7 +48,6 @@ from fedsilo.privacy.refusal import parse_refusal
 
 log = logging.getLogger("fedsilo.server")
 WEIGHT_CAP_RATIO = 4.0  # no site weighs more than 4x the median site of its round
-SUPERLINK_NODE_ID = 1  # flwr.common.constant: errors the SuperLink makes for lost nodes
 HEAD = re.compile(r"[0-9a-f]{64}")
 INTEGER_METRICS = (protocol.NUM_EXAMPLES, protocol.STEPS)
 
