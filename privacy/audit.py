@@ -31,7 +31,7 @@ from fedsilo.privacy import ledger
 from fedsilo.privacy.accountant import epsilon
 from fedsilo.privacy.events import RoundSpend
 from fedsilo.privacy.ledger import LedgerContents, PolicyEntry
-from fedsilo.privacy.policy import DEFAULT_DELTA, SitePolicy
+from fedsilo.privacy.policy import DEFAULT_DELTA, SitePolicy, budget_epsilon
 
 STATUSES = ("ok", "exhausted", "violated", "tampered")
 RUN_FILES = ("metrics.jsonl",)  # a run directory's own JSON Lines, never a ledger
@@ -164,7 +164,7 @@ def epsilon_curve(path: Path) -> list[float]:
     contents = ledger.read(path)
     delta = contents.policy.delta if contents.policy else DEFAULT_DELTA
     events = contents.events()
-    return [epsilon(events[: i + 1], delta=delta, accountant="prv") for i in range(len(events))]
+    return [budget_epsilon(events[: i + 1], delta=delta) for i in range(len(events))]
 
 
 def _policy_violations(contents: LedgerContents) -> list[str]:
@@ -199,13 +199,17 @@ def _breaches(spend: RoundSpend, policy: SitePolicy) -> list[str]:
 
 
 def _spent(contents: LedgerContents, delta: float) -> tuple[float, float, list[str]]:
-    """(PRV epsilon, RDP epsilon, problems) of every spend on the ledger composed."""
+    """(epsilon as the site enforces it, RDP epsilon, problems) of every spend composed.
+
+    The first is the budget accountant's (fedsilo.privacy.policy.budget_epsilon: PRV,
+    or RDP where PRV would be out of reach), the very number the site checks.
+    """
     events = contents.events()
     if not events:
         return 0.0, 0.0, []
     try:
         return (
-            epsilon(events, delta=delta, accountant="prv"),
+            budget_epsilon(events, delta=delta),
             epsilon(events, delta=delta, accountant="rdp"),
             [],
         )

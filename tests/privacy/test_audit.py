@@ -196,3 +196,34 @@ def test_a_deployed_run_directory_is_checked_against_the_ledgers_given_beside_it
     (run / "summary.json").write_text(json.dumps(summary))
     assert main(["audit", str(run), str(site_a), "--json"]) == 1
     assert "summary.json records ledger head" in capsys.readouterr().out
+
+
+AUDIT_IN_BOUNDED_MEMORY = """
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, 6 * 2**30))  # a MemoryError, not an OOM kill
+from fedsilo.cli import main
+sys.exit(main(["audit", sys.argv[1], "--json"]))
+"""
+
+
+def test_an_extreme_but_valid_entry_is_audited_without_exhausting_memory(tmp_path: Path) -> None:
+    # Noise 0.3, sample rate 0.5, 10,000 steps: valid values whose PRV composition was
+    # killed for memory on a 24 GB machine. The audit answers from RDP instead.
+    import subprocess
+    import sys
+
+    from tests.privacy.test_ledger import rewrite
+    from tests.privacy.test_ledger import write as write_ledger
+
+    path = tmp_path / "site-a.jsonl"
+    write_ledger(path, rounds=1)
+    rewrite(path, 2, noise_multiplier=0.3, sample_rate=0.5, steps=10_000)
+    res = subprocess.run(
+        [sys.executable, "-c", AUDIT_IN_BOUNDED_MEMORY, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert res.returncode == 1, res.stderr[-2000:]
+    row = json.loads(res.stdout)["sites"][0]
+    assert row["status"] == "violated" and row["epsilon_prv"] > 100  # far over its budget of 8
