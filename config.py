@@ -80,7 +80,7 @@ class RunConfig:
     max_grad_norm: float = 1.0  # per-sample clip norm C
     accountant: str = "prv"  # PRV is tight; rdp is the conservative alternative
     partition: str = "iid"  # simulation only: how virtual sites split the dataset
-    seed: int = 0  # model init, partitioning, sampling and noise
+    seed: int = 0  # model init and partitioning; sampling and noise only at simulated sites
     device: str = "auto"  # cuda when present, else cpu
     min_sites: int = 1  # the run stops cleanly below this many replying sites
     run_dir: str = ""  # "" = runs/<timestamp>
