@@ -29,6 +29,7 @@ from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, DataError, FedsiloError, PrivacyError
 from fedsilo.privacy.refusal import REFUSAL_CODE, public_reason, refusal_reason
 from fedsilo.task.features import drop_cache
+from fedsilo.task.train import non_finite
 
 log = logging.getLogger("fedsilo.client")
 
@@ -116,7 +117,7 @@ def _public(exc: FedsiloError, cfg: RunConfig) -> str:
 
 def _unsendable(result: RoundResult) -> str:
     """Why the site must not send this round's result ("" when it may)."""
-    bad = [k for k, v in result.state_dict.items() if not bool(v.isfinite().all())]
+    bad = non_finite(result.state_dict)
     if bad or not math.isfinite(result.epsilon):
         return (
             f"the update is not finite (NaN or infinity in {', '.join(bad[:3])}); the site "

@@ -24,6 +24,7 @@ from fedsilo.config import RunConfig
 from fedsilo.server.evaluate import global_model, load_eval_data, make_evaluator
 from fedsilo.server.run_dir import RunDir, default_run_dir, read_site_names
 from fedsilo.server.strategy import SiteReports
+from fedsilo.task.train import non_finite
 
 log = logging.getLogger("fedsilo.server")
 app = ServerApp()
@@ -93,7 +94,7 @@ def close_round(
     if new_arrays is None or len(participants) < cfg.min_sites:
         return f"{len(participants)} usable repl(ies), fewer than min-sites={cfg.min_sites}"
     state = new_arrays.to_torch_state_dict()
-    if not all(bool(v.isfinite().all()) for v in state.values() if v.is_floating_point()):
+    if non_finite(state):
         return "the aggregated model is not finite (NaN or infinity)"
     loss, accuracy = evaluate(state)
     if not (math.isfinite(loss) and math.isfinite(accuracy)):

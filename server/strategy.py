@@ -45,6 +45,7 @@ from flwr.serverapp.strategy import Strategy
 
 from fedsilo import protocol
 from fedsilo.privacy.refusal import parse_refusal
+from fedsilo.task.train import non_finite
 
 log = logging.getLogger("fedsilo.server")
 WEIGHT_CAP_RATIO = 4.0  # no site weighs more than 4x the median site of its round
@@ -243,8 +244,9 @@ def check_arrays(arrays: ArrayRecord, spec: Spec) -> None:
                 f"`{key}` is {tuple(tensor.shape)} {tensor.dtype}, the model's is "
                 f"{spec[key][0]} {spec[key][1]}"
             )
-        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
-            raise InvalidReply(f"`{key}` holds NaN or infinity")
+    bad = non_finite(state)
+    if bad:
+        raise InvalidReply(f"`{bad[0]}` holds NaN or infinity")
 
 
 def check_metrics(metrics: MetricRecord) -> dict[str, float]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -55,6 +54,7 @@ def run_simulation(
     from fedsilo.server.server_app import app as server_app
     from fedsilo.simulations.ledgers import write_site_policies
     from fedsilo.simulations.sites import SimulatedSites, simulated_cache_dir
+    from fedsilo.task.features import drop_cache
 
     flwr_adapter.check_flower_version()
     run_dir = Path(cfg.run_dir)
@@ -118,7 +118,7 @@ def run_simulation(
         watcher.join()
         # The virtual sites' cached features and decoded data shares are derived from a
         # public dataset the run can re-read: drop them rather than leave ~100 MB a site.
-        shutil.rmtree(simulated_cache_dir(run_dir), ignore_errors=True)
+        drop_cache(simulated_cache_dir(run_dir))
     summary_file = run_dir / "summary.json"
     if not summary_file.exists():
         raise FedsiloError(

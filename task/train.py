@@ -275,6 +275,11 @@ def evaluate(
     return loss_sum / len(data), correct / len(data)
 
 
+def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of a state dict whose tensors hold NaN or infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
+
+
 def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop Opacus's `_module.` wrapper prefix from state-dict keys, if present."""
     return {
