@@ -65,35 +65,6 @@ def test_clipped_sum_equals_opacus_per_sample_gradients(
         assert torch.allclose(got, torch.einsum("b,b...->...", factors, g), atol=1e-5)
 
 
-def test_step_equals_opacus_dp_optimizer_without_noise() -> None:
-    torch.manual_seed(1)
-    x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
-    ours, theirs = CNN(), CNN()
-    theirs.load_state_dict(ours.state_dict())
-    DPTrainer(
-        ours,
-        noise_multiplier=0.0,
-        max_grad_norm=0.3,
-        expected_batch_size=10,
-        lr=0.5,
-        momentum=0.9,
-        rng=SeededRandom(0),
-    ).step(x, y)
-    gsm = GradSampleModule(theirs, batch_first=True, loss_reduction="mean")
-    opt = DPOptimizer(
-        torch.optim.SGD(theirs.parameters(), lr=0.5, momentum=0.9),
-        noise_multiplier=0.0,
-        max_grad_norm=0.3,
-        expected_batch_size=10,
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        nn.functional.cross_entropy(gsm(x), y).backward()
-    opt.step()
-    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
-        assert torch.allclose(a, b, atol=1e-6)
-
-
 class Scale(nn.Module):
     """A layer with a parameter no per-sample gradient rule knows."""
 
@@ -181,18 +152,40 @@ def test_a_model_mixing_both_paths_matches_opacus() -> None:
         assert torch.allclose(got, want, atol=1e-5), name
 
 
-def test_a_mixed_model_step_equals_opacus_dp_optimizer_without_noise() -> None:
+def cnn_case() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(1)
+    return CNN(), CNN(), torch.randn(8, 1, 28, 28), torch.randint(0, 10, (8,))
+
+
+def transformer_case() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(4)
-    x, y = torch.randint(0, 20, (8, 5)), torch.randint(0, 3, (8,))
-    ours, theirs = TinyTransformer(), TinyTransformer()
+    return (
+        TinyTransformer(),
+        TinyTransformer(),
+        torch.randint(0, 20, (8, 5)),
+        torch.randint(0, 3, (8,)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("case", "momentum"),
+    [("cnn", 0.9), ("transformer", 0.0)],  # the transformer mixes both clipping paths
+)
+def test_step_equals_opacus_dp_optimizer_without_noise(case: str, momentum: float) -> None:
+    ours, theirs, x, y = cnn_case() if case == "cnn" else transformer_case()
     theirs.load_state_dict(ours.state_dict())
     DPTrainer(
-        ours, noise_multiplier=0.0, max_grad_norm=0.3, expected_batch_size=10, lr=0.5,
+        ours,
+        noise_multiplier=0.0,
+        max_grad_norm=0.3,
+        expected_batch_size=10,
+        lr=0.5,
+        momentum=momentum,
         rng=SeededRandom(0),
-    ).step(x, y)  # fmt: skip
+    ).step(x, y)
     gsm = GradSampleModule(theirs, batch_first=True, loss_reduction="mean")
     opt = DPOptimizer(
-        torch.optim.SGD(theirs.parameters(), lr=0.5),
+        torch.optim.SGD(theirs.parameters(), lr=0.5, momentum=momentum),
         noise_multiplier=0.0,
         max_grad_norm=0.3,
         expected_batch_size=10,
