@@ -67,6 +67,7 @@ class Partition:
 class RunConfig:
     """One federated run, as the server asks for it. Defaults are the `make demo` job."""
 
+    task: str = ""  # PACKAGE.MODULE:OBJECT of a fedsilo.task.Task; "" = built-in (dataset, model)
     dataset: str = "digits"  # embedded in scikit-learn: works offline everywhere
     data_dir: str = ""  # "" = the dataset's default location
     model: str = "auto"  # auto = mlp for digits, scatnet (best under DP) for 28x28 images
@@ -123,6 +124,17 @@ class RunConfig:
             msg = f"`{key}` must be {rule}. Found {value!r} in {source}."
             return ConfigError(f"{msg} {fix}".strip())
 
+        if self.task:
+            module, sep, attr = self.task.partition(":")
+            if not (sep and module and attr.isidentifier()):
+                raise bad(
+                    "task", "PACKAGE.MODULE:OBJECT", self.task, "E.g. breast_cancer.task:task."
+                )
+            if self.dataset != RunConfig.dataset or self.model != RunConfig.model:
+                raise ConfigError(
+                    f"`task` {self.task} brings its own data and model; drop `dataset` and "
+                    f"`model` (found {self.dataset!r}, {self.model!r} in {source})."
+                )
         if self.dataset not in DATASETS:
             raise bad("dataset", f"one of {', '.join(DATASETS)}", self.dataset)
         if self.model not in MODELS:

@@ -45,20 +45,19 @@ def make_steps(model_name: str, method: str, batch: int) -> dict[str, Callable[[
     import torch
     from torch import nn
 
-    from fedsilo.task.models import build_model, split_front
+    from fedsilo.task.builtin import builtin_task
     from fedsilo.task.rng import SecureRandom, SeededRandom
     from fedsilo.task.train import DPTrainer
 
     shape = MODELS[model_name]
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, *shape, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
-    plain_model = build_model(model_name, shape, 10, seed=0)
-    dp_model = build_model(model_name, shape, 10, seed=0)
-    front, _ = split_front(plain_model)
-    if front is not None:  # scatnet: both train the head on features computed once
+    task = builtin_task("digits" if shape == (64,) else "fashion-mnist", model_name)
+    plain_model, dp_model = task.build(seed=0), task.build(seed=0)
+    front = task.build_front()
+    if front is not None:  # scatnet: both train the linear model on features computed once
         with torch.no_grad():
             x = front(x)
-        plain_model, dp_model = split_front(plain_model)[1], split_front(dp_model)[1]
     plain_opt = torch.optim.SGD(plain_model.parameters(), lr=0.01)
     sigma, clip, lr = 1.0, 1.0, 0.01
 
@@ -68,9 +67,7 @@ def make_steps(model_name: str, method: str, batch: int) -> dict[str, Callable[[
         plain_opt.step()
 
     if method == "fedsilo":
-        seeded_model = build_model(model_name, shape, 10, seed=0)
-        if front is not None:
-            seeded_model = split_front(seeded_model)[1]
+        seeded_model = task.build(seed=0)
         trainer, seeded = (
             DPTrainer(
                 m,

@@ -15,11 +15,11 @@ and with scatnet, the default for 28x28 images (`10s`); 100 sites on digits x
    `overhead` is wall / compute - 1. Sites run two at a time on 2 cores, so a wall
    time under the serial compute is possible; `ideal_parallel_s` is compute / cores.
 3. Where the rest goes, each cost measured here per occurrence: the site's data load
-   and partition (round 1 decodes the site's share; later rounds read it from the
-   run's cache), noise calibration (once per site), the accountant's epsilon (each
-   site-round), serialising the model to Flower's ArrayRecord and back (each
-   site-round), central evaluation (each round), preflight (once), and the engine's
-   start-up = wall - preflight - sum of round times.
+   and partition (the first call in a worker decodes the task's training pool; later
+   calls take the site's rows from it), noise calibration (once per site), the
+   accountant's epsilon (each site-round), serialising the model to Flower's
+   ArrayRecord and back (each site-round), central evaluation (each round),
+   preflight (once), and the engine's start-up = wall - preflight - sum of round times.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def _components(sc: dict[str, Any], run_dir: str) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
     t0 = time.monotonic()
-    preflight(cfg, sc["sites"])
+    preflight(cfg, sc["sites"])  # (sizes, task name)
     pre = time.monotonic() - t0
 
     policy = SitePolicy(max_epsilon=cfg.target_epsilon, delta=cfg.target_delta)
@@ -145,7 +145,7 @@ def _components(sc: dict[str, Any], run_dir: str) -> dict[str, Any]:
         site = load_site_data(cfg, node)  # round 1: decode the share
         load_s.append(time.monotonic() - t0)
         t0 = time.monotonic()
-        load_site_data(cfg, node)  # later rounds: the run's cached share
+        load_site_data(cfg, node)  # later rounds: the worker's pool, already loaded
         reload_s.append(time.monotonic() - t0)
         n = len(site.data)
         if n not in plans:  # equal-size sites calibrate identically: time it once
@@ -155,7 +155,7 @@ def _components(sc: dict[str, Any], run_dir: str) -> dict[str, Any]:
         plan = plans[n]
         # The product's own trainer for the round (fresh global model: a round's work).
         t0 = time.monotonic()  # includes a fixed front's features (once per site and run)
-        _, trainer, train_data = site_trainer(cfg, site.data, plan, site.random(1))
+        _, trainer, train_data = site_trainer(cfg, site.task, site.data, plan, site.random(1))
         setup_s.append(time.monotonic() - t0)
         t0 = time.monotonic()
         trainer.train_epochs(train_data, cfg.local_epochs)

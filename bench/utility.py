@@ -82,9 +82,9 @@ def fedavg_in_process(
     from fedsilo.privacy.accountant import epsilon
     from fedsilo.privacy.events import SampledGaussianEvent
     from fedsilo.simulations.partition import partition_indices
+    from fedsilo.task.builtin import builtin_task
     from fedsilo.task.data import load_dataset
     from fedsilo.task.features import featurize
-    from fedsilo.task.models import build_model, split_front
     from fedsilo.task.rng import SeededRandom
     from fedsilo.task.train import DPTrainer, evaluate
 
@@ -117,11 +117,13 @@ def fedavg_in_process(
         for n in sorted({len(s) for s in sites}):
             plans[n] = plan_run(cfg, n, prior=[])
 
+    task = builtin_task("fashion-mnist", hp["model"])
+
     def new_model() -> torch.nn.Module:
-        return build_model(hp["model"], (1, 28, 28), 10, seed=seed)
+        return task.build(seed=seed)
 
     model = new_model()
-    front, _ = split_front(model)
+    front = task.build_front()
     if front is not None:  # as the product does: the fixed front once per dataset
         sites = [featurize(front, s) for s in sites]
         held_out = featurize(front, held_out)
@@ -134,7 +136,7 @@ def fedavg_in_process(
             rng = SeededRandom((seed * 1_000_003 + i) * 10_007 + rnd)  # as fedsilo simulate
             plan = plans.get(len(data))
             trainer = DPTrainer(
-                split_front(local)[1],
+                local,
                 noise_multiplier=plan.noise_multiplier if plan else 0.0,
                 max_grad_norm=hp["max_grad_norm"] if plan else float("inf"),
                 expected_batch_size=hp["batch_size"],
@@ -151,7 +153,7 @@ def fedavg_in_process(
             for k in states[0]
         }
         model.load_state_dict(avg)
-        curve.append(evaluate(split_front(model)[1], held_out)[1])
+        curve.append(evaluate(model, held_out)[1])
     if plans:
         spent = max(
             epsilon(

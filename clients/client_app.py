@@ -61,11 +61,13 @@ def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message
 
     result = train_round(
         cfg,
+        site.task,
         site.data,
         arrays.to_torch_state_dict(),
         auth.plan,
         auth.run_prior,
         site.random(server_round),
+        device=site.device,
         cache_dir=site.cache_dir,
         data_id=auth.dataset,  # hashed once per round, for the ledger and the cache
     )
@@ -111,7 +113,8 @@ def _public(exc: FedsiloError, cfg: RunConfig) -> str:
     if isinstance(exc, PrivacyError):
         return public_reason(exc)
     if isinstance(exc, DataError):  # its message names the site's files: keep it here
-        return f"the site's data does not fit this run's task ({cfg.dataset}); see its log."
+        task = cfg.task or cfg.dataset
+        return f"the site's data does not fit this run's task ({task}); see its log."
     return str(exc)
 
 

@@ -2,6 +2,7 @@
 
 Examples:
   fedsilo client start --kit site-a --data /data/site-a.npz
+  fedsilo client start --kit site-a --data /data/site-a.csv --task breast_cancer.task:task
   fedsilo client start --kit site-a --data a.npz --server fl.example.org:9092 --device cpu
 
 The kit (DIR/sites/NAME from `fedsilo provision`) holds the federation CA, this
@@ -34,7 +35,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("--kit", required=True, type=Path, help="this site's kit (DIR/sites/NAME)")
-    s.add_argument("--data", required=True, type=Path, help="this site's data (.npz)")
+    s.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="this site's data: a .npz file for the built-in tasks, else what --task reads",
+    )
+    s.add_argument(
+        "--task",
+        default="builtin",
+        metavar="PACKAGE.MODULE:OBJECT",
+        help="the one task this site trains, installed here (the server must run the same); "
+        "default: fedsilo's built-in tasks. The site refuses runs of any other task.",
+    )
     s.add_argument("--device", default="auto", help="auto, cpu or cuda")
     s.add_argument("--server", help="HOST:PORT of the server (default: site.toml's)")
     s.add_argument(
@@ -92,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         threads=args.threads,
         keep_feature_cache=args.keep_feature_cache,
+        task=args.task,
     )
     if args.insecure:
         err.print(INSECURE_WARNING, highlight=False)

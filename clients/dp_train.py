@@ -22,9 +22,9 @@ from fedsilo.errors import ConfigError
 from fedsilo.privacy.accountant import calibrate_noise, epsilon
 from fedsilo.privacy.events import SampledGaussianEvent
 from fedsilo.privacy.fingerprint import fingerprint
+from fedsilo.task.api import Task
 from fedsilo.task.data import Dataset
 from fedsilo.task.features import cached_features
-from fedsilo.task.models import build_model, resolve_model_name, split_front
 from fedsilo.task.rng import SiteRandom
 from fedsilo.task.train import (
     DPTrainer,
@@ -110,13 +110,10 @@ def feature_cache_dir(ledger_path: Path) -> Path:
 
 
 def site_model(
-    cfg: RunConfig, data: Dataset, global_state: Mapping[str, torch.Tensor] | None = None
+    cfg: RunConfig, task: Task, global_state: Mapping[str, torch.Tensor] | None = None
 ) -> nn.Module:
-    """The run's model for this site's data, with the global weights when given."""
-    shape = tuple(data.x.shape[1:])
-    model = build_model(
-        resolve_model_name(cfg.model, shape), shape, data.num_classes, seed=cfg.seed
-    )
+    """The run's model, with the global weights when given."""
+    model = task.build(seed=cfg.seed)
     if global_state is not None:
         model.load_state_dict(dict(global_state))
     return model
@@ -124,59 +121,72 @@ def site_model(
 
 def site_trainer(
     cfg: RunConfig,
+    task: Task,
     data: Dataset,
     plan: DPPlan,
     rng: SiteRandom,
     global_state: Mapping[str, torch.Tensor] | None = None,
     *,
+    device: str = "cpu",
     cache_dir: Path | None = None,
     data_id: str | None = None,
 ) -> tuple[nn.Module, DPTrainer, Dataset]:
-    """The site's model, the DP-SGD trainer for its trained part, and what that trains on.
+    """The site's model, its DP-SGD trainer, and the data it trains on.
 
-    A model with a fixed front (scatnet) trains its head on the front's features,
-    computed once per dataset and kept in `cache_dir` across rounds; other models
-    train whole on `data`. Either way each example is one row, so Poisson sampling,
-    clipping and the accounting are unchanged. `data_id`: the data's fingerprint
+    A task with a fixed front (scatnet) trains its model on the front's features,
+    computed once per dataset and kept in `cache_dir` across rounds; other tasks train
+    on `data`. Either way each example is one row, so Poisson sampling, clipping and
+    the accounting are unchanged. `data_id`: the data's fingerprint
     (fedsilo.privacy.fingerprint), when the caller has computed it; the cache is named
-    after it.
+    after it. `device`: the site's choice (auto, cpu or cuda).
     """
-    model = site_model(cfg, data, global_state)
-    check_private_state(model)  # the fixed front too: everything in the state dict is sent
-    device = resolve_device(cfg.device)
-    front, head = split_front(model)
+    model = site_model(cfg, task, global_state)
+    check_private_state(model)  # everything in the state dict is sent
+    where = resolve_device(device)
+    front = task.build_front()
     if front is not None:
         data_id = data_id or (fingerprint(data) if cache_dir is not None else "")
         data = cached_features(
-            front, data, cache_dir, front_key=front.cache_key, data_id=data_id, device=device
+            front, data, cache_dir, front_key=task.front_key(front), data_id=data_id, device=where
         )
     trainer = DPTrainer(
-        head,
+        model,
         noise_multiplier=plan.noise_multiplier,
         max_grad_norm=cfg.max_grad_norm,
         expected_batch_size=cfg.batch_size,
         lr=cfg.lr,
         momentum=cfg.momentum,
         rng=rng,
-        device=device,
+        device=where,
+        loss=task.loss,
     )
     return model, trainer, data
 
 
 def train_round(
     cfg: RunConfig,
+    task: Task,
     data: Dataset,
     global_state: Mapping[str, torch.Tensor],
     plan: DPPlan,
     prior: Sequence[SampledGaussianEvent],
     rng: SiteRandom,
     *,
+    device: str = "cpu",
     cache_dir: Path | None = None,
     data_id: str | None = None,
 ) -> RoundResult:
     """Train one round from the global model with DP-SGD, and account for it."""
     model, trainer, train_data = site_trainer(
-        cfg, data, plan, rng, global_state, cache_dir=cache_dir, data_id=data_id
+        cfg,
+        task,
+        data,
+        plan,
+        rng,
+        global_state,
+        device=device,
+        cache_dir=cache_dir,
+        data_id=data_id,
     )
     stats = trainer.train_epochs(train_data, cfg.local_epochs)
     event = SampledGaussianEvent(

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedsilo.clients.dp_train import feature_cache_dir
-from fedsilo.clients.site_env import DATA_KEY, KEEP_CACHE_KEY, NAME_KEY
+from fedsilo.clients.site_env import (
+    BUILTIN,
+    DATA_KEY,
+    DEVICE_KEY,
+    KEEP_CACHE_KEY,
+    NAME_KEY,
+    TASK_KEY,
+)
 from fedsilo.errors import ConfigError, FedsiloError
 from fedsilo.privacy.policy import LEDGER_KEY
 from fedsilo.privacy.provision import SiteKit
@@ -58,6 +65,7 @@ class ClientOptions:
     insecure: bool = False
     threads: int = 0  # torch CPU threads per ClientApp; 0 = torch's default (all cores)
     keep_feature_cache: bool = False  # features of private data are deleted when the site stops
+    task: str = BUILTIN  # the only task this site trains: builtin, or PACKAGE.MODULE:OBJECT
 
 
 def node_config(kit: SiteKit, opts: ClientOptions) -> dict[str, str | float]:
@@ -67,6 +75,8 @@ def node_config(kit: SiteKit, opts: ClientOptions) -> dict[str, str | float]:
         NAME_KEY: kit.name,
         LEDGER_KEY: str(kit.ledger.resolve()),
         KEEP_CACHE_KEY: "true" if opts.keep_feature_cache else "false",
+        TASK_KEY: opts.task,
+        DEVICE_KEY: opts.device,
         **kit.policy.node_config(),
     }
 
@@ -118,26 +128,39 @@ def check_server(kit: SiteKit, opts: ClientOptions) -> None:
         )
 
 
-def check_site_file(path: Path) -> None:
-    """Refuse a site data file that no task could train on (read, shape, labels)."""
-    from fedsilo.errors import DataError
-    from fedsilo.task.data import SHAPES, load_npz
+def check_site_file(path: Path, task_ref: str = BUILTIN) -> None:
+    """Refuse a site data file its task could not train on (read, shape, labels).
 
+    With the built-in tasks, the file must fit one of them; with the site's own task,
+    the task is imported and checked (a forward pass) and reads the file.
+    """
+    from fedsilo.errors import DataError
+    from fedsilo.task.api import load_task
+    from fedsilo.task.builtin import TASKS
+    from fedsilo.task.data import load_npz
+    from fedsilo.task.train import check_trainable
+
+    if task_ref != BUILTIN:
+        task = load_task(task_ref)
+        check_trainable(task)
+        task.site_data(path)
+        return
     data = load_npz(path)
     shape = tuple(data.x.shape[1:])
-    flat = [int(math.prod(s)) for s, _ in SHAPES.values()]
-    if shape not in [s for s, _ in SHAPES.values()] and math.prod(shape) not in flat:
-        known = ", ".join(f"{name}: {'x'.join(map(str, s))}" for name, (s, _) in SHAPES.items())
+    shapes = {t.input_shape: t.name for t in TASKS.values()}
+    if shape not in shapes and math.prod(shape) not in {math.prod(s) for s in shapes}:
+        known = ", ".join(f"{name}: {'x'.join(map(str, s))}" for s, name in shapes.items())
         raise DataError(
-            f"{path}: examples of shape {'x'.join(map(str, shape))} fit no task fedsilo runs "
-            f"({known}). Convert the data to the federation's task."
+            f"{path}: examples of shape {'x'.join(map(str, shape))} fit no built-in task "
+            f"({known}). Bring your own task (--task; README, 'Your own model and data') or "
+            "convert the data."
         )
 
 
 def start_client(kit: SiteKit, opts: ClientOptions, *, on_event: EventFn) -> int:
     """Run the site until it is stopped; return the SuperNode's exit code."""
 
-    check_site_file(opts.data)  # a missing or malformed file fails here, not at round 1
+    check_site_file(opts.data, opts.task)  # a bad task or file fails here, not at round 1
     wait_with_backoff(
         lambda: check_server(kit, opts),
         deadline_s=opts.connect_timeout_s,

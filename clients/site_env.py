@@ -6,7 +6,9 @@ by whoever runs it, and the resolver alone turns the node config into a
 
 - `deployed_site` is the resolver of the ClientApp the manifest names, the one
   `flower-supernode` runs. It reads the node config `fedsilo client start` passes
-  (`data-path`, `site-name`, `ledger-path`, `policy-*`, `keep-feature-cache`) and
+  (`data-path`, `site-name`, `ledger-path`, `policy-*`, `keep-feature-cache`,
+  `task`, `device`), trains only the task its operator named (the server's run
+  config cannot make a site import anything else), and
   draws DP randomness from a cryptographically secure source seeded from the OS
   (fedsilo.task.rng.SecureRandom). A node config without those keys is refused,
   whatever else it holds: a SuperNode started with a `partition-id` never falls into
@@ -28,13 +30,20 @@ from fedsilo.clients.dp_train import feature_cache_dir
 from fedsilo.clients.site_budget import SiteBudget
 from fedsilo.clients.site_data import load_site_file
 from fedsilo.config import RunConfig
-from fedsilo.errors import PrivacyError
+from fedsilo.errors import ConfigError, PrivacyError
 from fedsilo.privacy import ledger
 from fedsilo.privacy.policy import LEDGER_KEY, SitePolicy
+from fedsilo.task.api import Task
+from fedsilo.task.builtin import BUILTIN as BUILTIN_MODULE
+from fedsilo.task.builtin import task_for
 from fedsilo.task.data import Dataset
 from fedsilo.task.rng import SecureRandom, SeededRandom, SiteRandom
 
 DATA_KEY = "data-path"
+TASK_KEY = "task"  # the task this site trains: `builtin` or PACKAGE.MODULE:OBJECT
+DEVICE_KEY = "device"  # auto, cpu or cuda: the site's choice, not the server's
+BUILTIN = "builtin"
+BUILTIN_PREFIX = f"{BUILTIN_MODULE}:"
 NAME_KEY = "site-name"
 KEEP_CACHE_KEY = "keep-feature-cache"
 
@@ -44,10 +53,12 @@ class SiteEnvironment:
     """What differs between sites, and between simulation and deployment."""
 
     name: str
+    task: Task
     data: Dataset
     budget: SiteBudget
     cache_dir: Path  # features of the site's own data between rounds (private, like the data)
     keep_cache: bool  # False: the ClientApp deletes cache_dir after the run's last round
+    device: str = "auto"  # where the site trains: auto (cuda when present), cpu or cuda
     # None: every round draws from a fresh SecureRandom (deployment). An int: a simulated
     # site's own stream, reproducible from the run's --seed (experiments only).
     simulation_seed: int | None = None
@@ -70,10 +81,12 @@ def deployed_site(cfg: RunConfig, node_config: Mapping[str, object]) -> SiteEnvi
     """A real site, from the node config `fedsilo client start` gives its SuperNode.
 
     Raises:
-        ConfigError, DataError: no data file, or one that does not fit the run's task.
+        ConfigError, DataError: a task other than the site's, no data file, or one that
+            does not fit the run's task.
         PrivacyError: no ledger or no policy (a site never trains without both).
     """
-    data = load_site_file(cfg, node_config.get(DATA_KEY))
+    task = site_task(cfg, str(node_config.get(TASK_KEY) or BUILTIN))
+    data = load_site_file(task, node_config.get(DATA_KEY))
     name = str(node_config.get(NAME_KEY) or node_config[DATA_KEY])
     policy = SitePolicy.from_node_config(node_config)
     if not str(node_config.get(LEDGER_KEY, "")):
@@ -84,4 +97,38 @@ def deployed_site(cfg: RunConfig, node_config: Mapping[str, object]) -> SiteEnvi
     path = Path(str(node_config[LEDGER_KEY])).expanduser()
     ledger.ensure_policy(path, name, policy)
     keep = str(node_config.get(KEEP_CACHE_KEY, "false")).lower() == "true"
-    return SiteEnvironment(name, data, SiteBudget(path, policy), feature_cache_dir(path), keep)
+    return SiteEnvironment(
+        name,
+        task,
+        data,
+        SiteBudget(path, policy),
+        feature_cache_dir(path),
+        keep,
+        device=str(node_config.get(DEVICE_KEY) or "auto"),
+    )
+
+
+def site_task(cfg: RunConfig, allowed: str) -> Task:
+    """The run's task, if it is the one this site's operator named; checked before import.
+
+    A server names the task in its run config; a site imports only what its operator
+    allowed (`fedsilo client start --task`), so a server can never make a site import
+    another module of its installed packages.
+
+    Raises:
+        ConfigError: the run asks for another task.
+    """
+    asked, allowed = _kind(cfg.task), _kind(allowed)
+    if asked != allowed:
+        mine = "fedsilo's built-in tasks" if allowed == BUILTIN else f"task {allowed}"
+        theirs = "a built-in task" if asked == BUILTIN else f"task {asked}"
+        raise ConfigError(
+            f"This site trains {mine}, but the run asks for {theirs}; restart the site "
+            f"with `fedsilo client start --task {cfg.task or BUILTIN}` if it should."
+        )
+    return task_for(cfg)
+
+
+def _kind(ref: str) -> str:
+    """`builtin` for any built-in task (by flags or by import path), else the reference."""
+    return BUILTIN if not ref or ref == BUILTIN or ref.startswith(BUILTIN_PREFIX) else ref

@@ -2,6 +2,7 @@
 
 Examples:
   fedsilo server start --kit fed/server                       # every site, digits defaults
+  fedsilo server start --kit fed/server --task breast_cancer.task:task --eval-data eval.csv
   fedsilo server start --kit fed/server --rounds 5 --min-sites 2 --eval-data eval.npz
   fedsilo server start --kit fed/server --config run.toml --out runs/exp1
 
@@ -55,11 +56,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         type=int,
         help="start once this many sites are online (default: --min-sites)",
     )
-    s.add_argument("--dataset", help="the task: digits, fashion-mnist or mnist")
+    s.add_argument(
+        "--task",
+        metavar="PACKAGE.MODULE:OBJECT",
+        help="your own task (a fedsilo.task.Task, installed here and at every site, which "
+        "start with the same --task); default: the built-in task --dataset and --model name",
+    )
+    s.add_argument("--dataset", help="built-in task: digits, fashion-mnist or mnist")
+    s.add_argument("--model", help="built-in task's model: auto, mlp, cnn or scatnet")
     s.add_argument(
         "--eval-data",
         type=Path,
-        help="central evaluation on this file (site data format); default: the test split",
+        help="central evaluation on this file (the task's site data format); default: the "
+        "task's public test split",
     )
     s.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
     n = s.add_argument_group("network")
@@ -91,7 +100,9 @@ def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
     flags = {
         "rounds": args.rounds,
         "min-sites": args.min_sites,
+        "task": args.task,
         "dataset": args.dataset,
+        "model": args.model,
         "eval-data": str(args.eval_data.resolve()) if args.eval_data else None,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
@@ -99,12 +110,15 @@ def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
     cfg = RunConfig.from_flwr(values, source=source)
     run_dir = args.out or (Path(cfg.run_dir) if cfg.run_dir else default_run_dir())
     cfg = dataclasses.replace(cfg, run_dir=str(Path(run_dir).resolve()))
-    if cfg.eval_data:
-        from fedsilo.server.evaluate import load_eval_data
+    from fedsilo.server.evaluate import load_eval_data
+    from fedsilo.task.builtin import task_for
+    from fedsilo.task.train import check_trainable
 
-        eval_path = Path(cfg.eval_data).resolve()
-        cfg = dataclasses.replace(cfg, eval_data=str(eval_path))
-        load_eval_data(cfg, cfg.eval_data)  # a bad file fails now, not after the sites joined
+    if cfg.eval_data:
+        cfg = dataclasses.replace(cfg, eval_data=str(Path(cfg.eval_data).resolve()))
+    # A task that cannot train and a bad evaluation file fail now, not after sites joined.
+    check_trainable(task_for(cfg), seed=cfg.seed)
+    load_eval_data(cfg, cfg.eval_data)
     if cfg.min_sites > sites:
         raise ConfigError(
             f"`min-sites` is {cfg.min_sites} but the kit authorises only {sites} site(s). "
@@ -119,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from fedsilo.privacy.provision import read_server_kit
     from fedsilo.processes import check_port, terminate_on_signals
     from fedsilo.server.launcher import ServerOptions, start_server
+    from fedsilo.task.builtin import task_for
 
     flwr_adapter.check_flower_version()  # the launcher drives Flower 1.39's CLI and processes
     err = Console(stderr=True)
@@ -145,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         else f"{len(kit.sites)} authorised site(s) ({', '.join(kit.sites)})"
     )
     err.print(
-        f"[bold]fedsilo server[/]: {who}, {cfg.rounds} rounds on {cfg.dataset}, "
+        f"[bold]fedsilo server[/]: {who}, {cfg.rounds} rounds of task {task_for(cfg).name}, "
         f"min-sites {cfg.min_sites}; run dir {cfg.run_dir}",
         highlight=False,
     )

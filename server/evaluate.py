@@ -3,46 +3,74 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 import torch
 
 from fedsilo.config import RunConfig
-from fedsilo.task.data import SHAPES, Dataset, load_dataset, load_npz
+from fedsilo.task.api import Task
+from fedsilo.task.builtin import task_for
+from fedsilo.task.data import Dataset
 from fedsilo.task.features import featurize
-from fedsilo.task.models import build_model, resolve_model_name, split_front
-from fedsilo.task.train import evaluate, resolve_device
+from fedsilo.task.train import predict, resolve_device
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """The central metrics of one global model."""
+
+    loss: float
+    accuracy: float
+    extra: dict[str, float] = field(default_factory=dict)  # the task's own metrics
+
+
+Evaluator = Callable[[Mapping[str, torch.Tensor]], Evaluation]
 
 
 def load_eval_data(cfg: RunConfig, eval_data: str = "") -> Dataset:
-    """The server's test set: a file in the site data format, or the dataset's test split."""
-    shape, classes = SHAPES[cfg.dataset]
+    """The server's test set: a file in the task's site format, or its public test split."""
+    task = task_for(cfg)
     if eval_data:
-        return load_npz(eval_data, num_classes=classes, input_shape=shape)
-    return load_dataset(cfg.dataset, "test", cfg.data_dir)
+        return task.site_data(eval_data)
+    return task.public("test", cfg.data_dir)
 
 
 def global_model(cfg: RunConfig) -> torch.nn.Module:
     """The initial global model, identical wherever it is built from the same config."""
-    shape, classes = SHAPES[cfg.dataset]
-    return build_model(resolve_model_name(cfg.model, shape), shape, classes, seed=cfg.seed)
+    return task_for(cfg).build(seed=cfg.seed)
 
 
-def make_evaluator(
-    cfg: RunConfig, data: Dataset
-) -> Callable[[Mapping[str, torch.Tensor]], tuple[float, float]]:
-    """A function from a global state_dict to (loss, accuracy) on `data`.
+def make_evaluator(cfg: RunConfig, data: Dataset) -> Evaluator:
+    """A function from a global state_dict to its Evaluation on `data`.
 
-    A model's fixed front (scatnet's scattering) runs over `data` once, here; each
-    round then evaluates only the head on those features.
+    A task's fixed front (scatnet's scattering) runs over `data` once, here; each
+    round then evaluates only the model on those features.
     """
-    model = global_model(cfg)
+    task = task_for(cfg)
+    model = task.build(seed=cfg.seed)
     device = resolve_device(cfg.device)
-    front, head = split_front(model)
+    front = task.build_front()
     if front is not None:
         data = featurize(front, data, device=device)
 
-    def run(state: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+    def run(state: Mapping[str, torch.Tensor]) -> Evaluation:
         model.load_state_dict(dict(state))
-        return evaluate(head, data, device=device)
+        return evaluate_task(task, model, data, device=device)
 
     return run
+
+
+def evaluate_task(
+    task: Task, model: torch.nn.Module, data: Dataset, *, device: torch.device | None = None
+) -> Evaluation:
+    """Loss, accuracy and the task's extra metrics of `model` on `data`."""
+    logits = predict(model, data, device=device)
+    with torch.no_grad():
+        loss = float(task.loss(logits, data.y).mean())
+        accuracy = int((logits.argmax(dim=1) == data.y).sum()) / len(data)
+        extra = {str(k): float(v) for k, v in (task.metrics or _none)(logits, data.y).items()}
+    return Evaluation(loss, accuracy, extra)
+
+
+def _none(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    return {}

@@ -12,23 +12,21 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedsilo.config import RunConfig
-from fedsilo.server.evaluate import global_model, load_eval_data, make_evaluator
+from fedsilo.server.evaluate import Evaluator, global_model, load_eval_data, make_evaluator
 from fedsilo.server.run_dir import RunDir, default_run_dir, read_site_names
 from fedsilo.server.strategy import SiteReports
+from fedsilo.task.builtin import task_for
 from fedsilo.task.train import non_finite
 
 log = logging.getLogger("fedsilo.server")
 app = ServerApp()
-Evaluator = Callable[[Mapping[str, torch.Tensor]], tuple[float, float]]
 ROUND_TIMEOUT_S = 3600.0  # a site that has not replied within this is counted as failed
 
 
@@ -78,7 +76,9 @@ def main(grid: Grid, context: Context) -> None:
             record["max_epsilon"],
         )
     run_dir.save_final(arrays.to_torch_state_dict())
-    summary = build_summary(rounds, strategy, str(run_dir.path), cfg.rounds)
+    summary = build_summary(
+        rounds, strategy, str(run_dir.path), cfg.rounds, task=task_for(cfg).name
+    )
     run_dir.write_summary({**summary, "stopped": stopped or None})
 
 
@@ -96,7 +96,8 @@ def close_round(
     state = new_arrays.to_torch_state_dict()
     if non_finite(state):
         return "the aggregated model is not finite (NaN or infinity)"
-    loss, accuracy = evaluate(state)
+    result = evaluate(state)
+    loss, accuracy = result.loss, result.accuracy
     if not (math.isfinite(loss) and math.isfinite(accuracy)):
         return f"central evaluation is not finite (loss {loss}, accuracy {accuracy})"
     failures = [f for f in strategy.failures if f.round == server_round]
@@ -105,6 +106,7 @@ def close_round(
         "round": server_round,
         "accuracy": accuracy,
         "loss": loss,
+        **({"metrics": result.extra} if result.extra else {}),
         "max_epsilon": max(strategy.reports[s].epsilon for s in participants),
         "sites": participants,
         "failed": [f.site for f in failures],
@@ -118,13 +120,19 @@ def close_round(
 
 
 def build_summary(
-    rounds: list[dict[str, Any]], strategy: SiteReports, run_dir: str, planned_rounds: int
+    rounds: list[dict[str, Any]],
+    strategy: SiteReports,
+    run_dir: str,
+    planned_rounds: int,
+    task: str = "",
 ) -> dict[str, Any]:
     """The object `fedsilo simulate --json` prints and summary.json holds."""
     last = rounds[-1] if rounds else {"accuracy": None, "loss": None}
+    keys = ("round", "accuracy", "loss", "metrics", "max_epsilon")
     return {
-        "rounds": [{k: r[k] for k in ("round", "accuracy", "loss", "max_epsilon")} for r in rounds],
-        "final": {"accuracy": last["accuracy"], "loss": last["loss"]},
+        "task": task,
+        "rounds": [{k: r[k] for k in keys if k in r} for r in rounds],
+        "final": {k: last[k] for k in ("accuracy", "loss", "metrics") if k in last},
         "sites": [
             {
                 "site": r.site,

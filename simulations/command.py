@@ -2,6 +2,7 @@
 
 Examples:
   fedsilo simulate                                   # 3 sites, digits, epsilon 8
+  fedsilo simulate --task breast_cancer.task:task --sites 3 --rounds 5 --target-epsilon 3
   fedsilo simulate --dataset fashion-mnist --sites 10 --target-epsilon 3 --rounds 5
   fedsilo simulate --partition dirichlet:0.5 --json > summary.json
   fedsilo simulate --sites 2 --site-max-epsilon 8,2   # site-1's budget refuses the run
@@ -38,9 +39,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--sites", type=int, default=3, help="number of virtual sites (default 3)")
     g = p.add_argument_group("task")
     g.add_argument(
+        "--task",
+        default=DEFAULTS.task,
+        metavar="PACKAGE.MODULE:OBJECT",
+        help="your own model and data: an installed fedsilo.task.Task, e.g. "
+        "breast_cancer.task:task (README, 'Your own model and data'); default: the built-in "
+        "task --dataset and --model name",
+    )
+    g.add_argument(
         "--dataset",
         default=DEFAULTS.dataset,
-        help="digits (embedded), fashion-mnist or mnist (IDX files)",
+        help="built-in task: digits (embedded), fashion-mnist or mnist (IDX files)",
     )
     g.add_argument(
         "--data-dir",
@@ -50,7 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     g.add_argument(
         "--model",
         default=DEFAULTS.model,
-        help="auto (scatnet for 28x28 images, mlp for digits), mlp, cnn or scatnet",
+        help="built-in task's model: auto (scatnet for 28x28 images, mlp for digits), mlp, "
+        "cnn or scatnet",
     )
     g.add_argument(
         "--partition",
@@ -114,9 +124,9 @@ def run(args: argparse.Namespace) -> int:
     policies = site_policies(args.site_max_epsilon, args.sites, cfg)
     err = Console(stderr=True)
     quiet_logs(args.verbose)
-    sizes = preflight(cfg, args.sites)
+    sizes, task_name = preflight(cfg, args.sites)
     err.print(
-        f"[bold]fedsilo simulate[/]: {args.sites} sites on {cfg.dataset} "
+        f"[bold]fedsilo simulate[/]: {args.sites} sites on task {task_name} "
         f"({min(sizes)}-{max(sizes)} examples each), {cfg.rounds} rounds, "
         f"target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g}; "
         f"run dir {cfg.run_dir}",

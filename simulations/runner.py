@@ -148,21 +148,27 @@ def _fedsilo_cause(exc: BaseException) -> FedsiloError | None:
     return None
 
 
-def preflight(cfg: RunConfig, sites: int) -> list[int]:
-    """Check everything a simulation needs before any engine starts; return site sizes.
+def preflight(cfg: RunConfig, sites: int) -> tuple[list[int], str]:
+    """Check everything a simulation needs before any engine starts.
 
-    Loads the train and test splits, partitions them and calibrates the noise for the
-    smallest site, so bad data, impossible splits and unreachable budgets fail fast.
+    Returns the sites' sizes and the task's name.
+
+    Imports and checks the task (a forward pass of its model), loads its train and
+    test splits, partitions them and calibrates the noise for the smallest site, so a
+    bad task, bad data, impossible splits and unreachable budgets fail fast.
     """
     from fedsilo.clients.dp_train import plan_run
+    from fedsilo.server.evaluate import load_eval_data
     from fedsilo.simulations.partition import partition_indices
-    from fedsilo.task.data import load_dataset
-    from fedsilo.task.train import resolve_device
+    from fedsilo.task.builtin import task_for
+    from fedsilo.task.train import check_trainable, resolve_device
 
     resolve_device(cfg.device)
-    train = load_dataset(cfg.dataset, "train", cfg.data_dir)
-    load_dataset(cfg.dataset, "test", cfg.data_dir)
+    task = task_for(cfg)
+    check_trainable(task, seed=cfg.seed)
+    train = task.public("train", cfg.data_dir)
+    load_eval_data(cfg, cfg.eval_data)
     parts = partition_indices(train.y.numpy(), sites, cfg.partition_spec, seed=cfg.seed)
     sizes = [len(p) for p in parts]
     plan_run(cfg, min(sizes), prior=[])
-    return sizes
+    return sizes, task.name

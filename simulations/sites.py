@@ -5,10 +5,9 @@ the ClientApp it makes to Flower's simulation engine; a deployed SuperNode runs 
 manifest's ClientApp, whose resolver (fedsilo.clients.site_env.deployed_site) never
 reads `partition-id`. Here one user plays every site's operator:
 
-- data: site N takes partition N of the run's public dataset (`partition`, `seed`);
-  its share of an IDX dataset is decoded once per run and read from the run's cache
-  in later rounds (0.25 s -> 8 ms a site-round for Fashion-MNIST), keyed by the
-  files' identity and the rows taken;
+- data: site N takes partition N of the run's task's public training data
+  (`partition`, `seed`), loaded once per engine worker and run (a Fashion-MNIST
+  pool decodes in about a second; each site-round then takes its rows);
 - ledger and policy: RUN_DIR/ledgers/site-N.jsonl, whose policy `fedsilo simulate`
   wrote before the engine started (fedsilo.simulations.ledgers);
 - randomness: reproducible from `--seed`, so the same seed gives the same metrics.
@@ -18,24 +17,21 @@ reads `partition-id`. Here one user plays every site's operator:
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 from fedsilo.clients.dp_train import feature_cache_dir
 from fedsilo.clients.site_budget import SiteBudget
-from fedsilo.clients.site_data import task_shape
 from fedsilo.clients.site_env import SiteEnvironment
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, PrivacyError
 from fedsilo.privacy import ledger
 from fedsilo.simulations.ledgers import simulated_ledger
 from fedsilo.simulations.partition import partition_indices
-from fedsilo.task.data import Dataset, dataset_files, load_dataset, load_labels
-from fedsilo.task.features import read_cached, write_cached
+from fedsilo.task.api import Task
+from fedsilo.task.builtin import task_for
+from fedsilo.task.data import Dataset
 
 # Mixes the run seed with the partition so that sites draw independent streams.
 SEED_STRIDE = 1_000_003
@@ -46,6 +42,8 @@ class SimulatedSites:
     """Resolve virtual site `partition-id` of the simulation writing to `run_dir`."""
 
     run_dir: str
+    # The task's training pool, loaded once in each engine worker (a copy per process).
+    _pools: dict[tuple[str, str], Dataset] = field(default_factory=dict, compare=False, repr=False)
 
     def __call__(self, cfg: RunConfig, node_config: Mapping[str, object]) -> SiteEnvironment:
         try:
@@ -63,35 +61,26 @@ class SimulatedSites:
                 f"Simulated site site-{pid} has no policy in {path}. Start simulations with "
                 "`fedsilo simulate`, which writes each site's policy there."
             )
-        labels = load_labels(cfg.dataset, "train", cfg.data_dir)
-        parts = partition_indices(labels, num, cfg.partition_spec, seed=cfg.seed)
+        task = task_for(cfg)
+        pool = self.pool(task, cfg.data_dir)
+        parts = partition_indices(pool.y.numpy(), num, cfg.partition_spec, seed=cfg.seed)
         return SiteEnvironment(
             name=f"site-{pid}",
-            data=self.share(cfg, pid, parts[pid]),
+            task=task,
+            data=pool.subset(parts[pid]),
             budget=SiteBudget(path, policy),
             cache_dir=feature_cache_dir(path),
             keep_cache=True,  # shared by the run's sites; the runner deletes it at the end
+            device=cfg.device,
             simulation_seed=cfg.seed * SEED_STRIDE + pid,
         )
 
-    def share(self, cfg: RunConfig, pid: int, index: np.ndarray) -> Dataset:
-        """Rows `index` of the run's training set, decoded once per run and site."""
-        files = dataset_files(cfg.dataset, "train", cfg.data_dir)
-        if not files:
-            return load_dataset(cfg.dataset, "train", cfg.data_dir, index=index)
-        h = hashlib.sha256()
-        for f in files:
-            st = f.stat()
-            h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}|".encode())
-        h.update(np.ascontiguousarray(index, dtype=np.int64).tobytes())
-        cache = feature_cache_dir(simulated_ledger(self.run_dir, pid))
-        path = cache / f"data-{h.hexdigest()[:32]}.pt"
-        cached = read_cached(path)
-        if cached is not None and {"x", "y"} <= cached.keys() and len(cached["y"]) == len(index):
-            return Dataset(cached["x"], cached["y"], task_shape(cfg)[1], str(files[0].parent))
-        data = load_dataset(cfg.dataset, "train", cfg.data_dir, index=index)
-        write_cached(path, {"x": data.x, "y": data.y})
-        return data
+    def pool(self, task: Task, data_dir: str) -> Dataset:
+        """The task's public training data, loaded once per worker process."""
+        key = (task.name, data_dir)
+        if key not in self._pools:
+            self._pools[key] = task.public("train", data_dir)
+        return self._pools[key]
 
 
 def simulated_cache_dir(run_dir: str | Path) -> Path:

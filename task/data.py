@@ -34,12 +34,7 @@ IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-# (input shape, classes) of each named task; `npz` data must match one of them.
-SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
-    "digits": ((64,), 10),
-    "fashion-mnist": ((1, 28, 28), 10),
-    "mnist": ((1, 28, 28), 10),
-}
+IDX_IMAGE = (28, 28)  # fashion-mnist and mnist
 DIGITS_TEST_FRACTION = 0.2
 
 
@@ -80,7 +75,7 @@ def load_dataset(
             raise DataError(
                 f"{root}: {images} has {x.shape[0]} images but {labels} has {y.shape[0]} labels."
             )
-        size = SHAPES[name][0][1:]
+        size = IDX_IMAGE
         if tuple(x.shape[1:]) != size:
             raise DataError(
                 f"{root}: {images} holds {x.shape[1]}x{x.shape[2]} images; {name} is "
@@ -89,24 +84,8 @@ def load_dataset(
             )
         if index is not None:
             x, y = x[index], y[index]
-        return _finish(x[:, None].astype(np.float32) / 255.0, y, 10, str(root))
+        return make_dataset(x[:, None].astype(np.float32) / 255.0, y, 10, str(root))
     raise DataError(f"Unknown dataset {name!r}. Use one of digits, fashion-mnist, mnist.")
-
-
-def dataset_files(name: str, split: str, data_dir: str = "") -> list[Path]:
-    """The files a named dataset's split is read from ([] for the embedded digits)."""
-    if name in ("fashion-mnist", "mnist"):
-        root = _idx_root(name, data_dir)
-        return [_find(root, stem) for stem in IDX_FILES[split]]
-    return []
-
-
-def load_labels(name: str, split: str, data_dir: str = "") -> np.ndarray:
-    """Only the labels of a named dataset's split (cheap: what partitioning needs)."""
-    if name in ("fashion-mnist", "mnist"):
-        root = _idx_root(name, data_dir)
-        return read_idx(_find(root, IDX_FILES[split][1]), expect_dims=1).astype(np.int64)
-    return load_dataset(name, split, data_dir).y.numpy()
 
 
 def _idx_root(name: str, data_dir: str) -> Path:
@@ -169,7 +148,7 @@ def load_npz(
                 f"{path}: `x` has per-example shape {tuple(x.shape[1:])}, "
                 f"the model needs {input_shape}."
             )
-    return _finish(x.astype(np.float32), y, num_classes, str(path))
+    return make_dataset(x.astype(np.float32), y, num_classes, str(path))
 
 
 def save_npz(path: str | Path, data: Dataset) -> None:
@@ -220,24 +199,47 @@ def _load_digits(split: str) -> Dataset:
     order = np.random.default_rng(12345).permutation(len(y))  # fixed: same split everywhere
     n_test = int(len(y) * DIGITS_TEST_FRACTION)
     idx = order[n_test:] if split == "train" else order[:n_test]
-    return _finish(x[idx], y[idx], 10, "sklearn:digits")
+    return make_dataset(x[idx], y[idx], 10, "sklearn:digits")
 
 
-def _finish(x: np.ndarray, y: np.ndarray, num_classes: int, source: str) -> Dataset:
-    if x.shape[0] == 0:
+def make_dataset(x: object, y: object, num_classes: int, source: str) -> Dataset:
+    """A checked Dataset from features and labels (NumPy arrays or tensors).
+
+    Raises:
+        DataError: naming `source` and the problem: no examples, labels that do not
+            match the examples, non-numeric values, NaN or infinity, labels that are not
+            integers in [0, num_classes).
+    """
+    xt = _tensor(x, source, "features")
+    yt = _tensor(y, source, "labels")
+    if xt.ndim < 1 or xt.shape[0] == 0:
         raise DataError(f"{source}: no examples.")
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise DataError(f"{source}: {x.shape[0]} examples but labels of shape {y.shape}.")
-    if not np.isfinite(x).all():
+    if yt.ndim != 1 or yt.shape[0] != xt.shape[0]:
+        raise DataError(f"{source}: {xt.shape[0]} examples but labels of shape {tuple(yt.shape)}.")
+    if xt.is_complex() or xt.dtype == torch.bool:
+        raise DataError(f"{source}: features must be real numbers, found {xt.dtype}.")
+    xt = xt.to(torch.float32)
+    if not bool(torch.isfinite(xt).all()):
         raise DataError(f"{source}: features contain NaN or infinity.")
-    lo, hi = int(y.min()), int(y.max())
+    if yt.is_floating_point():
+        if not bool(torch.isfinite(yt).all()) or not bool((yt == yt.round()).all()):
+            raise DataError(f"{source}: labels must be integers (class indices).")
+    elif yt.dtype == torch.bool or yt.is_complex():
+        raise DataError(f"{source}: labels must be integers (class indices), found {yt.dtype}.")
+    yt = yt.to(torch.int64)
+    lo, hi = int(yt.min()), int(yt.max())
     if lo < 0 or hi >= num_classes:
         raise DataError(
             f"{source}: labels must be in [0, {num_classes}), found range [{lo}, {hi}]."
         )
-    return Dataset(
-        torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-        torch.from_numpy(y.astype(np.int64)),
-        num_classes,
-        source,
-    )
+    return Dataset(xt.contiguous(), yt.contiguous(), num_classes, source)
+
+
+def _tensor(value: object, source: str, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    array = np.asarray(value)
+    if array.dtype.kind not in "biuf":
+        raise DataError(f"{source}: {what} must be numeric, found dtype {array.dtype}.")
+    array = np.ascontiguousarray(array)
+    return torch.from_numpy(array if array.flags.writeable else array.copy())

@@ -4,13 +4,13 @@ Tanh ("tempered sigmoid") activations keep activations bounded, which suits
 DP-SGD's clipping (Papernot et al., "Tempered Sigmoid Activations for Deep
 Learning with Differential Privacy", AAAI 2021).
 
-`scatnet`, the default for 1x28x28 images, is Tramer and Boneh's ScatterNet +
+`ScatterNet`, the default for 1x28x28 images, is Tramer and Boneh's ScatterNet +
 linear model ("Differentially Private Learning Needs Better Features (or Much More
 Data)", ICLR 2021): a fixed scattering transform and GroupNorm without parameters
-(`front`: data independent, so it costs no privacy), then one Linear layer
-(`head`, the only thing trained). Trainers and evaluators compute the
-front once per dataset (`split_front`) and train and evaluate the head on the
-features.
+(`ScatterFeatures`: data independent, so it costs no privacy), then one Linear layer
+(the only thing trained). The built-in task (fedsilo.task.builtin) declares the
+features as its fixed `front` and the Linear layer as its model, so trainers and
+evaluators compute the front once per dataset and train the head on the features.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fedsilo.errors import ConfigError
 from fedsilo.task.scattering import Scattering2D
 
 
@@ -64,13 +63,16 @@ class ScatterFeatures(nn.Module):
     Boneh's choice for linear ScatterNet models (their `ScatterLinear`).
     """
 
+    OUT_FEATURES = 81 * 7 * 7  # 1 + J*L + L^2*J*(J-1)/2 channels of 7x7 (28 / 2^J)
+
     def __init__(self, groups: int = 27) -> None:
         super().__init__()
         self.scattering = Scattering2D((28, 28), J=2, L=8)
         channels = self.scattering.out_channels
         self.norm = nn.GroupNorm(groups, channels, affine=False)
         self.out_features = channels * 7 * 7
-        self.cache_key = f"{self.scattering.cache_key}-groupnorm{groups}"
+        if self.out_features != self.OUT_FEATURES:
+            raise AssertionError(f"scattering gives {self.out_features} features")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(self.scattering(x)).flatten(1)  # type: ignore[no-any-return]
@@ -86,48 +88,3 @@ class ScatterNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.front(x))  # type: ignore[no-any-return]
-
-
-def split_front(model: nn.Module) -> tuple[ScatterFeatures | None, nn.Module]:
-    """(fixed front, trained head) of a model; (None, model) when all of it trains."""
-    if isinstance(model, ScatterNet):
-        return model.front, model.head
-    return None, model
-
-
-def resolve_model_name(model: str, dataset_shape: tuple[int, ...]) -> str:
-    """`auto` picks mlp for flat inputs and scatnet for 1x28x28 images."""
-    if model != "auto":
-        return model
-    return "scatnet" if dataset_shape == (1, 28, 28) else "mlp"
-
-
-def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, *, seed: int
-) -> nn.Module:
-    """Build a model with weights drawn from `seed` (the same on server and sites).
-
-    Weights are drawn on the CPU from the CPU default generator, seeded inside a fork
-    of its state and restored after: no global generator, CPU or CUDA, is left changed
-    (`torch.manual_seed` would also seed every CUDA generator, and leave it seeded).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.default_generator.manual_seed(seed)
-        if name == "mlp":
-            in_features = 1
-            for d in input_shape:
-                in_features *= d
-            return MLP(in_features=in_features, num_classes=num_classes)
-        if name == "cnn":
-            if input_shape != (1, 28, 28):
-                raise ConfigError(
-                    f"model `cnn` needs 1x28x28 inputs, got {input_shape}; use --model mlp."
-                )
-            return CNN(num_classes=num_classes)
-        if name == "scatnet":
-            if input_shape != (1, 28, 28):
-                raise ConfigError(
-                    f"model `scatnet` needs 1x28x28 inputs, got {input_shape}; use --model mlp."
-                )
-            return ScatterNet(num_classes=num_classes)
-        raise ConfigError(f"Unknown model {name!r}. Use mlp, cnn, scatnet or auto.")

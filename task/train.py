@@ -5,6 +5,7 @@ CCS 2016, Algorithm 1) on tensors held in memory:
 - Poisson sampling: each example joins a step's batch independently with
   probability q = expected_batch_size / N, drawn from the site's own random source
   (fedsilo.task.rng: never torch's global generators, never the server's seed);
+- the task's per-example loss (cross-entropy by default; fedsilo.task.api);
 - per-sample gradients clipped to `max_grad_norm` and summed by
   `fedsilo.task.clipping` (ghost norms and book-keeping for Linear layers,
   unfolded per-sample products for Conv2d), from one backward pass to the layer
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 
 from fedsilo.errors import ConfigError
+from fedsilo.task.api import LossFn, Task, cross_entropy
 from fedsilo.task.clipping import (
     SUPPORTED,
     clip_factors,
@@ -65,6 +67,7 @@ class DPTrainer:
         momentum: float = 0.0,
         rng: SiteRandom,
         device: torch.device | None = None,
+        loss: LossFn = cross_entropy,
     ) -> None:
         check_private_state(model)
         self.device = device or torch.device("cpu")
@@ -78,6 +81,7 @@ class DPTrainer:
         self.max_grad_norm = max_grad_norm
         self.expected_batch_size = expected_batch_size
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum)
+        self.loss = loss  # per example: DP-SGD clips each example's gradient of it
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         """One DP-SGD step on the batch (x, y); returns the batch's mean loss (nan if empty)."""
@@ -122,7 +126,13 @@ class DPTrainer:
 
         handles = [layer.register_forward_hook(record) for layer in self.layers]
         try:
-            loss = nn.functional.cross_entropy(self.model(x), y, reduction="sum")
+            losses = self.loss(self.model(x), y)
+            if losses.shape != y.shape:
+                raise ConfigError(
+                    f"The task's loss returned shape {tuple(losses.shape)} for {len(y)} "
+                    "examples; it must return one loss per example (reduction='none')."
+                )
+            loss = losses.sum()
         finally:
             for h in handles:
                 h.remove()
@@ -248,6 +258,22 @@ def check_private_state(model: nn.Module) -> None:
                 )
 
 
+def check_trainable(task: Task, *, seed: int = 0) -> None:
+    """Refuse, before any site trains, a task DP-SGD cannot train.
+
+    Runs the task's forward check (shapes, per-example loss), then the checks each
+    DPTrainer makes: no state outside DP (check_private_state) and per-example
+    gradients for every trained layer.
+
+    Raises:
+        ConfigError: naming the first problem and its fix.
+    """
+    task.forward_check(seed=seed)
+    model = task.build(seed=seed)
+    check_private_state(model)
+    _clippable_layers(model, opacus_samplers())
+
+
 def sample_rate(n: int, expected_batch_size: int) -> float:
     """Poisson sampling rate q = B / N, at most 1."""
     return min(1.0, expected_batch_size / n)
@@ -259,20 +285,33 @@ def steps_per_epoch(n: int, expected_batch_size: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(
+def predict(
     model: nn.Module, data: Dataset, *, batch_size: int = 2048, device: torch.device | None = None
-) -> tuple[float, float]:
-    """Mean cross-entropy loss and accuracy of `model` on `data`."""
+) -> torch.Tensor:
+    """The logits of `model` for every example of `data`, on the CPU."""
     device = device or torch.device("cpu")
     model = model.to(device).eval()
-    loss_sum, correct = 0.0, 0
-    for start in range(0, len(data), batch_size):
-        x = data.x[start : start + batch_size].to(device)
-        y = data.y[start : start + batch_size].to(device)
-        logits = model(x)
-        loss_sum += float(nn.functional.cross_entropy(logits, y, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == y).sum())
-    return loss_sum / len(data), correct / len(data)
+    parts = [
+        model(data.x[start : start + batch_size].to(device)).float().cpu()
+        for start in range(0, len(data), batch_size)
+    ]
+    return torch.cat(parts)
+
+
+def evaluate(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    loss: LossFn = cross_entropy,
+    batch_size: int = 2048,
+    device: torch.device | None = None,
+) -> tuple[float, float]:
+    """Mean loss (the task's, cross-entropy by default) and accuracy of `model` on `data`."""
+    logits = predict(model, data, batch_size=batch_size, device=device)
+    with torch.no_grad():
+        mean_loss = float(loss(logits, data.y).mean())
+        accuracy = int((logits.argmax(dim=1) == data.y).sum()) / len(data)
+    return mean_loss, accuracy
 
 
 def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:

@@ -35,6 +35,11 @@ def fedsilo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["--site-max-epsilon", "8,x"], "`--site-max-epsilon` must be one number > 0"),
         (["--local-epochs", "100000000"], "fedsilo plans at most 100,000"),
         (["--dataset", "fashion-mnist", "--data-dir", "IDX32"], "holds 32x32 images"),
+        (["--task", "badref"], "`task` must be PACKAGE.MODULE:OBJECT"),
+        (["--task", "nope_pkg.mod:task"], "no module named 'nope_pkg' is installed"),
+        (["--task", "fedsilo.task.builtin:nothing"], "has no attribute 'nothing'"),
+        (["--task", "fedsilo.task.builtin:BUILTIN"], "is a str, not a fedsilo.task.Task"),
+        (["--task", "breast_cancer.task:task", "--dataset", "mnist"], "drop `dataset`"),
     ],
 )
 def test_bad_config_one_line_no_traceback(tmp_path: Path, args: list[str], needle: str) -> None:
@@ -59,7 +64,7 @@ def test_bad_config_one_line_no_traceback(tmp_path: Path, args: list[str], needl
 def test_help_teaches(tmp_path: Path) -> None:
     res = fedsilo("simulate", "--help", cwd=tmp_path)
     assert res.returncode == 0
-    for flag in ("--sites", "--partition", "--target-epsilon", "--json", "dirichlet:ALPHA"):
+    for flag in ("--sites", "--task", "PACKAGE.MODULE:OBJECT", "--json", "dirichlet:ALPHA"):
         assert flag in res.stdout
 
 

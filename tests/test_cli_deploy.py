@@ -32,6 +32,7 @@ def expire_server_cert(fed: Path) -> None:
 
 SERVER = ["server", "start", "--kit", "fed/server", "--listen", "127.0.0.1"]
 CLIENT = ["client", "start", "--kit", "fed/sites/a", "--data", "site.npz"]
+TASK = "breast_cancer.task:task"
 
 
 def bad_inputs(fed: Path) -> None:
@@ -44,6 +45,7 @@ def bad_inputs(fed: Path) -> None:
     (fed / "arr.npy").rename(fed / "renamed.npz")
     np.savez(fed / "scalar.npz", x=np.float32(1.0), y=np.int64(1))
     np.savez(fed / "wide.npz", x=np.zeros((10, 30), np.float32), y=np.zeros(10, np.int64))
+    (fed / "cancer.csv").write_text("mean_radius,diagnosis\n12.1,benign\n")
     for name, edit in (
         ("keydir", None),
         ("infpolicy", "inf"),
@@ -108,7 +110,15 @@ def bad_inputs(fed: Path) -> None:
         ([*CLIENT, "--data", "empty.npz"], "not a readable .npz file"),
         ([*CLIENT, "--data", "renamed.npz"], "a single NumPy array (.npy)"),
         ([*CLIENT, "--data", "scalar.npz"], "`x` must be N x features"),
-        ([*CLIENT, "--data", "wide.npz"], "examples of shape 30 fit no task"),
+        ([*CLIENT, "--data", "wide.npz"], "examples of shape 30 fit no built-in task"),
+        # Issue 12: a site's own task, and the file it reads, are checked before it connects.
+        ([*CLIENT, "--task", "nope_pkg.task:task"], "no module named 'nope_pkg' is installed"),
+        ([*CLIENT, "--task", TASK, "--data", "none.csv"], "none.csv: site data file does not"),
+        ([*CLIENT, "--task", TASK, "--data", "cancer.csv"], "missing column(s) mean_texture"),
+        ([*CLIENT, "--task", TASK, "--data", "wide.npz"], "cannot read it as UTF-8"),
+        ([*SERVER, "--task", "nope_pkg.task:task"], "no module named 'nope_pkg' is installed"),
+        ([*SERVER, "--task", TASK, "--dataset", "mnist"], "drop `dataset` and `model`"),
+        ([*SERVER, "--task", TASK, "--eval-data", "site.npz"], "cannot read it as UTF-8"),
     ],
 )
 def test_one_line_error(

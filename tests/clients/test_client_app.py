@@ -251,7 +251,7 @@ def test_scatnet_site_computes_features_once_beside_its_ledger(
     assert not (tmp_path / "site-a" / "feature-cache").exists()
     arrays = second.content["arrays"]
     assert isinstance(arrays, ArrayRecord)
-    assert sorted(arrays.to_torch_state_dict()) == ["head.bias", "head.weight"]
+    assert sorted(arrays.to_torch_state_dict()) == ["bias", "weight"]  # the linear model
 
 
 def deployed_node_config(tmp_path: Path, x_scale: float = 1.0) -> dict[str, object]:

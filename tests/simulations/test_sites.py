@@ -1,4 +1,4 @@
-"""Virtual sites: a simulated site decodes its share once per run."""
+"""Virtual sites: the task's training pool is decoded once per engine worker and run."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import torch
 from fedsilo.config import RunConfig
 from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.privacy.policy import SitePolicy
-from fedsilo.simulations import sites
 from fedsilo.simulations.ledgers import write_site_policies
 from fedsilo.simulations.sites import SimulatedSites
+from fedsilo.task import builtin
 from fedsilo.task import data as task_data
 from tests.task.test_data import write_idx
 
@@ -25,7 +25,7 @@ def idx_dataset(root: Path, n: int = 200) -> None:
     write_idx(root / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, n), gz=True)
 
 
-def test_simulated_share_is_decoded_once_per_run(
+def test_the_pool_is_decoded_once_per_worker_and_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     idx_dataset(tmp_path / "fm")
@@ -34,34 +34,24 @@ def test_simulated_share_is_decoded_once_per_run(
     )
     node = {"partition-id": 1, "num-partitions": 4}
     calls: list[str] = []
-    real = sites.load_dataset
+    real = builtin.load_dataset
 
     def counting(*args: object, **kwargs: object) -> task_data.Dataset:
         calls.append("load")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(sites, "load_dataset", counting)
+    monkeypatch.setattr(builtin, "load_dataset", counting)
     write_site_policies(cfg.run_dir, [SitePolicy(max_epsilon=8.0)] * 4)
     load_site_data = SimulatedSites(cfg.run_dir)
     first = load_site_data(cfg, node).data
     again = load_site_data(cfg, node).data
     other = load_site_data(cfg, {"partition-id": 2, "num-partitions": 4}).data
-    assert calls == ["load", "load"]  # site 1 twice (decoded once), site 2 once
+    assert calls == ["load"]  # one decode serves every site and round of this worker
+    assert len(first) == len(other) == 50
     assert torch.equal(first.x, again.x) and torch.equal(first.y, again.y)
     assert fingerprint(first) == fingerprint(again)  # the ledger sees the same dataset
     assert fingerprint(first) != fingerprint(other)
-    assert len(list((tmp_path / "run" / "ledgers" / "feature-cache").glob("data-*.pt"))) == 2
-
-
-def test_changed_files_are_decoded_again(tmp_path: Path) -> None:
-    idx_dataset(tmp_path / "fm", n=200)
-    cfg = RunConfig(
-        dataset="fashion-mnist", data_dir=str(tmp_path / "fm"), run_dir=str(tmp_path / "run")
-    )
-    node = {"partition-id": 0, "num-partitions": 2}
-    write_site_policies(cfg.run_dir, [SitePolicy(max_epsilon=8.0)] * 2)
-    load_site_data = SimulatedSites(cfg.run_dir)
-    before = load_site_data(cfg, node).data
-    idx_dataset(tmp_path / "fm", n=300)  # the dataset was replaced between runs
-    after = load_site_data(cfg, node).data
-    assert len(before) == 100 and len(after) == 150
+    # A new run (a new SimulatedSites) reads the files again: a replaced dataset is seen.
+    idx_dataset(tmp_path / "fm", n=300)
+    assert len(SimulatedSites(cfg.run_dir)(cfg, node).data) == 75
+    assert calls == ["load", "load"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedsilo.errors import DataError
-from fedsilo.task.data import load_dataset, load_labels, load_npz, read_idx, save_npz
+from fedsilo.task.data import load_dataset, load_npz, read_idx, save_npz
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -50,8 +50,6 @@ def test_loading_selected_rows_equals_selecting_from_the_full_split(tmp_path: Pa
     part = load_dataset("mnist", "train", str(tmp_path), index=index)
     assert bool((part.x == full.x[index]).all()) and part.y.tolist() == [9, 3, 4]
     assert part.x.dtype == full.x.dtype and float(part.x.max()) <= 1.0
-    assert load_labels("mnist", "train", str(tmp_path)).tolist() == labels.tolist()
-    assert load_labels("digits", "train").tolist() == load_dataset("digits", "train").y.tolist()
 
 
 def test_idx_roundtrip_plain_and_gzip(tmp_path: Path) -> None:

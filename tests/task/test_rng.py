@@ -15,13 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedsilo.task.models import MLP, build_model
+from fedsilo.task.builtin import builtin_task
+from fedsilo.task.models import MLP
 from fedsilo.task.rng import SecureRandom, SeededRandom, SiteRandom
 from fedsilo.task.train import DPTrainer
 
 
 def trainer(rng: SiteRandom, *, sigma: float = 1.0) -> DPTrainer:
-    model = build_model("mlp", (64,), 10, seed=0)
+    model = builtin_task("digits").build(seed=0)
     return DPTrainer(
         model, noise_multiplier=sigma, max_grad_norm=1.0, expected_batch_size=16, lr=1.0, rng=rng
     )
@@ -96,7 +97,7 @@ def test_dp_training_leaves_global_generators_alone(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(torch.cuda, "manual_seed", forbidden)
     monkeypatch.setattr(torch.cuda, "manual_seed_all", forbidden)
     state = torch.random.get_rng_state()
-    build_model("cnn", (1, 28, 28), 10, seed=3)  # model init uses a forked CPU state
+    builtin_task("fashion-mnist", "cnn").build(seed=3)  # model init uses a forked CPU state
     t = trainer(SecureRandom())
     x, y = data(200)
     from fedsilo.task.data import Dataset

@@ -10,9 +10,10 @@ import torch
 
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.fingerprint import fingerprint
+from fedsilo.task.builtin import builtin_task
 from fedsilo.task.data import Dataset
 from fedsilo.task.features import cached_features, featurize
-from fedsilo.task.models import ScatterNet, build_model, resolve_model_name, split_front
+from fedsilo.task.models import ScatterFeatures, ScatterNet
 from fedsilo.task.rng import SeededRandom
 from fedsilo.task.scattering import Scattering2D
 from fedsilo.task.train import DPTrainer, evaluate
@@ -56,22 +57,24 @@ def test_rejects_wrong_shapes() -> None:
         Scattering2D()(torch.zeros(2, 3, 28, 28))
 
 
-def test_scatnet_trains_only_its_linear_head() -> None:
-    model = build_model("scatnet", (1, 28, 28), 10, seed=0)
-    assert isinstance(model, ScatterNet)
-    assert sorted(model.state_dict()) == ["head.bias", "head.weight"]
-    assert resolve_model_name("auto", (1, 28, 28)) == "scatnet"
-    assert resolve_model_name("auto", (64,)) == "mlp"
+def test_scatnet_task_trains_only_a_linear_model_on_its_fixed_front() -> None:
+    task = builtin_task("fashion-mnist")  # auto: scatnet for 28x28 images
+    assert task is builtin_task("fashion-mnist", "scatnet")
+    model = task.build(seed=0)
+    assert isinstance(model, torch.nn.Linear)
+    assert sorted(model.state_dict()) == ["bias", "weight"]
+    front = task.build_front()
+    assert isinstance(front, ScatterFeatures) and not front.state_dict()
+    assert builtin_task("digits").front is None
     with pytest.raises(ConfigError, match="needs 1x28x28"):
-        build_model("scatnet", (64,), 10, seed=0)
+        builtin_task("digits", "scatnet")
 
 
 def test_head_on_features_equals_the_whole_model() -> None:
     torch.manual_seed(1)
     data = Dataset(torch.rand(40, 1, 28, 28), torch.randint(0, 10, (40,)), 10, "t")
-    model = build_model("scatnet", (1, 28, 28), 10, seed=3)
-    front, head = split_front(model)
-    assert front is not None
+    model = ScatterNet()
+    front, head = model.front, model.head
     feats = featurize(front, data)
     assert torch.allclose(head(feats.x), model(data.x), atol=1e-5)
     assert evaluate(head, feats) == pytest.approx(evaluate(model, data))
@@ -79,9 +82,8 @@ def test_head_on_features_equals_the_whole_model() -> None:
 
 def test_dp_step_on_the_head_clips_per_example() -> None:
     torch.manual_seed(2)
-    model = build_model("scatnet", (1, 28, 28), 10, seed=0)
-    front, head = split_front(model)
-    assert front is not None
+    model = ScatterNet()
+    front, head = model.front, model.head
     feats = featurize(
         front, Dataset(torch.rand(32, 1, 28, 28), torch.randint(0, 10, (32,)), 10, "t")
     )

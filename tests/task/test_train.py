@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from fedsilo.errors import ConfigError
+from fedsilo.task.builtin import builtin_task
 from fedsilo.task.data import Dataset
-from fedsilo.task.models import CNN, MLP, build_model
+from fedsilo.task.models import CNN, MLP, ScatterNet
 from fedsilo.task.rng import SeededRandom
 from fedsilo.task.train import DPTrainer, check_private_state, evaluate, strip_module_prefix
 
@@ -105,18 +106,19 @@ def test_empty_batches_in_training_are_counted_and_noised() -> None:
 def test_state_dict_has_no_opacus_prefix_and_strip_repairs_foreign_ones() -> None:
     from opacus import GradSampleModule
 
-    model = build_model("mlp", (64,), 10, seed=0)
+    model = builtin_task("digits").build(seed=0)
     trainer = make_trainer(model, sigma=1.0, clip=1.0, batch=4)
     assert not any(k.startswith("_module.") for k in trainer.model.state_dict())
     wrapped = GradSampleModule(model).state_dict()
     assert all(k.startswith("_module.") for k in wrapped)
-    fresh = build_model("mlp", (64,), 10, seed=1)
+    fresh = builtin_task("digits").build(seed=1)
     fresh.load_state_dict(strip_module_prefix(wrapped))
     assert torch.equal(flat_params(fresh), flat_params(model))
 
 
 def test_same_seed_same_weights_and_training() -> None:
-    a, b = build_model("cnn", (1, 28, 28), 10, seed=5), build_model("cnn", (1, 28, 28), 10, seed=5)
+    cnn = builtin_task("fashion-mnist", "cnn")
+    a, b = cnn.build(seed=5), cnn.build(seed=5)
     assert torch.equal(flat_params(a), flat_params(b))
     data = Dataset(torch.randn(40, 1, 28, 28), torch.randint(0, 10, (40,)), 10, "r")
     for m in (a, b):
@@ -171,7 +173,7 @@ def test_saved_buffers_are_refused_but_fixed_ones_are_not() -> None:
     with pytest.raises(ConfigError, match="saves buffer `seen`"):
         check_private_state(Counter())
     # scatnet's fixed filters are non-persistent: allowed, and never in the state dict.
-    scat = build_model("scatnet", (1, 28, 28), 10, seed=0)
+    scat = ScatterNet()
     check_private_state(scat)
     assert sorted(scat.state_dict()) == ["head.bias", "head.weight"]
     assert all(k in dict(scat.named_parameters()) for k in scat.state_dict())
