@@ -14,10 +14,12 @@ QUIET  := sed -u '/^WARNING: Location .* is ignored/d'
 
 .PHONY: setup demo test test-fast lint typecheck bench clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml examples/breast_cancer/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q $(TORCH_SPEC) 2>&1 | $(QUIET)
 	$(PIP) install -q -e '.[dev]' 2>&1 | $(QUIET)
+	# The example task (README, "Your own model and data"): the test suite runs it.
+	$(PIP) install -q -e examples/breast_cancer 2>&1 | $(QUIET)
 	$(PY) -c "import fedsilo, torch, flwr, opacus; print('fedsilo ready: torch', torch.__version__, 'flwr', flwr.__version__, 'opacus', opacus.__version__)"
 	touch $(STAMP)
 
