@@ -3,11 +3,27 @@
 fedsilo uses Flower's public API everywhere else. What it needs beyond that is here:
 the in-process simulation entry point (`_run_simulation`, which starts the engine
 with ClientApp and ServerApp objects built by fedsilo and a Run it describes), the
-task identity a ServerApp process sets, and the simulation engine's mapping of node
+task identity a ServerApp process sets, the simulation engine's mapping of node
 ids to partitions (fedsilo names a virtual site by its partition, never by what its
-messages say). These are private to Flower and may change in any release, so
-`check_flower_version` refuses any Flower but the one they were read in, with a
-message that says so, before anything else runs.
+messages say), and a deployed site's warm runtime (below). These are private to
+Flower and may change in any release, so `check_flower_version` refuses any Flower
+but the one they were read in, with a message that says so, before anything else runs.
+
+A deployed site's warm runtime (`python -m fedsilo.flwr_adapter supernode ARGS...`,
+what `fedsilo client start` runs instead of `flower-supernode ARGS...`). Stock Flower
+1.39 spends about 9 s of a round outside training: the SuperNode sleeps 3 s whenever
+a pull finds no message (`supernode/start_client_internal.py`), its SuperExec polls
+for tasks every second and starts a fresh `flwr-clientapp` process for every message,
+which imports torch, opacus and flwr again (about 4.5 s). Here:
+- the SuperNode's idle pull waits POLL_S instead of 3 s (its module's `time` is
+  replaced by one whose `sleep` is capped; nothing else in Flower is touched);
+- the SuperNode starts this module's SuperExec instead of `flower-superexec`: Flower's
+  own `run_superexec`, polling every POLL_S, whose executor hands each task to a
+  *zygote*: a process forked once, after torch, opacus, flwr and fedsilo's ClientApp
+  were imported and before any thread or connection exists, which forks one child per
+  message to run Flower's `flwr-clientapp` main. Each message still gets a fresh
+  process (no state carries between rounds: the ledger is the site's only memory),
+  without paying for the imports again.
 """
 
 from __future__ import annotations
@@ -108,3 +124,170 @@ def run_simulation(
         is_app=True,
         verbose_logging=verbose,
     )
+
+
+# ---------------------------------------------------------------- warm site runtime
+POLL_S = 0.1  # the SuperNode's idle pull and the SuperExec's task poll, instead of 3 s and 1 s
+PRELOAD = ("torch", "opacus", "flwr.clientapp", "fedsilo.clients.client_app")
+
+
+class _CappedTime:
+    """A `time` module whose sleep() is at most POLL_S (the SuperNode's idle waits)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import time
+
+        return getattr(time, name)
+
+    @staticmethod
+    def sleep(seconds: float) -> None:
+        import time
+
+        time.sleep(min(seconds, POLL_S))
+
+
+def supernode_main(argv: list[str]) -> None:
+    """Flower's `flower-supernode` with short idle waits, starting the warm SuperExec."""
+    import subprocess
+    import sys
+
+    from flwr.supernode import start_client_internal as sci
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    check_flower_version()
+    vars(sci)["time"] = _CappedTime()
+
+    real_popen = subprocess.Popen
+
+    class Popen(real_popen):  # type: ignore[misc,valid-type]
+        def __init__(self, args: Any, *rest: Any, **kwargs: Any) -> None:
+            if isinstance(args, list) and args and args[0] == "flower-superexec":
+                args = [sys.executable, "-m", "fedsilo.flwr_adapter", "superexec", *args[1:]]
+            super().__init__(args, *rest, **kwargs)
+
+    vars(sci)["subprocess"] = _Namespace(subprocess, Popen=Popen)
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
+class _Namespace:
+    """A module stand-in: `overrides` first, then the module's own attributes."""
+
+    def __init__(self, module: Any, **overrides: Any) -> None:
+        self._module, self._overrides = module, overrides
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._overrides:
+            return self._overrides[name]
+        return getattr(self._module, name)
+
+
+def superexec_main(argv: list[str]) -> None:
+    """Flower's `flower-superexec`, polling every POLL_S, launching ClientApps from a zygote."""
+    import importlib
+    import os
+    import sys
+
+    check_flower_version()
+    for name in PRELOAD:  # before the fork: the zygote's children inherit them
+        importlib.import_module(name)
+    zygote = _Zygote.start()
+
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+    from flwr.supercore.superexec import run_superexec as rs
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+
+    class ZygoteExecutor(SubprocessExecutor):
+        """Flower's subprocess executor, with the process forked from the zygote."""
+
+        def launch(self, spec: Any) -> Any:
+            import subprocess
+
+            captured: list[list[str]] = []
+            real = subprocess.Popen
+            subprocess.Popen = lambda args, *a, **k: captured.append(list(args))  # type: ignore[assignment,misc]
+            try:
+                result = super().launch(spec)  # builds the exact flwr-clientapp argv
+            finally:
+                subprocess.Popen = real  # type: ignore[misc]
+            for args in captured:
+                zygote.run(args)
+            return result
+
+    vars(rs)["get_executor"] = lambda *a, **k: ZygoteExecutor()
+    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(POLL_S))
+    sys.argv = ["flower-superexec", *argv]
+    flower_superexec()
+
+
+class _Zygote:
+    """A forked copy of this process that forks one child per ClientApp command."""
+
+    def __init__(self, pid: int, write_fd: int) -> None:
+        self.pid, self.write_fd = pid, write_fd
+
+    @staticmethod
+    def start() -> _Zygote:
+        import os
+
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the zygote: single-threaded, holding the imports
+            os.close(write_fd)
+            _zygote_loop(read_fd)
+            os._exit(0)
+        os.close(read_fd)
+        return _Zygote(pid, write_fd)
+
+    def run(self, args: list[str]) -> None:
+        import json
+        import os
+
+        os.write(self.write_fd, (json.dumps(args) + "\n").encode())
+
+
+def _zygote_loop(read_fd: int) -> None:
+    import json
+    import os
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
+    with os.fdopen(read_fd, "r") as requests:
+        while line := requests.readline():  # EOF: the SuperExec is gone, and so is the zygote
+            args = json.loads(line)
+            if os.fork() == 0:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                _run_clientapp(args)
+
+
+def _run_clientapp(args: list[str]) -> None:
+    """In a zygote's child: Flower's `flwr-clientapp` main with `args`, then exit."""
+    import os
+    import sys
+
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    code = 0
+    sys.argv = ["flwr-clientapp", *args[1:]]
+    try:
+        flwr_clientapp()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:  # the child must never return into the zygote
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    import sys
+
+    commands = {"supernode": supernode_main, "superexec": superexec_main}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        sys.exit("usage: python -m fedsilo.flwr_adapter {supernode,superexec} ARGS...")
+    commands[sys.argv[1]](sys.argv[2:])

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -37,7 +38,6 @@ from fedsilo.processes import (
     TLSError,
     Unreachable,
     child_env,
-    flower_bin,
     free_port,
     probe_tls,
     server_speaks_tls,
@@ -48,6 +48,8 @@ from fedsilo.processes import (
 from fedsilo.task.features import drop_cache
 
 log = logging.getLogger("fedsilo.client")
+# Flower's SuperNode with fedsilo's warm runtime (fedsilo.flwr_adapter): same flags.
+WARM_SUPERNODE = (sys.executable, "-m", "fedsilo.flwr_adapter", "supernode")
 NODE_AUTH_REFUSED = 305  # flower-supernode: SUPERNODE_CONNECTION_ERROR (key not allow-listed)
 EventFn = Callable[[str], None]
 
@@ -96,7 +98,7 @@ def format_node_config(values: Mapping[str, str | float]) -> str:
 
 def supernode_command(kit: SiteKit, opts: ClientOptions, port: int) -> list[str]:
     cmd = [
-        flower_bin("flower-supernode"),
+        *WARM_SUPERNODE,
         "--superlink",
         opts.server,
         "--node-config",

@@ -12,9 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Iterable
 from typing import Any
 
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -28,6 +29,7 @@ from fedsilo.task.train import non_finite
 log = logging.getLogger("fedsilo.server")
 app = ServerApp()
 ROUND_TIMEOUT_S = 3600.0  # a site that has not replied within this is counted as failed
+PULL_INTERVAL_S = 0.1  # between pulls for replies
 
 
 @app.main()
@@ -53,7 +55,8 @@ def main(grid: Grid, context: Context) -> None:
     stopped = ""
     for server_round in range(1, cfg.rounds + 1):
         t0 = time.monotonic()
-        replies = grid.send_and_receive(
+        replies = exchange(
+            grid,
             strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
             timeout=ROUND_TIMEOUT_S,
         )
@@ -80,6 +83,26 @@ def main(grid: Grid, context: Context) -> None:
         rounds, strategy, str(run_dir.path), cfg.rounds, task=task_for(cfg).name
     )
     run_dir.write_summary({**summary, "stopped": stopped or None})
+
+
+def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list[Message]:
+    """Push `messages` and pull their replies every PULL_INTERVAL_S until all came or `timeout`.
+
+    `Grid.send_and_receive` does the same but sleeps 3 s between pulls (flwr 1.39's
+    GrpcGrid), which a deployed round would wait for up to 3 s; a pull is one small
+    request to the local SuperLink.
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list[Message] = []
+    while pending:
+        got = list(grid.pull_messages(pending))
+        replies.extend(got)
+        pending.difference_update(m.metadata.reply_to_message_id for m in got)
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(PULL_INTERVAL_S)
+    return replies
 
 
 def close_round(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import flwr
 import pytest
 
@@ -19,3 +21,95 @@ def test_another_flower_fails_in_one_place_with_a_clear_message(version: str) ->
     with pytest.raises(ConfigError, match=f"found flwr {version}") as err:
         check_flower_version(version)
     assert "flwr_adapter.py" in str(err.value) and "<1.40" in str(err.value)
+
+
+def test_the_warm_supernode_waits_briefly_where_flower_sleeps_3_s() -> None:
+    import time
+
+    from fedsilo.flwr_adapter import POLL_S, _CappedTime
+
+    capped = _CappedTime()
+    t0 = time.monotonic()
+    capped.sleep(3)
+    assert time.monotonic() - t0 < POLL_S + 0.2
+    assert capped.monotonic is time.monotonic  # everything else is the real module
+
+
+ZYGOTE_SCRIPT = """
+import json, os, sys, time
+from fedsilo import flwr_adapter
+
+out = sys.argv[1]
+
+def fake_clientapp(args):  # stands in for Flower's flwr-clientapp main, in the child
+    with open(os.path.join(out, args[-1]), "w") as f:
+        json.dump({"pid": os.getpid(), "ppid": os.getppid(), "args": args,
+                   "torch_loaded": "torch" in sys.modules}, f)
+    os._exit(0)
+
+import torch  # preloaded before the fork, as superexec_main does
+flwr_adapter._run_clientapp = fake_clientapp
+zygote = flwr_adapter._Zygote.start()
+for name in ("one", "two"):
+    zygote.run(["flwr-clientapp", "--token", name])
+deadline = time.time() + 30
+while len(os.listdir(out)) < 2 and time.time() < deadline:
+    time.sleep(0.05)
+print(json.dumps({"self": os.getpid(), "zygote": zygote.pid}))
+os.close(zygote.write_fd)  # the SuperExec ends: the zygote must end too
+os.waitpid(zygote.pid, 0)
+"""
+
+
+def test_each_clientapp_is_a_fresh_child_of_a_preloaded_zygote(tmp_path: Path) -> None:
+    """One forked child per message (no state carries between rounds), each started
+    from a process that already imported torch; the zygote ends with its SuperExec."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    res = subprocess.run(
+        [sys.executable, "-c", ZYGOTE_SCRIPT, str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    ids = json.loads(res.stdout)
+    runs = {p.name: json.loads(p.read_text()) for p in out.iterdir()}
+    assert sorted(runs) == ["one", "two"]
+    assert runs["one"]["args"] == ["flwr-clientapp", "--token", "one"]
+    assert all(r["ppid"] == ids["zygote"] and r["torch_loaded"] for r in runs.values())
+    assert len({r["pid"] for r in runs.values()} | {ids["zygote"], ids["self"]}) == 4
+
+
+def test_the_server_pulls_replies_until_all_came_or_the_timeout() -> None:
+    import time
+    from types import SimpleNamespace
+
+    from fedsilo.server.server_app import PULL_INTERVAL_S, exchange
+
+    def reply(to: str) -> object:
+        return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=to))
+
+    class Grid:
+        def __init__(self, batches: list[list[str]]) -> None:
+            self.batches, self.pulls = batches, 0
+
+        def push_messages(self, messages: object) -> list[str]:
+            return ["m1", "m2"]
+
+        def pull_messages(self, ids: set[str]) -> list[object]:
+            self.pulls += 1
+            batch = self.batches.pop(0) if self.batches else []
+            return [reply(i) for i in batch if i in ids]
+
+    grid = Grid([[], ["m2"], [], ["m1"]])
+    t0 = time.monotonic()
+    got = exchange(grid, [], timeout=30)  # type: ignore[arg-type]
+    assert [m.metadata.reply_to_message_id for m in got] == ["m2", "m1"]
+    assert grid.pulls == 4 and time.monotonic() - t0 < 3 * PULL_INTERVAL_S + 1
+    slow = Grid([["m1"]])
+    assert len(exchange(slow, [], timeout=0.3)) == 1  # m2 never replies: partial, on time

@@ -1,0 +1,206 @@
+"""Deployed round time against simulated round time, measured in one run.
+
+Run: `python -m bench.deploy_latency [--rounds 5] [--sites 2] [--stock]`.
+
+Deployed: the README's one-machine recipe, for real: `fedsilo provision`,
+`fedsilo server start` and one `fedsilo client start --threads 1` per site, over TLS
+with SuperNode authentication on loopback, digits split with `fedsilo data split`.
+Simulated: `fedsilo simulate` with the same sites, rounds and data sizes. A round's
+time is what the ServerApp records in metrics.jsonl (`seconds`: from sending the
+global model to the evaluated aggregate), the same code in both modes. Round 1 also
+calibrates noise and builds the evaluator; the table shows it apart, and the median
+of the later rounds.
+
+`--stock` runs the sites on Flower's own `flower-supernode` (3 s idle pulls, a cold
+`flwr-clientapp` process per message) for comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import machine, markdown, write_json
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def fedsilo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fedsilo", *args], cwd=cwd, capture_output=True, text=True
+    )
+
+
+def round_seconds(run_dir: Path) -> list[float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [float(json.loads(line)["seconds"]) for line in lines if line.strip()]
+
+
+def simulated(tmp: Path, sites: int, rounds: int) -> list[float]:
+    res = fedsilo(
+        *("simulate", "--sites", str(sites), "--rounds", str(rounds), "--out", "sim"), cwd=tmp
+    )
+    if res.returncode != 0:
+        raise SystemExit(res.stderr[-2000:])
+    return round_seconds(tmp / "sim")
+
+
+def deployed(tmp: Path, sites: int, rounds: int, *, stock: bool) -> list[float]:
+    from fedsilo.processes import child_env, free_port, spawn, stop
+
+    names = [f"s{i + 1}" for i in range(sites)]
+    for args in (
+        ("data", "split", "--dataset", "digits", "--sites", str(sites), "--out", "data"),
+        ("provision", "--out", "fed", "--server-host", "127.0.0.1", "--sites", ",".join(names)),
+    ):
+        res = fedsilo(*args, cwd=tmp)
+        if res.returncode != 0:
+            raise SystemExit(res.stderr[-2000:])
+    fleet = free_port()
+    env = child_env(FLWR_HOME=str(tmp / "flwr-home"))
+    server = spawn(
+        [
+            sys.executable,
+            "-m",
+            "fedsilo",
+            "server",
+            "start",
+            "--kit",
+            "fed/server",
+            "--listen",
+            "127.0.0.1",
+            "--fleet-port",
+            str(fleet),
+            "--control-port",
+            str(free_port()),
+            "--rounds",
+            str(rounds),
+            "--eval-data",
+            "data/server-eval.npz",
+            "--out",
+            "dep",
+        ],
+        log_file=tmp / "server.log",
+        env=env,
+        cwd=tmp,
+    )
+    site_procs = []
+    try:
+        for i, name in enumerate(names):
+            site_env = child_env(FLWR_HOME=str(tmp / f"flwr-home-{name}"), PYTHONPATH=str(REPO))
+            site_procs.append(
+                spawn(
+                    [sys.executable, "-m", "bench.deploy_latency", "--site", name]
+                    + ["--data", f"data/site-{i + 1}.npz", "--fleet", str(fleet)]
+                    + (["--stock"] if stock else []),
+                    log_file=tmp / f"site-{name}.log",
+                    env=site_env,
+                    cwd=tmp,
+                )
+            )
+        deadline = time.monotonic() + 600
+        while not (tmp / "dep" / "summary.json").exists():
+            dead = [p for p in (server, *site_procs) if p.poll() is not None]
+            if time.monotonic() > deadline or dead:
+                logs = [tmp / "server.log", *(tmp / f"site-{n}.log" for n in names)]
+                raise SystemExit("\n".join(f.read_text()[-1500:] for f in logs))
+            time.sleep(0.5)
+    finally:
+        for proc in site_procs:
+            stop(proc)
+        stop(server)
+    return round_seconds(tmp / "dep")
+
+
+def run_site(name: str, data: str, fleet: int, *, stock: bool) -> None:
+    """One site, as `fedsilo client start` runs it (optionally on Flower's own SuperNode)."""
+    from fedsilo.cli import main
+    from fedsilo.clients import launcher
+    from fedsilo.processes import flower_bin
+
+    if stock:  # the launcher starts Flower's own SuperNode, with the same flags
+        launcher.WARM_SUPERNODE = (flower_bin("flower-supernode"),)  # type: ignore[misc]
+    main(
+        [
+            "client",
+            "start",
+            "--kit",
+            f"fed/sites/{name}",
+            "--data",
+            data,
+            "--server",
+            f"127.0.0.1:{fleet}",
+            "--device",
+            "cpu",
+            "--threads",
+            "1",
+        ]
+    )
+
+
+def summarise(mode: str, seconds: list[float]) -> dict[str, Any]:
+    later = seconds[1:] or seconds
+    return {
+        "mode": mode,
+        "round_1_s": seconds[0],
+        "later_rounds_median_s": statistics.median(later),
+        "rounds_s": [round(s, 2) for s in seconds],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--sites", type=int, default=2)
+    p.add_argument("--stock", action="store_true", help="also time Flower's own SuperNode")
+    p.add_argument("--site", help=argparse.SUPPRESS)  # internal: run one site
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    p.add_argument("--fleet", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.site:
+        run_site(args.site, args.data, args.fleet, stock=args.stock)
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        print("simulate ...", file=sys.stderr, flush=True)
+        rows.append(summarise("simulated", simulated(root, args.sites, args.rounds)))
+        print("deployed (warm sites) ...", file=sys.stderr, flush=True)
+        (root / "warm").mkdir()
+        rows.append(
+            summarise("deployed", deployed(root / "warm", args.sites, args.rounds, stock=False))
+        )
+        if args.stock:
+            print("deployed (stock Flower SuperNode) ...", file=sys.stderr, flush=True)
+            (root / "stock").mkdir()
+            rows.append(
+                summarise(
+                    "deployed, stock", deployed(root / "stock", args.sites, args.rounds, stock=True)
+                )
+            )
+    sim = rows[0]["later_rounds_median_s"]
+    for row in rows:
+        row["minus_simulated_s"] = row["later_rounds_median_s"] - sim
+    print(
+        markdown(
+            rows,
+            ["mode", "round_1_s", "later_rounds_median_s", "minus_simulated_s", "rounds_s"],
+        )
+    )
+    path = write_json(
+        "deploy_latency",
+        {"machine": machine(), "sites": args.sites, "rounds": args.rounds, "rows": rows},
+    )
+    print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
