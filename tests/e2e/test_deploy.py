@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,6 +114,12 @@ def test_three_sites_over_tls_then_one_is_lost(fed: Path) -> None:
         for pid in site_c:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_for(lambda: len(rounds(fed / "run")) >= 3, 120, "round 3", [srv])
+        # Found dead by its missed heartbeats (2 x 10 s) and the round goes on: Flower's
+        # own 2 x 30 s took about 60 s. 5 s of slack for a loaded 2-core machine.
+        noticed = time.monotonic() - killed
+        assert noticed < 25, f"site c's death took {noticed:.1f} s to notice"
         code = srv.wait(timeout=300)
         assert code == 0, srv.text()[-4000:]
 
