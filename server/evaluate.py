@@ -12,7 +12,7 @@ from fedsilo.task.api import Task
 from fedsilo.task.builtin import task_for
 from fedsilo.task.data import Dataset
 from fedsilo.task.features import featurize
-from fedsilo.task.train import predict, resolve_device
+from fedsilo.task.train import loss_and_accuracy, predict, resolve_device
 
 
 @dataclass(frozen=True)
@@ -65,9 +65,8 @@ def evaluate_task(
 ) -> Evaluation:
     """Loss, accuracy and the task's extra metrics of `model` on `data`."""
     logits = predict(model, data, device=device)
+    loss, accuracy = loss_and_accuracy(logits, data.y, task.loss)
     with torch.no_grad():
-        loss = float(task.loss(logits, data.y).mean())
-        accuracy = int((logits.argmax(dim=1) == data.y).sum()) / len(data)
         extra = {str(k): float(v) for k, v in (task.metrics or _none)(logits, data.y).items()}
     return Evaluation(loss, accuracy, extra)
 

@@ -307,11 +307,19 @@ def evaluate(
     device: torch.device | None = None,
 ) -> tuple[float, float]:
     """Mean loss (the task's, cross-entropy by default) and accuracy of `model` on `data`."""
-    logits = predict(model, data, batch_size=batch_size, device=device)
-    with torch.no_grad():
-        mean_loss = float(loss(logits, data.y).mean())
-        accuracy = int((logits.argmax(dim=1) == data.y).sum()) / len(data)
-    return mean_loss, accuracy
+    return loss_and_accuracy(
+        predict(model, data, batch_size=batch_size, device=device), data.y, loss
+    )
+
+
+@torch.no_grad()
+def loss_and_accuracy(
+    logits: torch.Tensor, labels: torch.Tensor, loss: LossFn = cross_entropy
+) -> tuple[float, float]:
+    """Mean per-example loss and the fraction of argmax predictions that are right."""
+    mean_loss = float(loss(logits, labels).mean())
+    correct = int((logits.argmax(dim=1) == labels).sum())
+    return mean_loss, correct / len(labels)
 
 
 def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
