@@ -32,6 +32,7 @@ from fedsilo.clients.site_env import (
     TASK_KEY,
 )
 from fedsilo.errors import ConfigError, FedsiloError
+from fedsilo.flwr_adapter import HEARTBEAT_S
 from fedsilo.privacy.policy import LEDGER_KEY
 from fedsilo.privacy.provision import SiteKit
 from fedsilo.processes import (
@@ -50,6 +51,10 @@ from fedsilo.task.features import drop_cache
 log = logging.getLogger("fedsilo.client")
 # Flower's SuperNode with fedsilo's warm runtime (fedsilo.flwr_adapter): same flags.
 WARM_SUPERNODE = (sys.executable, "-m", "fedsilo.flwr_adapter", "supernode")
+# A restarted site is refused while the server still counts its previous session online:
+# until it misses two heartbeats (fedsilo.flwr_adapter.HEARTBEAT_S), then some slack.
+REJOIN_WINDOW_S = 2 * HEARTBEAT_S + 15
+REJOIN_RETRY_S = 5.0
 NODE_AUTH_REFUSED = 305  # flower-supernode: SUPERNODE_CONNECTION_ERROR (key not allow-listed)
 EventFn = Callable[[str], None]
 
@@ -160,16 +165,15 @@ def check_site_file(path: Path, task_ref: str = BUILTIN) -> None:
 
 
 def start_client(kit: SiteKit, opts: ClientOptions, *, on_event: EventFn) -> int:
-    """Run the site until it is stopped; return the SuperNode's exit code."""
+    """Serve the federation until stopped (Ctrl-C, SIGTERM); reconnect when the server goes.
+
+    A SuperNode that ends on its own (the server stopped or restarted) is started again
+    once the server is back. A refusal right after this site's previous session ended
+    (Flower still counts that session online until it misses two heartbeats) is retried
+    for REJOIN_WINDOW_S before it is reported as a key the server does not know.
+    """
 
     check_site_file(opts.data, opts.task)  # a bad task or file fails here, not at round 1
-    wait_with_backoff(
-        lambda: check_server(kit, opts),
-        deadline_s=opts.connect_timeout_s,
-        what=f"the federation server {opts.server}",
-        on_retry=on_event,
-    )
-    on_event(f"server {opts.server} is up" + ("" if opts.insecure else " (TLS verified)"))
     home = kit.path / "flwr-home"
     env = child_env(FLWR_HOME=str(home.resolve()))
     if opts.device == "cpu":
@@ -177,19 +181,50 @@ def start_client(kit: SiteKit, opts: ClientOptions, *, on_event: EventFn) -> int
     if opts.threads > 0:  # inherited by every flwr-clientapp process the SuperNode starts
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opts.threads)
     log_file = kit.path / "supernode.log"
-    proc = spawn(supernode_command(kit, opts, free_port()), log_file=log_file, env=env)
-    on_event(f"site {kit.name} started (pid {proc.pid}); log {log_file}")
+    refused_since: float | None = None
     try:
-        return watch(proc, log_file, on_event)
+        while True:
+            wait_with_backoff(
+                lambda: check_server(kit, opts),
+                deadline_s=opts.connect_timeout_s,
+                what=f"the federation server {opts.server}",
+                on_retry=on_event,
+            )
+            on_event(f"server {opts.server} is up" + ("" if opts.insecure else " (TLS verified)"))
+            offset = log_file.stat().st_size if log_file.exists() else 0
+            proc = spawn(supernode_command(kit, opts, free_port()), log_file=log_file, env=env)
+            on_event(f"site {kit.name} started (pid {proc.pid}); log {log_file}")
+            try:
+                code = watch(proc, log_file, on_event, offset=offset)
+            except SiteRefused:
+                refused_since = refused_since or time.monotonic()
+                if time.monotonic() - refused_since > REJOIN_WINDOW_S:
+                    raise
+                on_event(
+                    "the server did not admit this site yet: it may still count this site's "
+                    f"previous session as online (up to {2 * HEARTBEAT_S} s); retrying in "
+                    f"{REJOIN_RETRY_S:.0f} s"
+                )
+                time.sleep(REJOIN_RETRY_S)
+                continue
+            finally:
+                stop(proc)
+            refused_since = None
+            on_event(
+                f"the site's connection ended (SuperNode exit code {code}: the server stopped "
+                f"or restarted); reconnecting in {REJOIN_RETRY_S:.0f} s"
+            )
+            time.sleep(REJOIN_RETRY_S)
     finally:
-        stop(proc)
         if not opts.keep_feature_cache:  # a run cut short leaves no copy of private data
             drop_cache(feature_cache_dir(kit.ledger))
 
 
-def watch(proc: subprocess.Popen[bytes], log_file: Path, on_event: EventFn) -> int:
-    """Follow the SuperNode until it exits; translate Flower's failures into errors."""
-    offset = 0
+def watch(
+    proc: subprocess.Popen[bytes], log_file: Path, on_event: EventFn, *, offset: int = 0
+) -> int:
+    """Follow the SuperNode (its log from `offset`) until it exits; translate failures."""
+    start = offset
     joined = False
     while True:
         code = proc.poll()
@@ -201,7 +236,7 @@ def watch(proc: subprocess.Popen[bytes], log_file: Path, on_event: EventFn) -> i
         if code is not None:
             break
         time.sleep(0.5)
-    if code == NODE_AUTH_REFUSED or "Failed to activate SuperNode" in _read_from(log_file, 0):
+    if code == NODE_AUTH_REFUSED or "Failed to activate SuperNode" in _read_from(log_file, start):
         raise SiteRefused(
             "The server refused this site: its key is not on the federation's allow-list "
             "(not provisioned for this server, or removed). Ask the operator to run "
@@ -210,9 +245,9 @@ def watch(proc: subprocess.Popen[bytes], log_file: Path, on_event: EventFn) -> i
     if code not in (0, -15):
         raise FedsiloError(
             f"flower-supernode exited with code {code}; see {log_file}:\n"
-            + "\n".join(_read_from(log_file, 0).splitlines()[-10:])
+            + "\n".join(_read_from(log_file, start).splitlines()[-10:])
         )
-    return 0
+    return code
 
 
 def _read_from(path: Path, offset: int) -> str:

@@ -206,3 +206,66 @@ def test_insecure_server_refuses_secure_site(fed: Path) -> None:
         assert "does not speak TLS" in secure.text() and "--insecure" in secure.text()
     finally:
         srv.terminate()
+
+
+def test_slow_but_live_sites_are_not_taken_for_dead(fed: Path) -> None:
+    """A round longer than the 20 s in which a silent site is declared dead: the sites'
+    heartbeats go on while they train, so both finish it and neither is failed."""
+    (fed / "slow.toml").write_text("rounds = 1\nlocal-epochs = 2500\n")
+    fleet = free_port()
+    srv = server(fed, fleet, "--config", "slow.toml", "--min-sites", "2", "--out", "run")
+    sites = [client(fed, name, i, f"127.0.0.1:{fleet}") for i, name in ((1, "a"), (2, "b"))]
+    try:
+        assert srv.wait(timeout=400) == 0, srv.text()[-3000:]
+        (done,) = rounds(fed / "run")
+        assert done["seconds"] > 20, f"the round took {done['seconds']:.1f} s: not slow enough"
+        assert done["sites"] == ["a", "b"] and done["failed"] == []
+    finally:
+        for proc in sites:
+            if proc.popen.poll() is None:
+                assert proc.terminate() == 0, proc.text()[-3000:]
+
+
+def test_a_killed_site_started_again_rejoins_and_its_ledger_counts_once(fed: Path) -> None:
+    """Site b's machine dies after round 1 and its operator starts it again at once,
+    inside the window in which the server still counts the dead session online: the
+    site retries instead of failing, rejoins, and its ledger has one spend per round it
+    trained."""
+    from fedsilo.privacy import ledger
+
+    fleet = free_port()
+    address = f"127.0.0.1:{fleet}"
+    srv = server(
+        fed, fleet, "--rounds", "15", "--min-sites", "1", "--wait-sites", "2", "--out", "run"
+    )
+    run_dir = fed / "run"
+    site_a = client(fed, "a", 1, address)
+    site_b = client(fed, "b", 2, address)
+    again = None
+    try:
+        wait_for(lambda: len(rounds(run_dir)) >= 1, 300, "round 1", [srv, site_a, site_b])
+        pids = [pid for pid, _ in leftovers(fed / "fed" / "sites" / "b")]
+        site_b.kill_group()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        again = Proc(
+            fed, "client-b-again", "client", "start", "--kit", "fed/sites/b",
+            "--data", "data/site-2.npz", "--server", address, "--device", "cpu",
+            "--threads", "1",
+        )  # fmt: skip
+        assert srv.wait(timeout=400) == 0, srv.text()[-3000:]
+        done = rounds(run_dir)
+        assert [r["round"] for r in done] == list(range(1, 16))
+        with_b = [r["round"] for r in done if "b" in r["sites"]]
+        assert with_b[0] == 1 and len(with_b) >= 2 and with_b[-1] == 15, with_b  # it rejoined
+        assert "Traceback" not in again.text() and "error" not in again.text()
+        trained = [s.round for s in ledger.read(fed / "fed/sites/b/ledger.jsonl").spends]
+        assert len(trained) == len(set(trained))  # one line per round, none twice
+        # Every round b contributed to is on its ledger; at most one more: the round it
+        # was killed in, recorded before its training started.
+        assert set(with_b) <= set(trained) and len(set(trained) - set(with_b)) <= 1
+    finally:
+        for proc in (site_a, again):
+            if proc is not None and proc.popen.poll() is None:
+                assert proc.terminate() == 0, proc.text()[-3000:]
