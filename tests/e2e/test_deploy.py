@@ -269,3 +269,33 @@ def test_a_killed_site_started_again_rejoins_and_its_ledger_counts_once(fed: Pat
         for proc in (site_a, again):
             if proc is not None and proc.popen.poll() is None:
                 assert proc.terminate() == 0, proc.text()[-3000:]
+
+
+def test_live_sites_keep_serving_across_a_server_restart(fed: Path) -> None:
+    """The server ends its run and a new one starts on the same port: the live sites
+    say their connection ended, reconnect and train the new run (Flower's SuperNode
+    alone exits 0 without a word and the new server waits for it)."""
+    # Two runs at epsilon 3 each fit the sites' budget of 10 together (one at 8 would not).
+    (fed / "small.toml").write_text("target-epsilon = 3.0\n")
+    fleet = free_port()
+    address = f"127.0.0.1:{fleet}"
+    run = ("--config", "small.toml", "--rounds", "1", "--min-sites", "2")
+    first = server(fed, fleet, *run, "--out", "run1")
+    sites = [client(fed, name, i, address) for i, name in ((1, "a"), (2, "b"))]
+    second = None
+    try:
+        assert first.wait(timeout=300) == 0, first.text()[-3000:]
+        second = server(fed, fleet, *run, "--out", "run2")
+        assert second.wait(timeout=300) == 0, second.text()[-3000:]
+        (done,) = rounds(fed / "run2")
+        assert done["sites"] == ["a", "b"] and done["failed"] == []
+        for proc in sites:
+            said = " ".join(proc.text().split())  # rich wraps long lines
+            assert "the site's connection ended" in said and "reconnecting" in said, said
+            assert proc.popen.poll() is None  # still serving
+    finally:
+        for proc in sites:
+            if proc.popen.poll() is None:
+                assert proc.terminate() == 0, proc.text()[-3000:]
+        if second is not None and second.popen.poll() is None:
+            second.terminate()
