@@ -220,11 +220,11 @@ class Task:
             h.update(buf.detach().cpu().contiguous().numpy().tobytes())
         return h.hexdigest()[:16]
 
-    def forward_check(self, *, seed: int = 0) -> None:
+    def forward_check(self, *, seed: int = 0) -> nn.Module:
         """Build front and model and run two zero examples through them, with the loss.
 
         Catches a model that does not fit the task (input shape, class count) or a
-        loss that is not per-example before any site trains.
+        loss that is not per-example before any site trains. Returns the model checked.
 
         Raises:
             ConfigError: naming the mismatch.
@@ -262,6 +262,7 @@ class Task:
                     "return one loss per example (reduction='none'), which DP-SGD clips "
                     "one by one."
                 )
+        return model
 
 
 def load_task(ref: str) -> Task:

@@ -268,8 +268,7 @@ def check_trainable(task: Task, *, seed: int = 0) -> None:
     Raises:
         ConfigError: naming the first problem and its fix.
     """
-    task.forward_check(seed=seed)
-    model = task.build(seed=seed)
+    model = task.forward_check(seed=seed)
     check_private_state(model)
     _clippable_layers(model, opacus_samplers())
 
