@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ DATASETS = ("digits", "fashion-mnist", "mnist")
 MODELS = ("auto", "mlp", "cnn", "scatnet")
 DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("prv", "rdp")
+RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,10 @@ class RunConfig:
     min_sites: int = 1  # the run stops cleanly below this many replying sites
     run_dir: str = ""  # "" = runs/<timestamp>
     eval_data: str = ""  # server only: held-out file in the site data format; "" = test split
+    # fedsilo's identity of the run, chosen when it starts and kept when it resumes: sites
+    # key their ledger spends and their fixed noise plan on it ("" = Flower's run id).
+    run_id: str = ""
+    resume: bool = False  # server only: continue RUN_DIR from its last completed round
 
     @property
     def partition_spec(self) -> Partition:
@@ -135,6 +142,8 @@ class RunConfig:
                     f"`task` {self.task} brings its own data and model; drop `dataset` and "
                     f"`model` (found {self.dataset!r}, {self.model!r} in {source})."
                 )
+        if self.run_id and not RUN_ID.fullmatch(self.run_id):
+            raise bad("run-id", "1-64 letters, digits, '-' or '_'", self.run_id)
         if self.dataset not in DATASETS:
             raise bad("dataset", f"one of {', '.join(DATASETS)}", self.dataset)
         if self.model not in MODELS:
@@ -175,6 +184,11 @@ class RunConfig:
             self.partition_spec  # noqa: B018  (raises ConfigError when malformed)
         except ConfigError as exc:
             raise ConfigError(f"{exc} (in {source})") from None
+
+
+def new_run_id() -> str:
+    """A fresh run identity: 128 random bits, so no two runs a site trains share one."""
+    return secrets.token_hex(16)
 
 
 def _coerce(key: str, value: Any, type_name: Any, source: str) -> Any:

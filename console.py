@@ -45,6 +45,12 @@ def end_of_run_lines(summary: dict[str, Any]) -> list[str]:
         f"[red]{site} failed round(s) {', '.join(map(str, rounds))}[/]: {reason}"
         for (site, reason), rounds in failed.items()
     ]
+    if summary.get("lost_rounds"):
+        lost = ", ".join(map(str, summary["lost_rounds"]))
+        lines.append(
+            f"[yellow]round(s) {lost} were lost when the server stopped[/]: the sites spent them "
+            f"and the run resumed after round(s) {', '.join(map(str, summary['resumed_after']))}"
+        )
     if summary.get("stopped"):
         lines.append(f"[bold red]the run stopped early[/]: {summary['stopped']}")
     return lines

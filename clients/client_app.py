@@ -52,7 +52,7 @@ def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message
             cfg,
             site.data,
             site=site.name,
-            run=str(context.run_id),
+            run=run_identity(cfg, context),
             server_round=server_round,
         )
     except (PrivacyError, ConfigError, DataError) as exc:  # a round the site will not train
@@ -106,6 +106,12 @@ def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message
         }
     )
     return Message(content=content, reply_to=msg)
+
+
+def run_identity(cfg: RunConfig, context: Context) -> str:
+    """What the site's ledger keys this run's spends on: fedsilo's run id, which a resumed
+    run keeps (its plan and rounds carry over), else Flower's (a plain `flwr run`)."""
+    return cfg.run_id or str(context.run_id)
 
 
 def _public(exc: FedsiloError, cfg: RunConfig) -> str:

@@ -89,8 +89,9 @@ def find_ledgers(paths: Iterable[str | Path]) -> list[tuple[Path, dict[str, str]
             continue
         if not p.is_dir():
             raise ConfigError(f"{p} does not exist. Give ledger files, directories or run dirs.")
-        if (p / "summary.json").is_file() and not (p / "ledgers").is_dir():
-            deployed.update(_summary_heads(p / "summary.json"))
+        is_run = (p / "summary.json").is_file() or (p / "metrics.jsonl").is_file()
+        if is_run and not (p / "ledgers").is_dir():
+            deployed.update(_run_heads(p))
             deployed_dirs.append(p)
             continue
         folder = p / "ledgers" if (p / "ledgers").is_dir() else p
@@ -226,6 +227,25 @@ def _next_round_exceeds(contents: LedgerContents, policy: SitePolicy) -> bool:
 
 def _line_hashes(path: Path) -> set[str]:
     return {ledger.line_sha256(line) for line in path.read_bytes().split(b"\n")[:-1]}
+
+
+def _run_heads(run_dir: Path) -> dict[str, str]:
+    """The heads a deployed run recorded: its summary's, or while it has none (a server
+    that was stopped and not yet resumed) the latest each site's round lines hold."""
+    if (run_dir / "summary.json").is_file():
+        return _summary_heads(run_dir / "summary.json")
+    heads: dict[str, str] = {}
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return heads
+    for line in lines:
+        try:
+            reports = json.loads(line).get("reports") or {}
+            heads.update({str(k): str(v["ledger_head"]) for k, v in reports.items()})
+        except (ValueError, AttributeError, TypeError, KeyError):
+            break  # a line cut off by the crash ends the record
+    return heads
 
 
 def _summary_heads(path: Path) -> dict[str, str]:

@@ -5,11 +5,15 @@ Examples:
   fedsilo server start --kit fed/server --task breast_cancer.task:task --eval-data eval.csv
   fedsilo server start --kit fed/server --rounds 5 --min-sites 2 --eval-data eval.npz
   fedsilo server start --kit fed/server --config run.toml --out runs/exp1
+  fedsilo server start --kit fed/server --resume runs/exp1    # after a crash: go on
 
 Starts Flower's SuperLink with TLS and SuperNode authentication, admits only the
 kit's sites (fed/server/sites/*.pub), waits for them, runs the rounds and writes the
 run directory (metrics.jsonl, checkpoints, final model, summary.json). Ctrl-C or
-SIGTERM stops the run and every process it started.
+SIGTERM stops the run and every process it started. A run whose server stopped
+(crash, kill, power loss) goes on with --resume RUN_DIR from its last completed
+round, with the same run identity: sites keep the noise plan they recorded and
+never train a round twice; a round in progress when it stopped is lost.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedsilo.config import RunConfig
+from fedsilo.config import RunConfig, new_run_id
 from fedsilo.errors import ConfigError
 from fedsilo.processes import CONTROL_PORT
 
@@ -71,6 +75,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "task's public test split",
     )
     s.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
+    s.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its last completed round, with its recorded "
+        "settings (give no run settings with it)",
+    )
     n = s.add_argument_group("network")
     n.add_argument("--listen", default="0.0.0.0", help="address the Fleet API binds")
     n.add_argument("--fleet-port", type=int, help="port sites dial (default: the kit's)")
@@ -93,6 +104,8 @@ def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
     from fedsilo.privacy.provision import read_toml
     from fedsilo.server.run_dir import default_run_dir
 
+    if args.resume is not None:
+        return resume_from_args(args, sites)
     values: dict[str, Any] = RunConfig().to_flwr()
     values["min-sites"] = sites
     if args.config is not None:
@@ -107,9 +120,48 @@ def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     source = f"{args.config} and the command line" if args.config else "the command line"
+    for managed in ("run-id", "resume"):
+        if values[managed] != RunConfig().to_flwr()[managed]:
+            raise ConfigError(
+                f"`{managed}` is fedsilo's to set (a new run gets a fresh run id); drop it "
+                f"from {args.config}. To continue a run use --resume RUN_DIR."
+            )
+    values["run-id"] = new_run_id()
     cfg = RunConfig.from_flwr(values, source=source)
     run_dir = args.out or (Path(cfg.run_dir) if cfg.run_dir else default_run_dir())
     cfg = dataclasses.replace(cfg, run_dir=str(Path(run_dir).resolve()))
+    return checked(cfg, sites)
+
+
+def resume_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
+    """The recorded config of the run --resume names, checked as a new one would be."""
+    from fedsilo.server.run_dir import resume_config
+
+    given = [
+        flag
+        for flag, value in (
+            ("--config", args.config),
+            ("--rounds", args.rounds),
+            ("--min-sites", args.min_sites),
+            ("--task", args.task),
+            ("--dataset", args.dataset),
+            ("--model", args.model),
+            ("--eval-data", args.eval_data),
+            ("--out", args.out),
+        )
+        if value is not None
+    ]
+    if given:
+        raise ConfigError(
+            f"--resume continues {args.resume} with the settings it recorded; drop "
+            f"{', '.join(given)}."
+        )
+    run_dir, values = resume_config(args.resume)
+    return checked(RunConfig.from_flwr(values, source=f"{run_dir}/config.json"), sites)
+
+
+def checked(cfg: RunConfig, sites: int) -> RunConfig:
+    """`cfg` with eval-data absolute, once its task trains and its data loads here."""
     from fedsilo.server.evaluate import load_eval_data
     from fedsilo.task.builtin import task_for
     from fedsilo.task.train import check_trainable
@@ -133,6 +185,7 @@ def run(args: argparse.Namespace) -> int:
     from fedsilo.privacy.provision import read_server_kit
     from fedsilo.processes import check_port, terminate_on_signals
     from fedsilo.server.launcher import ServerOptions, start_server
+    from fedsilo.server.run_dir import run_complete
     from fedsilo.task.builtin import task_for
 
     flwr_adapter.check_flower_version()  # the launcher drives Flower 1.39's CLI and processes
@@ -196,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         f"run directory: {summary['run_dir']}  ({time.monotonic() - t0:.1f} s)", highlight=False
     )
     sys.stdout.flush()
-    return 0 if summary["completed_rounds"] == summary["planned_rounds"] else 1
+    return 0 if run_complete(summary) else 1
 
 
 def absent_lines(record: dict[str, Any]) -> list[str]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -292,7 +293,7 @@ class Server:
             cwd=self.run_dir,
         )
         self.children.append(proc)
-        seen = 0
+        seen = len(read_metrics(self.run_dir)) if self.cfg.resume else 0
         while True:
             done = proc.poll() is not None
             for record in read_metrics(self.run_dir)[seen:]:
@@ -323,11 +324,14 @@ def start_server(
     if not Path(cfg.run_dir).is_absolute():
         raise ConfigError(f"`run-dir` must be absolute for a deployed run. Found {cfg.run_dir!r}.")
     server = Server(kit, cfg, opts)
+    if cfg.resume:  # the stopped SuperLink's state (its nodes, its Flower run) is not reused
+        shutil.rmtree(server.home, ignore_errors=True)
+        (server.run_dir / "summary.json").unlink(missing_ok=True)
     for used in ("metrics.jsonl", "summary.json", "flwr-home"):
-        if (server.run_dir / used).exists():
+        if (server.run_dir / used).exists() and not cfg.resume:
             raise ConfigError(
                 f"Run directory {server.run_dir} already holds a run ({used}); nothing was "
-                "started. Pick a new one with --out."
+                "started. Pick a new one with --out, or continue it with --resume."
             )
     server.run_dir.mkdir(parents=True, exist_ok=True)
     try:

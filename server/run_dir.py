@@ -6,6 +6,9 @@ RUN_DIR/
   checkpoints/round-NNN.pt
   final_model.pt        the last global model's state_dict
   summary.json          the same object `fedsilo simulate --json` prints
+  progress.json         the last round the server sent (written before sending it), the
+                        rounds lost to crashes and where the run resumed: what
+                        `--resume` needs beyond metrics.jsonl and the checkpoints
   sites.json            {node id: site name}: who each authenticated node is, written
                         by the launcher (from the keys it registered) or the simulation
                         runner (from the engine's partitions); the ServerApp names sites
@@ -20,6 +23,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +64,34 @@ class RunDir:
     def write_summary(self, summary: dict[str, Any]) -> None:
         _write_json_atomic(self.path / "summary.json", summary)
 
+    def write_progress(self, progress: Progress) -> None:
+        _write_json_atomic(self.path / PROGRESS_FILE, progress.to_dict())
+
+    def checkpoint(self, server_round: int) -> Path:
+        return self.path / "checkpoints" / f"round-{server_round:03d}.pt"
+
+    def resume_point(self) -> tuple[Progress, list[dict[str, Any]]]:
+        """Where a resumed run goes on: its progress and the rounds it completed.
+
+        A round is completed when its checkpoint and its metrics line were both written
+        (in that order); a metrics line cut off by the crash is removed, so the resumed
+        server appends to whole lines. Rounds sent but not completed are lost: the sites
+        spent them (their ledgers record it) and never train them again.
+        """
+        records = read_metrics(self.path)
+        file = self.path / "metrics.jsonl"
+        if file.exists():
+            whole = "".join(dumps(r) + "\n" for r in records)
+            if file.read_text(encoding="utf-8") != whole:
+                file.write_text(whole, encoding="utf-8")
+        records = [r for r in records if self.checkpoint(int(r["round"])).exists()]
+        progress = read_progress(self.path)
+        completed = int(records[-1]["round"]) if records else 0
+        started = max(progress.started, completed)
+        lost = sorted({*progress.lost, *range(completed + 1, started + 1)})
+        resumed = Progress(started=started, lost=lost, resumed=[*progress.resumed, completed])
+        return resumed, records
+
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The complete lines of RUN_DIR/metrics.jsonl (a line being written is skipped)."""
@@ -73,6 +105,74 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break
     return out
+
+
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a run got: the last round sent, rounds lost to crashes, resume points."""
+
+    started: int = 0  # the last round whose messages the server sent (or was about to)
+    lost: list[int] = field(default_factory=list)  # sent, never completed: a crash
+    resumed: list[int] = field(default_factory=list)  # completed rounds at each resume
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"started": self.started, "lost": self.lost, "resumed": self.resumed}
+
+
+def read_progress(path: str | Path) -> Progress:
+    """RUN_DIR/progress.json (a fresh Progress when absent or unreadable)."""
+    try:
+        raw = json.loads((Path(path) / PROGRESS_FILE).read_text(encoding="utf-8"))
+        return Progress(
+            started=int(raw["started"]),
+            lost=[int(r) for r in raw["lost"]],
+            resumed=[int(r) for r in raw["resumed"]],
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return Progress()
+
+
+def resume_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The run directory and recorded run config of a run to resume, checked.
+
+    Raises:
+        ConfigError: not a fedsilo run directory, a run without a run id, or one
+            that already completed every round.
+    """
+    run_dir = Path(path).resolve()
+    try:
+        values: dict[str, Any] = json.loads((run_dir / "config.json").read_text("utf-8"))
+    except (OSError, ValueError):
+        raise ConfigError(
+            f"{run_dir} holds no readable config.json: it is not a fedsilo run directory, or "
+            "its run stopped before its first round. Start a new run instead."
+        ) from None
+    if not values.get("run-id"):
+        raise ConfigError(
+            f"The run in {run_dir} has no run-id (it was started by an older fedsilo), so its "
+            "sites could not tell it from a new run; it cannot be resumed. Start a new run."
+        )
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        summary = None
+    if isinstance(summary, dict) and run_complete(summary):
+        raise ConfigError(
+            f"The run in {run_dir} already finished its {summary.get('planned_rounds')} "
+            "round(s); there is nothing to resume. Start a new run instead."
+        )
+    values["run-dir"] = str(run_dir)
+    values["resume"] = True
+    return run_dir, values
+
+
+def run_complete(summary: dict[str, Any]) -> bool:
+    """Whether a run's summary shows every planned round either completed or lost."""
+    done = int(summary.get("completed_rounds") or 0) + len(summary.get("lost_rounds") or [])
+    return not summary.get("stopped") and done >= int(summary.get("planned_rounds") or 0)
 
 
 SITES_FILE = "sites.json"

@@ -9,19 +9,21 @@ in `fedsilo simulate` and under `flower-superlink` in deployment.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedsilo.config import RunConfig
 from fedsilo.server.evaluate import Evaluator, global_model, load_eval_data, make_evaluator
-from fedsilo.server.run_dir import RunDir, default_run_dir, read_site_names
+from fedsilo.server.run_dir import Progress, RunDir, default_run_dir, read_site_names
 from fedsilo.server.strategy import SiteReports
 from fedsilo.task.builtin import task_for
 from fedsilo.task.train import non_finite
@@ -37,7 +39,9 @@ def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
     cfg = RunConfig.from_flwr(context.run_config)
     run_dir = RunDir(cfg.run_dir or default_run_dir())
-    run_dir.write_config(cfg.to_flwr())
+    progress, rounds = run_dir.resume_point() if cfg.resume else (Progress(), [])
+    if not cfg.resume:
+        run_dir.write_config(cfg.to_flwr())
     evaluate = make_evaluator(cfg, load_eval_data(cfg, cfg.eval_data))
     # Every site trains every round (cross-silo). fraction_evaluate is unused: this
     # ServerApp evaluates centrally and never calls configure_evaluate.
@@ -50,11 +54,27 @@ def main(grid: Grid, context: Context) -> None:
         ),
         names=lambda: read_site_names(run_dir.path),
     )
-    arrays = ArrayRecord(global_model(cfg).state_dict())
-    rounds: list[dict[str, Any]] = []
+    strategy.restore(rounds)
+    if rounds:  # resumed: from the last completed round's checkpoint
+        state = torch.load(run_dir.checkpoint(rounds[-1]["round"]), weights_only=True)
+    else:
+        state = global_model(cfg).state_dict()
+    if cfg.resume:
+        log.warning(
+            "main: resuming run %s after round %d; round(s) %s were sent before the server "
+            "stopped and are lost (the sites spent them and will not train them again)",
+            cfg.run_id,
+            progress.resumed[-1],
+            progress.lost or "none",
+        )
+    arrays = ArrayRecord(state)
     stopped = ""
-    for server_round in range(1, cfg.rounds + 1):
+    for server_round in range(progress.started + 1, cfg.rounds + 1):
         t0 = time.monotonic()
+        # Written before the round is sent: a resumed run never asks sites to train a
+        # round they may already have spent budget on.
+        progress = dataclasses.replace(progress, started=server_round)
+        run_dir.write_progress(progress)
         replies = exchange(
             grid,
             strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
@@ -68,8 +88,8 @@ def main(grid: Grid, context: Context) -> None:
             break
         arrays, record = outcome
         record["seconds"] = time.monotonic() - t0
-        run_dir.append_metrics(record)
         run_dir.save_checkpoint(server_round, arrays.to_torch_state_dict())
+        run_dir.append_metrics(record)  # after the checkpoint: a metrics line means resumable
         rounds.append(record)
         log.info(
             "main: round %d: accuracy %.4f loss %.4f max epsilon %.3f",
@@ -82,7 +102,15 @@ def main(grid: Grid, context: Context) -> None:
     summary = build_summary(
         rounds, strategy, str(run_dir.path), cfg.rounds, task=task_for(cfg).name
     )
-    run_dir.write_summary({**summary, "stopped": stopped or None})
+    run_dir.write_summary(
+        {
+            **summary,
+            "run_id": cfg.run_id or str(context.run_id),
+            "lost_rounds": progress.lost,
+            "resumed_after": progress.resumed,
+            "stopped": stopped or None,
+        }
+    )
 
 
 def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list[Message]:
@@ -131,6 +159,7 @@ def close_round(
         "loss": loss,
         **({"metrics": result.extra} if result.extra else {}),
         "max_epsilon": max(strategy.reports[s].epsilon for s in participants),
+        "reports": {s: strategy.reports[s].to_record() for s in participants},
         "sites": participants,
         "failed": [f.site for f in failures],
         "refused": [r.site for r in refusals],

@@ -35,7 +35,7 @@ import re
 import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -64,6 +64,16 @@ class SiteReport:
     target_epsilon: float
     round: int
     ledger_head: str | None = None  # the site's ledger sha256 after this round's spend
+
+    def to_record(self) -> dict[str, object]:
+        """What a round's metrics line keeps of it (the round is the line's)."""
+        return {
+            "examples": self.examples,
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "target_epsilon": self.target_epsilon,
+            "ledger_head": self.ledger_head,
+        }
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,22 @@ class SiteReports(Strategy):
 
     def summary(self) -> None:
         self.inner.summary()
+
+    def restore(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Take up where a stopped server left off, from its rounds' metrics lines.
+
+        Reports, commitments (a site's first accepted count stays its commitment),
+        failures and refusals are as they were after the last completed round.
+        """
+        for rec in records:
+            r = int(rec["round"])
+            for site, rep in (rec.get("reports") or {}).items():
+                report = SiteReport(site=site, round=r, **rep)
+                self.reports[site] = report
+                self.committed.setdefault(site, report.examples)
+            reasons = rec.get("reasons") or {}
+            self.failures += [Failure(s, r, reasons.get(s, "")) for s in rec.get("failed", [])]
+            self.refusals += [Refusal(s, r, reasons.get(s, "")) for s in rec.get("refused", [])]
 
     def site_name(self, node: int) -> str:
         if node not in self.node_names:

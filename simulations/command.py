@@ -6,6 +6,7 @@ Examples:
   fedsilo simulate --dataset fashion-mnist --sites 10 --target-epsilon 3 --rounds 5
   fedsilo simulate --partition dirichlet:0.5 --json > summary.json
   fedsilo simulate --sites 2 --site-max-epsilon 8,2   # site-1's budget refuses the run
+  fedsilo simulate --resume runs/20260101-120000     # go on after a crash or Ctrl-C
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedsilo.config import RunConfig
+from fedsilo.config import RunConfig, new_run_id
 from fedsilo.console import end_of_run_lines, quiet_logs, summary_table
 from fedsilo.privacy.policy import SitePolicy
-from fedsilo.server.run_dir import default_run_dir
+from fedsilo.server.run_dir import default_run_dir, run_complete
 
 DEFAULTS = RunConfig()
 
@@ -96,6 +97,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     o.add_argument("--device", default=DEFAULTS.device, help="auto, cpu or cuda")
     o.add_argument("--out", default="", help="run directory (default runs/<timestamp>)")
     o.add_argument(
+        "--resume",
+        dest="resume_dir",
+        metavar="RUN_DIR",
+        default="",
+        help="continue a run that was stopped (crash, kill, Ctrl-C) from its last completed "
+        "round, with its recorded settings, sites and ledgers; a round in progress when it "
+        "stopped is lost (its sites spent it)",
+    )
+    o.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)"
     )
     o.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
@@ -109,6 +119,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
     values["run_dir"] = args.out or str(default_run_dir())
+    values["run_id"] = new_run_id()
     cfg = RunConfig(**values)
     cfg.validate(source="the command line")
     return cfg
@@ -118,10 +129,14 @@ def run(args: argparse.Namespace) -> int:
     from fedsilo.errors import ConfigError
     from fedsilo.simulations.runner import preflight, run_simulation
 
-    if args.sites < 1:
-        raise ConfigError(f"`--sites` must be >= 1. Found {args.sites}.")
-    cfg = config_from_args(args)
-    policies = site_policies(args.site_max_epsilon, args.sites, cfg)
+    if args.resume_dir:
+        cfg, args.sites = resume_from_args(args)
+        policies = None  # the sites' own, already at the head of their ledgers
+    else:
+        if args.sites < 1:
+            raise ConfigError(f"`--sites` must be >= 1. Found {args.sites}.")
+        cfg = config_from_args(args)
+        policies = site_policies(args.site_max_epsilon, args.sites, cfg)
     err = Console(stderr=True)
     quiet_logs(args.verbose)
     sizes, task_name = preflight(cfg, args.sites)
@@ -172,7 +187,30 @@ def run(args: argparse.Namespace) -> int:
             f"the sites' privacy ledgers: fedsilo audit {summary['run_dir']}",
             highlight=False,
         )
-    return 0 if summary["completed_rounds"] == summary["planned_rounds"] else 1
+    return 0 if run_complete(summary) else 1
+
+
+def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, int]:
+    """The recorded config and site count of the run `--resume` names, checked."""
+    from fedsilo.errors import ConfigError
+    from fedsilo.server.run_dir import resume_config
+    from fedsilo.simulations.runner import recorded_sites
+
+    changed = [
+        "--" + f.name.replace("_", "-")
+        for f in dataclasses.fields(RunConfig)
+        if hasattr(args, f.name) and getattr(args, f.name) != getattr(DEFAULTS, f.name)
+    ]
+    changed += [f for f, on in (("--sites", args.sites != 3), ("--out", bool(args.out))) if on]
+    changed += ["--site-max-epsilon"] if args.site_max_epsilon else []
+    if changed:
+        raise ConfigError(
+            f"--resume continues {args.resume_dir} with the settings it recorded; drop "
+            f"{', '.join(changed)}."
+        )
+    run_dir, values = resume_config(args.resume_dir)
+    sites = recorded_sites(run_dir)
+    return RunConfig.from_flwr(values, source=f"{run_dir}/config.json"), sites
 
 
 def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:

@@ -33,6 +33,7 @@ ProgressFn = Callable[[dict[str, Any]], None]
 # (bench/federation_overhead.py; OpenMP threads spin-waiting on each other).
 SITE_THREADS = 1
 THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
+SIMULATION_FILE = "simulation.json"  # {"sites": N}: what --resume needs beyond config.json
 
 
 def run_simulation(
@@ -58,11 +59,14 @@ def run_simulation(
 
     flwr_adapter.check_flower_version()
     run_dir = Path(cfg.run_dir)
-    if site_policies is None:
-        site_policies = [SitePolicy(max_epsilon=cfg.target_epsilon, delta=cfg.target_delta)] * sites
-    if len(site_policies) != sites:
-        raise ConfigError(f"{len(site_policies)} site policies for {sites} sites.")
-    write_site_policies(run_dir, site_policies)
+    if not cfg.resume:  # a resumed run's sites keep the policies their ledgers hold
+        if site_policies is None:
+            default = SitePolicy(max_epsilon=cfg.target_epsilon, delta=cfg.target_delta)
+            site_policies = [default] * sites
+        if len(site_policies) != sites:
+            raise ConfigError(f"{len(site_policies)} site policies for {sites} sites.")
+        write_site_policies(run_dir, site_policies)
+        (run_dir / SIMULATION_FILE).write_text(json.dumps({"sites": sites}) + "\n", "utf-8")
 
     def name_sites(partitions: dict[int, int]) -> None:
         # A virtual site's name is its partition's, as the engine assigned it: the
@@ -126,6 +130,18 @@ def run_simulation(
         )
     summary: dict[str, Any] = json.loads(summary_file.read_text(encoding="utf-8"))
     return summary
+
+
+def recorded_sites(run_dir: Path) -> int:
+    """How many virtual sites the simulation in `run_dir` had."""
+    try:
+        sites = int(json.loads((run_dir / SIMULATION_FILE).read_text("utf-8"))["sites"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConfigError(
+            f"{run_dir} is not a run directory of `fedsilo simulate` (no {SIMULATION_FILE}); "
+            "a deployed run resumes with `fedsilo server start --resume`."
+        ) from None
+    return sites
 
 
 def _watch(run_dir: Path, on_round: ProgressFn | None, stop: threading.Event) -> None:

@@ -61,6 +61,19 @@ def test_bad_config_one_line_no_traceback(tmp_path: Path, args: list[str], needl
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
 
 
+def test_resume_takes_no_settings_and_only_a_simulation_run(tmp_path: Path) -> None:
+    (tmp_path / "deployed").mkdir()
+    (tmp_path / "deployed" / "config.json").write_text('{"run-id": "abc", "rounds": 3}')
+    for args, needle in (
+        (["--resume", "missing"], "holds no readable config.json"),
+        (["--resume", "deployed", "--rounds", "7", "--sites", "4"], "drop --rounds, --sites."),
+        (["--resume", "deployed"], "a deployed run resumes with `fedsilo server start"),
+    ):
+        res = fedsilo("simulate", *args, cwd=tmp_path)
+        assert res.returncode == 2 and res.stderr.startswith("error:"), res.stderr
+        assert needle in " ".join(res.stderr.split()) and "Traceback" not in res.stderr
+
+
 def test_help_teaches(tmp_path: Path) -> None:
     res = fedsilo("simulate", "--help", cwd=tmp_path)
     assert res.returncode == 0

@@ -46,6 +46,7 @@ def bad_inputs(fed: Path) -> None:
     np.savez(fed / "scalar.npz", x=np.float32(1.0), y=np.int64(1))
     np.savez(fed / "wide.npz", x=np.zeros((10, 30), np.float32), y=np.zeros(10, np.int64))
     (fed / "cancer.csv").write_text("mean_radius,diagnosis\n12.1,benign\n")
+    (fed / "managed.toml").write_text('run-id = "an-old-run"\n')
     for name, edit in (
         ("keydir", None),
         ("infpolicy", "inf"),
@@ -119,6 +120,10 @@ def bad_inputs(fed: Path) -> None:
         ([*SERVER, "--task", "nope_pkg.task:task"], "no module named 'nope_pkg' is installed"),
         ([*SERVER, "--task", TASK, "--dataset", "mnist"], "drop `dataset` and `model`"),
         ([*SERVER, "--task", TASK, "--eval-data", "site.npz"], "cannot read it as UTF-8"),
+        # Issue 13: --resume continues a stopped run as it was recorded, nothing else.
+        ([*SERVER, "--resume", "used"], "used holds no readable config.json"),
+        ([*SERVER, "--resume", "used", "--rounds", "5"], "recorded; drop --rounds."),
+        ([*SERVER, "--config", "managed.toml"], "`run-id` is fedsilo's to set"),
     ],
 )
 def test_one_line_error(

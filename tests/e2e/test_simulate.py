@@ -56,3 +56,64 @@ def test_same_seed_same_metrics_and_noniid(tmp_path: Path) -> None:
         for site in out["sites"]:
             assert len(site.pop("ledger_head")) == 64
     assert a["rounds"] == b["rounds"] and a["sites"] == b["sites"]
+
+
+def test_a_killed_simulation_resumes_and_its_ledgers_audit(tmp_path: Path) -> None:
+    """SIGKILL the whole simulation (driver and Ray) during round 3; `--resume` goes on
+    from round 2's checkpoint with the same run id. The round in flight is lost, never
+    retrained: every site's ledger has at most one line per round, the run's epsilon
+    stays within its target and the audit passes."""
+    from fedsilo.privacy import ledger
+    from tests.e2e.federation import Proc, end_leftovers, leftovers, wait_for
+
+    run_dir = tmp_path / "run"
+    first = Proc(tmp_path, "sim", "simulate", "--rounds", "5", "--out", str(run_dir))
+    try:
+        wait_for(
+            lambda: (
+                (run_dir / "metrics.jsonl").exists()
+                and len((run_dir / "metrics.jsonl").read_text().splitlines()) >= 2
+            ),
+            400,
+            "round 2",
+            [first],
+        )
+        first.kill_group()
+    finally:
+        end_leftovers(tmp_path)  # Ray's processes are in groups of their own
+    assert not leftovers(tmp_path)
+    run_id = json.loads((run_dir / "config.json").read_text())["run-id"]
+    res = subprocess.run(
+        [sys.executable, "-m", "fedsilo", "simulate", "--resume", str(run_dir), "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert out["run_id"] == run_id and out["resumed_after"][0] >= 2
+    done = [r["round"] for r in out["rounds"]]
+    assert sorted(done + out["lost_rounds"]) == [1, 2, 3, 4, 5] and done[-1] == 5
+    assert len(out["lost_rounds"]) <= 1
+    for site in out["sites"]:
+        assert site["epsilon"] <= 8.0
+    for path in sorted((run_dir / "ledgers").glob("*.jsonl")):
+        spends = [s for s in ledger.read(path).spends if s.run == run_id]
+        trained = [s.round for s in spends]
+        assert len(trained) == len(set(trained)) and set(done) <= set(trained), trained
+        assert len({s.event.noise_multiplier for s in spends}) == 1  # the plan kept
+    audit = subprocess.run(
+        [sys.executable, "-m", "fedsilo", "audit", str(run_dir), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    again = subprocess.run(
+        [sys.executable, "-m", "fedsilo", "simulate", "--resume", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert again.returncode == 2 and "already finished its 5 round(s)" in again.stderr

@@ -27,3 +27,54 @@ def test_site_names_round_trip(tmp_path: Path) -> None:
     assert read_site_names(tmp_path) == {123456789012: "site-a", 7: "site-b"}
     (tmp_path / "sites.json").write_text("[not json")
     assert read_site_names(tmp_path) == {}
+
+
+def test_resume_point_counts_only_checkpointed_rounds_and_loses_the_sent_one(
+    tmp_path: Path,
+) -> None:
+    """Round 3 was sent and its metrics line half written when the server died: the run
+    goes on after round 2 from its checkpoint, round 3 is lost (sites spent it), and the
+    cut-off line is removed so new lines append to whole ones."""
+    import torch
+
+    from fedsilo.server.run_dir import Progress, read_progress
+
+    run = RunDir(tmp_path)
+    for r in (1, 2):
+        run.save_checkpoint(r, {"w": torch.zeros(1)})
+        run.append_metrics({"round": r, "accuracy": 0.5})
+    run.write_progress(Progress(started=3))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"round": 3, "accur')
+    progress, records = run.resume_point()
+    assert [r["round"] for r in records] == [1, 2]
+    assert progress == Progress(started=3, lost=[3], resumed=[2])
+    assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
+    run.write_progress(progress)
+    assert read_progress(tmp_path) == progress
+    # A metrics line without its checkpoint is not a completed round.
+    (tmp_path / "checkpoints" / "round-002.pt").unlink()
+    progress, records = run.resume_point()
+    assert [r["round"] for r in records] == [1] and progress.lost == [2, 3]
+
+
+def test_only_a_stopped_fedsilo_run_with_a_run_id_can_be_resumed(tmp_path: Path) -> None:
+    import pytest
+
+    from fedsilo.errors import ConfigError
+    from fedsilo.server.run_dir import resume_config
+
+    with pytest.raises(ConfigError, match="not a fedsilo run directory"):
+        resume_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"rounds": 3, "run-id": ""}))
+    with pytest.raises(ConfigError, match="has no run-id"):
+        resume_config(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"rounds": 3, "run-id": "abc"}))
+    done = {"completed_rounds": 2, "lost_rounds": [2], "planned_rounds": 3, "stopped": None}
+    (tmp_path / "summary.json").write_text(json.dumps(done))
+    with pytest.raises(ConfigError, match="already finished its 3 round"):
+        resume_config(tmp_path)
+    (tmp_path / "summary.json").write_text(json.dumps({**done, "stopped": "round 3: ..."}))
+    run_dir, values = resume_config(tmp_path)
+    assert values["resume"] is True and values["run-id"] == "abc"
+    assert values["run-dir"] == str(tmp_path.resolve()) == str(run_dir)

@@ -195,3 +195,23 @@ def test_a_site_cannot_inflate_its_weight() -> None:
     w = aggregate(s, [sized(11, 0.0, 10), sized(12, 0.0, 10), sized(13, 3.0, 30)], 2)
     assert torch.allclose(w, torch.full((2,), 1.0))  # weighed 10 (committed), not 30
     assert s.reports["site-c"].examples == 30  # the report keeps what it said
+
+
+def test_a_resumed_server_keeps_commitments_reports_and_failures() -> None:
+    """What the rounds' metrics lines keep restores the strategy a stopped server had:
+    a site's first count stays its commitment, so a resume cannot reset it."""
+    s = strategy()
+    aggregate(s, [sized(11, 0.0, 10), sized(12, 0.0, 10), sized(13, 0.0, 10)])
+    record = {
+        "round": 1,
+        "reports": {site: s.reports[site].to_record() for site in s.last_round_sites},
+        "failed": ["site-d"],
+        "refused": [],
+        "reasons": {"site-d": "no reply before the round timeout"},
+    }
+    resumed = strategy()
+    resumed.restore([record])
+    assert resumed.reports == s.reports and resumed.committed == s.committed
+    assert [(f.site, f.round) for f in resumed.failures] == [("site-d", 1)]
+    w = aggregate(resumed, [sized(11, 0.0, 10), sized(12, 0.0, 10), sized(13, 3.0, 30)], 2)
+    assert torch.allclose(w, torch.full((2,), 1.0))  # still weighed 10, its commitment
