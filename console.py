@@ -56,6 +56,18 @@ def end_of_run_lines(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def resume_line(run_id: str, run_dir: str, rounds: int) -> str:
+    """What a resumed run continues from, as the console says it."""
+    from fedsilo.server.run_dir import read_metrics, read_progress
+
+    done = [r["round"] for r in read_metrics(run_dir)]
+    sent = read_progress(run_dir).started
+    lost = [r for r in range(1, sent + 1) if r not in done]
+    return f"resuming run {run_id} after round {done[-1] if done else 0} of {rounds}" + (
+        f"; round(s) {', '.join(map(str, lost))} lost (the sites spent them)" if lost else ""
+    )
+
+
 def quiet_logs(verbose: bool) -> None:
     """Flower logs at INFO through its own handler; without --verbose keep warnings only."""
     import flwr.supercore.logger  # noqa: F401  (sets the flwr logger up; we adjust it after)

@@ -189,6 +189,7 @@ def start_client(kit: SiteKit, opts: ClientOptions, *, on_event: EventFn) -> int
                 deadline_s=opts.connect_timeout_s,
                 what=f"the federation server {opts.server}",
                 on_retry=on_event,
+                cap=5.0,  # a TLS handshake every 5 s at most: a restarted server is found soon
             )
             on_event(f"server {opts.server} is up" + ("" if opts.insecure else " (TLS verified)"))
             offset = log_file.stat().st_size if log_file.exists() else 0

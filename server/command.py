@@ -181,7 +181,7 @@ def checked(cfg: RunConfig, sites: int) -> RunConfig:
 
 def run(args: argparse.Namespace) -> int:
     from fedsilo import flwr_adapter
-    from fedsilo.console import end_of_run_lines, quiet_logs, summary_table
+    from fedsilo.console import end_of_run_lines, quiet_logs, resume_line, summary_table
     from fedsilo.privacy.provision import read_server_kit
     from fedsilo.processes import check_port, terminate_on_signals
     from fedsilo.server.launcher import ServerOptions, start_server
@@ -217,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         f"min-sites {cfg.min_sites}; run dir {cfg.run_dir}",
         highlight=False,
     )
+    if cfg.resume:
+        err.print(resume_line(cfg.run_id, cfg.run_dir, cfg.rounds), highlight=False)
     t0 = time.monotonic()
 
     def on_event(kind: str, info: dict[str, Any]) -> None:

@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedsilo.config import RunConfig, new_run_id
-from fedsilo.console import end_of_run_lines, quiet_logs, summary_table
+from fedsilo.console import end_of_run_lines, quiet_logs, resume_line, summary_table
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.server.run_dir import default_run_dir, run_complete
 
@@ -147,6 +147,8 @@ def run(args: argparse.Namespace) -> int:
         f"run dir {cfg.run_dir}",
         highlight=False,
     )
+    if cfg.resume:
+        err.print(resume_line(cfg.run_id, cfg.run_dir, cfg.rounds), highlight=False)
     t0 = time.monotonic()
     with Progress(
         TextColumn("{task.description}"),

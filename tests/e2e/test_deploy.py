@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -299,3 +300,67 @@ def test_live_sites_keep_serving_across_a_server_restart(fed: Path) -> None:
                 assert proc.terminate() == 0, proc.text()[-3000:]
         if second is not None and second.popen.poll() is None:
             second.terminate()
+
+
+def test_a_killed_server_resumes_and_the_sites_ledgers_audit(fed: Path) -> None:
+    """The server's machine dies (SIGKILL: launcher, SuperLink, ServerApp) after round 2
+    of 5. `server start --resume` goes on from round 2's checkpoint with the same run
+    id: the live sites reconnect, keep their run's noise plan, never train a round twice
+    and the audit of the run with their ledgers passes."""
+    from fedsilo.privacy import ledger
+
+    fleet = free_port()
+    address = f"127.0.0.1:{fleet}"
+    run_dir = fed / "run"
+    srv = server(fed, fleet, "--rounds", "5", "--min-sites", "2", "--out", "run")
+    sites = [client(fed, name, i, address) for i, name in ((1, "a"), (2, "b"))]
+    resumed = None
+    try:
+        wait_for(lambda: len(rounds(run_dir)) >= 2, 400, "round 2", [srv, *sites])
+        server_pids = [
+            pid for home in (run_dir, fed / "flwr-homes" / "server") for pid, _ in leftovers(home)
+        ]
+        srv.kill_group()
+        for pid in server_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert not (run_dir / "summary.json").exists()
+        run_id = json.loads((run_dir / "config.json").read_text())["run-id"]
+        resumed = server(fed, fleet, "--resume", "run")
+        assert resumed.wait(timeout=400) == 0, resumed.text()[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        done = [r["round"] for r in rounds(run_dir)]
+        assert summary["run_id"] == run_id and summary["resumed_after"][0] >= 2
+        assert done == sorted(set(done)) and done[-1] == 5, done
+        assert sorted(done + summary["lost_rounds"]) == list(range(1, 6))
+        said = " ".join(resumed.text().split())
+        assert f"resuming run {run_id} after round {summary['resumed_after'][0]} of 5" in said
+        heads = {}
+        for name in ("a", "b"):
+            path = fed / "fed" / "sites" / name / "ledger.jsonl"
+            spends = [s for s in ledger.read(path).spends if s.run == run_id]
+            trained = [s.round for s in spends]
+            assert len(trained) == len(set(trained)), trained  # no round twice
+            assert rounds_with(run_dir, name) <= set(trained)
+            assert len({s.event.noise_multiplier for s in spends}) == 1  # the plan kept
+            heads[name] = str(path)
+        site = {s["site"]: s for s in summary["sites"]}
+        assert all(site[n]["epsilon"] <= 8.0 for n in ("a", "b"))
+        res = fedsilo_cli(fed, "audit", "run", *heads.values())
+        assert res.returncode == 0, res.stdout + res.stderr
+    finally:
+        for proc in sites:
+            if proc.popen.poll() is None:
+                assert proc.terminate() == 0, proc.text()[-3000:]
+        if resumed is not None and resumed.popen.poll() is None:
+            resumed.terminate()
+
+
+def rounds_with(run_dir: Path, site: str) -> set[int]:
+    return {r["round"] for r in rounds(run_dir) if site in r["sites"]}
+
+
+def fedsilo_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    from tests.e2e.federation import fedsilo
+
+    return fedsilo(*args, cwd=tmp)
