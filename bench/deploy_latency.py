@@ -13,6 +13,10 @@ of the later rounds.
 
 `--stock` runs the sites on Flower's own `flower-supernode` (3 s idle pulls, a cold
 `flwr-clientapp` process per message) for comparison.
+
+`--wan` (root) also runs the deployed federation across a wide-area path: server and
+sites each in a network namespace of their own, 100 Mbit/s links and 25 ms each way
+between every site and the server (tests/e2e/wan.py: `tc tbf` and a delaying relay).
 """
 
 from __future__ import annotations
@@ -52,21 +56,30 @@ def simulated(tmp: Path, sites: int, rounds: int) -> list[float]:
     return round_seconds(tmp / "sim")
 
 
-def deployed(tmp: Path, sites: int, rounds: int, *, stock: bool) -> list[float]:
+def deployed(tmp: Path, sites: int, rounds: int, *, stock: bool, net: Any = None) -> list[float]:
+    """Round times of a deployed run on loopback, or across `net` (a tests.e2e.wan.Wan)."""
     from fedsilo.processes import child_env, free_port, spawn, stop
 
     names = [f"s{i + 1}" for i in range(sites)]
+    hosts = net.relay_ips if net is not None else ["127.0.0.1"]
+    server_hosts = [a for h in hosts for a in ("--server-host", h)]
     for args in (
         ("data", "split", "--dataset", "digits", "--sites", str(sites), "--out", "data"),
-        ("provision", "--out", "fed", "--server-host", "127.0.0.1", "--sites", ",".join(names)),
+        ("provision", "--out", "fed", *server_hosts, "--sites", ",".join(names)),
     ):
         res = fedsilo(*args, cwd=tmp)
         if res.returncode != 0:
             raise SystemExit(res.stderr[-2000:])
     fleet = free_port()
-    env = child_env(FLWR_HOME=str(tmp / "flwr-home"))
+    env = child_env(FLWR_HOME=str(tmp / "flwr-home"), PYTHONPATH=str(REPO))
+    addresses = [f"127.0.0.1:{fleet}"] * sites
+    if net is not None:
+        relay = free_port()
+        net.start_relay(relay, fleet, tmp / "relay.log")
+        addresses = [f"{h}:{relay}" for h in net.relay_ips]
     server = spawn(
         [
+            *(net.exec_prefix(net.server_ns) if net is not None else []),
             sys.executable,
             "-m",
             "fedsilo",
@@ -75,7 +88,7 @@ def deployed(tmp: Path, sites: int, rounds: int, *, stock: bool) -> list[float]:
             "--kit",
             "fed/server",
             "--listen",
-            "127.0.0.1",
+            net.server_ip if net is not None else "127.0.0.1",
             "--fleet-port",
             str(fleet),
             "--control-port",
@@ -97,8 +110,9 @@ def deployed(tmp: Path, sites: int, rounds: int, *, stock: bool) -> list[float]:
             site_env = child_env(FLWR_HOME=str(tmp / f"flwr-home-{name}"), PYTHONPATH=str(REPO))
             site_procs.append(
                 spawn(
-                    [sys.executable, "-m", "bench.deploy_latency", "--site", name]
-                    + ["--data", f"data/site-{i + 1}.npz", "--fleet", str(fleet)]
+                    (net.exec_prefix(net.site_ns[i]) if net is not None else [])
+                    + [sys.executable, "-m", "bench.deploy_latency", "--site", name]
+                    + ["--data", f"data/site-{i + 1}.npz", "--server", addresses[i]]
                     + (["--stock"] if stock else []),
                     log_file=tmp / f"site-{name}.log",
                     env=site_env,
@@ -119,7 +133,7 @@ def deployed(tmp: Path, sites: int, rounds: int, *, stock: bool) -> list[float]:
     return round_seconds(tmp / "dep")
 
 
-def run_site(name: str, data: str, fleet: int, *, stock: bool) -> None:
+def run_site(name: str, data: str, server: str, *, stock: bool) -> None:
     """One site, as `fedsilo client start` runs it (optionally on Flower's own SuperNode)."""
     from fedsilo.cli import main
     from fedsilo.clients import launcher
@@ -136,7 +150,7 @@ def run_site(name: str, data: str, fleet: int, *, stock: bool) -> None:
             "--data",
             data,
             "--server",
-            f"127.0.0.1:{fleet}",
+            server,
             "--device",
             "cpu",
             "--threads",
@@ -162,10 +176,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stock", action="store_true", help="also time Flower's own SuperNode")
     p.add_argument("--site", help=argparse.SUPPRESS)  # internal: run one site
     p.add_argument("--data", help=argparse.SUPPRESS)
-    p.add_argument("--fleet", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--server", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--wan", action="store_true", help="also across a 25 ms, 100 Mbit/s path (needs root)"
+    )
     args = p.parse_args(argv)
     if args.site:
-        run_site(args.site, args.data, args.fleet, stock=args.stock)
+        run_site(args.site, args.data, args.server, stock=args.stock)
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,6 +202,17 @@ def main(argv: list[str] | None = None) -> int:
                     "deployed, stock", deployed(root / "stock", args.sites, args.rounds, stock=True)
                 )
             )
+        if args.wan:
+            from tests.e2e import wan
+
+            why = wan.available()
+            if why:
+                raise SystemExit(f"--wan: {why}")
+            print("deployed across a 25 ms / 100 Mbit/s WAN ...", file=sys.stderr, flush=True)
+            (root / "wan").mkdir()
+            with wan.Wan(args.sites) as net:
+                times = deployed(root / "wan", args.sites, args.rounds, stock=False, net=net)
+            rows.append(summarise("deployed, WAN 25 ms each way, 100 Mbit/s", times))
     sim = rows[0]["later_rounds_median_s"]
     for row in rows:
         row["minus_simulated_s"] = row["later_rounds_median_s"] - sim

@@ -46,12 +46,13 @@ def env_for(tmp: Path, name: str) -> dict[str, str]:
 class Proc:
     """A `fedsilo ...` process in its own group, output to a file."""
 
-    def __init__(self, tmp: Path, name: str, *args: str) -> None:
+    def __init__(self, tmp: Path, name: str, *args: str, prefix: list[str] | None = None) -> None:
+        """`prefix`: what runs the command, e.g. `ip netns exec NS`."""
         self.name = name
         self.log = tmp / f"{name}.log"
         self._out = open(self.log, "wb")  # noqa: SIM115
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "fedsilo", *args],
+            [*(prefix or []), sys.executable, "-m", "fedsilo", *args],
             cwd=tmp,
             stdout=self._out,
             stderr=subprocess.STDOUT,
