@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from fedsilo.flwr_adapter import disable_telemetry
+
+    disable_telemetry()  # before any Flower code runs here or in a child (Ray included)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -17,6 +17,12 @@ for tasks every second and starts a fresh `flwr-clientapp` process for every mes
 which imports torch, opacus and flwr again (about 4.5 s). Here:
 - the SuperNode's idle pull waits POLL_S instead of 3 s (its module's `time` is
   replaced by one whose `sleep` is capped; nothing else in Flower is touched);
+- every object pull (the SuperNode's of a message from the SuperLink, the ClientApp's
+  from its SuperNode, the ServerApp's of a reply) retries an object that is not there
+  yet after PULL_BACKOFF_S, doubling to PULL_BACKOFF_CAP_S, instead of after 1 s
+  doubling to 10 s: a message's content is uploaded just after the message, so the
+  first try often misses it and stock Flower then waits a whole second (measured:
+  0.9-1.2 s of a pull of 12 objects that otherwise takes 0.2 s), at each of the three;
 - the SuperNode announces a heartbeat interval of HEARTBEAT_S (Flower: 30 s), so the
   SuperLink notices a dead site after at most 20 s instead of 60 s;
 - the SuperNode starts this module's SuperExec instead of `flower-superexec`: Flower's
@@ -51,6 +57,28 @@ def check_flower_version(version: str | None = None) -> None:
             f"fedsilo/flwr_adapter.py); found flwr {version}. Install a supported one: "
             "pip install 'flwr[simulation]>=1.39,<1.40'."
         )
+
+
+TELEMETRY_OFF = {"FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def disable_telemetry() -> None:
+    """Turn Flower's telemetry off in this process and every process it starts.
+
+    Flower posts usage events (a persistent machine id, the OS, Python and CPU count,
+    and each run's start and end) to its telemetry service from every SuperLink,
+    SuperNode, ServerApp and ClientApp unless FLWR_TELEMETRY_ENABLED=0. A site must not
+    talk to anyone but its federation, so fedsilo sets it in its own process (read by
+    Flower when its telemetry module is first imported, or patched if it already was)
+    and `fedsilo.processes.child_env` passes it to every child.
+    """
+    import os
+    import sys
+
+    os.environ.update(TELEMETRY_OFF)
+    loaded = sys.modules.get("flwr.supercore.telemetry")
+    if loaded is not None:
+        vars(loaded)["FLWR_TELEMETRY_ENABLED"] = "0"
 
 
 @contextlib.contextmanager
@@ -133,7 +161,46 @@ POLL_S = 0.1  # the SuperNode's idle pull and the SuperExec's task poll, instead
 # A dead site is noticed after 2 x 10 s (Flower: 2 x 30 s); it beats every 4 s. 10 s is
 # the smallest interval the SuperLink accepts (message_handler: HEARTBEAT_MIN_INTERVAL).
 HEARTBEAT_S = 10
-PRELOAD = ("torch", "opacus", "flwr.clientapp", "fedsilo.clients.client_app")
+# What the zygote imports once: everything a ClientApp child imported that its zygote
+# had not (listed from sys.modules in a child). Among them Flower's flwr-clientapp
+# entry point took ~1 s, torch._dynamo (imported by torch on the first optimizer built)
+# 0.5-0.9 s, and httpcore (the HTTP client the ClientApp talks to its SuperNode with)
+# 0.15 s; encodings.cp437 reads the app's FAB (a zip file).
+PRELOAD = (
+    "torch",
+    "torch._dynamo",
+    "torch.profiler",
+    "opacus",
+    "flwr.clientapp",
+    "flwr.supernode.cli.flwr_clientapp",
+    "httpcore",
+    "h11",
+    "encodings.cp437",
+    "fedsilo.clients.client_app",
+)
+
+
+PULL_BACKOFF_S = 0.05  # an object pull's first retry (Flower: 1 s) ...
+PULL_BACKOFF_CAP_S = 0.5  # ... and its longest wait between retries (Flower: 10 s)
+
+
+def fast_object_pulls() -> None:
+    """Make this process's object pulls retry after PULL_BACKOFF_S, not 1 s (see above).
+
+    Flower binds the backoff as keyword defaults of its two pull functions, which
+    every caller uses; the pull's overall time limit and tries are unchanged.
+    """
+    from flwr.supercore.inflatable import inflatable_utils
+
+    check_flower_version()
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        defaults = fn.__kwdefaults__
+        if not defaults or not {"initial_backoff", "backoff_cap"} <= set(defaults):
+            raise ConfigError(  # Flower changed: fail here, not with slow rounds
+                f"flwr {SUPPORTED}x's {fn.__name__} has no initial_backoff/backoff_cap "
+                "keyword defaults; fedsilo/flwr_adapter.py needs updating."
+            )
+        defaults.update(initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
 
 
 class _CappedTime:
@@ -162,6 +229,7 @@ def supernode_main(argv: list[str]) -> None:
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
     check_flower_version()
+    fast_object_pulls()
     vars(sci)["time"] = _CappedTime()
     # The interval the SuperNode announces (the SuperLink declares it dead after 2 of
     # them) and the one its heartbeat thread keeps: 30 s in Flower, a dead site found
@@ -204,6 +272,7 @@ def superexec_main(argv: list[str]) -> None:
     check_flower_version()
     for name in PRELOAD:  # before the fork: the zygote's children inherit them
         importlib.import_module(name)
+    fast_object_pulls()  # the ClientApps' pulls from the SuperNode
     zygote = _Zygote.start()
 
     from flwr.supercore.cli.flower_superexec import flower_superexec
@@ -300,6 +369,7 @@ def _run_clientapp(args: list[str]) -> None:
 if __name__ == "__main__":
     import sys
 
+    disable_telemetry()
     commands = {"supernode": supernode_main, "superexec": superexec_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
         sys.exit("usage: python -m fedsilo.flwr_adapter {supernode,superexec} ARGS...")

@@ -51,10 +51,13 @@ def flower_bin(name: str) -> str:
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """This environment, with this Python's bin directory first on PATH: Flower's
-    SuperLink and SuperNode start `flower-superexec`/`flwr-*app` by name."""
+    """This environment, with this Python's bin directory first on PATH (Flower's
+    SuperLink and SuperNode start `flower-superexec`/`flwr-*app` by name) and Flower's
+    telemetry off (fedsilo.flwr_adapter.disable_telemetry)."""
+    from fedsilo.flwr_adapter import TELEMETRY_OFF
+
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    return {**os.environ, "PATH": path, **extra}
+    return {**os.environ, "PATH": path, **extra, **TELEMETRY_OFF}
 
 
 def spawn(

@@ -113,3 +113,55 @@ def test_the_server_pulls_replies_until_all_came_or_the_timeout() -> None:
     assert grid.pulls == 4 and time.monotonic() - t0 < 3 * PULL_INTERVAL_S + 1
     slow = Grid([["m1"]])
     assert len(exchange(slow, [], timeout=0.3)) == 1  # m2 never replies: partial, on time
+
+
+def test_flower_telemetry_is_off_here_and_in_every_child(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Flower posts usage events to its service unless told not to: fedsilo tells it."""
+    import flwr.supercore.telemetry as telemetry
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path))  # where Flower keeps its machine id
+
+    from fedsilo.processes import child_env
+
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "1")  # even when the user's shell says 1
+    monkeypatch.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "1")
+    assert child_env(FLWR_HOME="x")["FLWR_TELEMETRY_ENABLED"] == "0"
+    from fedsilo import flwr_adapter
+
+    flwr_adapter.disable_telemetry()
+    assert telemetry.FLWR_TELEMETRY_ENABLED == "0"
+    assert telemetry.create_event(telemetry.EventType.PING, {}) == "disabled"  # nothing sent
+
+
+def test_an_object_not_there_yet_is_pulled_again_after_50_ms_not_1_s() -> None:
+    """A message's content is uploaded just after the message: Flower's first retry of
+    a missing object waits 1 s (then 2, 4, ... 10), at each of three hops a round."""
+    import time
+
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+    from fedsilo import flwr_adapter
+
+    pulls = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    kwdefaults = {fn: dict(fn.__kwdefaults__) for fn in pulls}
+    try:
+        flwr_adapter.fast_object_pulls()
+        tries: list[float] = []
+
+        def pull(object_id: str) -> bytes:
+            tries.append(time.monotonic())
+            if len(tries) < 3:  # not uploaded yet, twice
+                raise ObjectUnavailableError(object_id)
+            return b"content"
+
+        t0 = time.monotonic()
+        assert inflatable_utils.pull_objects(["a"], pull) == {"a": b"content"}
+        assert time.monotonic() - t0 < 0.5  # stock Flower: about 3 s (1 s, then 2 s)
+        assert tries[1] - tries[0] >= 0.8 * flwr_adapter.PULL_BACKOFF_S
+    finally:
+        for fn, saved in kwdefaults.items():
+            fn.__kwdefaults__.clear()
+            fn.__kwdefaults__.update(saved)

@@ -108,6 +108,14 @@ def test_three_sites_over_tls_then_one_is_lost(fed: Path) -> None:
     }
     try:
         wait_for(lambda: len(rounds(fed / "run")) >= 2, 400, "round 2", [srv, *sites.values()])
+        # No Flower process fedsilo started posts telemetry (SuperLink, SuperNodes, their
+        # SuperExecs, ServerApp, ClientApps): a site talks to its federation only.
+        flower = [pid for pid, cmd in leftovers(fed) if "flwr" in cmd or "flower" in cmd]
+        assert len(flower) >= 4
+        for pid in flower:
+            with contextlib.suppress(FileNotFoundError):
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                assert b"FLWR_TELEMETRY_ENABLED=0" in environ, pid
         # Site c's machine dies: SIGKILL for its launcher, SuperNode and ClientApps.
         site_c = [pid for pid, _ in leftovers(fed / "fed" / "sites" / "c")]
         assert site_c, "site c runs no process"
