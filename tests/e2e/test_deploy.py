@@ -220,7 +220,7 @@ def test_insecure_server_refuses_secure_site(fed: Path) -> None:
 def test_slow_but_live_sites_are_not_taken_for_dead(fed: Path) -> None:
     """A round longer than the 20 s in which a silent site is declared dead: the sites'
     heartbeats go on while they train, so both finish it and neither is failed."""
-    (fed / "slow.toml").write_text("rounds = 1\nlocal-epochs = 2500\n")
+    (fed / "slow.toml").write_text("rounds = 1\nlocal-epochs = 4000\n")
     fleet = free_port()
     srv = server(fed, fleet, "--config", "slow.toml", "--min-sites", "2", "--out", "run")
     sites = [client(fed, name, i, f"127.0.0.1:{fleet}") for i, name in ((1, "a"), (2, "b"))]
