@@ -4,10 +4,19 @@ Accountants are Opacus's: PRV (Gopi, Lee, Wutschitz, "Numerical Composition of
 Differential Privacy", NeurIPS 2021; we report its upper bound) and RDP
 (Mironov, Talwar, Zhang, "Renyi Differential Privacy of the Sampled Gaussian
 Mechanism", 2019). Epsilon is recomputed from the full event list every time.
+
+Both functions here are pure (same events and parameters, same float), and a
+simulation asks them the same questions for many sites: a thousand virtual sites of
+one size share one noise plan and one history per round. Each process therefore
+keeps a bounded memo of their answers (`functools.lru_cache`, keyed by the canonical
+history). It holds no state that can change a result, only time: every site still
+composes its own ledger's events, and a site with a different history gets its own
+answer.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
@@ -31,6 +40,8 @@ RDP_ORDERS = (
     + [80, 96, 128, 192, 256, 384, 512, 1024]
 )
 
+History = tuple[tuple[float, float, int], ...]  # (sigma, q, steps), merged and sorted
+
 # Integer orders only: what the calibration bracket uses (see calibrate_noise).
 BRACKET_ORDERS = [a for a in RDP_ORDERS if float(a).is_integer()]
 
@@ -44,16 +55,28 @@ def epsilon(
         raise PrivacyError(f"Unknown accountant {accountant!r}; use prv or rdp.")
     if not history:
         return 0.0
+    return _composed_epsilon(_merge(history), delta, accountant)
+
+
+# Memo sizes: a calibration evaluates ~20 histories, and a simulation's sites share
+# a handful of plans; the bound keeps a long-lived process's memory flat.
+EPSILON_MEMO = 4096
+CALIBRATION_MEMO = 256
+
+
+@functools.lru_cache(maxsize=EPSILON_MEMO)
+def _composed_epsilon(history: History, delta: float, accountant: str) -> float:
+    """Epsilon of a canonical (merged, sorted) history: pure, so memoised per process."""
     # The PRV grid overflows harmlessly in far tails; RDP warns when the best order is
     # at the edge of the grid, which RDP_ORDERS makes wide enough for our regimes.
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore")
         if accountant == "prv":
             prv = PRVAccountant()
-            prv.history = _merge(history)
+            prv.history = list(history)
             return float(prv.get_epsilon(delta=delta))
         rdp = RDPAccountant()
-        rdp.history = _merge(history)
+        rdp.history = list(history)
         return float(rdp.get_epsilon(delta=delta, alphas=RDP_ORDERS))
 
 
@@ -72,11 +95,34 @@ def calibrate_noise(
 
     The result never overshoots: epsilon(prior + plan) <= target_epsilon under the
     chosen accountant. RDP brackets the search first (cheap at every sigma); PRV is
-    then only evaluated near the answer, where its grid is small.
+    then only evaluated near the answer, where its grid is small. Memoised per process
+    (module docstring); a refusal is raised again each time, never remembered.
 
     Raises:
         PrivacyError: when no sigma up to SIGMA_MAX fits (the budget is spent or too small).
     """
+    return _calibrate(
+        target_epsilon,
+        delta,
+        sample_rate,
+        steps,
+        accountant,
+        tuple(sorted(prior, key=lambda e: (e.noise_multiplier, e.sample_rate, e.steps))),
+        tolerance,
+    )
+
+
+@functools.lru_cache(maxsize=CALIBRATION_MEMO)
+def _calibrate(
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    prior: tuple[SampledGaussianEvent, ...],
+    tolerance: float,
+) -> float:
+    """calibrate_noise with a canonical, hashable prior: pure, so memoised per process."""
 
     def eps_at(sigma: float, acc: str) -> float:
         plan = SampledGaussianEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps)
@@ -88,7 +134,7 @@ def calibrate_noise(
         # fractional ones, whose series dominate calibration time.
         history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in prior if e.steps > 0]
         rdp = RDPAccountant()
-        rdp.history = _merge([*history, (sigma, sample_rate, steps)])
+        rdp.history = list(_merge([*history, (sigma, sample_rate, steps)]))
         with warnings.catch_warnings(), np.errstate(all="ignore"):
             warnings.simplefilter("ignore")
             return float(rdp.get_epsilon(delta=delta, alphas=BRACKET_ORDERS))
@@ -187,9 +233,10 @@ def _bisect(fits: Callable[[float], bool], lo: float, hi: float, tolerance: floa
     return hi
 
 
-def _merge(history: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
-    """Combine events with identical (sigma, q): fewer terms for the accountants."""
+def _merge(history: list[tuple[float, float, int]]) -> History:
+    """Combine events with identical (sigma, q), in a canonical order: fewer terms for
+    the accountants, and one memo key for the same history however it was recorded."""
     merged: dict[tuple[float, float], int] = {}
     for sigma, q, steps in history:
         merged[(sigma, q)] = merged.get((sigma, q), 0) + steps
-    return [(s, q, n) for (s, q), n in merged.items()]
+    return tuple(sorted((s, q, n) for (s, q), n in merged.items()))

@@ -7,10 +7,17 @@ does under `flwr run`. Each virtual site's policy and privacy ledger live in
 RUN_DIR/ledgers/ (fedsilo.simulations.ledgers), written here before the engine
 starts. Progress is read from RUN_DIR/metrics.jsonl, the same record a deployed
 server writes.
+
+The engine runs on a private Ray instance started for the run, or on a running Ray
+cluster (`EngineConfig.ray_address`, fedsilo.simulations.cluster): then the sites'
+ledgers are written from the nodes that run them, into RUN_DIR on a filesystem they
+all share, which is checked before the engine starts. summary.json's `ray` entry
+says which node(s) each site ran on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,17 +30,13 @@ from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, FedsiloError
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.server.run_dir import read_metrics
+from fedsilo.simulations.cluster import THREAD_VARS, EngineConfig
 
 log = logging.getLogger("fedsilo.simulation")
 APP_DIR = Path(__file__).resolve().parent.parent  # the fedsilo package: holds pyproject.toml
 ProgressFn = Callable[[dict[str, Any]], None]
-# Each virtual site is a Ray actor holding one CPU and running torch on one thread.
-# Without this torch gives every actor as many threads as the machine has cores, and
-# on 2 cores two actors x 2 threads ran the CNN's DP step ~4x slower than 2 x 1
-# (bench/federation_overhead.py; OpenMP threads spin-waiting on each other).
-SITE_THREADS = 1
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-SIMULATION_FILE = "simulation.json"  # {"sites": N}: what --resume needs beyond config.json
+# {"sites": N, "site-cpus": C, "site-gpus": G}: what --resume needs beyond config.json
+SIMULATION_FILE = "simulation.json"
 
 
 def run_simulation(
@@ -43,61 +46,101 @@ def run_simulation(
     on_round: ProgressFn | None = None,
     verbose: bool = False,
     site_policies: Sequence[SitePolicy] | None = None,
+    engine: EngineConfig | None = None,
 ) -> dict[str, Any]:
     """Simulate `sites` virtual sites for `cfg.rounds` rounds; return summary.json's object.
 
     `site_policies[i]` is virtual site i's own policy (default: a budget of the run's
     target epsilon at its delta). Ledgers already in RUN_DIR/ledgers keep their spend.
+    `engine` says where the sites run (default: a private Ray instance, one CPU each).
     """
     from fedsilo import flwr_adapter
+    from fedsilo.simulations import cluster
+
+    flwr_adapter.check_flower_version()
+    engine = engine or EngineConfig()
+    engine.validate(device=cfg.device)
+    if not cfg.resume and site_policies is not None and len(site_policies) != sites:
+        raise ConfigError(f"{len(site_policies)} site policies for {sites} sites.")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray tip
+    if engine.ray_address:
+        # Workers on other machines find RUN_DIR by its path, not by this cwd.
+        cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
+        cluster.connect(engine, verbose=verbose)
+    else:
+        import torch
+
+        gpus = torch.cuda.device_count() if engine.site_gpus > 0 else 0
+        cluster.check_local_capacity(engine, cpus=os.cpu_count() or 1, gpus=gpus)
+    try:
+        return _run_engine(cfg, engine, sites, on_round, verbose, site_policies)
+    finally:
+        if engine.ray_address:
+            cluster.disconnect()  # Flower's engine already did, unless it never started
+
+
+def _run_engine(
+    cfg: RunConfig,
+    engine: EngineConfig,
+    sites: int,
+    on_round: ProgressFn | None,
+    verbose: bool,
+    site_policies: Sequence[SitePolicy] | None,
+) -> dict[str, Any]:
+    from fedsilo import flwr_adapter
     from fedsilo.clients.client_app import build_client_app
-    from fedsilo.server.run_dir import write_site_names
+    from fedsilo.server.run_dir import RunDir, write_site_names
     from fedsilo.server.server_app import app as server_app
+    from fedsilo.simulations import cluster
     from fedsilo.simulations.ledgers import write_site_policies
     from fedsilo.simulations.sites import SimulatedSites, simulated_cache_dir
     from fedsilo.task.features import drop_cache
 
-    flwr_adapter.check_flower_version()
     run_dir = Path(cfg.run_dir)
     if not cfg.resume:  # a resumed run's sites keep the policies their ledgers hold
         if site_policies is None:
             default = SitePolicy(max_epsilon=cfg.target_epsilon, delta=cfg.target_delta)
             site_policies = [default] * sites
-        if len(site_policies) != sites:
-            raise ConfigError(f"{len(site_policies)} site policies for {sites} sites.")
         write_site_policies(run_dir, site_policies)
-        (run_dir / SIMULATION_FILE).write_text(json.dumps({"sites": sites}) + "\n", "utf-8")
+        record = {"sites": sites, **engine.record()}
+        (run_dir / SIMULATION_FILE).write_text(json.dumps(record) + "\n", "utf-8")
+    if engine.ray_address:
+        labels = cluster.check_nodes(run_dir, cfg)
+        workers = flwr_adapter.actor_pool_size(engine.client_resources())
+        cluster.check_cluster_capacity(engine, workers, labels)
 
     def name_sites(partitions: dict[int, int]) -> None:
         # A virtual site's name is its partition's, as the engine assigned it: the
         # ServerApp reads it from here, never from what a site's messages say.
         write_site_names(run_dir, {node: f"site-{pid}" for node, pid in partitions.items()})
 
-    backend_config: dict[str, Any] = {
-        "client_resources": {"num_cpus": SITE_THREADS, "num_gpus": 0.0},
-        "init_args": {
+    backend_config: dict[str, Any] = {"client_resources": engine.client_resources()}
+    if not engine.ray_address:  # connected already otherwise: Flower then starts no Ray
+        backend_config["init_args"] = {
+            "address": "local",  # a private instance, even where RAY_ADDRESS names a cluster
             "num_cpus": os.cpu_count() or 1,
             "include_dashboard": False,
             "logging_level": "INFO" if verbose else "ERROR",
             "log_to_driver": verbose,
-        },
-    }
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray tip
+        }
     stop = threading.Event()
     watcher = threading.Thread(target=_watch, args=(run_dir, on_round, stop), daemon=True)
     watcher.start()
-    # Ray's workers inherit the driver's environment; torch reads these at import.
-    # The driver's own thread count is pinned first, so only the actors change.
+    # A private Ray's workers inherit the driver's environment; torch reads these at
+    # import (a cluster's workers get them from connect()). The driver's own thread
+    # count is pinned first, so only the actors change.
     import torch
 
     torch.set_num_threads(torch.get_num_threads())
     saved = {k: os.environ.get(k) for k in THREAD_VARS}
-    os.environ.update({k: str(SITE_THREADS) for k in THREAD_VARS})
+    os.environ.update(engine.worker_env())
     try:
-        with flwr_adapter.node_partitions(name_sites):
+        with flwr_adapter.node_partitions(name_sites), flwr_adapter.site_nodes() as where:
             flwr_adapter.run_simulation(
                 # The deployed ClientApp's code, with virtual sites: only this runner makes one.
-                client_app=build_client_app(SimulatedSites(str(run_dir))),
+                client_app=build_client_app(
+                    SimulatedSites(str(run_dir), device=engine.site_device)
+                ),
                 server_app=server_app,
                 sites=sites,
                 run_config=cfg.to_flwr(),
@@ -129,19 +172,27 @@ def run_simulation(
             f"The simulation ended without a summary; see the log above and {run_dir}."
         )
     summary: dict[str, Any] = json.loads(summary_file.read_text(encoding="utf-8"))
+    summary["ray"] = cluster.placement_summary(engine, where.sites, where.addresses)
+    RunDir(run_dir).write_summary(summary)
     return summary
 
 
-def recorded_sites(run_dir: Path) -> int:
-    """How many virtual sites the simulation in `run_dir` had."""
+def recorded_simulation(run_dir: Path, *, ray_address: str = "") -> tuple[int, EngineConfig]:
+    """How many virtual sites the simulation in `run_dir` had, and the engine it used.
+
+    A resumed run keeps the sites' resources, but may run on another Ray cluster
+    (`ray_address`, "" for a private instance).
+    """
     try:
-        sites = int(json.loads((run_dir / SIMULATION_FILE).read_text("utf-8"))["sites"])
-    except (OSError, ValueError, KeyError, TypeError):
+        record = json.loads((run_dir / SIMULATION_FILE).read_text("utf-8"))
+        sites = int(record["sites"])
+        engine = EngineConfig.from_record(record, ray_address=ray_address)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise ConfigError(
             f"{run_dir} is not a run directory of `fedsilo simulate` (no {SIMULATION_FILE}); "
             "a deployed run resumes with `fedsilo server start --resume`."
         ) from None
-    return sites
+    return sites, engine
 
 
 def _watch(run_dir: Path, on_round: ProgressFn | None, stop: threading.Event) -> None:
@@ -182,7 +233,9 @@ def preflight(cfg: RunConfig, sites: int) -> tuple[list[int], str]:
     resolve_device(cfg.device)
     task = task_for(cfg)
     check_trainable(task, seed=cfg.seed)
-    train = task.public("train", cfg.data_dir)
+    from fedsilo.simulations.sites import SimulatedSites
+
+    train = SimulatedSites(cfg.run_dir).pool(task, cfg.data_dir)  # decoded once, for every site
     load_eval_data(cfg, cfg.eval_data)
     parts = partition_indices(train.y.numpy(), sites, cfg.partition_spec, seed=cfg.seed)
     sizes = [len(p) for p in parts]

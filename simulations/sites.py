@@ -6,10 +6,14 @@ manifest's ClientApp, whose resolver (fedsilo.clients.site_env.deployed_site) ne
 reads `partition-id`. Here one user plays every site's operator:
 
 - data: site N takes partition N of the run's task's public training data
-  (`partition`, `seed`), loaded once per engine worker and run (a Fashion-MNIST
-  pool decodes in about a second; each site-round then takes its rows);
+  (`partition`, `seed`). The engine hands each message a fresh copy of the ClientApp,
+  so nothing loaded survives from one site-round to the next: the first to need the
+  pool decodes it (about a second for Fashion-MNIST) into the run's cache folder,
+  and every later site-round maps that file and reads only its own rows;
 - ledger and policy: RUN_DIR/ledgers/site-N.jsonl, whose policy `fedsilo simulate`
   wrote before the engine started (fedsilo.simulations.ledgers);
+- device: the run's `device`, or cuda when the site's actor holds a GPU
+  (`--site-gpus`; Ray then shows it only that GPU);
 - randomness: reproducible from `--seed`, so the same seed gives the same metrics.
   That is for experiments: a deployed site's noise is never derived from the run
   config.
@@ -17,8 +21,9 @@ reads `partition-id`. Here one user plays every site's operator:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedsilo.clients.dp_train import feature_cache_dir
@@ -32,6 +37,7 @@ from fedsilo.simulations.partition import partition_indices
 from fedsilo.task.api import Task
 from fedsilo.task.builtin import task_for
 from fedsilo.task.data import Dataset
+from fedsilo.task.features import read_cached, write_cached
 
 # Mixes the run seed with the partition so that sites draw independent streams.
 SEED_STRIDE = 1_000_003
@@ -42,8 +48,7 @@ class SimulatedSites:
     """Resolve virtual site `partition-id` of the simulation writing to `run_dir`."""
 
     run_dir: str
-    # The task's training pool, loaded once in each engine worker (a copy per process).
-    _pools: dict[tuple[str, str], Dataset] = field(default_factory=dict, compare=False, repr=False)
+    device: str | None = None  # None: the run's `device`; "cuda" when sites hold a GPU
 
     def __call__(self, cfg: RunConfig, node_config: Mapping[str, object]) -> SiteEnvironment:
         try:
@@ -71,16 +76,20 @@ class SimulatedSites:
             budget=SiteBudget(path, policy),
             cache_dir=feature_cache_dir(path),
             keep_cache=True,  # shared by the run's sites; the runner deletes it at the end
-            device=cfg.device,
+            device=self.device or cfg.device,
             simulation_seed=cfg.seed * SEED_STRIDE + pid,
         )
 
     def pool(self, task: Task, data_dir: str) -> Dataset:
-        """The task's public training data, loaded once per worker process."""
-        key = (task.name, data_dir)
-        if key not in self._pools:
-            self._pools[key] = task.public("train", data_dir)
-        return self._pools[key]
+        """The task's public training data, decoded once per run into its cache folder."""
+        key = hashlib.sha256(f"{task.name}\0{data_dir}".encode()).hexdigest()[:32]
+        path = simulated_cache_dir(self.run_dir) / f"pool-{key}.pt"
+        cached = read_cached(path, mmap=True)
+        if cached is not None and {"x", "y"} <= set(cached):
+            return Dataset(cached["x"], cached["y"], task.num_classes, f"{task.name} (train)")
+        pool = task.public("train", data_dir)
+        write_cached(path, {"x": pool.x, "y": pool.y})
+        return pool
 
 
 def simulated_cache_dir(run_dir: str | Path) -> Path:

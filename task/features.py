@@ -67,12 +67,15 @@ def cached_features(
     return out
 
 
-def read_cached(path: Path) -> dict[str, torch.Tensor] | None:
-    """Tensors a cache file holds; None when it is missing or unreadable (then rewritten)."""
+def read_cached(path: Path, *, mmap: bool = False) -> dict[str, torch.Tensor] | None:
+    """Tensors a cache file holds; None when it is missing or unreadable (then rewritten).
+
+    `mmap`: map the file instead of reading it (rows are read when indexed).
+    """
     if not path.is_file():
         return None
     try:
-        found = torch.load(path, weights_only=True)
+        found = torch.load(path, weights_only=True, mmap=mmap)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
         log.warning("cache: %s is unreadable (%s); recomputing", path, exc)
         return None

@@ -215,3 +215,36 @@ def test_rdp_matches_dp_accounting_for_mixed_events() -> None:
     theirs = float(pld_acc.get_epsilon(1e-5))
     ours = epsilon(events, delta=1e-5, accountant="prv")
     assert theirs * 0.99 <= ours <= theirs * 1.03 + 0.01
+
+
+def test_answers_are_memoised_per_history_whatever_its_order_and_refusals_are_not() -> None:
+    """A thousand virtual sites ask the same questions: the second asking is free, a
+    reordered history is the same question, and the answer is the uncached one."""
+    from fedsilo.privacy import accountant
+
+    a = Event(noise_multiplier=1.1, sample_rate=0.05, steps=40)
+    b = Event(noise_multiplier=0.9, sample_rate=0.02, steps=10)
+    accountant._composed_epsilon.cache_clear()
+    first = epsilon([a, b, a], delta=1e-5)
+    uncached = accountant._composed_epsilon.__wrapped__(
+        ((0.9, 0.02, 10), (1.1, 0.05, 80)), 1e-5, "prv"
+    )
+    assert first == uncached
+    assert epsilon([b, a, a], delta=1e-5) == first  # a reordered history: one entry
+    info = accountant._composed_epsilon.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+
+    def plan(prior: list[Event]) -> float:
+        return calibrate_noise(
+            target_epsilon=3.0, delta=1e-5, sample_rate=0.1, steps=50, prior=prior
+        )
+
+    sigma = plan([a, b])
+    assert plan([b, a]) == sigma
+    assert accountant._calibrate.cache_info().hits >= 1
+    assert (
+        epsilon([a, b, Event(noise_multiplier=sigma, sample_rate=0.1, steps=50)], delta=1e-5) <= 3.0
+    )
+    for _ in range(2):  # raised again each time, never remembered as an answer
+        with pytest.raises(PrivacyError):
+            calibrate_noise(target_epsilon=0.01, delta=1e-5, sample_rate=1.0, steps=10**4)
