@@ -32,7 +32,7 @@ from fedsilo.clients.site_env import (
     TASK_KEY,
 )
 from fedsilo.errors import ConfigError, FedsiloError
-from fedsilo.flwr_adapter import HEARTBEAT_S
+from fedsilo.flwr_adapter.site_runtime import HEARTBEAT_S
 from fedsilo.privacy.policy import LEDGER_KEY
 from fedsilo.privacy.provision import SiteKit
 from fedsilo.processes import (
@@ -49,10 +49,10 @@ from fedsilo.processes import (
 from fedsilo.task.features import drop_cache
 
 log = logging.getLogger("fedsilo.client")
-# Flower's SuperNode with fedsilo's warm runtime (fedsilo.flwr_adapter): same flags.
-WARM_SUPERNODE = (sys.executable, "-m", "fedsilo.flwr_adapter", "supernode")
+# Flower's SuperNode with fedsilo's warm runtime (fedsilo.flwr_adapter.site_runtime): same flags.
+WARM_SUPERNODE = (sys.executable, "-m", "fedsilo.flwr_adapter.site_runtime", "supernode")
 # A restarted site is refused while the server still counts its previous session online:
-# until it misses two heartbeats (fedsilo.flwr_adapter.HEARTBEAT_S), then some slack.
+# until it misses two heartbeats (fedsilo.flwr_adapter.site_runtime.HEARTBEAT_S), then some slack.
 REJOIN_WINDOW_S = 2 * HEARTBEAT_S + 15
 REJOIN_RETRY_S = 5.0
 NODE_AUTH_REFUSED = 305  # flower-supernode: SUPERNODE_CONNECTION_ERROR (key not allow-listed)

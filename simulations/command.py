@@ -1,4 +1,4 @@
-"""`fedsilo simulate`: a federation of virtual sites on this machine.
+"""`fedsilo simulate`: a federation of virtual sites on this machine or a Ray cluster.
 
 Examples:
   fedsilo simulate                                   # 3 sites, digits, epsilon 8
@@ -7,6 +7,9 @@ Examples:
   fedsilo simulate --partition dirichlet:0.5 --json > summary.json
   fedsilo simulate --sites 2 --site-max-epsilon 8,2   # site-1's budget refuses the run
   fedsilo simulate --resume runs/20260101-120000     # go on after a crash or Ctrl-C
+  fedsilo simulate --ray-address 10.0.0.5:6379 --site-gpus 0.25 --sites 16 \
+      --out /shared/runs/x                           # on a Ray cluster; RUN_DIR shared
+  fedsilo simulate --resume /shared/runs/x --ray-address 10.0.0.9:6379  # resume elsewhere
 """
 
 from __future__ import annotations
@@ -26,14 +29,16 @@ from fedsilo.config import RunConfig, new_run_id
 from fedsilo.console import end_of_run_lines, quiet_logs, resume_line, summary_table
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.server.run_dir import default_run_dir, run_complete
+from fedsilo.simulations.engine import EngineConfig
 
 DEFAULTS = RunConfig()
+ENGINE = EngineConfig()
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "simulate",
-        help="run a federation of virtual sites on this machine",
+        help="run a federation of virtual sites on this machine or a Ray cluster",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -105,6 +110,36 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "round, with its recorded settings, sites and ledgers; a round in progress when it "
         "stopped is lost (its sites spent it)",
     )
+    e = p.add_argument_group(
+        "where the sites run (simulation only: not part of the run config sites receive)"
+    )
+    e.add_argument(
+        "--ray-address",
+        default=ENGINE.ray_address,
+        metavar="HOST:PORT",
+        help="run the virtual sites on the running Ray cluster whose head is HOST:PORT (what "
+        "`ray start --head` prints; 6379 by default), or auto for one started on this machine. "
+        "Every node needs this fedsilo (and your task's package), and RUN_DIR (--out) on a "
+        "filesystem they all mount at the same path: the sites write their ledgers there "
+        "(checked before the run starts). Default: a private Ray instance on this machine. "
+        "Allowed with --resume",
+    )
+    e.add_argument(
+        "--site-cpus",
+        type=float,
+        default=ENGINE.site_cpus,
+        metavar="N",
+        help="CPUs each virtual site holds, fractions allowed; torch runs that many threads "
+        "per site, at least one (default 1)",
+    )
+    e.add_argument(
+        "--site-gpus",
+        type=float,
+        default=ENGINE.site_gpus,
+        metavar="N",
+        help="GPUs each virtual site holds, fractions allowed: 0.25 lets four sites share one. "
+        "> 0 trains the sites on CUDA (not with --device cpu) (default 0)",
+    )
     o.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)"
     )
@@ -127,23 +162,28 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 def run(args: argparse.Namespace) -> int:
     from fedsilo.errors import ConfigError
+    from fedsilo.simulations.cluster import placement_line
+    from fedsilo.simulations.engine import check_engine
     from fedsilo.simulations.runner import preflight, run_simulation
 
     if args.resume_dir:
-        cfg, args.sites = resume_from_args(args)
+        cfg, args.sites, engine = resume_from_args(args)
         policies = None  # the sites' own, already at the head of their ledgers
     else:
         if args.sites < 1:
             raise ConfigError(f"`--sites` must be >= 1. Found {args.sites}.")
         cfg = config_from_args(args)
+        engine = engine_from_args(args)
         policies = site_policies(args.site_max_epsilon, args.sites, cfg)
+    check_engine(engine, device=cfg.device)  # before anything is loaded or printed
     err = Console(stderr=True)
     quiet_logs(args.verbose)
     sizes, task_name = preflight(cfg, args.sites)
+    where = f"the Ray cluster at {engine.ray_address}" if engine.ray_address else "this machine"
     err.print(
         f"[bold]fedsilo simulate[/]: {args.sites} sites on task {task_name} "
         f"({min(sizes)}-{max(sizes)} examples each), {cfg.rounds} rounds, "
-        f"target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g}; "
+        f"target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g}, on {where}; "
         f"run dir {cfg.run_dir}",
         highlight=False,
     )
@@ -176,6 +216,7 @@ def run(args: argparse.Namespace) -> int:
             on_round=on_round,
             verbose=args.verbose,
             site_policies=policies,
+            engine=engine,
         )
     summary["wall_seconds"] = round(time.monotonic() - t0, 2)
     if args.json:
@@ -184,6 +225,8 @@ def run(args: argparse.Namespace) -> int:
         Console().print(summary_table(summary))
         for line in end_of_run_lines(summary):
             Console().print(line, highlight=False)
+        if engine.ray_address:
+            Console().print(placement_line(summary["ray"]), highlight=False)
         Console().print(
             f"run directory: {summary['run_dir']}  ({summary['wall_seconds']:.1f} s); "
             f"the sites' privacy ledgers: fedsilo audit {summary['run_dir']}",
@@ -192,11 +235,19 @@ def run(args: argparse.Namespace) -> int:
     return 0 if run_complete(summary) else 1
 
 
-def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, int]:
-    """The recorded config and site count of the run `--resume` names, checked."""
+def engine_from_args(args: argparse.Namespace) -> EngineConfig:
+    """Where the flags say the virtual sites run (validated with the run's device)."""
+    return EngineConfig(
+        ray_address=args.ray_address.strip(), site_cpus=args.site_cpus, site_gpus=args.site_gpus
+    )
+
+
+def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, int, EngineConfig]:
+    """The recorded config, site count and site resources of the run `--resume` names,
+    checked; the run may go on on another Ray cluster (`--ray-address`)."""
     from fedsilo.errors import ConfigError
     from fedsilo.server.run_dir import resume_config
-    from fedsilo.simulations.runner import recorded_sites
+    from fedsilo.simulations.runner import recorded_simulation
 
     changed = [
         "--" + f.name.replace("_", "-")
@@ -205,14 +256,19 @@ def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, int]:
     ]
     changed += [f for f, on in (("--sites", args.sites != 3), ("--out", bool(args.out))) if on]
     changed += ["--site-max-epsilon"] if args.site_max_epsilon else []
+    resources = (
+        ("--site-cpus", args.site_cpus != ENGINE.site_cpus),
+        ("--site-gpus", args.site_gpus != ENGINE.site_gpus),
+    )
+    changed += [f for f, on in resources if on]  # recorded in simulation.json
     if changed:
         raise ConfigError(
             f"--resume continues {args.resume_dir} with the settings it recorded; drop "
             f"{', '.join(changed)}."
         )
     run_dir, values = resume_config(args.resume_dir)
-    sites = recorded_sites(run_dir)
-    return RunConfig.from_flwr(values, source=f"{run_dir}/config.json"), sites
+    sites, engine = recorded_simulation(run_dir, ray_address=args.ray_address.strip())
+    return RunConfig.from_flwr(values, source=f"{run_dir}/config.json"), sites, engine
 
 
 def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:

@@ -30,7 +30,7 @@ from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, FedsiloError
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.server.run_dir import read_metrics
-from fedsilo.simulations.cluster import THREAD_VARS, EngineConfig
+from fedsilo.simulations.engine import THREAD_VARS, EngineConfig, check_engine
 
 log = logging.getLogger("fedsilo.simulation")
 APP_DIR = Path(__file__).resolve().parent.parent  # the fedsilo package: holds pyproject.toml
@@ -59,19 +59,14 @@ def run_simulation(
 
     flwr_adapter.check_flower_version()
     engine = engine or EngineConfig()
-    engine.validate(device=cfg.device)
     if not cfg.resume and site_policies is not None and len(site_policies) != sites:
         raise ConfigError(f"{len(site_policies)} site policies for {sites} sites.")
+    check_engine(engine, device=cfg.device)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silence a Ray tip
     if engine.ray_address:
         # Workers on other machines find RUN_DIR by its path, not by this cwd.
         cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
         cluster.connect(engine, verbose=verbose)
-    else:
-        import torch
-
-        gpus = torch.cuda.device_count() if engine.site_gpus > 0 else 0
-        cluster.check_local_capacity(engine, cpus=os.cpu_count() or 1, gpus=gpus)
     try:
         return _run_engine(cfg, engine, sites, on_round, verbose, site_policies)
     finally:
@@ -87,8 +82,8 @@ def _run_engine(
     verbose: bool,
     site_policies: Sequence[SitePolicy] | None,
 ) -> dict[str, Any]:
-    from fedsilo import flwr_adapter
     from fedsilo.clients.client_app import build_client_app
+    from fedsilo.flwr_adapter import engine as engine_internals
     from fedsilo.server.run_dir import RunDir, write_site_names
     from fedsilo.server.server_app import app as server_app
     from fedsilo.simulations import cluster
@@ -106,7 +101,7 @@ def _run_engine(
         (run_dir / SIMULATION_FILE).write_text(json.dumps(record) + "\n", "utf-8")
     if engine.ray_address:
         labels = cluster.check_nodes(run_dir, cfg)
-        workers = flwr_adapter.actor_pool_size(engine.client_resources())
+        workers = engine_internals.actor_pool_size(engine.client_resources())
         cluster.check_cluster_capacity(engine, workers, labels)
 
     def name_sites(partitions: dict[int, int]) -> None:
@@ -135,8 +130,8 @@ def _run_engine(
     saved = {k: os.environ.get(k) for k in THREAD_VARS}
     os.environ.update(engine.worker_env())
     try:
-        with flwr_adapter.node_partitions(name_sites), flwr_adapter.site_nodes() as where:
-            flwr_adapter.run_simulation(
+        with engine_internals.node_partitions(name_sites), engine_internals.site_nodes() as where:
+            engine_internals.run_simulation(
                 # The deployed ClientApp's code, with virtual sites: only this runner makes one.
                 client_app=build_client_app(
                     SimulatedSites(str(run_dir), device=engine.site_device)

@@ -40,6 +40,10 @@ def fedsilo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         (["--task", "fedsilo.task.builtin:nothing"], "has no attribute 'nothing'"),
         (["--task", "fedsilo.task.builtin:BUILTIN"], "is a str, not a fedsilo.task.Task"),
         (["--task", "breast_cancer.task:task", "--dataset", "mnist"], "drop `dataset`"),
+        (["--site-cpus", "0"], "`--site-cpus` must be a finite number > 0"),
+        (["--site-gpus", "0.25", "--device", "cpu"], "but `--device` is cpu"),
+        (["--site-cpus", "4096"], "`--site-cpus` 4096 is more than this machine's"),
+        (["--ray-address", "head-without-port"], "`--ray-address` must be HOST:PORT"),
     ],
 )
 def test_bad_config_one_line_no_traceback(tmp_path: Path, args: list[str], needle: str) -> None:
@@ -77,7 +81,15 @@ def test_resume_takes_no_settings_and_only_a_simulation_run(tmp_path: Path) -> N
 def test_help_teaches(tmp_path: Path) -> None:
     res = fedsilo("simulate", "--help", cwd=tmp_path)
     assert res.returncode == 0
-    for flag in ("--sites", "--task", "PACKAGE.MODULE:OBJECT", "--json", "dirichlet:ALPHA"):
+    for flag in (
+        "--sites",
+        "--task",
+        "PACKAGE.MODULE:OBJECT",
+        "--json",
+        "dirichlet:ALPHA",
+        "--ray-address HOST:PORT",
+        "--site-gpus N",
+    ):
         assert flag in res.stdout
 
 

@@ -20,13 +20,13 @@ def test_the_installed_flower_is_supported() -> None:
 def test_another_flower_fails_in_one_place_with_a_clear_message(version: str) -> None:
     with pytest.raises(ConfigError, match=f"found flwr {version}") as err:
         check_flower_version(version)
-    assert "flwr_adapter.py" in str(err.value) and "<1.40" in str(err.value)
+    assert "flwr_adapter/" in str(err.value) and "<1.40" in str(err.value)
 
 
 def test_the_warm_supernode_waits_briefly_where_flower_sleeps_3_s() -> None:
     import time
 
-    from fedsilo.flwr_adapter import POLL_S, _CappedTime
+    from fedsilo.flwr_adapter.site_runtime import POLL_S, _CappedTime
 
     capped = _CappedTime()
     t0 = time.monotonic()
@@ -37,7 +37,7 @@ def test_the_warm_supernode_waits_briefly_where_flower_sleeps_3_s() -> None:
 
 ZYGOTE_SCRIPT = """
 import json, os, sys, time
-from fedsilo import flwr_adapter
+from fedsilo.flwr_adapter import site_runtime
 
 out = sys.argv[1]
 
@@ -48,8 +48,8 @@ def fake_clientapp(args):  # stands in for Flower's flwr-clientapp main, in the 
     os._exit(0)
 
 import torch  # preloaded before the fork, as superexec_main does
-flwr_adapter._run_clientapp = fake_clientapp
-zygote = flwr_adapter._Zygote.start()
+site_runtime._run_clientapp = fake_clientapp
+zygote = site_runtime._Zygote.start()
 for name in ("one", "two"):
     zygote.run(["flwr-clientapp", "--token", name])
 deadline = time.time() + 30

@@ -2,7 +2,9 @@
 
 Layers, lowest first (a module may import its own layer and the ones below):
 
-  0 foundation   errors, protocol (the wire keys), config (the run config)
+  0 foundation   errors, protocol (the wire keys), config (the run config); flwr_adapter/
+                 (the only home of Flower internals, behind a version check: it imports
+                 nothing of fedsilo but errors, so the ServerApp and the runners may use it)
   1 task         task/: models, data, DP-SGD training; no Flower
   2 privacy      privacy/: accounting, ledger, policy, audit, refusals, empirical audit;
                  privacy/pki.py and privacy/provision.py: the federation's keys and kits
@@ -10,9 +12,8 @@ Layers, lowest first (a module may import its own layer and the ones below):
                  (ClientApp, DP round, budget, site data and environment); server and
                  clients never import each other
   4 runners      simulations/ (virtual sites, the simulation runner) and deployment
-                 (server/launcher.py, clients/launcher.py, processes.py); flwr_adapter.py
-                 (the only home of Flower internals); simulation and deployment never
-                 import each other
+                 (server/launcher.py, clients/launcher.py, processes.py); simulation and
+                 deployment never import each other
   5 cli          cli.py, console.py, __main__.py and every `*command.py`
 
 docs/architecture.md draws the same picture and says where each behaviour lives.
@@ -36,15 +37,13 @@ def layer(module: str) -> tuple[int, str]:
         return 4, "deployment"
     if top == "simulations":
         return 4, "simulation"
-    if top == "flwr_adapter":
-        return 4, "adapter"
     if top in ("server", "clients"):
         return 3, top
     if top == "privacy":
         return 2, "privacy"
     if top == "task":
         return 1, "task"
-    if top in ("errors", "protocol", "config", "__init__"):
+    if top in ("errors", "protocol", "config", "__init__", "flwr_adapter"):
         return 0, "foundation"
     raise AssertionError(f"{module} is in no layer: add it to tests/test_layers.py")
 

@@ -1,0 +1,89 @@
+"""Every Flower internal fedsilo depends on, in one package, behind a version check.
+
+fedsilo uses Flower's public API everywhere else. What it needs beyond that lives here,
+and nowhere else:
+- this module: the version check (`check_flower_version` refuses any Flower but the
+  one these internals were read in, with a message that says so, before anything
+  else runs), Flower's telemetry switched off, and faster object pulls (below);
+- `engine`: the in-process simulation engine (`_run_simulation` started with fedsilo's
+  ClientApp and ServerApp objects and a Run it describes), its node-to-partition map
+  and its Ray actor pool;
+- `site_runtime`: a deployed site's warm runtime (`python -m
+  fedsilo.flwr_adapter.site_runtime supernode ARGS...`, what `fedsilo client start`
+  runs instead of `flower-supernode ARGS...`).
+
+These are private to Flower and may change in any release. The package imports nothing
+of fedsilo but `errors`, so every layer may use it (tests/test_layers.py).
+
+Object pulls: every object pull (the SuperNode's of a message from the SuperLink, the
+ClientApp's from its SuperNode, the ServerApp's of a reply) retries an object that is
+not there yet after PULL_BACKOFF_S, doubling to PULL_BACKOFF_CAP_S, instead of after
+1 s doubling to 10 s: a message's content is uploaded just after the message, so the
+first try often misses it and stock Flower then waits a whole second (measured:
+0.9-1.2 s of a pull of 12 objects that otherwise takes 0.2 s), at each of the three.
+"""
+
+from __future__ import annotations
+
+from fedsilo.errors import ConfigError
+
+SUPPORTED = "1.39."  # the release whose internals this module was written against
+
+
+def check_flower_version(version: str | None = None) -> None:
+    """Raise ConfigError unless the installed (or given) Flower is the supported release."""
+    if version is None:
+        import flwr
+
+        version = flwr.__version__
+    if not version.startswith(SUPPORTED):
+        raise ConfigError(
+            f"fedsilo needs Flower {SUPPORTED}x (it depends on internals of that release, "
+            f"fedsilo/flwr_adapter/); found flwr {version}. Install a supported one: "
+            "pip install 'flwr[simulation]>=1.39,<1.40'."
+        )
+
+
+TELEMETRY_OFF = {"FLWR_TELEMETRY_ENABLED": "0"}
+
+
+def disable_telemetry() -> None:
+    """Turn Flower's telemetry off in this process and every process it starts.
+
+    Flower posts usage events (a persistent machine id, the OS, Python and CPU count,
+    and each run's start and end) to its telemetry service from every SuperLink,
+    SuperNode, ServerApp and ClientApp unless FLWR_TELEMETRY_ENABLED=0. A site must not
+    talk to anyone but its federation, so fedsilo sets it in its own process (read by
+    Flower when its telemetry module is first imported, or patched if it already was)
+    and `fedsilo.processes.child_env` passes it to every child.
+    """
+    import os
+    import sys
+
+    os.environ.update(TELEMETRY_OFF)
+    loaded = sys.modules.get("flwr.supercore.telemetry")
+    if loaded is not None:
+        vars(loaded)["FLWR_TELEMETRY_ENABLED"] = "0"
+
+
+PULL_BACKOFF_S = 0.05  # an object pull's first retry (Flower: 1 s) ...
+PULL_BACKOFF_CAP_S = 0.5  # ... and its longest wait between retries (Flower: 10 s)
+
+
+def fast_object_pulls() -> None:
+    """Make this process's object pulls retry after PULL_BACKOFF_S, not 1 s (see above).
+
+    Flower binds the backoff as keyword defaults of its two pull functions, which
+    every caller uses; the pull's overall time limit and tries are unchanged.
+    """
+    from flwr.supercore.inflatable import inflatable_utils
+
+    check_flower_version()
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        defaults = fn.__kwdefaults__
+        if not defaults or not {"initial_backoff", "backoff_cap"} <= set(defaults):
+            raise ConfigError(  # Flower changed: fail here, not with slow rounds
+                f"flwr {SUPPORTED}x's {fn.__name__} has no initial_backoff/backoff_cap "
+                "keyword defaults; fedsilo/flwr_adapter/ needs updating."
+            )
+        defaults.update(initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)

@@ -1,0 +1,202 @@
+"""Flower's simulation engine, as fedsilo drives it (Flower internals; see the package).
+
+`run_simulation` starts the in-process engine with ClientApp and ServerApp objects
+built by fedsilo and a Run it describes, and sets the task identity a ServerApp
+process sets. `node_partitions` reports the engine's mapping of node ids to
+partitions (fedsilo names a virtual site by its partition, never by what its messages
+say). `actor_pool_size` and `site_nodes` read the Ray backend's actor pool: how many
+actors it makes on a cluster, and which actor, so which Ray node, ran each virtual
+site. Flower's Ray backend calls `ray.init` only when this process is not connected
+yet, and ends a run with `ray.shutdown()`: a cluster fedsilo joined (`fedsilo simulate
+--ray-address`) is left running, only disconnected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from fedsilo.flwr_adapter import check_flower_version
+
+
+@contextlib.contextmanager
+def node_partitions(on_register: Callable[[dict[int, int]], None]) -> Iterator[None]:
+    """Call `on_register({node id: partition id})` when the simulation engine makes its nodes."""
+    from flwr.server.superlink.fleet.vce import vce_api
+
+    check_flower_version()
+    real = vce_api._register_nodes
+
+    def register(*args: Any, **kwargs: Any) -> dict[int, int]:
+        mapping: dict[int, int] = real(*args, **kwargs)
+        on_register(dict(mapping))
+        return mapping
+
+    vce_api._register_nodes = register
+    try:
+        yield
+    finally:
+        vce_api._register_nodes = real
+
+
+def actor_pool_size(client_resources: dict[str, float]) -> int:
+    """How many site actors Flower's Ray backend will make on the connected cluster.
+
+    Flower sizes its pool from every alive node's total CPUs and GPUs over
+    `client_resources`, node by node (`ray_actor.pool_size_from_resources`); 0 when no
+    node can hold one (Flower then stops the run with a ValueError of its own).
+    """
+    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
+
+    check_flower_version()
+    try:
+        return int(pool_size_from_resources(dict(client_resources)))
+    except ValueError:
+        return 0
+
+
+@dataclasses.dataclass
+class SiteNodes:
+    """Where the engine ran each virtual site: filled in by the time the engine returns."""
+
+    sites: dict[int, set[str]] = dataclasses.field(default_factory=dict)  # partition -> node ids
+    addresses: dict[str, str] = dataclasses.field(default_factory=dict)  # node id -> its IP
+
+
+@contextlib.contextmanager
+def site_nodes(query_timeout_s: float = 30.0) -> Iterator[SiteNodes]:
+    """Yield the Ray node(s) each virtual site (partition) ran on, once the engine returns.
+
+    Flower's Ray backend gives each message to whichever actor of its pool is idle
+    (`BasicActorPool.submit` pops one and calls `actor_fn(actor, ...)` with it, the
+    partition id as `cid`). Here each actor is asked for its node once, when the pool
+    makes it (Ray's built-in `__ray_call__`, queued before any message; Ray 2.55.1,
+    pinned by flwr 1.39), `submit` notes which actor ran which partition, and the
+    answers are read just before the backend terminates its actors and disconnects.
+    """
+    import threading
+
+    import ray
+    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    check_flower_version()
+    placed = SiteNodes()
+    ran: dict[int, set[Any]] = {}  # partition id -> actor handles
+    asked: dict[Any, Any] = {}  # actor handle -> ObjectRef of its node id
+    lock = threading.Lock()  # the engine submits from one thread per actor
+    real_add, real_submit = BasicActorPool.add_actors_to_pool, BasicActorPool.submit
+    real_terminate = RayBackend.terminate
+
+    def add_actors_to_pool(self: Any, num_actors: int) -> None:
+        real_add(self, num_actors)
+        for actor in self.pool:
+            if actor not in asked:
+                asked[actor] = actor.__ray_call__.remote(_actor_node)
+
+    def submit(self: Any, actor_fn: Any, job: Any) -> Any:
+        partition = int(job[2])
+
+        def traced(actor: Any, *args: Any) -> Any:
+            with lock:
+                ran.setdefault(partition, set()).add(actor)
+            return actor_fn(actor, *args)
+
+        return real_submit(self, traced, job)
+
+    def terminate(self: Any) -> None:
+        try:
+            used = {actor for actors in ran.values() for actor in actors if actor in asked}
+            refs = {actor: asked[actor] for actor in used}
+            if refs:
+                ready, _ = ray.wait(
+                    list(refs.values()), num_returns=len(refs), timeout=query_timeout_s
+                )
+                nodes = {}
+                for actor, ref in refs.items():
+                    with contextlib.suppress(Exception):  # a dead actor ran nothing more
+                        if ref in ready:
+                            nodes[actor] = str(ray.get(ref))
+                for partition, actors in ran.items():
+                    placed.sites[partition] = {nodes[a] for a in actors if a in nodes}
+                for node in ray.nodes():  # type: ignore[no-untyped-call]
+                    placed.addresses[node["NodeID"]] = node["NodeManagerAddress"]
+        except Exception as exc:  # a report only: never fail a finished run over it
+            logging.getLogger("fedsilo.simulation").warning("site_nodes: %s", exc)
+        finally:
+            real_terminate(self)
+
+    BasicActorPool.add_actors_to_pool = add_actors_to_pool  # type: ignore[method-assign]
+    BasicActorPool.submit = submit  # type: ignore[method-assign]
+    RayBackend.terminate = terminate  # type: ignore[method-assign]
+    try:
+        yield placed
+    finally:
+        BasicActorPool.add_actors_to_pool = real_add  # type: ignore[method-assign]
+        BasicActorPool.submit = real_submit  # type: ignore[method-assign]
+        RayBackend.terminate = real_terminate  # type: ignore[method-assign]
+
+
+def _actor_node(actor: Any) -> str:
+    """Run inside an actor by `__ray_call__`: the id of the Ray node it lives on."""
+    import ray
+
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def run_simulation(
+    *,
+    client_app: Any,
+    server_app: Any,
+    sites: int,
+    run_config: dict[str, Any],
+    backend_config: dict[str, Any],
+    app_dir: str,
+    verbose: bool,
+) -> None:
+    """Run a ServerApp and ClientApp on Flower's simulation engine, in this process.
+
+    Does what flwr 1.39's own `run_simulation` does for the in-process engine, plus
+    what `flwr run` does for an app: the run config reaches sites fused with the
+    manifest in `app_dir` (without `is_app` they would get none).
+    """
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    check_flower_version()
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.override_config = dict(run_config)
+    run.federation_id = NOOP_FEDERATION_ID
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(
+        run_id=run.run_id,
+        node_id=0,
+        node_config={},
+        state=RecordDict(),
+        run_config=dict(run_config),
+    )
+    _run_simulation(
+        num_supernodes=sites,
+        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        client_app=client_app,
+        server_app=server_app,
+        backend_name="ray",
+        backend_config=backend_config,
+        server_app_context=context,
+        app_dir=app_dir,
+        run=run,
+        is_app=True,
+        verbose_logging=verbose,
+    )
