@@ -54,7 +54,11 @@ WARM_SUPERNODE = (sys.executable, "-m", "fedsilo.flwr_adapter.site_runtime", "su
 # A restarted site is refused while the server still counts its previous session online:
 # until it misses two heartbeats (fedsilo.flwr_adapter.site_runtime.HEARTBEAT_S), then some slack.
 REJOIN_WINDOW_S = 2 * HEARTBEAT_S + 15
-REJOIN_RETRY_S = 5.0
+REJOIN_RETRY_S = 5.0  # after a refusal; after a clean exit: RECONNECT_S
+# A SuperNode that said it terminated exits ~5 s later (Flower's force-exit timer);
+# one still there after EXIT_GRACE_S is hung and is stopped.
+EXIT_GRACE_S = 15.0
+RECONNECT_S = 1.0  # then check_server waits for the server, probing with backoff
 NODE_AUTH_REFUSED = 305  # flower-supernode: SUPERNODE_CONNECTION_ERROR (key not allow-listed)
 EventFn = Callable[[str], None]
 
@@ -213,9 +217,9 @@ def start_client(kit: SiteKit, opts: ClientOptions, *, on_event: EventFn) -> int
             refused_since = None
             on_event(
                 f"the site's connection ended (SuperNode exit code {code}: the server stopped "
-                f"or restarted); reconnecting in {REJOIN_RETRY_S:.0f} s"
+                f"or restarted); reconnecting in {RECONNECT_S:.0f} s"
             )
-            time.sleep(REJOIN_RETRY_S)
+            time.sleep(RECONNECT_S)
     finally:
         if not opts.keep_feature_cache:  # a run cut short leaves no copy of private data
             drop_cache(feature_cache_dir(kit.ledger))
@@ -227,6 +231,7 @@ def watch(
     """Follow the SuperNode (its log from `offset`) until it exits; translate failures."""
     start = offset
     joined = False
+    ended_at: float | None = None  # when the SuperNode said it terminated
     while True:
         code = proc.poll()
         text = _read_from(log_file, offset)
@@ -234,8 +239,15 @@ def watch(
         if not joined and "SuperNode ID:" in text:
             on_event("admitted by the server; waiting for rounds")
             joined = True
+        if ended_at is None and "SuperNode terminated gracefully" in text:
+            ended_at = time.monotonic()
         if code is not None:
             break
+        if ended_at is not None and time.monotonic() - ended_at > EXIT_GRACE_S:
+            # Flower 1.39 can hang here: a heartbeat thread that gave up at the same
+            # time makes its clean-up raise, and the process waits on its threads.
+            stop(proc)
+            return 0
         time.sleep(0.5)
     if code == NODE_AUTH_REFUSED or "Failed to activate SuperNode" in _read_from(log_file, start):
         raise SiteRefused(

@@ -1,0 +1,51 @@
+"""The site launcher's watch over its SuperNode process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedsilo.clients import launcher
+
+# Stands in for a SuperNode that logged its end and then hung (Flower 1.39: a heartbeat
+# thread that gave up makes the clean-up raise, and the process waits on its threads).
+HUNG = """
+import sys, time
+with open(sys.argv[1], "a") as log:
+    log.write("INFO: SuperNode ID: 42\\nINFO: SuperNode terminated gracefully.\\n")
+time.sleep(600)
+"""
+
+
+def test_a_supernode_that_hangs_after_it_ended_is_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(launcher, "EXIT_GRACE_S", 1.0)
+    log = tmp_path / "supernode.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HUNG, str(log)],
+        start_new_session=True,  # stop() ends its group
+    )
+    events: list[str] = []
+    t0 = time.monotonic()
+    try:
+        assert launcher.watch(proc, log, events.append) == 0  # reconnect, as after an exit 0
+        assert time.monotonic() - t0 < 10
+        assert proc.poll() is not None  # stopped, not left behind
+        assert events == ["admitted by the server; waiting for rounds"]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_supernode_that_ends_on_its_own_is_left_to_exit(tmp_path: Path) -> None:
+    log = tmp_path / "supernode.log"
+    script = HUNG.replace("time.sleep(600)", "time.sleep(1.5)")
+    proc = subprocess.Popen([sys.executable, "-c", script, str(log)], start_new_session=True)
+    assert launcher.watch(proc, log, lambda _: None) == 0
+    assert proc.returncode == 0  # its own exit, not a stop (which would be -15)
