@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.federation import end_leftovers, leftovers
+from tests.e2e.federation import end_leftovers, fedsilo, leftovers
 
 pytestmark = pytest.mark.slow
 FEDSILO = (sys.executable, "-m", "fedsilo")
@@ -84,7 +84,8 @@ def test_sites_run_on_both_nodes_and_compute_what_a_local_run_does(
 ) -> None:
     """Where a site runs changes nothing it computes: each site's data, noise and thread
     count come from the seed and --site-cpus, and the server aggregates replies in site
-    order, so the two runs are bit-identical (two local runs are too: tests/e2e)."""
+    order, so the two runs are bit-identical. (This is also the suite's check that one
+    seed gives one result: a run that was not reproducible would fail here.)"""
     import torch
 
     # Both at once: each run mostly waits on its engine, and 2 CPUs is enough for both.
@@ -117,12 +118,7 @@ def test_sites_run_on_both_nodes_and_compute_what_a_local_run_does(
     }
     assert json.loads((run_dir / "summary.json").read_text())["ray"] == there["ray"]
     assert not (run_dir / ".fedsilo-node-check").exists()
-    audit = subprocess.run(
-        [sys.executable, "-m", "fedsilo", "audit", str(run_dir), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    audit = fedsilo("audit", str(run_dir), "--json", cwd=tmp_path)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     # fedsilo left the cluster it joined, without stopping it.
     assert ray_cluster.head_node.remaining_processes_alive()
