@@ -45,7 +45,7 @@ typecheck: $(STAMP)
 # Benchmarks (bench/, not part of the package): each prints a Markdown table and writes
 # bench/results/NAME.json. `make bench` runs all at their default sizes (tens of minutes
 # on 2 CPU cores; utility is the long one): run one with `$(PY) -m bench.NAME --help`.
-BENCHES ?= dp_throughput federation_overhead utility
+BENCHES ?= dp_throughput federation_overhead deploy_latency scale utility
 bench: $(STAMP)
 	mkdir -p bench/results
 	set -e; for b in $(BENCHES); do echo "== bench.$$b"; $(PY) -m bench.$$b; done
