@@ -53,6 +53,5 @@ LONGEST_FIRST = (
     "test_sites_run_on_both_nodes_and_compute_what_a_local_run_does",
     "test_refusing_site_then_audit",
     "test_simulation_reaches_the_accuracy_target_at_epsilon_3",
-    "test_three_sites_three_rounds_digits_epsilon_8",
     "test_insecure_server_refuses_secure_site",
 )

@@ -79,17 +79,29 @@ def test_bad_config_one_line_no_traceback(
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
 
 
-def test_resume_takes_no_settings_and_only_a_simulation_run(tmp_path: Path) -> None:
+def test_resume_takes_no_settings_and_only_a_simulation_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedsilo.cli import main
+
     (tmp_path / "deployed").mkdir()
     (tmp_path / "deployed" / "config.json").write_text('{"run-id": "abc", "rounds": 3}')
+    # The real process once (exit code and stderr as a shell sees them) ...
+    res = fedsilo("simulate", "--resume", "missing", cwd=tmp_path)
+    assert res.returncode == 2 and res.stderr.startswith("error:"), res.stderr
+    assert "holds no readable config.json" in " ".join(res.stderr.split())
+    assert "Traceback" not in res.stderr
+    # ... then cli.main in this process, as test_bad_config_one_line_no_traceback does.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
     for args, needle in (
-        (["--resume", "missing"], "holds no readable config.json"),
         (["--resume", "deployed", "--rounds", "7", "--sites", "4"], "drop --rounds, --sites."),
         (["--resume", "deployed"], "a deployed run resumes with `fedsilo server start"),
     ):
-        res = fedsilo("simulate", *args, cwd=tmp_path)
-        assert res.returncode == 2 and res.stderr.startswith("error:"), res.stderr
-        assert needle in " ".join(res.stderr.split()) and "Traceback" not in res.stderr
+        code = main(["simulate", *args])
+        err = capsys.readouterr().err
+        assert code == 2 and err.startswith("error:"), err
+        assert needle in " ".join(err.split()) and "Traceback" not in err
 
 
 def test_help_teaches(tmp_path: Path) -> None:

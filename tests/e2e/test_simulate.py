@@ -24,32 +24,9 @@ def simulate(tmp: Path, name: str, *args: str) -> dict:  # type: ignore[type-arg
     return json.loads(res.stdout)  # stdout holds exactly one JSON object
 
 
-def test_three_sites_three_rounds_digits_epsilon_8(tmp_path: Path) -> None:
-    out = simulate(tmp_path, "run", "--sites", "3", "--rounds", "3", "--target-epsilon", "8")
-    assert [r["round"] for r in out["rounds"]] == [1, 2, 3]
-    assert out["final"]["accuracy"] >= 0.70
-    assert len(out["sites"]) == 3
-    for site in out["sites"]:
-        assert 0 < site["epsilon"] <= 8.0
-        assert site["delta"] == 1e-5 and site["target_epsilon"] == 8.0
-        assert site["examples"] > 400
-    # Epsilon accumulates: the largest site epsilon grows every round.
-    eps = [r["max_epsilon"] for r in out["rounds"]]
-    assert eps == sorted(eps) and eps[0] < eps[-1]
-    run_dir = Path(out["run_dir"])
-    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == out["rounds"]
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(ln)["round"] for ln in lines] == [1, 2, 3]
-    assert (run_dir / "final_model.pt").is_file()
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
-        "round-001.pt",
-        "round-002.pt",
-        "round-003.pt",
-    ]
-
-
 def test_a_killed_simulation_resumes_and_its_ledgers_audit(tmp_path: Path) -> None:
-    """SIGKILL the whole simulation (driver and Ray) during round 3; `--resume` goes on
+    """A default simulation (3 digits sites, epsilon 8), 5 rounds. SIGKILL the whole
+    simulation (driver and Ray) during round 3; `--resume` goes on
     from round 2's checkpoint with the same run id. The round in flight is lost, never
     retrained: every site's ledger has at most one line per round, the run's epsilon
     stays within its target and the audit passes."""
@@ -86,8 +63,23 @@ def test_a_killed_simulation_resumes_and_its_ledgers_audit(tmp_path: Path) -> No
     done = [r["round"] for r in out["rounds"]]
     assert sorted(done + out["lost_rounds"]) == [1, 2, 3, 4, 5] and done[-1] == 5
     assert len(out["lost_rounds"]) <= 1
+    # The defaults (`make demo`'s run, 5 rounds here): 3 digits sites, epsilon 8.
+    assert out["final"]["accuracy"] >= 0.70
+    assert len(out["sites"]) == 3
     for site in out["sites"]:
-        assert site["epsilon"] <= 8.0
+        assert 0 < site["epsilon"] <= 8.0
+        assert site["delta"] == 1e-5 and site["target_epsilon"] == 8.0
+        assert site["examples"] > 400
+    # Epsilon accumulates: the largest site epsilon grows every round.
+    eps = [r["max_epsilon"] for r in out["rounds"]]
+    assert eps == sorted(eps) and eps[0] < eps[-1]
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == out["rounds"]
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(ln)["round"] for ln in lines] == done
+    assert (run_dir / "final_model.pt").is_file()
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [
+        f"round-{r:03d}.pt" for r in done
+    ]
     for path in sorted((run_dir / "ledgers").glob("*.jsonl")):
         spends = [s for s in ledger.read(path).spends if s.run == run_id]
         trained = [s.round for s in spends]
