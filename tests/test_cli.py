@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,30 @@ def fedsilo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=120,
     )
+
+
+InProcess = Callable[..., tuple[int, str, str]]
+
+
+@pytest.fixture
+def in_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> InProcess:
+    """`fedsilo ARGS...` as `cli.main` (what the console script calls) in this process,
+    from tmp_path: (exit code, stdout, stderr). ~0.1 s a call instead of ~5 s of
+    interpreter start and imports; the real `python -m fedsilo` runs in fedsilo() here
+    and in the e2e tests."""
+    from fedsilo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")  # main() sets it: restored after
+
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run
 
 
 @pytest.mark.parametrize(
@@ -47,19 +72,8 @@ def fedsilo(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     ],
 )
 def test_bad_config_one_line_no_traceback(
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-    args: list[str],
-    needle: str,
+    tmp_path: Path, in_process: InProcess, args: list[str], needle: str
 ) -> None:
-    """In this process (`cli.main`, what the console script calls): ~0.1 s a case
-    instead of ~5 s of interpreter start and imports; test_resume_... below and the
-    e2e tests run the real `python -m fedsilo`."""
-    from fedsilo.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")  # main() sets it: restored after
     if "IDX32" in args:  # IDX files of 32x32 images where fashion-mnist's 28x28 belong
         from tests.task.test_data import write_idx
 
@@ -68,8 +82,7 @@ def test_bad_config_one_line_no_traceback(
             write_idx(tmp_path / f"idx32/{split}-images-idx3-ubyte", np.zeros((n, 32, 32)))
             write_idx(tmp_path / f"idx32/{split}-labels-idx1-ubyte", np.zeros(n))
         args = [str(tmp_path / "idx32") if a == "IDX32" else a for a in args]
-    code = main(["simulate", "--out", str(tmp_path / "run"), *args])
-    out, err = capsys.readouterr()
+    code, out, err = in_process("simulate", "--out", str(tmp_path / "run"), *args)
     assert code != 0
     assert "Traceback" not in err
     lines = [ln for ln in err.splitlines() if ln.strip()]
@@ -80,10 +93,8 @@ def test_bad_config_one_line_no_traceback(
 
 
 def test_resume_takes_no_settings_and_only_a_simulation_run(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, in_process: InProcess
 ) -> None:
-    from fedsilo.cli import main
-
     (tmp_path / "deployed").mkdir()
     (tmp_path / "deployed" / "config.json").write_text('{"run-id": "abc", "rounds": 3}')
     # The real process once (exit code and stderr as a shell sees them) ...
@@ -91,15 +102,12 @@ def test_resume_takes_no_settings_and_only_a_simulation_run(
     assert res.returncode == 2 and res.stderr.startswith("error:"), res.stderr
     assert "holds no readable config.json" in " ".join(res.stderr.split())
     assert "Traceback" not in res.stderr
-    # ... then cli.main in this process, as test_bad_config_one_line_no_traceback does.
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
+    # ... then in this process.
     for args, needle in (
         (["--resume", "deployed", "--rounds", "7", "--sites", "4"], "drop --rounds, --sites."),
         (["--resume", "deployed"], "a deployed run resumes with `fedsilo server start"),
     ):
-        code = main(["simulate", *args])
-        err = capsys.readouterr().err
+        code, _, err = in_process("simulate", *args)
         assert code == 2 and err.startswith("error:"), err
         assert needle in " ".join(err.split()) and "Traceback" not in err
 

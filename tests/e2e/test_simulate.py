@@ -87,10 +87,5 @@ def test_a_killed_simulation_resumes_and_its_ledgers_audit(tmp_path: Path) -> No
         assert len({s.event.noise_multiplier for s in spends}) == 1  # the plan kept
     audit = fedsilo("audit", str(run_dir), "--json", cwd=tmp_path)
     assert audit.returncode == 0, audit.stdout + audit.stderr
-    again = subprocess.run(
-        [sys.executable, "-m", "fedsilo", "simulate", "--resume", str(run_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    again = fedsilo("simulate", "--resume", str(run_dir), cwd=tmp_path)
     assert again.returncode == 2 and "already finished its 5 round(s)" in again.stderr
