@@ -56,6 +56,12 @@ class RoundSpend:
     (`run_rounds`, fixed at its first round; 0 on lines written before fedsilo
     recorded it). Every spend counts against the site's one budget, whatever data
     it was on.
+
+    A distributed-DP spend (`mode` "distributed", fedsilo.privacy.distributed) also
+    records the trust assumption its `event` rests on: the sum the server saw holds the
+    noise shares of at least `min_sites` sites that do not collude with it. The site's
+    own share is noise multiplier `noise_share`; `own_event` is the spend if no other
+    share protected it (a server that learns every other site's noise).
     """
 
     event: SampledGaussianEvent
@@ -67,6 +73,20 @@ class RoundSpend:
     time: str
     site: str
     run_rounds: int = 0
+    mode: str = "local"
+    noise_share: float = 0.0  # distributed: the site's own share, as a noise multiplier
+    min_sites: int = 0  # distributed: the honest sites the guarantee assumes
+
+    @property
+    def own_event(self) -> SampledGaussianEvent:
+        """The spend against a server that knows every noise share but the site's own."""
+        if self.mode != "distributed":
+            return self.event
+        return SampledGaussianEvent(
+            noise_multiplier=self.noise_share,
+            sample_rate=self.event.sample_rate,
+            steps=self.event.steps,
+        )
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.clip_norm) and self.clip_norm > 0):
@@ -75,6 +95,15 @@ class RoundSpend:
             raise ValueError(f"delta must be in (0, 1), not {self.delta!r}")
         if self.round < 1 or self.run_rounds < 0:
             raise ValueError(f"round must be >= 1, not {self.round!r}")
+        if self.mode not in ("local", "distributed"):
+            raise ValueError(f"mode must be local or distributed, not {self.mode!r}")
+        if self.mode == "distributed" and not (
+            0 < self.noise_share <= self.event.noise_multiplier and self.min_sites >= 2
+        ):
+            raise ValueError(
+                "a distributed spend needs 0 < noise_share <= noise_multiplier and "
+                f"min_sites >= 2, not {self.noise_share!r}, {self.min_sites!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -88,6 +117,11 @@ class RoundSpend:
             "round": self.round,
             "time": self.time,
             **({"run_rounds": self.run_rounds} if self.run_rounds else {}),
+            **(
+                {"mode": self.mode, "noise_share": self.noise_share, "min_sites": self.min_sites}
+                if self.mode == "distributed"
+                else {}
+            ),
         }
 
     @staticmethod
@@ -102,6 +136,9 @@ class RoundSpend:
             time=str(d["time"]),
             site=str(d["site"]),
             run_rounds=_integer(d, "run_rounds") if "run_rounds" in d else 0,
+            mode=str(d.get("mode", "local")),
+            noise_share=_number(d, "noise_share") if "noise_share" in d else 0.0,
+            min_sites=_integer(d, "min_sites") if "min_sites" in d else 0,
         )
 
 

@@ -12,6 +12,9 @@ Node-config keys (a deployed site):
   policy-delta                 the delta the budget is stated at (default 1e-5)
   policy-min-noise-multiplier  refuse runs whose noise multiplier is lower (0 = no limit)
   policy-max-clip-norm         refuse runs whose clip norm is larger (0 = no limit)
+  policy-distributed-min-sites allow distributed DP (--dp distributed) only when the run
+                               assumes at least this many honest sites' noise shares
+                               (0, the default = never: every round adds all its own noise)
 """
 
 from __future__ import annotations
@@ -31,8 +34,15 @@ POLICY_KEYS = (
     "policy-delta",
     "policy-min-noise-multiplier",
     "policy-max-clip-norm",
+    "policy-distributed-min-sites",
 )
-_FIELDS = ("max_epsilon", "delta", "min_noise_multiplier", "max_clip_norm")  # POLICY_KEYS' order
+_FIELDS = (  # POLICY_KEYS' order
+    "max_epsilon",
+    "delta",
+    "min_noise_multiplier",
+    "max_clip_norm",
+    "distributed_min_sites",
+)
 DEFAULT_DELTA = 1e-5  # the run default; well below 1 / examples for the sites we serve
 BUDGET_ACCOUNTANT = "prv"  # tight upper bound; RDP would refuse runs that are within budget
 # PRV's discretisation grows with epsilon: one composed event at noise 0.3, sample rate
@@ -71,6 +81,7 @@ class SitePolicy:
     delta: float = DEFAULT_DELTA
     min_noise_multiplier: float = 0.0  # 0 = no lower limit
     max_clip_norm: float = 0.0  # 0 = no upper limit
+    distributed_min_sites: int = 0  # 0 = distributed DP refused
 
     def __post_init__(self) -> None:
         where = "the site policy"
@@ -93,9 +104,18 @@ class SitePolicy:
                     f"`{key}` must be a finite number >= 0 (0 = no limit). Found {value!r} "
                     f"in {where}."
                 )
+        m = self.distributed_min_sites
+        if isinstance(m, bool) or not isinstance(m, int) or m == 1 or m < 0:
+            raise PrivacyError(
+                f"`policy-distributed-min-sites` must be 0 (no distributed DP) or an integer "
+                f">= 2. Found {m!r} in {where}."
+            )
 
     def to_dict(self) -> dict[str, float]:
-        return asdict(self)
+        d = asdict(self)
+        if not self.distributed_min_sites:  # policy lines written before the key existed
+            del d["distributed_min_sites"]
+        return d
 
     def node_config(self) -> dict[str, float]:
         """The node-config keys `fedsilo client start` passes to the site's SuperNode."""
@@ -108,6 +128,7 @@ class SitePolicy:
             delta=float(d["delta"]),
             min_noise_multiplier=float(d.get("min_noise_multiplier", 0.0)),
             max_clip_norm=float(d.get("max_clip_norm", 0.0)),
+            distributed_min_sites=int(d.get("distributed_min_sites", 0)),
         )
 
     @staticmethod
@@ -139,6 +160,7 @@ class SitePolicy:
             delta=values.get("policy-delta", DEFAULT_DELTA),
             min_noise_multiplier=values.get("policy-min-noise-multiplier", 0.0),
             max_clip_norm=values.get("policy-max-clip-norm", 0.0),
+            distributed_min_sites=_whole(values.get("policy-distributed-min-sites", 0.0)),
         )
 
     def check_request(
@@ -164,6 +186,20 @@ class SitePolicy:
             raise PrivacyError(
                 f"the run asks for max-grad-norm {max_grad_norm:g}, more than this site's "
                 f"limit of {self.max_clip_norm:g}. Lower max-grad-norm."
+            )
+
+    def check_distributed(self, min_sites: int) -> None:
+        """Refuse distributed DP unless the policy allows it at the run's assumption."""
+        if not self.distributed_min_sites:
+            raise PrivacyError(
+                "the run asks for distributed DP (each site adds only a share of the noise), "
+                "which this site's policy does not allow; it adds all its own noise. Run with "
+                "--dp local, or the site sets policy-distributed-min-sites (site.toml [policy])."
+            )
+        if min_sites < self.distributed_min_sites:
+            raise PrivacyError(
+                f"the run's distributed DP assumes {min_sites} honest sites' noise shares; "
+                f"this site requires at least {self.distributed_min_sites}. Raise dp-min-sites."
             )
 
     def check_noise(self, noise_multiplier: float) -> None:
@@ -208,3 +244,8 @@ class SitePolicy:
                 f"({max(0.0, self.max_epsilon - before):.3f} remains). The site refuses: {fix}"
             )
         return after
+
+
+def _whole(value: float) -> int:
+    """A node-config number that must be a whole number (else left to __post_init__)."""
+    return int(value) if float(value).is_integer() else value  # type: ignore[return-value]

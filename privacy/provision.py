@@ -242,6 +242,9 @@ def _write_site(out: Path, name: str, ca_cert: x509.Certificate, server: str) ->
         f"delta = {p.delta!r}  # largest delta accepted\n"
         f"min-noise-multiplier = {p.min_noise_multiplier!r}  # 0 = no floor\n"
         f"max-clip-norm = {p.max_clip_norm!r}  # 0 = no cap\n"
+        "# Distributed DP (--dp distributed): this site adds only a share of the noise and\n"
+        "# trusts secure aggregation and at least this many honest sites to add the rest.\n"
+        f"distributed-min-sites = {p.distributed_min_sites!r}  # 0 = never (all its own noise)\n"
     )
     return [
         _write(d / "ca.crt", pki.pem_cert(ca_cert)),
@@ -319,8 +322,9 @@ def _policy(raw: Mapping[str, Any], path: Path) -> SitePolicy:
         "delta": "delta",
         "min-noise-multiplier": "min_noise_multiplier",
         "max-clip-norm": "max_clip_norm",
+        "distributed-min-sites": "distributed_min_sites",
     }
-    values: dict[str, float] = {}
+    values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in names:
             raise ConfigError(
@@ -329,6 +333,13 @@ def _policy(raw: Mapping[str, Any], path: Path) -> SitePolicy:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{path}: [policy] `{key}` must be a number. Found {value!r}.")
         values[names[key]] = float(value)
+    if "distributed_min_sites" in values:
+        m = values["distributed_min_sites"]
+        if not m.is_integer():
+            raise ConfigError(
+                f"{path}: [policy] `distributed-min-sites` must be a whole number. Found {m!r}."
+            )
+        values["distributed_min_sites"] = int(m)
     if "max_epsilon" not in values:
         raise ConfigError(
             f"{path}: [policy] needs `max-epsilon`; a site never trains without a budget."

@@ -51,6 +51,10 @@ class SiteRandom(ABC):
     def gaussian(self, shape: tuple[int, ...] | torch.Size, std: float) -> torch.Tensor:
         """float32 N(0, std^2) samples of `shape`."""
 
+    @abstractmethod
+    def uniform(self, n: int) -> torch.Tensor:
+        """n float64 uniforms in [0, 1) (distributed DP's rounding and discrete noise)."""
+
     def gaussians(self, shapes: list[torch.Size], std: float) -> list[torch.Tensor]:
         """One N(0, std^2) tensor per shape (a DP step's noise, one per parameter)."""
         return [self.gaussian(shape, std) for shape in shapes]
@@ -113,3 +117,6 @@ class SeededRandom(SiteRandom):
 
     def gaussian(self, shape: tuple[int, ...] | torch.Size, std: float) -> torch.Tensor:
         return torch.normal(0.0, std, tuple(shape), generator=self._gen)
+
+    def uniform(self, n: int) -> torch.Tensor:
+        return torch.rand(n, dtype=torch.float64, generator=self._gen)

@@ -1,0 +1,148 @@
+"""Distributed DP: each site adds a share of the noise; only the secure sum is released. No Flower.
+
+The mechanism (Kairouz, Liu, Steinke, "The Distributed Discrete Gaussian Mechanism for
+Federated Learning with Secure Aggregation", ICML 2021), one DP-SGD step per round:
+1. each site Poisson-samples its data at rate q, sums the per-example gradients clipped
+   to C (exactly as local DP-SGD does) and flattens the sum into one vector;
+2. scales it by gamma = RESOLUTION * sqrt(d) / C and rounds each coordinate at random,
+   up or down, to an integer (unbiased); adjacent datasets then differ by at most
+   Delta = gamma * C + sqrt(d) in L2 (the rounding moves each coordinate by under 1, and
+   coupling both roundings on the same uniforms bounds the difference of the rounded
+   vectors; the Renyi divergence of the mixtures is at most the largest coupled one);
+3. adds discrete Gaussian noise N_Z(0, s^2) per coordinate, s = sigma * Delta / sqrt(m),
+   where m (`dp-min-sites`) is the number of sites whose shares the guarantee assumes;
+4. the vectors are summed by secure aggregation (fedsilo.privacy.secagg) modulo 2^64;
+   the server sees only the sum, divides by gamma, and takes one SGD step.
+
+If at least m sites' shares are in the sum and none of those sites colludes with the
+server, the sum carries noise of variance m * s^2 = (sigma * Delta)^2 on an integer
+vector of sensitivity Delta: the Poisson-subsampled Gaussian mechanism at noise
+multiplier sigma, which the site's accountant composes (PRV or RDP, as for local DP).
+The sum of m discrete Gaussians is not exactly a discrete Gaussian; Kairouz et al.
+(Theorem 1) bound the difference by tau = 10 * sum_{k=1}^{m-1} exp(-2 pi^2 s^2 k/(k+1)),
+which enters their concentrated-DP bound as tau * d; fedsilo requires tau * d <= TAU_MAX
+(at the scales here it is far below 1e-100) and treats the sum as Gaussian, as their
+experiments do. If fewer shares are in the sum (dropouts beyond the site's assumption,
+or sites colluding with the server), the guarantee degrades; against a server that
+knows every other site's noise, only the site's own share protects it: noise multiplier
+sigma / sqrt(m). Each spend records both (fedsilo.privacy.events.RoundSpend), and
+`fedsilo audit` reports both epsilons.
+
+Sampling: a SiteRandom's uniforms (ChaCha20 at deployed sites). The discrete Gaussian
+is Canonne, Kamath and Steinke's rejection sampler from a discrete Laplace ("The
+Discrete Gaussian for Differential Privacy", NeurIPS 2020, Algorithm 3), vectorised in
+float64 like TensorFlow Privacy's; not the exact-arithmetic version.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedsilo.errors import ConfigError, PrivacyError
+from fedsilo.task.rng import SiteRandom
+
+RESOLUTION = 100.0  # gamma * C / sqrt(d): rounding inflates the sensitivity by 1%
+TAU_MAX = 1e-12
+MIN_SHARE_STD = 10.0  # a share below this (in integer units) would make tau matter
+# The secure sum is signed 64-bit: every site's vector, summed, must stay well inside.
+SUM_BOUND = 2.0**61
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """Scale and sensitivity of one model's integer vectors."""
+
+    dim: int
+    clip: float
+
+    @property
+    def scale(self) -> float:  # gamma
+        return RESOLUTION * math.sqrt(self.dim) / self.clip
+
+    @property
+    def sensitivity(self) -> float:  # Delta, in integer units
+        return self.scale * self.clip + math.sqrt(self.dim)
+
+    def share_std(self, noise_multiplier: float, min_sites: int) -> float:
+        """s: one site's discrete Gaussian std, in integer units."""
+        return noise_multiplier * self.sensitivity / math.sqrt(min_sites)
+
+
+def share_multiplier(noise_multiplier: float, min_sites: int) -> float:
+    """The noise multiplier of one site's own share: what protects it if no other share does."""
+    return noise_multiplier / math.sqrt(min_sites)
+
+
+def tau(share_std: float, min_sites: int) -> float:
+    """Kairouz et al.'s tau: how far the sum of m discrete Gaussians is from one."""
+    return 10.0 * sum(
+        math.exp(-2.0 * math.pi**2 * share_std**2 * k / (k + 1)) for k in range(1, min_sites)
+    )
+
+
+def check_shares(quantizer: Quantizer, noise_multiplier: float, min_sites: int) -> float:
+    """The share std, after checking the Gaussian approximation holds (PrivacyError if not)."""
+    s = quantizer.share_std(noise_multiplier, min_sites)
+    if s < MIN_SHARE_STD or tau(s, min_sites) * quantizer.dim > TAU_MAX:
+        raise PrivacyError(
+            f"distributed DP's noise share ({s:.3g} integer units) is too small for the "
+            "discrete Gaussian sum to be treated as Gaussian; use a smaller target-epsilon "
+            "or a smaller dp-min-sites."
+        )
+    return s
+
+
+def quantize(vector: torch.Tensor, scale: float, rng: SiteRandom) -> np.ndarray:
+    """Scale a float vector by `scale` and round each coordinate randomly (unbiased)."""
+    scaled = vector.detach().to(torch.float64).cpu().numpy() * scale
+    floor = np.floor(scaled)
+    up = _uniform(rng, scaled.size) < (scaled - floor)
+    return (floor + up).astype(np.int64)
+
+
+def discrete_gaussian(size: int, std: float, rng: SiteRandom) -> np.ndarray:
+    """`size` samples of N_Z(0, std^2), from `rng` (Canonne et al., Algorithm 3)."""
+    if size == 0:
+        return np.zeros(0, dtype=np.int64)
+    sigma2 = std * std
+    t = math.floor(std) + 1
+    out = np.empty(0, dtype=np.int64)
+    while out.size < size:
+        n = max(64, int(1.5 * (size - out.size)) + 16)
+        u = _uniform(rng, 3 * n)
+        # Discrete Laplace(t) as the difference of two geometrics: G = floor(-t ln U).
+        g1 = np.floor(-t * np.log1p(-u[:n]))
+        g2 = np.floor(-t * np.log1p(-u[n : 2 * n]))
+        y = g1 - g2
+        accept = u[2 * n :] < np.exp(-((np.abs(y) - sigma2 / t) ** 2) / (2.0 * sigma2))
+        out = np.concatenate([out, y[accept].astype(np.int64)])
+    return out[:size]
+
+
+def noisy_integer_sum(
+    grad_sum: torch.Tensor, quantizer: Quantizer, share_std: float, rng: SiteRandom
+) -> np.ndarray:
+    """The site's contribution: its clipped gradient sum, quantized, plus its noise share."""
+    if grad_sum.numel() != quantizer.dim:
+        raise ConfigError(f"the gradient has {grad_sum.numel()} values, the model {quantizer.dim}")
+    noise = discrete_gaussian(quantizer.dim, share_std, rng)
+    return np.asarray(quantize(grad_sum, quantizer.scale, rng) + noise, dtype=np.int64)
+
+
+def decode_sum(total: np.ndarray, quantizer: Quantizer) -> torch.Tensor:
+    """The securely aggregated integer sum as a float gradient sum (float32).
+
+    Raises:
+        PrivacyError: the sum is too large to be trusted (64-bit overflow possible).
+    """
+    if total.size and float(np.max(np.abs(total.astype(np.float64)))) > SUM_BOUND:
+        raise PrivacyError("the aggregated sum is out of range (overflow); the round is dropped")
+    return torch.from_numpy(total.astype(np.float64) / quantizer.scale).to(torch.float32)
+
+
+def _uniform(rng: SiteRandom, n: int) -> np.ndarray:
+    return rng.uniform(n).numpy()

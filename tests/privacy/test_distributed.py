@@ -1,0 +1,109 @@
+"""Distributed DP's pieces: rounding, discrete Gaussian shares, the trust assumption."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedsilo.errors import PrivacyError
+from fedsilo.privacy.distributed import (
+    Quantizer,
+    check_shares,
+    decode_sum,
+    discrete_gaussian,
+    quantize,
+    share_multiplier,
+    tau,
+)
+from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
+from fedsilo.privacy.policy import SitePolicy
+from fedsilo.task.rng import SecureRandom, SeededRandom
+
+
+@pytest.mark.parametrize("rng", [SeededRandom(3), SecureRandom()], ids=["seeded", "secure"])
+def test_discrete_gaussian_shares_are_integers_with_the_asked_spread(rng) -> None:  # type: ignore[no-untyped-def]
+    x = discrete_gaussian(200_000, 40.0, rng)
+    assert x.dtype == np.int64 and x.size == 200_000
+    assert abs(x.mean()) < 0.5  # 40 / sqrt(2e5) = 0.09 standard error
+    assert x.std() == pytest.approx(40.0, rel=0.01)
+    # Gaussian tails, not Laplace's: 4-sigma exceedances ~ 6.3e-5
+    assert np.mean(np.abs(x) > 160) < 2e-4
+
+
+def test_random_rounding_is_unbiased_and_moves_each_coordinate_by_under_one() -> None:
+    v = torch.full((100_000,), 0.3)
+    r = quantize(v, 10.0, SeededRandom(0))  # 3.0 exactly, with float error: 2 or 3 or 4
+    assert set(np.unique(r)) <= {2, 3, 4} and r.mean() == pytest.approx(3.0, abs=0.01)
+    v = torch.tensor([0.25] * 100_000)
+    r = quantize(v, 1.0, SeededRandom(1))
+    assert set(np.unique(r)) == {0, 1} and r.mean() == pytest.approx(0.25, abs=0.01)
+
+
+def test_sensitivity_covers_rounding_and_the_share_sums_to_central_noise() -> None:
+    q = Quantizer(dim=10_000, clip=0.1)
+    assert q.scale * q.clip == pytest.approx(100 * 100)  # RESOLUTION x sqrt(d)
+    assert q.sensitivity == pytest.approx(q.scale * q.clip * 1.01)
+    s = q.share_std(2.0, 4)
+    assert 4 * s**2 == pytest.approx((2.0 * q.sensitivity) ** 2)  # m shares: central noise
+    assert share_multiplier(2.0, 4) == 1.0
+    assert tau(s, 4) == 0.0 and check_shares(q, 2.0, 4) == s
+
+
+def test_a_share_too_small_for_the_gaussian_approximation_is_refused() -> None:
+    q = Quantizer(dim=4, clip=1.0)  # Delta = 200 + 2 units
+    with pytest.raises(PrivacyError, match="too small"):
+        check_shares(q, 0.01, 100)  # s = 0.2 units
+
+
+def test_an_overflowing_sum_is_refused() -> None:
+    q = Quantizer(dim=3, clip=1.0)
+    with pytest.raises(PrivacyError, match="out of range"):
+        decode_sum(np.array([0, 2**62, 0], dtype=np.int64), q)
+    out = decode_sum(np.array([int(q.scale), 0, -int(q.scale)], dtype=np.int64), q)
+    assert out.tolist() == pytest.approx([1.0, 0.0, -1.0], abs=1 / q.scale)
+
+
+def spend(**kw: object) -> RoundSpend:
+    values: dict[str, object] = {
+        "event": SampledGaussianEvent(noise_multiplier=4.0, sample_rate=0.1, steps=1),
+        "clip_norm": 0.1,
+        "delta": 1e-5,
+        "dataset": "sha256:00",
+        "run": "r",
+        "round": 1,
+        "time": "t",
+        "site": "a",
+        **kw,
+    }
+    return RoundSpend(**values)  # type: ignore[arg-type]
+
+
+def test_a_distributed_spend_records_its_assumption_and_round_trips() -> None:
+    s = spend(mode="distributed", noise_share=2.0, min_sites=4)
+    back = RoundSpend.from_dict(s.to_dict())
+    assert back == s and back.own_event.noise_multiplier == 2.0
+    assert spend().own_event == spend().event  # local DP: its own noise is all of it
+    assert "mode" not in spend().to_dict()  # local lines read and hash as before
+    with pytest.raises(ValueError, match="min_sites >= 2"):
+        spend(mode="distributed", noise_share=2.0, min_sites=1)
+    with pytest.raises(ValueError, match="noise_share <= noise_multiplier"):
+        spend(mode="distributed", noise_share=5.0, min_sites=4)
+
+
+def test_policy_allows_distributed_dp_only_when_asked_and_at_its_assumption() -> None:
+    with pytest.raises(PrivacyError, match="does not allow"):
+        SitePolicy(max_epsilon=3.0).check_distributed(10)
+    with pytest.raises(PrivacyError, match="requires at least 5"):
+        SitePolicy(max_epsilon=3.0, distributed_min_sites=5).check_distributed(4)
+    SitePolicy(max_epsilon=3.0, distributed_min_sites=5).check_distributed(5)
+    with pytest.raises(PrivacyError, match="integer >= 2"):
+        SitePolicy(max_epsilon=3.0, distributed_min_sites=1)
+    node = SitePolicy.from_node_config({"policy-max-epsilon": 3, "policy-distributed-min-sites": 6})
+    assert node.distributed_min_sites == 6
+    assert SitePolicy.from_node_config({"policy-max-epsilon": 3}).distributed_min_sites == 0
+    assert SitePolicy.from_dict(node.to_dict()) == node
+    assert "distributed_min_sites" not in SitePolicy(max_epsilon=3.0).to_dict()
+    assert math.isclose(node.max_epsilon, 3.0)
