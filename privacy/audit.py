@@ -15,6 +15,14 @@ policy that was in force when it was recorded. Status, worst first:
              computed), or no policy at all
   exhausted  within budget, but one more round like the last would not fit
   ok         within budget, with room for another such round
+
+Distributed-DP spends (fedsilo.privacy.distributed) are composed, like the others, at
+the noise the whole secure sum carries under the spend's trust assumption (at least
+`min_sites` honest sites' shares in it); a spend made while the policy in force did not
+allow that assumption is a violation. For a ledger holding any, the audit also reports
+`epsilon_own_noise`: every spend composed as if only the site's own noise share had
+protected it (a server colluding with all the other sites), and the smallest assumption
+any spend made (`assumed_sites`).
 """
 
 from __future__ import annotations
@@ -52,6 +60,9 @@ class SiteAudit:
     budget: float | None
     status: str
     problems: list[str] = field(default_factory=list)
+    distributed_events: int = 0
+    epsilon_own_noise: float | None = None  # None: no distributed spend, same as epsilon_prv
+    assumed_sites: int | None = None
 
     @property
     def remaining(self) -> float | None:
@@ -64,6 +75,9 @@ class SiteAudit:
             "budget": self.budget,
             "status": self.status,
             "problems": list(self.problems),
+            "distributed_events": self.distributed_events,
+            "epsilon_own_noise": self.epsilon_own_noise,
+            "assumed_sites": self.assumed_sites,
         }
 
 
@@ -146,6 +160,13 @@ def audit(path: Path, summary_heads: dict[str, str] | None = None) -> SiteAudit:
     else:
         status = "ok"
     spends = contents.spends
+    distributed = [s for s in spends if s.mode == "distributed"]
+    own: float | None = None
+    if distributed:
+        try:
+            own = budget_epsilon([s.own_event for s in spends], delta=delta)
+        except (ValueError, ArithmeticError, RuntimeError):
+            own = math.inf
     return SiteAudit(
         site=contents.site,
         ledger=str(path),
@@ -157,6 +178,9 @@ def audit(path: Path, summary_heads: dict[str, str] | None = None) -> SiteAudit:
         budget=policy.max_epsilon if policy else None,
         status=status,
         problems=problems,
+        distributed_events=len(distributed),
+        epsilon_own_noise=own,
+        assumed_sites=min((s.min_sites for s in distributed), default=None),
     )
 
 
@@ -196,6 +220,14 @@ def _breaches(spend: RoundSpend, policy: SitePolicy) -> list[str]:
         out.append(f"clip norm {spend.clip_norm:g} above the policy's {policy.max_clip_norm:g}")
     if spend.delta > policy.delta:
         out.append(f"delta {spend.delta:g} above the policy's {policy.delta:g}")
+    if spend.mode == "distributed" and not (
+        policy.distributed_min_sites and spend.min_sites >= policy.distributed_min_sites
+    ):
+        allowed = policy.distributed_min_sites or "never"
+        out.append(
+            f"distributed DP assuming {spend.min_sites} honest sites; the policy allows it "
+            f"at {allowed if allowed == 'never' else f'>= {allowed}'}"
+        )
     return out
 
 

@@ -56,6 +56,14 @@ def run(args: argparse.Namespace) -> int:
         console = Console()
         console.print(audit_table(rows))
         for r in rows:
+            if r.epsilon_own_noise is not None:
+                console.print(
+                    f"{r.site}: {r.distributed_events} distributed-DP spend(s) assume at least "
+                    f"{r.assumed_sites} honest sites' noise shares in each sum; with only its "
+                    f"own share, ε would be {r.epsilon_own_noise:.3f} (PRV).",
+                    highlight=False,
+                )
+        for r in rows:
             for problem in r.problems:
                 console.print(
                     f"[{STYLE[r.status]}]{r.site}[/] ({r.ledger}): {problem}", highlight=False
@@ -95,6 +103,7 @@ def markdown_report(rows: list[SiteAudit]) -> str:
         else f"**{len(failing)} site(s) failed**: "
         + ", ".join(f"{r.site} ({r.status})" for r in failing)
     )
+    distributed = any(r.distributed_events for r in rows)
     lines = [
         "# fedsilo privacy audit",
         "",
@@ -103,14 +112,17 @@ def markdown_report(rows: list[SiteAudit]) -> str:
         "",
         verdict,
         "",
-        "| site | events | steps | epsilon (PRV) | epsilon (RDP) | delta | budget | remaining "
-        "| status |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| site | events | steps | epsilon (PRV) | epsilon (RDP) | "
+        + ("epsilon (own noise only; sites assumed) | " if distributed else "")
+        + "delta | budget | remaining | status |",
+        "|---|---:|---:|---:|---:|" + ("---:|" if distributed else "") + "---:|---:|---:|---|",
     ]
     for r in rows:
+        assumed = f"; {r.assumed_sites}" if r.assumed_sites else ""
+        own = f" {_own(r)}{assumed} |" if distributed else ""
         lines.append(
             f"| {r.site} | {r.events} | {r.steps} | {r.epsilon_prv:.3f} | {r.epsilon_rdp:.3f} "
-            f"| {r.delta:g} | {_num(r.budget)} | {_num(r.remaining)} | {r.status} |"
+            f"|{own} {r.delta:g} | {_num(r.budget)} | {_num(r.remaining)} | {r.status} |"
         )
     lines += ["", "## Problems", ""]
     problems = [(r, p) for r in rows for p in r.problems]
@@ -124,6 +136,10 @@ def markdown_report(rows: list[SiteAudit]) -> str:
         "- Epsilon is recomputed from the recorded DP-SGD steps (noise multiplier, sample rate, "
         "steps), per dataset, by the PRV accountant (tight upper bound; the budget is checked "
         "with it) and the RDP accountant, at the delta of the site's policy.",
+        "- Distributed-DP spends count at the noise of the whole secure sum, assuming at least "
+        "the recorded number of honest sites' noise shares in it; `epsilon (own noise only)` "
+        "composes every spend as if only the site's own share had protected it (the figure "
+        "against a server that colludes with every other site).",
         "- Statuses: ok (within budget, room for another round), exhausted (within budget, the "
         "next such round would not fit), violated (over budget or against the site's policy), "
         "tampered (the record cannot be trusted).",
@@ -165,3 +181,8 @@ def plot(rows: list[SiteAudit], path: Path) -> None:
 
 def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _own(r: SiteAudit) -> str:
+    """The own-noise epsilon cell ('-': local DP only, the same as ε PRV)."""
+    return "-" if r.epsilon_own_noise is None else f"{r.epsilon_own_noise:.3f}"

@@ -18,8 +18,19 @@ EVENT = SampledGaussianEvent(noise_multiplier=1.0, sample_rate=0.1, steps=50)
 ONE, TWO, THREE = (epsilon([EVENT] * n, delta=1e-5) for n in (1, 2, 3))
 
 
-def make(path: Path, budget: float, rounds: int, *, site: str = "site-a", **spend: object) -> Path:
-    ledger.ensure_policy(path, site, SitePolicy(max_epsilon=budget, max_clip_norm=2.0))
+def make(
+    path: Path,
+    budget: float,
+    rounds: int,
+    *,
+    site: str = "site-a",
+    distributed_min_sites: int = 0,
+    **spend: object,
+) -> Path:
+    policy = SitePolicy(
+        max_epsilon=budget, max_clip_norm=2.0, distributed_min_sites=distributed_min_sites
+    )
+    ledger.ensure_policy(path, site, policy)
     with ledger.transaction(path) as txn:
         for r in range(1, rounds + 1):
             txn.append(
@@ -56,8 +67,9 @@ def test_statuses_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     first = sites[0]
     assert set(first) == {
         "site", "ledger", "events", "steps", "epsilon_prv", "epsilon_rdp", "delta", "budget",
-        "status", "problems",
+        "status", "problems", "distributed_events", "epsilon_own_noise", "assumed_sites",
     }  # fmt: skip
+    assert (first["distributed_events"], first["epsilon_own_noise"]) == (0, None)
     assert first["events"] == 2 and first["steps"] == 100 and first["delta"] == 1e-5
     assert first["epsilon_prv"] == pytest.approx(TWO)
     assert first["epsilon_rdp"] == pytest.approx(epsilon([EVENT] * 2, delta=1e-5, accountant="rdp"))
@@ -227,3 +239,27 @@ def test_an_extreme_but_valid_entry_is_audited_without_exhausting_memory(tmp_pat
     assert res.returncode == 1, res.stderr[-2000:]
     row = json.loads(res.stdout)["sites"][0]
     assert row["status"] == "violated" and row["epsilon_prv"] > 100  # far over its budget of 8
+
+
+def test_distributed_spends_report_the_own_noise_epsilon_and_need_the_policy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dist = {"mode": "distributed", "noise_share": 0.5, "min_sites": 4}
+    # The policy allows distributed DP at 4 sites: ok, and both figures are reported.
+    allowed = make(tmp_path / "allowed.jsonl", 50.0, 2, site="a", distributed_min_sites=4, **dist)
+    # The same spends on a ledger whose policy never allowed distributed DP: violated.
+    refused = make(tmp_path / "refused.jsonl", 8.0, 2, site="b", **dist)
+    code, (ok, bad) = audit_json(capsys, allowed, refused)
+    assert code == 1 and ok["status"] == "ok" and bad["status"] == "violated"
+    assert (ok["distributed_events"], ok["assumed_sites"]) == (2, 4)
+    alone = SampledGaussianEvent(noise_multiplier=0.5, sample_rate=0.1, steps=50)
+    assert ok["epsilon_own_noise"] == pytest.approx(epsilon([alone] * 2, delta=1e-5), rel=1e-6)
+    assert ok["epsilon_own_noise"] > ok["epsilon_prv"] == pytest.approx(TWO)
+    assert (
+        "distributed DP assuming 4 honest sites; the policy allows it at never"
+        in bad["problems"][0]
+    )
+    main(["audit", "--markdown", str(allowed)])
+    report = capsys.readouterr().out
+    assert "epsilon (own noise only; sites assumed)" in report
+    assert f"{ok['epsilon_own_noise']:.3f}; 4 |" in report
