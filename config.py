@@ -21,6 +21,7 @@ DATASETS = ("digits", "fashion-mnist", "mnist")
 MODELS = ("auto", "mlp", "cnn", "scatnet")
 DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("prv", "rdp")
+DP_MODES = ("local", "distributed")
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -93,6 +94,12 @@ class RunConfig:
     # key their ledger spends and their fixed noise plan on it ("" = Flower's run id).
     run_id: str = ""
     resume: bool = False  # server only: continue RUN_DIR from its last completed round
+    # local: every site adds all the noise its guarantee needs (trusts no one).
+    # distributed: one DP-SGD step per round on the sites' pooled Poisson batch; each site
+    # adds a share of the noise and secure aggregation hides all but the sum
+    # (fedsilo.privacy.distributed); local-epochs is then not used.
+    dp: str = "local"
+    dp_min_sites: int = 0  # distributed: the honest sites whose noise shares the run assumes
 
     @property
     def partition_spec(self) -> Partition:
@@ -160,6 +167,27 @@ class RunConfig:
         ):
             if value < 1:
                 raise bad(key, "an integer >= 1", value)
+        if self.dp not in DP_MODES:
+            raise bad("dp", "local or distributed", self.dp)
+        if self.dp == "distributed" and self.dp_min_sites < 2:
+            raise bad(
+                "dp-min-sites",
+                "an integer >= 2 with --dp distributed",
+                self.dp_min_sites,
+                "It is how many sites' noise shares the guarantee assumes are in every sum "
+                "(sites that do not drop out or collude with the server); e.g. the number "
+                "of sites.",
+            )
+        if self.dp == "distributed" and self.min_sites < self.dp_min_sites:
+            raise bad(
+                "min-sites",
+                f">= dp-min-sites ({self.dp_min_sites}) with --dp distributed",
+                self.min_sites,
+                "A round with fewer sites than the noise assumes is refused by the sites; "
+                "raise min-sites.",
+            )
+        if self.dp == "local" and self.dp_min_sites:
+            raise bad("dp-min-sites", "0 with --dp local", self.dp_min_sites)
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise bad("lr", "a number > 0", self.lr)
         if not 0 <= self.momentum < 1:

@@ -13,6 +13,21 @@ Site -> server (a train reply):
   METRICS       MetricRecord with REPLY_METRICS
   SITE          ConfigRecord with LEDGER_HEAD (a commitment to the site's ledger)
 
+With --dp distributed a round is four exchanges (fedsilo.privacy.secagg), all train
+messages whose CONFIG names the stage (SECAGG_STAGE) beside SERVER_ROUND:
+  setup       -> SECAGG record: KEY_C, KEY_S (the site's fresh X25519 public keys)
+  share-keys  NODES, KEYS_C, KEYS_S (its neighbours' public keys), THRESHOLD
+              -> SECAGG record: DESTINATIONS, CIPHERTEXTS (Shamir shares of the site's
+                 mask secrets, each AES-GCM-encrypted to its neighbour: opaque to the server)
+  masked      ARRAYS (the global model), SOURCES, CIPHERTEXTS (shares sent to this site)
+              -> SECAGG record: MASKED (its noisy quantized gradient sum plus masks:
+                 uniform noise to anyone without the masks), METRICS (as above, STEPS 1),
+                 SITE (LEDGER_HEAD)
+  unmask      ACTIVE, DEAD (who sent a masked vector, who did not)
+              -> SECAGG record: NODES, SHARES (its shares of the active sites' self-mask
+                 seeds and of the dropped sites' mask keys; never both of one site)
+The server learns the sum of the active sites' vectors, nothing about any one of them.
+
 A site's *name* never travels in a message: the server takes it from the identity
 Flower authenticated (the node's registered key; in simulation the partition).
 """
@@ -39,3 +54,21 @@ LEDGER_HEAD = "ledger-head"  # sha256 of the site's last ledger line after this 
 # Flower error of this code and a reason; a refusal to train uses REFUSAL_CODE
 # (fedsilo.privacy.refusal). Both are outside Flower's own ErrorCode values (0-8).
 SITE_FAILURE_CODE = 4101
+
+# Secure aggregation (fedsilo.privacy.secagg): keys of CONFIG and of the SECAGG record.
+SECAGG = "secagg"
+SECAGG_STAGE = "secagg-stage"
+STAGES = ("setup", "share-keys", "masked", "unmask")
+KEY_C = "key-c"
+KEY_S = "key-s"
+NODES = "nodes"
+KEYS_C = "keys-c"
+KEYS_S = "keys-s"
+THRESHOLD = "threshold"
+DESTINATIONS = "destinations"
+SOURCES = "sources"
+CIPHERTEXTS = "ciphertexts"
+MASKED = "masked"
+ACTIVE = "active"
+DEAD = "dead"
+SHARES = "shares"

@@ -43,14 +43,28 @@ FM = {
     "momentum": 0.9,
     "max_grad_norm": 0.1,
 }
+# Distributed DP (--dp distributed): central DP-SGD's regime, one step per round on the
+# sites' pooled Poisson batch (10 x 819 = 8190, Tramer and Boneh's batch size), 60 epochs
+# of the pooled data (round(60 / (819 / 6000)) = 440 rounds), tuned with /tmp-free
+# `--validate` runs of the same step in this process (validation split).
+DIST = {
+    "model": "scatnet",
+    "sites": 10,
+    "rounds": 440,
+    "local_epochs": 1,
+    "batch_size": 819,
+    "lr": 8.0,
+    "momentum": 0.9,
+    "max_grad_norm": 0.1,
+}
 NODP_LR = 0.05  # plain SGD on unclipped gradients wants a smaller step (validation)
 VALIDATION_FRACTION = 0.1
 
 
-def simulate(partition: str, eps: float, hp: dict[str, Any]) -> dict[str, Any]:
+def simulate(partition: str, eps: float, hp: dict[str, Any], dp: str = "local") -> dict[str, Any]:
     """One `fedsilo simulate` run (the product), timed from outside."""
     with tempfile.TemporaryDirectory(prefix="fedsilo-utility-") as out:
-        cmd = [sys.executable, "-m", "fedsilo", "simulate", "--json", "--out", out]
+        cmd = [sys.executable, "-m", "fedsilo", "simulate", "--json", "--out", out, "--dp", dp]
         cmd += ["--dataset", "fashion-mnist", "--sites", str(hp["sites"])]
         cmd += ["--partition", partition, "--target-epsilon", str(eps)]
         cmd += ["--max-grad-norm", str(hp["max_grad_norm"])]
@@ -63,6 +77,8 @@ def simulate(partition: str, eps: float, hp: dict[str, Any]) -> dict[str, Any]:
         raise SystemExit(f"simulate failed: {done.stderr.strip().splitlines()[-1:]}")
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     return {
+        "dp": dp,
+        "completed_rounds": len(summary["rounds"]),
         "accuracy": summary["final"]["accuracy"],
         "epsilon": max(s["epsilon"] for s in summary["sites"]),
         "wall_s": wall,
@@ -185,19 +201,31 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in FM.items():
         p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     p.add_argument("--nodp-lr", type=float, default=NODP_LR, help="lr of the no-DP baseline")
+    p.add_argument(
+        "--dp",
+        default="local",
+        choices=("local", "distributed"),
+        help="the DP mode of the DP cells; distributed uses DIST's settings (one step per round)",
+    )
     args = p.parse_args(argv)
+    if args.dp == "distributed":  # its own regime: flags left at FM's defaults take DIST's
+        for key, value in DIST.items():
+            if getattr(args, key) == FM[key]:
+                setattr(args, key, value)
     hp = {k: getattr(args, k) for k in FM}
     hp["nodp_lr"] = args.nodp_lr
     rows = []
     for partition in args.partitions.split(","):
         for e in args.epsilons.split(","):
             eps = None if e == "none" else float(e)
+            if args.validate and args.dp == "distributed":
+                raise SystemExit("--validate runs local DP only (tune distributed DP in-process)")
             if eps is None or args.validate:
                 res = fedavg_in_process(partition, eps, hp, validate=args.validate)
                 how = "in-process FedAvg" + (" (validation)" if args.validate else "")
             else:
-                res = simulate(partition, eps, hp)
-                how = "fedsilo simulate"
+                res = simulate(partition, eps, hp, dp=args.dp)
+                how = f"fedsilo simulate --dp {args.dp}"
             row = {"partition": partition, "target_epsilon": e, **res, "how": how, **hp}
             rows.append(row)
             print(
@@ -206,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    cols = ["partition", "target_epsilon", "accuracy", "epsilon", "wall_s", "how"]
+    cols = ["partition", "target_epsilon", "accuracy", "epsilon", "rounds", "wall_s", "how"]
     print(markdown(rows, cols))
     path = write_json(args.name, {"rows": rows, "machine": machine(), "pid": os.getpid()})
     print(f"\nwrote {path}")

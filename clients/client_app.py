@@ -23,6 +23,7 @@ from flwr.clientapp import ClientApp
 
 from fedsilo import protocol
 from fedsilo.clients.dp_train import RoundResult, train_round
+from fedsilo.clients.secure_round import secure_stage
 from fedsilo.clients.site_budget import authorise_round
 from fedsilo.clients.site_env import NAME_KEY, SiteResolver, deployed_site
 from fedsilo.config import RunConfig
@@ -39,7 +40,7 @@ def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message
     cfg = RunConfig.from_flwr(context.run_config)
     server_round = _server_round(msg)
     arrays = msg.content.get(protocol.ARRAYS)
-    if not isinstance(arrays, ArrayRecord):
+    if not isinstance(arrays, ArrayRecord) and cfg.dp == "local":
         raise ConfigError("The server's train message carries no model arrays.")
     name = str(context.node_config.get(NAME_KEY, "site"))
     # The ledger, not context.state, holds the spend: it survives SuperNode restarts
@@ -47,6 +48,12 @@ def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message
     try:
         site = resolve_site(cfg, context.node_config)
         name = site.name
+        if cfg.dp == "distributed":  # the four SecAgg+ stages (fedsilo.clients.secure_round)
+            config = msg.content.get(protocol.CONFIG)
+            assert isinstance(config, ConfigRecord)  # _server_round checked it
+            return secure_stage(
+                msg, context, cfg, site, server_round, run_identity(cfg, context), config
+            )
         auth = authorise_round(
             site.budget,
             cfg,
@@ -59,6 +66,7 @@ def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message
         log.warning("train: site %s refuses round %d: %s", name, server_round, exc)
         return Message(Error(REFUSAL_CODE, refusal_reason(name, _public(exc, cfg))), reply_to=msg)
 
+    assert isinstance(arrays, ArrayRecord)
     result = train_round(
         cfg,
         site.task,

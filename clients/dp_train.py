@@ -10,16 +10,19 @@ events, so it accumulates across rounds and process restarts.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.accountant import calibrate_noise, epsilon
+from fedsilo.privacy.distributed import Quantizer, check_shares, noisy_integer_sum
 from fedsilo.privacy.events import SampledGaussianEvent
 from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.task.api import Task
@@ -79,7 +82,7 @@ def plan_run(cfg: RunConfig, n_examples: int, prior: Sequence[SampledGaussianEve
         ConfigError: the run plans more than MAX_RUN_STEPS steps.
     """
     q = sample_rate(n_examples, cfg.batch_size)
-    per_round = cfg.local_epochs * steps_per_epoch(n_examples, cfg.batch_size)
+    per_round = steps_per_round(cfg, n_examples)
     if per_round * cfg.rounds > MAX_RUN_STEPS:
         raise ConfigError(
             f"The run plans {per_round * cfg.rounds:,} DP-SGD steps at a site of "
@@ -98,6 +101,13 @@ def plan_run(cfg: RunConfig, n_examples: int, prior: Sequence[SampledGaussianEve
     return DPPlan(
         noise_multiplier=sigma, sample_rate=q, steps_per_round=per_round, rounds=cfg.rounds
     )
+
+
+def steps_per_round(cfg: RunConfig, n_examples: int) -> int:
+    """DP-SGD steps a round takes: local-epochs x round(N / batch-size); 1 with distributed DP."""
+    if cfg.dp == "distributed":
+        return 1
+    return cfg.local_epochs * steps_per_epoch(n_examples, cfg.batch_size)
 
 
 def feature_cache_dir(ledger_path: Path) -> Path:
@@ -195,3 +205,72 @@ def train_round(
     eps = epsilon([*prior, event], delta=cfg.target_delta, accountant=cfg.accountant)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     return RoundResult(state_dict=state, examples=len(data), event=event, epsilon=eps)
+
+
+@dataclass(frozen=True)
+class DistributedResult:
+    """A site's distributed-DP contribution for one round: never leaves the site unmasked."""
+
+    vector: np.ndarray  # int64: quantized clipped-gradient sum plus the site's noise share
+    examples: int
+    batch: int  # examples in this round's Poisson batch (stays at the site)
+    event: SampledGaussianEvent
+    epsilon: float
+
+
+def flat_parameters(model: nn.Module) -> list[tuple[str, torch.Size]]:
+    """The order distributed DP flattens a model's parameters in: its state dict's."""
+    params = dict(model.named_parameters())
+    return [(k, params[k].shape) for k in model.state_dict() if k in params]
+
+
+def distributed_round(
+    cfg: RunConfig,
+    task: Task,
+    data: Dataset,
+    global_state: Mapping[str, torch.Tensor],
+    plan: DPPlan,
+    prior: Sequence[SampledGaussianEvent],
+    rng: SiteRandom,
+    *,
+    device: str = "cpu",
+    cache_dir: Path | None = None,
+    data_id: str | None = None,
+) -> DistributedResult:
+    """One distributed-DP step: the clipped gradient sum of a Poisson batch, quantized, plus
+    this site's discrete Gaussian noise share (fedsilo.privacy.distributed)."""
+    model, trainer, train_data = site_trainer(
+        cfg,
+        task,
+        data,
+        plan,
+        rng,
+        global_state,
+        device=device,
+        cache_dir=cache_dir,
+        data_id=data_id,
+    )
+    order = flat_parameters(model)
+    if len(order) != len(model.state_dict()):
+        raise ConfigError(
+            "distributed DP sums gradients of parameters only; this model's state dict holds "
+            "other tensors too."
+        )
+    quantizer = Quantizer(dim=sum(math.prod(shape) for _, shape in order), clip=cfg.max_grad_norm)
+    share = check_shares(quantizer, plan.noise_multiplier, cfg.dp_min_sites)
+    idx = rng.bernoulli_mask(len(train_data), plan.sample_rate).nonzero(as_tuple=True)[0]
+    params = dict(model.named_parameters())
+    model.train()
+    if idx.numel():
+        x = train_data.x[idx].to(trainer.device)
+        y = train_data.y[idx].to(trainer.device)
+        sums, _, _ = trainer.clipped_grad_sums(x, y)
+        flat = torch.cat([sums[params[k]].reshape(-1).cpu() for k, _ in order])
+    else:  # an empty Poisson batch: the site still sends its noise share
+        flat = torch.zeros(quantizer.dim)
+    vector = noisy_integer_sum(flat, quantizer, share, rng)
+    event = SampledGaussianEvent(
+        noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=1
+    )
+    eps = epsilon([*prior, event], delta=cfg.target_delta, accountant=cfg.accountant)
+    return DistributedResult(vector, len(data), int(idx.numel()), event, eps)

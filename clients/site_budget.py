@@ -17,18 +17,20 @@ A crash after that over-counts the spend; nothing can under-count it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsilo.clients.dp_train import DPPlan, plan_run
+from fedsilo.clients.dp_train import DPPlan, plan_run, steps_per_round
 from fedsilo.config import RunConfig
 from fedsilo.errors import PrivacyError
 from fedsilo.privacy import ledger
+from fedsilo.privacy.distributed import share_multiplier
 from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
 from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.task.data import Dataset
-from fedsilo.task.train import sample_rate, steps_per_epoch
+from fedsilo.task.train import sample_rate
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ def authorise_round(
     site: str,
     run: str,
     server_round: int,
+    before_spend: Callable[[DPPlan], None] | None = None,
 ) -> Authorisation:
     """Check the round against the site's policy and budget, then record its spend.
 
@@ -72,6 +75,9 @@ def authorise_round(
         target_delta=cfg.target_delta,
         max_grad_norm=cfg.max_grad_norm,
     )
+    distributed = cfg.dp == "distributed"
+    if distributed:
+        policy.check_distributed(cfg.dp_min_sites)
     dataset = fingerprint(data)
     with ledger.transaction(budget.ledger) as txn:
         spends = txn.contents.spends
@@ -90,6 +96,9 @@ def authorise_round(
             steps=plan.steps_per_round,
         )
         site_epsilon = policy.check_round(everything, event)
+        share = share_multiplier(plan.noise_multiplier, max(cfg.dp_min_sites, 1))
+        if before_spend is not None:  # the caller's last word on the plan, before the spend
+            before_spend(plan)
         head = txn.append(
             RoundSpend(
                 event=event,
@@ -101,6 +110,9 @@ def authorise_round(
                 time=ledger.now(),
                 site=site,
                 run_rounds=plan.rounds,
+                mode=cfg.dp,
+                noise_share=share if distributed else 0.0,
+                min_sites=cfg.dp_min_sites if distributed else 0,
             )
         )
     return Authorisation(plan, event, [s.event for s in mine], site_epsilon, head, dataset)
@@ -113,7 +125,15 @@ class RoundRefused(PrivacyError):
 def _recorded_plan(first: RoundSpend, cfg: RunConfig, n: int) -> DPPlan:
     """The plan the run's first round recorded; refuse a run config that departs from it."""
     rounds = first.run_rounds or cfg.rounds  # lines written before run_rounds was recorded
-    steps = cfg.local_epochs * steps_per_epoch(n, cfg.batch_size)
+    steps = steps_per_round(cfg, n)
+    if first.mode != cfg.dp or (
+        first.mode == "distributed" and first.min_sites != cfg.dp_min_sites
+    ):
+        raise RoundRefused(
+            f"the run's DP mode changed from {first.mode} (dp-min-sites {first.min_sites}) at "
+            f"its first round to {cfg.dp} (dp-min-sites {cfg.dp_min_sites}); a run's plan is "
+            "fixed at its first round. Start a new run instead."
+        )
     asked = (
         ("rounds", cfg.rounds, rounds),
         ("sample rate", sample_rate(n, cfg.batch_size), first.event.sample_rate),

@@ -74,6 +74,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="central evaluation on this file (the task's site data format); default: the "
         "task's public test split",
     )
+    s.add_argument(
+        "--dp",
+        choices=("local", "distributed"),
+        help="local (default): every site adds all its own noise. distributed: secure "
+        "aggregation and a noise share per site; each site must allow it in its site.toml "
+        "([policy] distributed-min-sites); one DP-SGD step per round",
+    )
+    s.add_argument(
+        "--dp-min-sites",
+        type=int,
+        metavar="M",
+        help="with --dp distributed: the honest sites whose noise shares every sum holds "
+        "(default: --min-sites)",
+    )
     s.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
     s.add_argument(
         "--resume",
@@ -117,8 +131,12 @@ def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
         "dataset": args.dataset,
         "model": args.model,
         "eval-data": str(args.eval_data.resolve()) if args.eval_data else None,
+        "dp": args.dp,
+        "dp-min-sites": args.dp_min_sites,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
+    if values["dp"] == "distributed" and not values["dp-min-sites"]:
+        values["dp-min-sites"] = values["min-sites"]
     source = f"{args.config} and the command line" if args.config else "the command line"
     for managed in ("run-id", "resume"):
         if values[managed] != RunConfig().to_flwr()[managed]:
@@ -147,6 +165,8 @@ def resume_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
             ("--dataset", args.dataset),
             ("--model", args.model),
             ("--eval-data", args.eval_data),
+            ("--dp", args.dp),
+            ("--dp-min-sites", args.dp_min_sites),
             ("--out", args.out),
         )
         if value is not None

@@ -58,6 +58,14 @@ class RunDir:
     def save_checkpoint(self, server_round: int, state: dict[str, torch.Tensor]) -> None:
         torch.save(state, self.path / "checkpoints" / f"round-{server_round:03d}.pt")
 
+    def save_momentum(self, server_round: int, velocity: torch.Tensor) -> None:
+        """Distributed DP's server-side momentum after a round (post-processing of the sums)."""
+        torch.save(velocity, self.path / "checkpoints" / f"round-{server_round:03d}-momentum.pt")
+
+    def momentum(self, server_round: int) -> torch.Tensor | None:
+        path = self.path / "checkpoints" / f"round-{server_round:03d}-momentum.pt"
+        return torch.load(path, weights_only=True) if path.is_file() else None
+
     def save_final(self, state: dict[str, torch.Tensor]) -> None:
         torch.save(state, self.path / "final_model.pt")
 

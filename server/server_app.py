@@ -25,6 +25,7 @@ from fedsilo import flwr_adapter
 from fedsilo.config import RunConfig
 from fedsilo.server.evaluate import Evaluator, global_model, load_eval_data, make_evaluator
 from fedsilo.server.run_dir import Progress, RunDir, default_run_dir, read_site_names
+from fedsilo.server.secure_round import SecureRounds
 from fedsilo.server.strategy import SiteReports
 from fedsilo.task.builtin import task_for
 from fedsilo.task.train import non_finite
@@ -70,6 +71,18 @@ def main(grid: Grid, context: Context) -> None:
             progress.lost or "none",
         )
     arrays = ArrayRecord(state)
+    secure = (
+        SecureRounds(
+            cfg,
+            run=cfg.run_id or str(context.run_id),
+            strategy=strategy,
+            exchange=lambda g, msgs: exchange(g, msgs, timeout=ROUND_TIMEOUT_S),
+        )
+        if cfg.dp == "distributed"
+        else None
+    )
+    if secure is not None and rounds:  # resumed: the server's momentum goes on too
+        secure.velocity = run_dir.momentum(rounds[-1]["round"])
     stopped = ""
     for server_round in range(progress.started + 1, cfg.rounds + 1):
         t0 = time.monotonic()
@@ -77,12 +90,15 @@ def main(grid: Grid, context: Context) -> None:
         # round they may already have spent budget on.
         progress = dataclasses.replace(progress, started=server_round)
         run_dir.write_progress(progress)
-        replies = exchange(
-            grid,
-            strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-            timeout=ROUND_TIMEOUT_S,
-        )
-        new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        if secure is not None:  # --dp distributed: SecAgg+ stages, then one step
+            new_arrays = secure.run_round(grid, server_round, arrays)
+        else:
+            replies = exchange(
+                grid,
+                strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+                timeout=ROUND_TIMEOUT_S,
+            )
+            new_arrays, _ = strategy.aggregate_train(server_round, replies)
         outcome = close_round(server_round, new_arrays, strategy, cfg, evaluate)
         if isinstance(outcome, str):  # never checkpoint, report or continue from it
             stopped = f"round {server_round}: {outcome}"
@@ -91,6 +107,8 @@ def main(grid: Grid, context: Context) -> None:
         arrays, record = outcome
         record["seconds"] = time.monotonic() - t0
         run_dir.save_checkpoint(server_round, arrays.to_torch_state_dict())
+        if secure is not None and secure.velocity is not None:
+            run_dir.save_momentum(server_round, secure.velocity)
         run_dir.append_metrics(record)  # after the checkpoint: a metrics line means resumable
         rounds.append(record)
         log.info(

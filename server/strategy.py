@@ -116,6 +116,7 @@ class SiteReports(Strategy):
         self.refusals: list[Refusal] = []
         self.last_round_sites: list[str] = []
         self.committed: dict[str, int] = {}  # example counts sites committed to
+        self.noise: dict[str, float] = {}  # each site's latest reported noise multiplier
         self._sent: list[Message] = []  # this round's train messages (ids set on sending)
         self._spec: Spec = {}
 
@@ -187,6 +188,47 @@ class SiteReports(Strategy):
         self._bound_weights(usable)
         return self.inner.aggregate_train(server_round, [m for _, m in usable])
 
+    def stage_replies(
+        self, server_round: int, sent: list[Message], replies: Iterable[Message]
+    ) -> dict[int, Message]:
+        """A secure-aggregation stage's replies that are not errors, by node (one each).
+
+        Errors, refusals, second replies and missing replies are recorded as for a
+        plain round (fedsilo.server.secure_round).
+        """
+        dst = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        usable: dict[int, Message] = {}
+        replied: set[int] = set()
+        for msg in replies:
+            src = msg.metadata.src_node_id
+            node = dst.get(msg.metadata.reply_to_message_id, src)
+            node = node if src == SUPERLINK_NODE_ID else src
+            if node not in dst.values():
+                continue  # not a site this stage asked
+            if node in replied:
+                self.fail(node, server_round, "a second reply from this site in one stage")
+                usable.pop(node, None)
+                continue
+            replied.add(node)
+            if msg.has_error():
+                self._error(self.site_name(node), server_round, msg)
+            elif not msg.has_content():
+                self.fail(node, server_round, "invalid reply: no content")
+            else:
+                usable[node] = msg
+        for node in sorted(set(dst.values()) - replied):
+            self.fail(node, server_round, "no reply before the round timeout")
+        return usable
+
+    def fail(self, node: int, server_round: int, reason: str) -> None:
+        """Record that node `node` sent nothing usable in `server_round`, and why."""
+        self._fail(self.site_name(node), server_round, reason)
+
+    def accept_report(self, node: int, server_round: int, msg: Message) -> SiteReport:
+        """The public report (metrics, ledger head) of a masked reply; InvalidReply if bad."""
+        site = self.site_name(node)
+        return self._report(site, server_round, msg)
+
     def _error(self, site: str, server_round: int, msg: Message) -> None:
         refusal = parse_refusal(msg.error.code, msg.error.reason or "")
         if refusal is not None:  # the site's own name in it is ignored: we know who it is
@@ -206,19 +248,25 @@ class SiteReports(Strategy):
         if not msg.has_content():
             raise InvalidReply("no content")
         arrays = msg.content.get(protocol.ARRAYS)
-        metrics = msg.content.get(protocol.METRICS)
-        record = msg.content.get(protocol.SITE)
         if not isinstance(arrays, ArrayRecord):
             raise InvalidReply(f"no `{protocol.ARRAYS}` record of model arrays")
-        if not isinstance(metrics, MetricRecord):
+        if not isinstance(msg.content.get(protocol.METRICS), MetricRecord):
             raise InvalidReply(f"no `{protocol.METRICS}` record")
         check_arrays(arrays, self._spec)
+        return self._report(site, server_round, msg)
+
+    def _report(self, site: str, server_round: int, msg: Message) -> SiteReport:
+        metrics = msg.content.get(protocol.METRICS)
+        record = msg.content.get(protocol.SITE)
+        if not isinstance(metrics, MetricRecord):
+            raise InvalidReply(f"no `{protocol.METRICS}` record")
         values = check_metrics(metrics)
         head = record.get(protocol.LEDGER_HEAD) if isinstance(record, ConfigRecord) else None
         if not (isinstance(head, str) and HEAD.fullmatch(head)):
             raise InvalidReply(f"no `{protocol.LEDGER_HEAD}` (a sha256 in hex)")
         examples = int(values[protocol.NUM_EXAMPLES])
         self.committed.setdefault(site, examples)
+        self.noise[site] = values[protocol.NOISE_MULTIPLIER]
         return SiteReport(
             site=site,
             examples=examples,

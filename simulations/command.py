@@ -91,6 +91,32 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     d.add_argument("--accountant", default=DEFAULTS.accountant, help="prv (tight) or rdp")
     d.add_argument(
+        "--dp",
+        default=DEFAULTS.dp,
+        choices=("local", "distributed"),
+        help="local (default): each site adds all the noise its guarantee needs and trusts no "
+        "one. distributed: secure aggregation (SecAgg+) and a noise share per site: the "
+        "server sees only the sum, which carries central DP-SGD's noise if at least "
+        "--dp-min-sites sites take part and none colludes with the server; one DP-SGD step "
+        "per round (--local-epochs unused), so use many rounds and a large --batch-size",
+    )
+    d.add_argument(
+        "--dp-min-sites",
+        type=int,
+        default=DEFAULTS.dp_min_sites,
+        metavar="M",
+        help="with --dp distributed: the honest sites whose noise shares every sum must hold; "
+        "each site adds 1/M of the noise variance (default: --sites)",
+    )
+    d.add_argument(
+        "--min-sites",
+        type=int,
+        default=None,
+        metavar="N",
+        help="the run stops when fewer sites reply in a round (default 1; with --dp "
+        "distributed, --dp-min-sites: a smaller sum would not carry the assumed noise)",
+    )
+    d.add_argument(
         "--site-max-epsilon",
         default="",
         metavar="EPS[,EPS...]",
@@ -153,10 +179,22 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for f in dataclasses.fields(RunConfig):
         if hasattr(args, f.name):
             values[f.name] = getattr(args, f.name)
+    if values.get("dp") == "distributed":
+        values["dp_min_sites"] = values["dp_min_sites"] or args.sites
+    if values.get("min_sites") is None:
+        values["min_sites"] = values["dp_min_sites"] if values.get("dp") == "distributed" else 1
     values["run_dir"] = args.out or str(default_run_dir())
     values["run_id"] = new_run_id()
     cfg = RunConfig(**values)
     cfg.validate(source="the command line")
+    if cfg.min_sites > args.sites:
+        from fedsilo.errors import ConfigError
+
+        what = "--dp-min-sites" if cfg.dp == "distributed" else "--min-sites"
+        raise ConfigError(
+            f"`{what}` is {max(cfg.min_sites, cfg.dp_min_sites)} but the simulation has "
+            f"{args.sites} site(s); no round could complete. Lower it or raise --sites."
+        )
     return cfg
 
 
@@ -252,7 +290,7 @@ def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, int, EngineCo
     changed = [
         "--" + f.name.replace("_", "-")
         for f in dataclasses.fields(RunConfig)
-        if hasattr(args, f.name) and getattr(args, f.name) != getattr(DEFAULTS, f.name)
+        if hasattr(args, f.name) and getattr(args, f.name) not in (None, getattr(DEFAULTS, f.name))
     ]
     changed += [f for f, on in (("--sites", args.sites != 3), ("--out", bool(args.out))) if on]
     changed += ["--site-max-epsilon"] if args.site_max_epsilon else []
@@ -272,11 +310,22 @@ def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, int, EngineCo
 
 
 def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:
-    """The virtual sites' policies from `--site-max-epsilon` (budgets at the run's delta)."""
+    """The virtual sites' policies from `--site-max-epsilon` (budgets at the run's delta).
+
+    With --dp distributed the virtual sites allow it at the run's own assumption: every
+    one of them is the user's, run by this command.
+    """
     from fedsilo.errors import ConfigError
 
+    distributed = cfg.dp_min_sites if cfg.dp == "distributed" else 0
     if not text.strip():
-        return [SitePolicy(max_epsilon=cfg.target_epsilon, delta=cfg.target_delta)] * sites
+        return [
+            SitePolicy(
+                max_epsilon=cfg.target_epsilon,
+                delta=cfg.target_delta,
+                distributed_min_sites=distributed,
+            )
+        ] * sites
     try:
         budgets = [float(v) for v in text.split(",")]
     except ValueError:
@@ -288,4 +337,7 @@ def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:
         )
     if len(budgets) == 1:
         budgets = budgets * sites
-    return [SitePolicy(max_epsilon=b, delta=cfg.target_delta) for b in budgets]
+    return [
+        SitePolicy(max_epsilon=b, delta=cfg.target_delta, distributed_min_sites=distributed)
+        for b in budgets
+    ]

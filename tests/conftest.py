@@ -44,6 +44,7 @@ LONGEST_FIRST = (
     "test_a_killed_server_resumes_and_the_sites_ledgers_audit",
     "test_live_sites_keep_serving_across_a_server_restart",
     "test_a_killed_site_started_again_rejoins_and_its_ledger_counts_once",
+    "test_distributed_dp_over_tls_with_secure_aggregation",
     "test_slow_but_live_sites_are_not_taken_for_dead",
     "test_three_sites_over_tls_then_one_is_lost",
     "test_deployed_sites_train_the_task_on_their_own_csv_files",
@@ -52,6 +53,7 @@ LONGEST_FIRST = (
     "test_a_killed_simulation_resumes_and_its_ledgers_audit",
     "test_sites_run_on_both_nodes_and_compute_what_a_local_run_does",
     "test_refusing_site_then_audit",
+    "test_distributed_dp_simulation_records_both_epsilons",
     "test_simulation_reaches_the_accuracy_target_at_epsilon_3",
     "test_insecure_server_refuses_secure_site",
 )

@@ -69,6 +69,13 @@ def in_process(
         (["--site-gpus", "0.25", "--device", "cpu"], "but `--device` is cpu"),
         (["--site-cpus", "4096"], "`--site-cpus` 4096 is more than this machine's"),
         (["--ray-address", "head-without-port"], "`--ray-address` must be HOST:PORT"),
+        (["--dp", "distributed", "--dp-min-sites", "1"], "`dp-min-sites` must be an integer >= 2"),
+        (["--dp", "distributed", "--min-sites", "2"], "`min-sites` must be >= dp-min-sites (3)"),
+        (["--dp-min-sites", "2"], "`dp-min-sites` must be 0 with --dp local"),
+        (
+            ["--dp", "distributed", "--dp-min-sites", "4"],
+            "`--dp-min-sites` is 4 but the simulation has 3",
+        ),
     ],
 )
 def test_bad_config_one_line_no_traceback(

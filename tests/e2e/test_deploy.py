@@ -373,3 +373,51 @@ def fedsilo_cli(tmp: Path, *args: str) -> subprocess.CompletedProcess[str]:
     from tests.e2e.federation import fedsilo
 
     return fedsilo(*args, cwd=tmp)
+
+
+def test_distributed_dp_over_tls_with_secure_aggregation(fed: Path) -> None:
+    """--dp distributed in deployment: sites a and b allow it (site.toml), site c's default
+    policy does not and refuses every round; a and b train by SecAgg+ over TLS, their
+    ledgers record the mode and the assumption, and the audit reports both epsilons."""
+    from fedsilo.privacy import ledger
+
+    for name in ("a", "b"):
+        toml = fed / "fed" / "sites" / name / "site.toml"
+        text = toml.read_text()
+        assert "distributed-min-sites = 0" in text  # off by default
+        toml.write_text(text.replace("distributed-min-sites = 0", "distributed-min-sites = 2"))
+    (fed / "dist.toml").write_text("batch-size = 300\nlr = 2.0\n")
+    fleet = free_port()
+    address = f"127.0.0.1:{fleet}"
+    srv = server(
+        fed,
+        fleet,
+        *("--config", "dist.toml", "--rounds", "4", "--dp", "distributed"),
+        *("--min-sites", "2", "--wait-sites", "3", "--out", "run"),
+    )
+    sites = [client(fed, name, i, address) for i, name in ((1, "a"), (2, "b"), (3, "c"))]
+    try:
+        assert srv.wait(timeout=400) == 0, srv.text()[-3000:]
+        done = rounds(fed / "run")
+        assert [r["round"] for r in done] == [1, 2, 3, 4]
+        assert all(r["sites"] == ["a", "b"] and r["refused"] == ["c"] for r in done)
+        assert "policy-distributed-min-sites" in done[0]["reasons"]["c"]
+        assert done[-1]["accuracy"] > 0.3  # 4 steps from a random model (0.1)
+        paths = []
+        for name in ("a", "b"):
+            path = fed / "fed" / "sites" / name / "ledger.jsonl"
+            spends = ledger.read(path).spends
+            assert [(s.mode, s.min_sites, s.event.steps) for s in spends] == [
+                ("distributed", 2, 1)
+            ] * 4
+            paths.append(str(path))
+        assert ledger.read(fed / "fed/sites/c/ledger.jsonl").spends == []
+        res = fedsilo_cli(fed, "audit", "run", *paths, "--json")
+        assert res.returncode == 0, res.stdout + res.stderr
+        for row in json.loads(res.stdout)["sites"]:
+            assert row["assumed_sites"] == 2 and row["distributed_events"] == 4
+            assert row["epsilon_own_noise"] > row["epsilon_prv"] > 0
+    finally:
+        for proc in sites:
+            if proc.popen.poll() is None:
+                assert proc.terminate() == 0, proc.text()[-3000:]

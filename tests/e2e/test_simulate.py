@@ -89,3 +89,30 @@ def test_a_killed_simulation_resumes_and_its_ledgers_audit(tmp_path: Path) -> No
     assert audit.returncode == 0, audit.stdout + audit.stderr
     again = fedsilo("simulate", "--resume", str(run_dir), cwd=tmp_path)
     assert again.returncode == 2 and "already finished its 5 round(s)" in again.stderr
+
+
+def test_distributed_dp_simulation_records_both_epsilons(tmp_path: Path) -> None:
+    """`--dp distributed` on Flower's engine: SecAgg+ stages through the virtual sites'
+    contexts, one step per round; the ledgers and the audit carry the trust assumption."""
+    from fedsilo.privacy import ledger
+    from tests.e2e.federation import fedsilo
+
+    summary = simulate(
+        tmp_path,
+        "run",
+        *("--dp", "distributed", "--rounds", "4", "--batch-size", "300", "--lr", "2"),
+    )
+    assert summary["completed_rounds"] == 4 and not summary["failures"]
+    assert summary["final"]["accuracy"] > 0.5  # 4 steps of the pooled batch (random: 0.1)
+    spends = ledger.read(tmp_path / "run" / "ledgers" / "site-0.jsonl").spends
+    assert [(s.mode, s.min_sites, s.event.steps) for s in spends] == [("distributed", 3, 1)] * 4
+    res = fedsilo("audit", str(tmp_path / "run"), "--json", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)["sites"]
+    assert len(rows) == 3
+    for row in rows:
+        # Own share only (sigma / sqrt(3)): far more than the 8 the sum is calibrated to.
+        assert row["epsilon_prv"] <= 8.0 < row["epsilon_own_noise"]
+        assert row["assumed_sites"] == 3
+    text = fedsilo("audit", str(tmp_path / "run"), cwd=tmp_path).stdout
+    assert "assume at least 3 honest sites' noise shares" in " ".join(text.split())
