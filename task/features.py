@@ -49,17 +49,19 @@ def cached_features(
     front_key: str,
     data_id: str,
     device: torch.device | None = None,
+    mmap: bool = False,
 ) -> Dataset:
     """featurize(front, data), read from `cache_dir` when computed before (None: no cache).
 
     `data_id` names the data: the fingerprint its ledger records
-    (fedsilo.privacy.fingerprint), from which the cache file's name derives.
+    (fedsilo.privacy.fingerprint), from which the cache file's name derives. `mmap`: map
+    a cached file instead of reading it (a round that touches a sample of the rows).
     """
     if cache_dir is None:
         return featurize(front, data, device=device)
     digest = data_id.removeprefix("sha256:")
     path = cache_dir / f"{digest[:32]}-{front_key}.pt"
-    cached = read_cached(path)
+    cached = read_cached(path, mmap=mmap)
     if cached is not None and "x" in cached and cached["x"].shape[0] == len(data):
         return Dataset(cached["x"], data.y, data.num_classes, data.source)
     out = featurize(front, data, device=device)
