@@ -12,6 +12,8 @@ from typing import Any
 
 from rich.table import Table
 
+from fedsilo.config import RunConfig
+
 
 def refusal_lines(summary: dict[str, Any]) -> list[str]:
     """One line per site and reason: which rounds the site refused, and why."""
@@ -76,3 +78,10 @@ def quiet_logs(verbose: bool) -> None:
     for name in ("flwr", "ray", "fedsilo"):
         logging.getLogger(name).setLevel(level)
     logging.getLogger("flwr").propagate = False  # Opacus adds a root handler at import
+
+
+def dp_note(cfg: RunConfig) -> str:
+    """How a run's noise is added, for the start lines ("" for local DP, the default)."""
+    if cfg.dp != "distributed":
+        return ""
+    return f", distributed DP (secure aggregation, noise shares for {cfg.dp_min_sites} sites)"

@@ -201,7 +201,7 @@ def checked(cfg: RunConfig, sites: int) -> RunConfig:
 
 def run(args: argparse.Namespace) -> int:
     from fedsilo import flwr_adapter
-    from fedsilo.console import end_of_run_lines, quiet_logs, resume_line, summary_table
+    from fedsilo.console import dp_note, end_of_run_lines, quiet_logs, resume_line, summary_table
     from fedsilo.privacy.provision import read_server_kit
     from fedsilo.processes import check_port, terminate_on_signals
     from fedsilo.server.launcher import ServerOptions, start_server
@@ -234,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
     )
     err.print(
         f"[bold]fedsilo server[/]: {who}, {cfg.rounds} rounds of task {task_for(cfg).name}, "
-        f"min-sites {cfg.min_sites}; run dir {cfg.run_dir}",
+        f"min-sites {cfg.min_sites}{dp_note(cfg)}; run dir {cfg.run_dir}",
         highlight=False,
     )
     if cfg.resume:

@@ -26,7 +26,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from fedsilo.config import RunConfig, new_run_id
-from fedsilo.console import end_of_run_lines, quiet_logs, resume_line, summary_table
+from fedsilo.console import dp_note, end_of_run_lines, quiet_logs, resume_line, summary_table
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.server.run_dir import default_run_dir, run_complete
 from fedsilo.simulations.engine import EngineConfig
@@ -221,8 +221,8 @@ def run(args: argparse.Namespace) -> int:
     err.print(
         f"[bold]fedsilo simulate[/]: {args.sites} sites on task {task_name} "
         f"({min(sizes)}-{max(sizes)} examples each), {cfg.rounds} rounds, "
-        f"target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g}, on {where}; "
-        f"run dir {cfg.run_dir}",
+        f"target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g}{dp_note(cfg)}, "
+        f"on {where}; run dir {cfg.run_dir}",
         highlight=False,
     )
     if cfg.resume:
