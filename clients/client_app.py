@@ -18,18 +18,18 @@ from __future__ import annotations
 import logging
 import math
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from fedsilo import protocol
-from fedsilo.clients.dp_train import RoundResult, train_round
+from fedsilo.clients.dp_train import RoundResult
 from fedsilo.clients.secure_round import secure_stage
 from fedsilo.clients.site_budget import authorise_round
 from fedsilo.clients.site_env import NAME_KEY, SiteResolver, deployed_site
+from fedsilo.clients.site_round import spent_reply, train_authorised
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, DataError, FedsiloError, PrivacyError
 from fedsilo.privacy.refusal import REFUSAL_CODE, public_reason, refusal_reason
-from fedsilo.task.features import drop_cache
 from fedsilo.task.train import non_finite
 
 log = logging.getLogger("fedsilo.client")
@@ -67,53 +67,14 @@ def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message
         return Message(Error(REFUSAL_CODE, refusal_reason(name, _public(exc, cfg))), reply_to=msg)
 
     assert isinstance(arrays, ArrayRecord)
-    result = train_round(
-        cfg,
-        site.task,
-        site.data,
-        arrays.to_torch_state_dict(),
-        auth.plan,
-        auth.run_prior,
-        site.random(server_round),
-        device=site.device,
-        cache_dir=site.cache_dir,
-        data_id=auth.dataset,  # hashed once per round, for the ledger and the cache
-    )
-    if server_round == cfg.rounds and not site.keep_cache:
-        drop_cache(site.cache_dir)  # features of private data do not outlive the run
-    if result.event != auth.event:  # the ledger must hold exactly what was spent
-        raise RuntimeError(f"trained {result.event}, but the ledger recorded {auth.event}")
+    result = train_authorised(cfg, site, auth, arrays.to_torch_state_dict(), server_round)
+    assert isinstance(result, RoundResult)  # cfg.dp is local
     why = _unsendable(result)
     if why:
         log.error("train: site %s round %d: %s", site.name, server_round, why)
         return Message(Error(protocol.SITE_FAILURE_CODE, why), reply_to=msg)
-    log.info(  # the site's own log: its total spend stays here, never in the reply
-        "train: site %s round %d: run epsilon %.3f of target %g; site total %.3f of %g",
-        site.name,
-        server_round,
-        result.epsilon,
-        cfg.target_epsilon,
-        auth.site_epsilon,
-        site.budget.policy.max_epsilon,
-    )
-    metrics = MetricRecord(
-        {
-            protocol.NUM_EXAMPLES: result.examples,
-            protocol.EPSILON: result.epsilon,
-            protocol.DELTA: cfg.target_delta,
-            protocol.TARGET_EPSILON: cfg.target_epsilon,
-            protocol.NOISE_MULTIPLIER: auth.plan.noise_multiplier,
-            protocol.STEPS: result.event.steps,
-        }
-    )
-    content = RecordDict(
-        {
-            protocol.ARRAYS: ArrayRecord(result.state_dict),
-            protocol.METRICS: metrics,
-            protocol.SITE: ConfigRecord({protocol.LEDGER_HEAD: auth.head}),
-        }
-    )
-    return Message(content=content, reply_to=msg)
+    payload = {protocol.ARRAYS: ArrayRecord(result.state_dict)}
+    return spent_reply(msg, cfg, site, auth, server_round, result, payload)
 
 
 def run_identity(cfg: RunConfig, context: Context) -> str:

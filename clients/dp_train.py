@@ -214,8 +214,13 @@ def train_round(
     device: str = "cpu",
     cache_dir: Path | None = None,
     data_id: str | None = None,
-) -> RoundResult:
-    """Train one round from the global model with DP-SGD, and account for it."""
+) -> RoundResult | DistributedResult:
+    """Train one round from the global model with DP-SGD, and account for it.
+
+    With distributed DP (cfg.dp) the round is one step whose result is the site's
+    contribution to the secure sum (`DistributedResult`), not a model.
+    """
+    distributed = cfg.dp == "distributed"
     model, trainer, train_data = site_trainer(
         cfg,
         task,
@@ -226,7 +231,10 @@ def train_round(
         device=device,
         cache_dir=cache_dir,
         data_id=data_id,
+        mmap=distributed,  # one Poisson batch per round: read only its rows
     )
+    if distributed:
+        return _distributed_step(cfg, model, trainer, train_data, plan, prior, rng, len(data))
     stats = trainer.train_epochs(train_data, cfg.local_epochs)
     event = SampledGaussianEvent(
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=stats.steps
@@ -253,33 +261,18 @@ def flat_parameters(model: nn.Module) -> list[tuple[str, torch.Size]]:
     return [(k, params[k].shape) for k in model.state_dict() if k in params]
 
 
-def distributed_round(
+def _distributed_step(
     cfg: RunConfig,
-    task: Task,
-    data: Dataset,
-    global_state: Mapping[str, torch.Tensor],
+    model: nn.Module,
+    trainer: DPTrainer,
+    train_data: Dataset,
     plan: DPPlan,
     prior: Sequence[SampledGaussianEvent],
     rng: SiteRandom,
-    *,
-    device: str = "cpu",
-    cache_dir: Path | None = None,
-    data_id: str | None = None,
+    examples: int,
 ) -> DistributedResult:
     """One distributed-DP step: the clipped gradient sum of a Poisson batch, quantized, plus
     this site's discrete Gaussian noise share (fedsilo.privacy.distributed)."""
-    model, trainer, train_data = site_trainer(
-        cfg,
-        task,
-        data,
-        plan,
-        rng,
-        global_state,
-        device=device,
-        cache_dir=cache_dir,
-        data_id=data_id,
-        mmap=True,  # one Poisson batch per round: read only its rows
-    )
     order = flat_parameters(model)
     if len(order) != len(model.state_dict()):
         raise ConfigError(
@@ -303,4 +296,4 @@ def distributed_round(
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=1
     )
     eps = epsilon([*prior, event], delta=cfg.target_delta, accountant=cfg.accountant)
-    return DistributedResult(vector, len(data), int(idx.numel()), event, eps)
+    return DistributedResult(vector, examples, int(idx.numel()), event, eps)

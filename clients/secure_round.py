@@ -13,12 +13,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedsilo import protocol
-from fedsilo.clients.dp_train import DPPlan, distributed_round
+from fedsilo.clients.dp_train import DistributedResult, DPPlan
 from fedsilo.clients.site_budget import authorise_round
 from fedsilo.clients.site_env import SiteEnvironment
+from fedsilo.clients.site_round import spent_reply, train_authorised
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.distributed import Quantizer, check_shares
@@ -90,50 +91,12 @@ def secure_stage(
             server_round=server_round,
             before_spend=shares_hold,
         )
-        result = distributed_round(
-            cfg,
-            site.task,
-            site.data,
-            arrays.to_torch_state_dict(),
-            auth.plan,
-            auth.run_prior,
-            site.random(server_round),
-            device=site.device,
-            cache_dir=site.cache_dir,
-            data_id=auth.dataset,
-        )
-        if result.event != auth.event:  # the ledger must hold exactly what was spent
-            raise RuntimeError(f"trained {result.event}, but the ledger recorded {auth.event}")
+        result = train_authorised(cfg, site, auth, arrays.to_torch_state_dict(), server_round)
+        assert isinstance(result, DistributedResult)  # cfg.dp is distributed
         masked = state.masked(to_ring(result.vector), dict(zip(srcs, blobs, strict=True)))
-        log.info(
-            "train: site %s round %d (distributed DP): run epsilon %.3f of target %g; site "
-            "total %.3f of %g",
-            site.name,
-            server_round,
-            result.epsilon,
-            cfg.target_epsilon,
-            auth.site_epsilon,
-            site.budget.policy.max_epsilon,
-        )
-        metrics = MetricRecord(
-            {
-                protocol.NUM_EXAMPLES: result.examples,
-                protocol.EPSILON: result.epsilon,
-                protocol.DELTA: cfg.target_delta,
-                protocol.TARGET_EPSILON: cfg.target_epsilon,
-                protocol.NOISE_MULTIPLIER: auth.plan.noise_multiplier,
-                protocol.STEPS: 1,
-            }
-        )
         _save(context, state)
-        content = RecordDict(
-            {
-                protocol.SECAGG: ConfigRecord({protocol.MASKED: encode_vector(masked)}),
-                protocol.METRICS: metrics,
-                protocol.SITE: ConfigRecord({protocol.LEDGER_HEAD: auth.head}),
-            }
-        )
-        return Message(content=content, reply_to=msg)
+        payload = {protocol.SECAGG: ConfigRecord({protocol.MASKED: encode_vector(masked)})}
+        return spent_reply(msg, cfg, site, auth, server_round, result, payload)
     if stage == "unmask":
         active, dead = _ints(config, protocol.ACTIVE), _ints(config, protocol.DEAD)
         shares = state.unmask(active, dead, min_active=cfg.dp_min_sites)

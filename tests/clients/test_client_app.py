@@ -10,7 +10,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedsilo import protocol
-from fedsilo.clients import client_app
+from fedsilo.clients import site_round
 from fedsilo.clients.client_app import train
 from fedsilo.clients.site_env import deployed_site
 from fedsilo.config import RunConfig
@@ -128,7 +128,7 @@ def test_spend_is_recorded_before_training(tmp_path: Path, monkeypatch: pytest.M
     def crash(*args: object, **kwargs: object) -> None:
         raise RuntimeError("power cut during training")
 
-    monkeypatch.setattr(client_app, "train_round", crash)
+    monkeypatch.setattr(site_round, "train_round", crash)
     with pytest.raises(RuntimeError, match="power cut"):
         sim_train(train_message(cfg, 1), sim_context(cfg))
     spends = ledger.read(simulated_ledger(tmp_path, 0)).spends
