@@ -90,6 +90,7 @@ def secure_stage(
             run=run,
             server_round=server_round,
             before_spend=shares_hold,
+            sites=len(srcs) + 1,  # the sites that shared keys with this one, and itself
         )
         result = train_authorised(cfg, site, auth, arrays.to_torch_state_dict(), server_round)
         assert isinstance(result, DistributedResult)  # cfg.dp is distributed

@@ -62,6 +62,7 @@ def authorise_round(
     run: str,
     server_round: int,
     before_spend: Callable[[DPPlan], None] | None = None,
+    sites: int = 0,
 ) -> Authorisation:
     """Check the round against the site's policy and budget, then record its spend.
 
@@ -78,6 +79,11 @@ def authorise_round(
     distributed = cfg.dp == "distributed"
     if distributed:
         policy.check_distributed(cfg.dp_min_sites)
+        if sites < cfg.dp_min_sites:
+            raise PrivacyError(
+                f"{sites} site(s) take part in this round; the run's noise shares assume at "
+                f"least {cfg.dp_min_sites}, so this site's share would not be enough."
+            )
     dataset = fingerprint(data)
     with ledger.transaction(budget.ledger) as txn:
         spends = txn.contents.spends
@@ -113,6 +119,7 @@ def authorise_round(
                 mode=cfg.dp,
                 noise_share=share if distributed else 0.0,
                 min_sites=cfg.dp_min_sites if distributed else 0,
+                sites=sites if distributed else 0,
             )
         )
     return Authorisation(plan, event, [s.event for s in mine], site_epsilon, head, dataset)

@@ -21,8 +21,9 @@ the noise the whole secure sum carries under the spend's trust assumption (at le
 `min_sites` honest sites' shares in it); a spend made while the policy in force did not
 allow that assumption is a violation. For a ledger holding any, the audit also reports
 `epsilon_own_noise`: every spend composed as if only the site's own noise share had
-protected it (a server colluding with all the other sites), and the smallest assumption
-any spend made (`assumed_sites`).
+protected it (a server colluding with all the other sites), the smallest assumption
+any spend made (`assumed_sites`), and the fewest sites that could have dropped out or
+colluded in any of its rounds before the assumption broke (`tolerated`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class SiteAudit:
     distributed_events: int = 0
     epsilon_own_noise: float | None = None  # None: no distributed spend, same as epsilon_prv
     assumed_sites: int | None = None
+    tolerated: int | None = None  # sites that could drop out or collude, fewest of any spend
 
     @property
     def remaining(self) -> float | None:
@@ -78,6 +80,7 @@ class SiteAudit:
             "distributed_events": self.distributed_events,
             "epsilon_own_noise": self.epsilon_own_noise,
             "assumed_sites": self.assumed_sites,
+            "tolerated": self.tolerated,
         }
 
 
@@ -181,6 +184,7 @@ def audit(path: Path, summary_heads: dict[str, str] | None = None) -> SiteAudit:
         distributed_events=len(distributed),
         epsilon_own_noise=own,
         assumed_sites=min((s.min_sites for s in distributed), default=None),
+        tolerated=min((s.sites - s.min_sites for s in distributed), default=None),
     )
 
 

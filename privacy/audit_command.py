@@ -59,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
             if r.epsilon_own_noise is not None:
                 console.print(
                     f"{r.site}: {r.distributed_events} distributed-DP spend(s) assume at least "
-                    f"{r.assumed_sites} honest sites' noise shares in each sum; with only its "
-                    f"own share, ε would be {r.epsilon_own_noise:.3f} (PRV).",
+                    f"{r.assumed_sites} honest sites' noise shares in each sum ({r.tolerated} "
+                    f"more could drop out or collude in every round); with only its own "
+                    f"share, ε would be {r.epsilon_own_noise:.3f} (PRV).",
                     highlight=False,
                 )
         for r in rows:

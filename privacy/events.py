@@ -59,9 +59,12 @@ class RoundSpend:
 
     A distributed-DP spend (`mode` "distributed", fedsilo.privacy.distributed) also
     records the trust assumption its `event` rests on: the sum the server saw holds the
-    noise shares of at least `min_sites` sites that do not collude with it. The site's
-    own share is noise multiplier `noise_share`; `own_event` is the spend if no other
-    share protected it (a server that learns every other site's noise).
+    noise shares of at least `min_sites` sites that do not collude with it. `sites` is
+    how many sites took part when the spend was recorded (those that shared keys with
+    this one), so `sites - min_sites` of them may drop out or collude before the
+    guarantee degrades. The site's own share is noise multiplier `noise_share`;
+    `own_event` is the spend if no other share protected it (a server that learns every
+    other site's noise).
     """
 
     event: SampledGaussianEvent
@@ -76,6 +79,7 @@ class RoundSpend:
     mode: str = "local"
     noise_share: float = 0.0  # distributed: the site's own share, as a noise multiplier
     min_sites: int = 0  # distributed: the honest sites the guarantee assumes
+    sites: int = 0  # distributed: the sites taking part when the spend was recorded
 
     @property
     def own_event(self) -> SampledGaussianEvent:
@@ -98,11 +102,14 @@ class RoundSpend:
         if self.mode not in ("local", "distributed"):
             raise ValueError(f"mode must be local or distributed, not {self.mode!r}")
         if self.mode == "distributed" and not (
-            0 < self.noise_share <= self.event.noise_multiplier and self.min_sites >= 2
+            0 < self.noise_share <= self.event.noise_multiplier
+            and self.min_sites >= 2
+            and self.sites >= self.min_sites
         ):
             raise ValueError(
                 "a distributed spend needs 0 < noise_share <= noise_multiplier and "
-                f"min_sites >= 2, not {self.noise_share!r}, {self.min_sites!r}"
+                f"2 <= min_sites <= sites, not {self.noise_share!r}, {self.min_sites!r}, "
+                f"{self.sites!r}"
             )
 
     def to_dict(self) -> dict[str, Any]:
@@ -118,7 +125,12 @@ class RoundSpend:
             "time": self.time,
             **({"run_rounds": self.run_rounds} if self.run_rounds else {}),
             **(
-                {"mode": self.mode, "noise_share": self.noise_share, "min_sites": self.min_sites}
+                {
+                    "mode": self.mode,
+                    "noise_share": self.noise_share,
+                    "min_sites": self.min_sites,
+                    "sites": self.sites,
+                }
                 if self.mode == "distributed"
                 else {}
             ),
@@ -139,6 +151,7 @@ class RoundSpend:
             mode=str(d.get("mode", "local")),
             noise_share=_number(d, "noise_share") if "noise_share" in d else 0.0,
             min_sites=_integer(d, "min_sites") if "min_sites" in d else 0,
+            sites=_integer(d, "sites") if "sites" in d else 0,
         )
 
 

@@ -407,8 +407,8 @@ def test_distributed_dp_over_tls_with_secure_aggregation(fed: Path) -> None:
         for name in ("a", "b"):
             path = fed / "fed" / "sites" / name / "ledger.jsonl"
             spends = ledger.read(path).spends
-            assert [(s.mode, s.min_sites, s.event.steps) for s in spends] == [
-                ("distributed", 2, 1)
+            assert [(s.mode, s.min_sites, s.sites, s.event.steps) for s in spends] == [
+                ("distributed", 2, 2, 1)
             ] * 4
             paths.append(str(path))
         assert ledger.read(fed / "fed/sites/c/ledger.jsonl").spends == []

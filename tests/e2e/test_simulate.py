@@ -105,7 +105,9 @@ def test_distributed_dp_simulation_records_both_epsilons(tmp_path: Path) -> None
     assert summary["completed_rounds"] == 4 and not summary["failures"]
     assert summary["final"]["accuracy"] > 0.5  # 4 steps of the pooled batch (random: 0.1)
     spends = ledger.read(tmp_path / "run" / "ledgers" / "site-0.jsonl").spends
-    assert [(s.mode, s.min_sites, s.event.steps) for s in spends] == [("distributed", 3, 1)] * 4
+    assert [(s.mode, s.min_sites, s.sites, s.event.steps) for s in spends] == [
+        ("distributed", 3, 3, 1)
+    ] * 4
     res = fedsilo("audit", str(tmp_path / "run"), "--json", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     rows = json.loads(res.stdout)["sites"]
@@ -113,6 +115,6 @@ def test_distributed_dp_simulation_records_both_epsilons(tmp_path: Path) -> None
     for row in rows:
         # Own share only (sigma / sqrt(3)): far more than the 8 the sum is calibrated to.
         assert row["epsilon_prv"] <= 8.0 < row["epsilon_own_noise"]
-        assert row["assumed_sites"] == 3
+        assert row["assumed_sites"] == 3 and row["tolerated"] == 0
     text = fedsilo("audit", str(tmp_path / "run"), cwd=tmp_path).stdout
     assert "assume at least 3 honest sites' noise shares" in " ".join(text.split())

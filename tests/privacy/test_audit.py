@@ -68,6 +68,7 @@ def test_statuses_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert set(first) == {
         "site", "ledger", "events", "steps", "epsilon_prv", "epsilon_rdp", "delta", "budget",
         "status", "problems", "distributed_events", "epsilon_own_noise", "assumed_sites",
+        "tolerated",
     }  # fmt: skip
     assert (first["distributed_events"], first["epsilon_own_noise"]) == (0, None)
     assert first["events"] == 2 and first["steps"] == 100 and first["delta"] == 1e-5
@@ -244,14 +245,14 @@ def test_an_extreme_but_valid_entry_is_audited_without_exhausting_memory(tmp_pat
 def test_distributed_spends_report_the_own_noise_epsilon_and_need_the_policy(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    dist = {"mode": "distributed", "noise_share": 0.5, "min_sites": 4}
+    dist = {"mode": "distributed", "noise_share": 0.5, "min_sites": 4, "sites": 6}
     # The policy allows distributed DP at 4 sites: ok, and both figures are reported.
     allowed = make(tmp_path / "allowed.jsonl", 50.0, 2, site="a", distributed_min_sites=4, **dist)
     # The same spends on a ledger whose policy never allowed distributed DP: violated.
     refused = make(tmp_path / "refused.jsonl", 8.0, 2, site="b", **dist)
     code, (ok, bad) = audit_json(capsys, allowed, refused)
     assert code == 1 and ok["status"] == "ok" and bad["status"] == "violated"
-    assert (ok["distributed_events"], ok["assumed_sites"]) == (2, 4)
+    assert (ok["distributed_events"], ok["assumed_sites"], ok["tolerated"]) == (2, 4, 2)
     alone = SampledGaussianEvent(noise_multiplier=0.5, sample_rate=0.1, steps=50)
     assert ok["epsilon_own_noise"] == pytest.approx(epsilon([alone] * 2, delta=1e-5), rel=1e-6)
     assert ok["epsilon_own_noise"] > ok["epsilon_prv"] == pytest.approx(TWO)

@@ -82,15 +82,17 @@ def spend(**kw: object) -> RoundSpend:
 
 
 def test_a_distributed_spend_records_its_assumption_and_round_trips() -> None:
-    s = spend(mode="distributed", noise_share=2.0, min_sites=4)
+    s = spend(mode="distributed", noise_share=2.0, min_sites=4, sites=5)
     back = RoundSpend.from_dict(s.to_dict())
     assert back == s and back.own_event.noise_multiplier == 2.0
     assert spend().own_event == spend().event  # local DP: its own noise is all of it
     assert "mode" not in spend().to_dict()  # local lines read and hash as before
-    with pytest.raises(ValueError, match="min_sites >= 2"):
-        spend(mode="distributed", noise_share=2.0, min_sites=1)
+    with pytest.raises(ValueError, match="2 <= min_sites <= sites"):
+        spend(mode="distributed", noise_share=2.0, min_sites=1, sites=5)
+    with pytest.raises(ValueError, match="2 <= min_sites <= sites"):
+        spend(mode="distributed", noise_share=2.0, min_sites=4, sites=3)
     with pytest.raises(ValueError, match="noise_share <= noise_multiplier"):
-        spend(mode="distributed", noise_share=5.0, min_sites=4)
+        spend(mode="distributed", noise_share=5.0, min_sites=4, sites=5)
 
 
 def test_policy_allows_distributed_dp_only_when_asked_and_at_its_assumption() -> None:

@@ -154,7 +154,7 @@ def test_the_server_only_holds_masked_vectors_and_their_sum(
     assert rounds.strategy.last_round_sites == [f"site-{p}" for p in range(SITES)]
     # Each site's ledger records the mode, its noise share and the trust assumption.
     spend = ledger.read(simulated_ledger(tmp_path, 0)).spends[0]
-    assert (spend.mode, spend.min_sites, spend.event.steps) == ("distributed", 3, 1)
+    assert (spend.mode, spend.min_sites, spend.sites, spend.event.steps) == ("distributed", 3, 4, 1)
     assert spend.noise_share == pytest.approx(spend.event.noise_multiplier / 3**0.5)
 
 
@@ -222,3 +222,22 @@ def test_a_sum_no_clipped_sites_could_send_is_dropped(
     new = rounds_for(cfg).run_round(SiteGrid(cfg), 1, ArrayRecord(global_model(cfg).state_dict()))
     assert new is None
     assert "exceeds what clipped, noised sites can send" in caplog.text
+
+
+def test_sites_refuse_to_spend_when_fewer_sites_share_keys_than_the_noise_assumes(
+    tmp_path: Path,
+) -> None:
+    """A server that goes on below min-sites (here: it was told 2) after site-3 dropped at
+    the key exchange: every site sees 3 senders, fewer than its 4, and spends nothing."""
+    import dataclasses
+
+    cfg = distributed_cfg(tmp_path, dp_min_sites=4, min_sites=4)
+    write_site_policies(tmp_path, [SitePolicy(max_epsilon=8.0, distributed_min_sites=4)] * SITES)
+    server = rounds_for(dataclasses.replace(cfg, min_sites=2))
+    grid = SiteGrid(cfg, drop=lambda node, stage: node == 103 and stage == "share-keys")
+    assert server.run_round(grid, 1, ArrayRecord(global_model(cfg).state_dict())) is None
+    reasons = {r.site: r.reason for r in server.strategy.refusals}
+    assert sorted(reasons) == ["site-0", "site-1", "site-2"]
+    assert all("3 site(s) take part in this round" in r for r in reasons.values())
+    for pid in range(SITES):
+        assert ledger.read(simulated_ledger(tmp_path, pid)).spends == []
