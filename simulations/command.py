@@ -6,6 +6,8 @@ Examples:
   fedsilo simulate --dataset fashion-mnist --sites 10 --target-epsilon 3 --rounds 5
   fedsilo simulate --partition dirichlet:0.5 --json > summary.json
   fedsilo simulate --sites 2 --site-max-epsilon 8,2   # site-1's budget refuses the run
+  fedsilo simulate --dp distributed --rounds 40 --batch-size 300 --lr 2  # secure aggregation,
+                                                     # noise shares: one step a round
   fedsilo simulate --resume runs/20260101-120000     # go on after a crash or Ctrl-C
   fedsilo simulate --ray-address 10.0.0.5:6379 --site-gpus 0.25 --sites 16 \
       --out /shared/runs/x                           # on a Ray cluster; RUN_DIR shared
