@@ -42,7 +42,10 @@ each time to close a hole an attacker could use:
 Against a malicious server: a server that also controls sites (Sybils it registered, or
 colluding sites) learns what those sites know; distributed DP (fedsilo.privacy.distributed)
 states the number of honest sites its guarantee assumes. Sites do not verify each other's
-identity here: the node ids are the SuperLink's.
+identity here (the node ids and public keys are the SuperLink's to relay), so a server
+that replaced every other site's keys with its own could unmask one site's vector; that
+vector still carries the site's own noise share. Signing the keys with the sites' kit
+keys would close this; it is not done yet.
 """
 
 from __future__ import annotations
