@@ -10,7 +10,9 @@ and nowhere else:
   and its Ray actor pool;
 - `site_runtime`: a deployed site's warm runtime (`python -m
   fedsilo.flwr_adapter.site_runtime supernode ARGS...`, what `fedsilo client start`
-  runs instead of `flower-supernode ARGS...`).
+  runs instead of `flower-supernode ARGS...`);
+- `control`: the SuperLink's node list asked in-process through the Control API (what
+  `flwr supernode ls` does in a new process each time).
 
 These are private to Flower and may change in any release. The package imports nothing
 of fedsilo but `errors`, so every layer may use it (tests/test_layers.py).

@@ -29,6 +29,7 @@ from typing import Any
 
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, FedsiloError
+from fedsilo.flwr_adapter.control import list_nodes
 from fedsilo.privacy.provision import ServerKit
 from fedsilo.processes import (
     CONTROL_PORT,
@@ -206,16 +207,9 @@ class Server:
         return ids
 
     def _nodes(self) -> list[dict[str, Any]] | None:
-        """The SuperLink's nodes, or None while its Control API does not answer."""
-        res = self.flwr("supernode", "ls", CONNECTION, "--format", "json", timeout=60)
-        try:
-            out = json.loads(res.stdout)
-        except json.JSONDecodeError:
-            return None
-        if not out.get("success"):
-            return None
-        nodes: list[dict[str, Any]] = out["nodes"]
-        return nodes
+        """The SuperLink's nodes, or None while its Control API does not answer (asked in
+        this process: `flwr supernode ls` cost 1.5 s of CPU a call)."""
+        return list_nodes(self.home, CONNECTION)
 
     def register_sites(self) -> dict[str, str]:
         """Allow-list every site key of the kit; return site name -> node id."""

@@ -44,7 +44,6 @@ LONGEST_FIRST = (
     "test_a_killed_server_resumes_and_the_sites_ledgers_audit",
     "test_live_sites_keep_serving_across_a_server_restart",
     "test_a_killed_site_started_again_rejoins_and_its_ledger_counts_once",
-    "test_distributed_dp_over_tls_with_secure_aggregation",
     "test_slow_but_live_sites_are_not_taken_for_dead",
     "test_three_sites_over_tls_then_one_is_lost",
     "test_deployed_sites_train_the_task_on_their_own_csv_files",
