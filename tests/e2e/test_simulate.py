@@ -91,11 +91,13 @@ def test_a_killed_simulation_resumes_and_its_ledgers_audit(tmp_path: Path) -> No
     assert again.returncode == 2 and "already finished its 5 round(s)" in again.stderr
 
 
-def test_distributed_dp_simulation_records_both_epsilons(tmp_path: Path) -> None:
+def test_distributed_dp_simulation_records_both_epsilons(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """`--dp distributed` on Flower's engine: SecAgg+ stages through the virtual sites'
     contexts, one step per round; the ledgers and the audit carry the trust assumption."""
+    from fedsilo.cli import main
     from fedsilo.privacy import ledger
-    from tests.e2e.federation import fedsilo
 
     summary = simulate(
         tmp_path,
@@ -108,13 +110,14 @@ def test_distributed_dp_simulation_records_both_epsilons(tmp_path: Path) -> None
     assert [(s.mode, s.min_sites, s.sites, s.event.steps) for s in spends] == [
         ("distributed", 3, 3, 1)
     ] * 4
-    res = fedsilo("audit", str(tmp_path / "run"), "--json", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
-    rows = json.loads(res.stdout)["sites"]
+    capsys.readouterr()
+    assert main(["audit", str(tmp_path / "run"), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["sites"]
     assert len(rows) == 3
     for row in rows:
         # Own share only (sigma / sqrt(3)): far more than the 8 the sum is calibrated to.
         assert row["epsilon_prv"] <= 8.0 < row["epsilon_own_noise"]
         assert row["assumed_sites"] == 3 and row["tolerated"] == 0
-    text = fedsilo("audit", str(tmp_path / "run"), cwd=tmp_path).stdout
-    assert "assume at least 3 honest sites' noise shares" in " ".join(text.split())
+    assert main(["audit", str(tmp_path / "run")]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "assume at least 3 honest sites' noise shares" in text
