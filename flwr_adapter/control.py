@@ -1,4 +1,4 @@
-"""The SuperLink's nodes, asked in this process (Flower internals; see the package).
+"""The SuperLink's Control API from this process: list and register nodes (Flower internals).
 
 `flwr supernode ls --format json` starts a Python process that imports Flower's CLI: about
 1.5 s of CPU a call. `fedsilo server start` asks every second while it waits for the
@@ -7,6 +7,8 @@ a core. `list_nodes` makes the same Control API call (`ListNodes`, over the conn
 named in a FLWR_HOME's config.toml) with the same pieces the CLI uses:
 `flwr.cli.flower_config.read_superlink_connection`,
 `flwr.cli.utils.init_http_client_from_connection` and the `ListNodesRequest` message.
+`register_node` does what `flwr supernode register KEY --name NAME` does
+(`RegisterNodeRequest`), once per site at every server start.
 """
 
 from __future__ import annotations
@@ -34,13 +36,11 @@ def _flwr_home(home: Path) -> Iterator[None]:
             os.environ["FLWR_HOME"] = before
 
 
-def list_nodes(home: Path, connection: str) -> list[dict[str, Any]] | None:
-    """Each node's id, owner name and status ("online", "offline", ...), as `flwr supernode
-    ls --format json` lists them (deleted nodes left out); None while the Control API
-    does not answer."""
+@contextlib.contextmanager
+def _control(home: Path, connection: str) -> Iterator[Any]:
+    """A Control API client for `connection` in the FLWR_HOME `home`, quietly."""
     from flwr.cli.flower_config import read_superlink_connection
     from flwr.cli.utils import init_http_client_from_connection
-    from flwr.proto.control_pb2 import ListNodesRequest
 
     quiet = io.StringIO()  # the CLI's helpers print "Using SuperLink: ..." on stdout
     flwr_log = logging.getLogger("flwr")
@@ -50,15 +50,57 @@ def list_nodes(home: Path, connection: str) -> list[dict[str, Any]] | None:
         with _flwr_home(home), contextlib.redirect_stdout(quiet):
             client = init_http_client_from_connection(read_superlink_connection(connection))
             try:
-                res = client.ListNodes(ListNodesRequest())
+                yield client
             finally:
                 client.close()
-    except Exception:
-        return None
     finally:
         flwr_log.setLevel(level)
+
+
+def list_nodes(home: Path, connection: str) -> list[dict[str, Any]] | None:
+    """Each node's id, owner name and status ("online", "offline", ...), as `flwr supernode
+    ls --format json` lists them (deleted nodes left out); None while the Control API
+    does not answer."""
+    from flwr.proto.control_pb2 import ListNodesRequest
+
+    try:
+        with _control(home, connection) as client:
+            res = client.ListNodes(ListNodesRequest())
+    except Exception:
+        return None
     return [
         {"node-id": str(n.node_id), "owner-name": n.owner_name, "status": n.status}
         for n in res.nodes_info
         if n.status != "deleted"
     ]
+
+
+def register_node(home: Path, connection: str, public_key: Path, name: str) -> int:
+    """Allow-list a site's public key (an OpenSSH EC key file) under `name`; its node id.
+
+    Raises:
+        ValueError: the key is not a NIST EC public key, or the SuperLink refused it
+            (the message says which).
+    """
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from flwr.proto.control_pb2 import RegisterNodeRequest
+    from flwr.supercore.primitives.asymmetric import public_key_to_bytes, uses_nist_ec_curve
+
+    try:
+        key = serialization.load_ssh_public_key(public_key.read_bytes())
+    except (ValueError, UnsupportedAlgorithm):
+        key = None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not uses_nist_ec_curve(key):
+        raise ValueError(f"{public_key} is not a NIST elliptic-curve public key")
+    try:
+        with _control(home, connection) as client:
+            res = client.RegisterNode(
+                request=RegisterNodeRequest(public_key=public_key_to_bytes(key), name=name)
+            )
+    except Exception as exc:
+        raise ValueError(f"the SuperLink refused it ({exc})") from None
+    if not res.node_id:
+        raise ValueError("the SuperLink returned no node id")
+    return int(res.node_id)

@@ -165,3 +165,15 @@ def test_an_object_not_there_yet_is_pulled_again_after_50_ms_not_1_s() -> None:
         for fn, saved in kwdefaults.items():
             fn.__kwdefaults__.clear()
             fn.__kwdefaults__.update(saved)
+
+
+def test_control_api_calls_fail_with_a_reason_not_an_exit(tmp_path: Path) -> None:
+    """In-process Control API calls (what `flwr supernode ls/register` do in a process of
+    their own) never exit this process: a bad key is a ValueError, no answer is None."""
+    from fedsilo.flwr_adapter.control import list_nodes, register_node
+
+    bad = tmp_path / "bad.pub"
+    bad.write_text("ecdsa-sha2-nistp384 not-a-key\n")
+    with pytest.raises(ValueError, match="not a NIST elliptic-curve public key"):
+        register_node(tmp_path, "fedsilo", bad, "a")
+    assert list_nodes(tmp_path / "no-config", "fedsilo") is None
