@@ -42,6 +42,15 @@ def test_random_rounding_is_unbiased_and_moves_each_coordinate_by_under_one() ->
     assert set(np.unique(r)) == {0, 1} and r.mean() == pytest.approx(0.25, abs=0.01)
 
 
+def test_the_decoded_sum_of_contributions_is_the_float_sum_within_the_rounding() -> None:
+    q = Quantizer(dim=1000, clip=0.1)
+    rng = SeededRandom(2)
+    grads = [torch.randn(1000) * 0.01 for _ in range(5)]
+    total = np.sum([quantize(g, q.scale, rng) for g in grads], axis=0)
+    err = decode_sum(total, q) - torch.stack(grads).sum(0)
+    assert float(err.abs().max()) < 5 / q.scale  # each of 5 coordinates rounds by < 1 unit
+
+
 def test_sensitivity_covers_rounding_and_the_share_sums_to_central_noise() -> None:
     q = Quantizer(dim=10_000, clip=0.1)
     assert q.scale * q.clip == pytest.approx(100 * 100)  # RESOLUTION x sqrt(d)
