@@ -161,22 +161,29 @@ class SecureRounds:
         clock.lap("unmask-sum")
         st.last_round_sites = sorted(st.site_name(n) for n in active)
         log.info("secure round %d: %d sites; %s", server_round, len(active), clock)
-        return ArrayRecord(self._step(state, grid_batch(self, active), grad))
+        return ArrayRecord(self._step(state, self._pooled_batch(active), grad))
 
     def _bound(self, active: Iterable[int], quantizer: Quantizer) -> float:
         """The largest L2 norm an honest sum can have, with 8 standard deviations of noise.
 
-        Each site's clipped sum is at most C x its examples; the noise of all shares is
-        at most sigma x Delta per coordinate (in integer units), sigma the largest any
-        site reported. A site cannot be checked on its own (it is masked); a sum beyond
-        this bound means one sent more than clipped gradients, and it is dropped.
+        Each site's clipped sum is at most C x its examples; each of the n shares has std
+        sigma x Delta / sqrt(M) per coordinate (in integer units), sigma the largest any
+        site reported, so their sum sigma x Delta x sqrt(n / M). A site cannot be checked
+        on its own (it is masked); a sum beyond this bound means one sent more than
+        clipped gradients, and it is dropped.
         """
         st = self.strategy
         names = [st.site_name(n) for n in active]
         examples = sum(st.committed[n] for n in names)
         sigma = max(st.noise.get(n, 0.0) for n in names)
-        noise = 8.0 * sigma * quantizer.sensitivity / quantizer.scale * quantizer.dim**0.5
-        return float(self.cfg.max_grad_norm * examples + noise)
+        shares = max(1.0, len(names) / max(1, self.cfg.dp_min_sites))
+        std = sigma * quantizer.sensitivity / quantizer.scale * shares**0.5
+        return float(self.cfg.max_grad_norm * examples + 8.0 * std * quantizer.dim**0.5)
+
+    def _pooled_batch(self, active: Iterable[int]) -> float:
+        """The sites' expected pooled Poisson batch: each samples min(batch, its examples)."""
+        st, b = self.strategy, self.cfg.batch_size
+        return float(sum(min(b, st.committed[st.site_name(n)]) for n in active))
 
     def _step(
         self, state: dict[str, torch.Tensor], batch: float, grad_sum: torch.Tensor
@@ -237,12 +244,6 @@ class SecureRounds:
             else:
                 self.strategy.fail(node, server_round, f"invalid reply: no `{protocol.SECAGG}`")
         return records
-
-
-def grid_batch(rounds: SecureRounds, active: Iterable[int]) -> float:
-    """The sites' expected pooled Poisson batch: each samples min(batch, its examples)."""
-    st, b = rounds.strategy, rounds.cfg.batch_size
-    return float(sum(min(b, st.committed[st.site_name(n)]) for n in active))
 
 
 class _Clock:
