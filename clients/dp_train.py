@@ -250,7 +250,6 @@ class DistributedResult:
 
     vector: np.ndarray  # int64: quantized clipped-gradient sum plus the site's noise share
     examples: int
-    batch: int  # examples in this round's Poisson batch (stays at the site)
     event: SampledGaussianEvent
     epsilon: float
 
@@ -296,4 +295,4 @@ def _distributed_step(
         noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=1
     )
     eps = epsilon([*prior, event], delta=cfg.target_delta, accountant=cfg.accountant)
-    return DistributedResult(vector, examples, int(idx.numel()), event, eps)
+    return DistributedResult(vector, examples, event, eps)

@@ -17,7 +17,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedsilo import protocol
 from fedsilo.clients.dp_train import DistributedResult, DPPlan
-from fedsilo.clients.site_budget import authorise_round
+from fedsilo.clients.site_budget import authorise_round, check_run
 from fedsilo.clients.site_env import SiteEnvironment
 from fedsilo.clients.site_round import spent_reply, train_authorised
 from fedsilo.config import RunConfig
@@ -42,12 +42,7 @@ def secure_stage(
     stage = str(config.get(protocol.SECAGG_STAGE, ""))
     tag = f"{run}/{server_round}".encode()
     if stage == "setup":
-        site.budget.policy.check_request(
-            target_epsilon=cfg.target_epsilon,
-            target_delta=cfg.target_delta,
-            max_grad_norm=cfg.max_grad_norm,
-        )
-        site.budget.policy.check_distributed(cfg.dp_min_sites)
+        check_run(site.budget.policy, cfg)  # refused here, before any key is made
         state = SecAggSite(node=msg.metadata.dst_node_id, round_tag=tag)
         c, s = state.public_keys()
         return _reply(msg, context, state, {protocol.KEY_C: c, protocol.KEY_S: s})

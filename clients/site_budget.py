@@ -71,19 +71,13 @@ def authorise_round(
         BudgetExceededError: the round does not fit what remains of the budget.
     """
     policy = budget.policy
-    policy.check_request(
-        target_epsilon=cfg.target_epsilon,
-        target_delta=cfg.target_delta,
-        max_grad_norm=cfg.max_grad_norm,
-    )
+    check_run(policy, cfg)
     distributed = cfg.dp == "distributed"
-    if distributed:
-        policy.check_distributed(cfg.dp_min_sites)
-        if sites < cfg.dp_min_sites:
-            raise PrivacyError(
-                f"{sites} site(s) take part in this round; the run's noise shares assume at "
-                f"least {cfg.dp_min_sites}, so this site's share would not be enough."
-            )
+    if distributed and sites < cfg.dp_min_sites:
+        raise PrivacyError(
+            f"{sites} site(s) take part in this round; the run's noise shares assume at "
+            f"least {cfg.dp_min_sites}, so this site's share would not be enough."
+        )
     dataset = fingerprint(data)
     with ledger.transaction(budget.ledger) as txn:
         spends = txn.contents.spends
@@ -123,6 +117,17 @@ def authorise_round(
             )
         )
     return Authorisation(plan, event, [s.event for s in mine], site_epsilon, head, dataset)
+
+
+def check_run(policy: SitePolicy, cfg: RunConfig) -> None:
+    """Refuse a run the site's policy does not allow (its request, and its DP mode)."""
+    policy.check_request(
+        target_epsilon=cfg.target_epsilon,
+        target_delta=cfg.target_delta,
+        max_grad_norm=cfg.max_grad_norm,
+    )
+    if cfg.dp == "distributed":
+        policy.check_distributed(cfg.dp_min_sites)
 
 
 class RoundRefused(PrivacyError):

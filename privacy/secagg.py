@@ -130,10 +130,6 @@ def mask(secret: bytes, context: bytes, size: int) -> np.ndarray:
     return np.frombuffer(stream.update(bytes(8 * size)), dtype="<u8").astype(np.uint64)
 
 
-def _pair_secret(private: X25519PrivateKey, public: bytes) -> bytes:
-    return _exchange(private, public)
-
-
 def _share_aad(round_tag: bytes, src: int, dst: int) -> bytes:
     return round_tag + src.to_bytes(8, "little") + dst.to_bytes(8, "little")
 
@@ -239,7 +235,7 @@ class SecAggSite:
         vec = np.asarray(vector, dtype=np.uint64)
         out = vec + mask(self._b, self.round_tag, vec.size)
         for other in ciphertexts:
-            m = mask(_pair_secret(self._s, self._keys[int(other)][1]), self.round_tag, vec.size)
+            m = mask(_exchange(self._s, self._keys[int(other)][1]), self.round_tag, vec.size)
             out = out + m if self.node > int(other) else out - m  # uint64: wraps mod 2^64
         return np.asarray(out, dtype=np.uint64)
 
@@ -360,7 +356,7 @@ def unmask_sum(
         s_j = X25519PrivateKey.from_private_bytes(s_raw)
         for i in active:
             if j in set(shared[i]):
-                m = mask(_pair_secret(s_j, keys[i][1]), round_tag, size)
+                m = mask(_exchange(s_j, keys[i][1]), round_tag, size)
                 total = total - m if i > j else total + m
     return total.view(np.int64)
 
