@@ -6,8 +6,9 @@
   2. waits for the server with backoff, checking on each attempt that it speaks
      TLS with a certificate the federation CA signed for the address dialled
      (a wrong CA or a plaintext server stops at once, with the reason);
-  3. starts `flower-supernode` (node config: data path, site name, ledger path and
-     the site's policy; runtime dependency installation off), and waits for it;
+  3. starts `flower-supernode` (node config: data path, site name, ledger path, the
+     site's policy and, when the kit has a site.crt, its identity files; runtime
+     dependency installation off), and waits for it;
   4. stops it, and every ClientApp it started, on Ctrl-C or SIGTERM.
 """
 
@@ -25,10 +26,13 @@ from pathlib import Path
 from fedsilo.clients.dp_train import feature_cache_dir
 from fedsilo.clients.site_env import (
     BUILTIN,
+    CA_CERT_KEY,
     DATA_KEY,
     DEVICE_KEY,
     KEEP_CACHE_KEY,
     NAME_KEY,
+    SITE_CERT_KEY,
+    SITE_KEY_KEY,
     TASK_KEY,
 )
 from fedsilo.errors import ConfigError, FedsiloError
@@ -80,8 +84,12 @@ class ClientOptions:
 
 
 def node_config(kit: SiteKit, opts: ClientOptions) -> dict[str, str | float]:
-    """The node config the ClientApp reads: data, identity, ledger and policy."""
-    return {
+    """The node config the ClientApp reads: data, name, ledger, policy and identity.
+
+    The identity files (for secure aggregation) only when the kit holds a site.crt: a
+    kit made before site certificates still trains with local DP.
+    """
+    values: dict[str, str | float] = {
         DATA_KEY: str(opts.data.resolve()),
         NAME_KEY: kit.name,
         LEDGER_KEY: str(kit.ledger.resolve()),
@@ -90,6 +98,11 @@ def node_config(kit: SiteKit, opts: ClientOptions) -> dict[str, str | float]:
         DEVICE_KEY: opts.device,
         **kit.policy.node_config(),
     }
+    if kit.cert.exists():
+        values[SITE_KEY_KEY] = str(kit.key.resolve())
+        values[SITE_CERT_KEY] = str(kit.cert.resolve())
+        values[CA_CERT_KEY] = str(kit.ca.resolve())
+    return values
 
 
 def format_node_config(values: Mapping[str, str | float]) -> str:

@@ -7,8 +7,10 @@ by whoever runs it, and the resolver alone turns the node config into a
 - `deployed_site` is the resolver of the ClientApp the manifest names, the one
   `flower-supernode` runs. It reads the node config `fedsilo client start` passes
   (`data-path`, `site-name`, `ledger-path`, `policy-*`, `keep-feature-cache`,
-  `task`, `device`), trains only the task its operator named (the server's run
-  config cannot make a site import anything else), and
+  `task`, `device`, and `site-key`/`site-cert`/`ca-cert` when the kit holds a site
+  certificate), trains only the task its operator named (the server's run
+  config cannot make a site import anything else), loads the site's identity for
+  secure aggregation (fedsilo.privacy.identity), and
   draws DP randomness from a cryptographically secure source seeded from the OS
   (fedsilo.task.rng.SecureRandom). A node config without those keys is refused,
   whatever else it holds: a SuperNode started with a `partition-id` never falls into
@@ -16,8 +18,9 @@ by whoever runs it, and the resolver alone turns the node config into a
   site's random source.
 - `fedsilo.simulations.sites.SimulatedSites` is the resolver of `fedsilo simulate`
   only: it builds its ClientApp in-process and hands it to the simulation engine.
-  Its sites take a share of a public dataset, keep their ledgers in the run directory
-  and draw reproducible randomness from `--seed` (experiments, not deployments).
+  Its sites take a share of a public dataset, keep their ledgers (and, with
+  `--dp distributed`, throwaway identities) in the run directory and draw
+  reproducible randomness from `--seed` (experiments, not deployments).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from fedsilo.clients.site_data import load_site_file
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, PrivacyError
 from fedsilo.privacy import ledger
+from fedsilo.privacy.identity import SiteIdentity, load_identity
 from fedsilo.privacy.policy import LEDGER_KEY, SitePolicy
 from fedsilo.task.api import Task
 from fedsilo.task.builtin import BUILTIN as BUILTIN_MODULE
@@ -46,6 +50,11 @@ BUILTIN = "builtin"
 BUILTIN_PREFIX = f"{BUILTIN_MODULE}:"
 NAME_KEY = "site-name"
 KEEP_CACHE_KEY = "keep-feature-cache"
+# The site's identity in secure aggregation: its kit's site.key, site.crt and ca.crt.
+SITE_KEY_KEY = "site-key"
+SITE_CERT_KEY = "site-cert"
+CA_CERT_KEY = "ca-cert"
+IDENTITY_KEYS = (SITE_KEY_KEY, SITE_CERT_KEY, CA_CERT_KEY)  # load_identity's order
 
 
 @dataclass(frozen=True)
@@ -62,6 +71,9 @@ class SiteEnvironment:
     # None: every round draws from a fresh SecureRandom (deployment). An int: a simulated
     # site's own stream, reproducible from the run's --seed (experiments only).
     simulation_seed: int | None = None
+    # The key and certificate that prove this site's secure-aggregation keys to the
+    # others; None for a site whose kit has no site.crt (it can still train with local DP).
+    identity: SiteIdentity | None = None
 
     @property
     def simulated(self) -> bool:
@@ -81,8 +93,8 @@ def deployed_site(cfg: RunConfig, node_config: Mapping[str, object]) -> SiteEnvi
     """A real site, from the node config `fedsilo client start` gives its SuperNode.
 
     Raises:
-        ConfigError, DataError: a task other than the site's, no data file, or one that
-            does not fit the run's task.
+        ConfigError, DataError: a task other than the site's, no data file, one that
+            does not fit the run's task, or an identity that does not load.
         PrivacyError: no ledger or no policy (a site never trains without both).
     """
     task = site_task(cfg, str(node_config.get(TASK_KEY) or BUILTIN))
@@ -97,6 +109,13 @@ def deployed_site(cfg: RunConfig, node_config: Mapping[str, object]) -> SiteEnvi
     path = Path(str(node_config[LEDGER_KEY])).expanduser()
     ledger.ensure_policy(path, name, policy)
     keep = str(node_config.get(KEEP_CACHE_KEY, "false")).lower() == "true"
+    identity = site_identity(node_config)
+    if identity is not None and identity.name != name:
+        raise ConfigError(
+            f"The site's certificate {node_config[SITE_CERT_KEY]} is for site "
+            f"{identity.name!r}, but its node config names it {name!r}; start it with "
+            "`fedsilo client start --kit` and that kit's own site.crt."
+        )
     return SiteEnvironment(
         name,
         task,
@@ -105,7 +124,29 @@ def deployed_site(cfg: RunConfig, node_config: Mapping[str, object]) -> SiteEnvi
         feature_cache_dir(path),
         keep,
         device=str(node_config.get(DEVICE_KEY) or "auto"),
+        identity=identity,
     )
+
+
+def site_identity(node_config: Mapping[str, object]) -> SiteIdentity | None:
+    """The identity whose files the node config names; None when it names none.
+
+    Raises:
+        ConfigError: only some of the files named, or files that do not load
+            (fedsilo.privacy.identity.load_identity says which and why).
+    """
+    paths = {key: str(node_config.get(key) or "") for key in IDENTITY_KEYS}
+    if not any(paths.values()):
+        return None
+    missing = [key for key, value in paths.items() if not value]
+    if missing:
+        raise ConfigError(
+            f"The node config names a site identity without `{'`, `'.join(missing)}`: "
+            f"it needs all of `{'`, `'.join(IDENTITY_KEYS)}` (the kit's site.key, site.crt, "
+            "ca.crt), as `fedsilo client start --kit` passes them."
+        )
+    key, cert, ca = (Path(paths[k]).expanduser() for k in IDENTITY_KEYS)
+    return load_identity(key, cert, ca)
 
 
 def site_task(cfg: RunConfig, allowed: str) -> Task:

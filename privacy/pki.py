@@ -6,6 +6,9 @@
   match the name they dial against the SANs, never the CN).
 - One ECDSA P-384 key pair per site, in OpenSSH format, for Flower SuperNode
   authentication (the SuperLink allow-lists the public key).
+- A site certificate for that same key, signed by the CA (CN = the site's name,
+  clientAuth): other sites check it before they trust the site's secure-aggregation
+  keys (fedsilo.privacy.identity).
 
 Nothing here touches the file system except `write_secret`/`write_public`; the
 kit layout lives in `fedsilo.privacy.provision`.
@@ -17,6 +20,7 @@ import contextlib
 import datetime as dt
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -30,7 +34,9 @@ from fedsilo.errors import ConfigError
 CURVE = ec.SECP384R1()  # what Flower's SuperNode auth accepts (any NIST curve); TLS-wide support
 CA_DAYS = 5 * 365  # the CA outlives several server certificates
 SERVER_DAYS = 825  # the CA/Browser Forum's long-standing cap for a TLS leaf
+SITE_DAYS = 825  # like the server's: `fedsilo provision certify-site` renews it, same key
 CLOCK_SKEW = dt.timedelta(minutes=5)  # not-before slack for sites whose clocks run behind
+SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # a kit's folder and a certificate's CN
 
 
 class PKIError(ConfigError):
@@ -39,6 +45,15 @@ class PKIError(ConfigError):
 
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
+
+
+def validate_site_name(name: str) -> str:
+    if not SITE_NAME.match(name):
+        raise ConfigError(
+            f"Site name {name!r} must be 1-63 lowercase letters, digits, '-' or '_', "
+            "starting with a letter or digit."
+        )
+    return name
 
 
 def new_key() -> ec.EllipticCurvePrivateKey:
@@ -61,24 +76,18 @@ def new_ca(
         .not_valid_before(now - CLOCK_SKEW)
         .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
+        .add_extension(_key_usage(key_cert_sign=True, crl_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA384())
     )
     return key, cert
+
+
+def _key_usage(**allowed: bool) -> x509.KeyUsage:
+    """A KeyUsage extension with only the `allowed` uses set."""
+    uses = ["digital_signature", "content_commitment", "key_encipherment", "data_encipherment"]
+    uses += ["key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only"]
+    return x509.KeyUsage(**{use: allowed.get(use, False) for use in uses})
 
 
 def san_for(host: str) -> x509.GeneralName:
@@ -165,6 +174,52 @@ def site_keypair() -> tuple[bytes, bytes]:
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
     return private, public + b"\n"
+
+
+def site_cert(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    name: str,
+    public_key: ec.EllipticCurvePublicKey,
+    *,
+    days: int = SITE_DAYS,
+    not_after: dt.datetime | None = None,
+) -> x509.Certificate:
+    """The CA's certificate that `public_key` is site `name`'s identity key.
+
+    A leaf (`BasicConstraints(ca=False)`, critical) for signatures only
+    (`KeyUsage(digital_signature)`, clientAuth): unlike the server's certificate
+    (serverAuth) it passes `fedsilo.privacy.identity`'s site check. It never outlives
+    the CA.
+    """
+    now = _now()
+    end = min(not_after or now + dt.timedelta(days=days), ca_cert.not_valid_after_utc)
+    return (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(min(now - CLOCK_SKEW, end - dt.timedelta(days=1)))
+        .not_valid_after(end)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+
+
+def site_public_key(private: bytes) -> ec.EllipticCurvePublicKey:
+    """The public half of an OpenSSH EC private key (what `site_keypair` returns first)."""
+    key = serialization.load_ssh_private_key(private, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise PKIError(f"A site key must be an ECDSA key, found {_kind(key)}.")
+    return key.public_key()
 
 
 # ---------------------------------------------------------------- reading and checking

@@ -6,14 +6,17 @@
       sites/NAME.pub              the authorised sites' SuperNode public keys
     DIR/sites/NAME/               copy to site NAME
       ca.crt site.key(0600) site.pub site.toml
+      site.crt                    the CA's certificate of site.key: the site's identity
+                                  in secure aggregation (fedsilo.privacy.identity)
 
 Existing material is never overwritten without `force`; the CA is never
 regenerated unless the caller asks for a new federation with `force`.
+Kits made before site certificates existed get theirs, same key, from
+`fedsilo.privacy.certify`.
 """
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +27,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedsilo.errors import ConfigError, PrivacyError
-from fedsilo.privacy import pki
+from fedsilo.privacy import identity, pki
+from fedsilo.privacy.pki import validate_site_name
 from fedsilo.privacy.policy import SitePolicy
 
 if sys.version_info >= (3, 11):
@@ -33,7 +37,6 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 FLEET_PORT = 9092  # Flower's Fleet API (gRPC-rere) default: what sites dial
-SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 # A new site kit's [policy]: the demo run (epsilon 8) fits, a careless 100 does not.
@@ -80,6 +83,11 @@ class SiteKit:
         return self.path / "site.key"
 
     @property
+    def cert(self) -> Path:
+        """The CA's certificate of `key`; kits provisioned before it existed lack it."""
+        return self.path / "site.crt"
+
+    @property
     def ledger(self) -> Path:
         return self.path / "ledger.jsonl"
 
@@ -87,15 +95,6 @@ class SiteKit:
 def address(host: str, port: int) -> str:
     """HOST:PORT as gRPC dials it (IPv6 literals in brackets)."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def validate_site_name(name: str) -> str:
-    if not SITE_NAME.match(name):
-        raise ConfigError(
-            f"Site name {name!r} must be 1-63 lowercase letters, digits, '-' or '_', "
-            "starting with a letter or digit."
-        )
-    return name
 
 
 def parse_sites(text: str) -> list[str]:
@@ -167,13 +166,26 @@ def provision(
     ]
     written += _write_server(out, ca_key, ca_cert, list(hosts), fleet_port)
     for s in sites:
-        written += _write_site(out, s, ca_cert, address(hosts[0], fleet_port))
+        written += _write_site(out, s, ca_key, ca_cert, address(hosts[0], fleet_port))
     return written
 
 
 def add_site(out: Path, name: str, *, force: bool = False) -> list[Path]:
     """Add one site to an existing federation, leaving every other key untouched."""
     validate_site_name(name)
+    ca_key, ca_cert = load_ca(out, "add a site")
+    site_dir = out / "sites" / name
+    if site_dir.exists() and not force:
+        raise ConfigError(
+            f"Site {name!r} already exists in {out} ({site_dir}). Nothing was changed; "
+            "pass --force to issue it a new key (its old key stops working)."
+        )
+    kit = read_server_kit(out / "server", check=False)
+    return _write_site(out, name, ca_key, ca_cert, address(kit.hosts[0], kit.fleet_port))
+
+
+def load_ca(out: Path, what: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    """The federation's CA key and certificate, or ConfigError saying how to get them."""
     ca_cert_path = out / "ca" / "ca.crt"
     if not ca_cert_path.exists():
         raise ConfigError(
@@ -183,21 +195,20 @@ def add_site(out: Path, name: str, *, force: bool = False) -> list[Path]:
         )
     ca_cert = pki.load_cert(ca_cert_path)
     pki.check_valid(ca_cert, ca_cert_path, what="federation CA certificate")
-    site_dir = out / "sites" / name
-    if site_dir.exists() and not force:
+    if not (out / "ca" / "ca.key").exists():
         raise ConfigError(
-            f"Site {name!r} already exists in {out} ({site_dir}). Nothing was changed; "
-            "pass --force to issue it a new key (its old key stops working)."
+            f"{out / 'ca' / 'ca.key'} is missing: to {what}, the CA must sign a "
+            "certificate. Run this where the CA key is kept (offline), then copy the kit."
         )
-    kit = read_server_kit(out / "server", check=False)
-    return _write_site(out, name, ca_cert, address(kit.hosts[0], kit.fleet_port))
+    ca_key = pki.load_ca_key(out / "ca" / "ca.key")
+    if ca_key.public_key() != ca_cert.public_key():
+        raise ConfigError(f"{out / 'ca'}: ca.key is not the key of ca.crt. Restore the CA.")
+    return ca_key, ca_cert
 
 
 def renew_server(out: Path, *, hosts: Sequence[str] = ()) -> list[Path]:
     """Re-issue the server certificate from the federation CA (new key, same CA)."""
-    ca_key = pki.load_ca_key(out / "ca" / "ca.key")
-    ca_cert = pki.load_cert(out / "ca" / "ca.crt")
-    pki.check_valid(ca_cert, out / "ca" / "ca.crt", what="federation CA certificate")
+    ca_key, ca_cert = load_ca(out, "renew the server certificate")
     kit = read_server_kit(out / "server", check=False)
     return _write_server(out, ca_key, ca_cert, list(hosts) or kit.hosts, kit.fleet_port)
 
@@ -226,8 +237,15 @@ def _write_server(
     ]
 
 
-def _write_site(out: Path, name: str, ca_cert: x509.Certificate, server: str) -> list[Path]:
+def _write_site(
+    out: Path,
+    name: str,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    server: str,
+) -> list[Path]:
     private, public = pki.site_keypair()
+    cert = pki.site_cert(ca_key, ca_cert, name, pki.site_public_key(private))
     d = out / "sites" / name
     p = DEFAULT_SITE_POLICY
     toml = (
@@ -250,6 +268,7 @@ def _write_site(out: Path, name: str, ca_cert: x509.Certificate, server: str) ->
         _write(d / "ca.crt", pki.pem_cert(ca_cert)),
         _write(d / "site.key", private, secret=True),
         _write(d / "site.pub", public),
+        _write(d / "site.crt", pki.pem_cert(cert)),
         _write(d / "site.toml", toml.encode()),
         _write(out / "server" / "sites" / f"{name}.pub", public),
     ]
@@ -312,6 +331,13 @@ def read_site_kit(path: Path) -> SiteKit:
             f"{kit.key}: the site's private key is readable by others (mode {mode:o}); "
             f"anyone who reads it can join the federation as {name!r}. Run `chmod 600 {kit.key}`."
         )
+    if kit.cert.exists():  # a kit made before site certificates has none (local DP only)
+        certified = identity.load_identity(kit.key, kit.cert, kit.ca).name
+        if certified != name:
+            raise ConfigError(
+                f"{kit.cert} certifies site {certified!r}, but {path / 'site.toml'} names "
+                f"{name!r}. Restore the kit's site.toml or its site.crt."
+            )
     return kit
 
 

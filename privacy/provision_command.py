@@ -5,8 +5,11 @@ Examples:
   fedsilo provision --out fed --federation federation.toml
   fedsilo provision add-site --out fed d          # a new site; nothing else changes
   fedsilo provision renew-server --out fed        # a new server certificate, same CA
+  fedsilo provision certify-site --out fed a b    # site.crt for kits made without one
 
 Then copy fed/server/ to the server machine and fed/sites/NAME/ to site NAME.
+Each site kit's site.crt is the CA's certificate of its key: secure aggregation
+(--dp distributed) needs it to prove each site's keys to the others.
 Keep fed/ca/ca.key offline: whoever holds it can mint a server certificate.
 """
 
@@ -58,6 +61,13 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     r.add_argument("--out", dest="out_dir", required=True, help="the federation directory")
     r.add_argument("--server-host", action="append", default=[], metavar="HOST")
     r.set_defaults(func=run_renew)
+    c = actions.add_parser(
+        "certify-site",
+        help="issue site.crt for existing site kits (same key; also renews an expiring one)",
+    )
+    c.add_argument("--out", dest="out_dir", required=True, help="the federation directory")
+    c.add_argument("names", nargs="*", metavar="NAME", help="the sites (default: every one)")
+    c.set_defaults(func=run_certify)
 
 
 def run_create(args: argparse.Namespace) -> int:
@@ -115,4 +125,17 @@ def run_renew(args: argparse.Namespace) -> int:
     out = Path(args.out_dir)
     renew_server(out, hosts=args.server_host)
     Console().print(f"new server certificate in {out / 'server'}", highlight=False)
+    return 0
+
+
+def run_certify(args: argparse.Namespace) -> int:
+    from fedsilo.privacy.certify import certify_sites
+
+    out = Path(args.out_dir)
+    written = certify_sites(out, args.names)
+    Console().print(
+        "\n".join(f"site {p.parent.name}: certificate {p} (same key)" for p in written)
+        + "\nCopy each site.crt into that site's kit; its SuperNode authorisation is unchanged.",
+        highlight=False,
+    )
     return 0

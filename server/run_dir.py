@@ -13,6 +13,10 @@ RUN_DIR/
                         by the launcher (from the keys it registered) or the simulation
                         runner (from the engine's partitions); the ServerApp names sites
                         from it, never from their messages
+  federation-ca.crt     the federation CA's certificate (public), with --dp distributed:
+                        the server checks the sites' signed secure-aggregation keys
+                        against it. Copied from the server kit by `fedsilo server start`;
+                        a simulation's throwaway CA (fedsilo.simulations.identities)
 
 Every JSON file is valid JSON: a non-finite number is written as null.
 """
@@ -28,8 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from cryptography import x509
 
 from fedsilo.errors import ConfigError
+from fedsilo.privacy.pki import load_cert
 
 
 def default_run_dir() -> Path:
@@ -45,6 +51,17 @@ class RunDir:
             (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"Cannot create run directory {self.path}: {exc.strerror}.") from None
+
+    def federation_ca(self) -> x509.Certificate:
+        """The federation CA's certificate the launcher left here (ConfigError if none)."""
+        path = self.path / FEDERATION_CA
+        if not path.is_file():
+            raise ConfigError(
+                f"{path} is missing: distributed DP checks the sites' signed keys against "
+                "the federation CA. Start the run with `fedsilo server start` or "
+                "`fedsilo simulate`, which put it there, or copy the kit's ca.crt there."
+            )
+        return load_cert(path)
 
     def write_config(self, config: dict[str, Any]) -> None:
         _write_json_atomic(self.path / "config.json", config)
@@ -184,6 +201,7 @@ def run_complete(summary: dict[str, Any]) -> bool:
 
 
 SITES_FILE = "sites.json"
+FEDERATION_CA = "federation-ca.crt"
 
 
 def write_site_names(run_dir: str | Path, names: dict[int, str]) -> None:

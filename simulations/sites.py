@@ -12,6 +12,9 @@ reads `partition-id`. Here one user plays every site's operator:
   and every later site-round maps that file and reads only its own rows;
 - ledger and policy: RUN_DIR/ledgers/site-N.jsonl, whose policy `fedsilo simulate`
   wrote before the engine started (fedsilo.simulations.ledgers);
+- identity (secure aggregation): RUN_DIR/identities/site-N.key and .crt under the
+  run's own CA, when `fedsilo simulate --dp distributed` wrote them
+  (fedsilo.simulations.identities); none otherwise;
 - device: the run's `device`, or cuda when the site's actor holds a GPU
   (`--site-gpus`; Ray then shows it only that GPU);
 - randomness: reproducible from `--seed`, so the same seed gives the same metrics.
@@ -32,6 +35,7 @@ from fedsilo.clients.site_env import SiteEnvironment
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, PrivacyError
 from fedsilo.privacy import ledger
+from fedsilo.simulations.identities import simulated_site_identity
 from fedsilo.simulations.ledgers import simulated_ledger
 from fedsilo.simulations.partition import partition_indices
 from fedsilo.task.api import Task
@@ -78,6 +82,7 @@ class SimulatedSites:
             keep_cache=True,  # shared by the run's sites; the runner deletes it at the end
             device=self.device or cfg.device,
             simulation_seed=cfg.seed * SEED_STRIDE + pid,
+            identity=simulated_site_identity(self.run_dir, pid),
         )
 
     def pool(self, task: Task, data_dir: str) -> Dataset:

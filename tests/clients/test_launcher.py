@@ -49,3 +49,26 @@ def test_a_supernode_that_ends_on_its_own_is_left_to_exit(tmp_path: Path) -> Non
     proc = subprocess.Popen([sys.executable, "-c", script, str(log)], start_new_session=True)
     assert launcher.watch(proc, log, lambda _: None) == 0
     assert proc.returncode == 0  # its own exit, not a stop (which would be -15)
+
+
+def test_the_supernode_is_told_where_the_sites_identity_is(tmp_path: Path) -> None:
+    """Flower parses the node config the launcher writes back to the kit's three files."""
+    import numpy as np
+    from flwr.common.config import parse_config_args
+
+    from fedsilo.privacy.provision import provision, read_site_kit
+
+    provision(tmp_path / "fed", hosts=["localhost"], sites=["a"])
+    kit = read_site_kit(tmp_path / "fed/sites/a")
+    np.savez(tmp_path / "a.npz", x=np.zeros((3, 64), np.float32), y=np.arange(3))
+    opts = launcher.ClientOptions(server="localhost:9092", data=tmp_path / "a.npz")
+    cmd = launcher.supernode_command(kit, opts, port=1234)
+    parsed = parse_config_args([cmd[cmd.index("--node-config") + 1]])
+    assert (parsed["site-key"], parsed["site-cert"], parsed["ca-cert"]) == (
+        str(kit.key.resolve()),
+        str(kit.cert.resolve()),
+        str(kit.ca.resolve()),
+    )
+    kit.cert.unlink()  # a kit made before site certificates: no identity, local DP only
+    cmd = launcher.supernode_command(kit, opts, port=1234)
+    assert "site-cert" not in parse_config_args([cmd[cmd.index("--node-config") + 1]])

@@ -6,10 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from fedsilo.clients.launcher import ClientOptions, node_config
-from fedsilo.clients.site_env import deployed_site
+from fedsilo.clients.site_env import (
+    CA_CERT_KEY,
+    SITE_CERT_KEY,
+    SITE_KEY_KEY,
+    deployed_site,
+)
 from fedsilo.config import RunConfig
+from fedsilo.errors import ConfigError
+from fedsilo.privacy import pki
+from fedsilo.privacy.identity import verify_signed
 from fedsilo.privacy.provision import provision, read_site_kit
 from fedsilo.task.rng import SecureRandom
 
@@ -72,3 +81,56 @@ def test_the_site_not_the_server_chooses_its_device(tmp_path: Path) -> None:
     np.savez(data, x=np.zeros((30, 64), np.float32), y=np.arange(30) % 10)
     opts = ClientOptions(server="localhost:9092", data=data, device="cpu")
     assert deployed_site(RunConfig(device="cuda"), node_config(kit, opts)).device == "cpu"
+
+
+def kit_and_data(tmp_path: Path, sites: list[str]) -> tuple[Path, Path]:
+    provision(tmp_path / "fed", hosts=["localhost"], sites=sites)
+    data = tmp_path / "a.npz"
+    np.savez(data, x=np.zeros((30, 64), np.float32), y=np.arange(30) % 10)
+    return tmp_path / "fed", data
+
+
+def test_a_deployed_site_loads_its_identity_from_its_kit(tmp_path: Path) -> None:
+    fed, data = kit_and_data(tmp_path, ["a", "b"])
+    kit = read_site_kit(fed / "sites/a")
+    config = node_config(kit, ClientOptions(server="localhost:9092", data=data))
+    assert (config[SITE_KEY_KEY], config[SITE_CERT_KEY], config[CA_CERT_KEY]) == (
+        str((fed / "sites/a/site.key").resolve()),
+        str((fed / "sites/a/site.crt").resolve()),
+        str((fed / "sites/a/ca.crt").resolve()),
+    )
+    identity = deployed_site(RunConfig(), config).identity
+    assert identity is not None and identity.name == "a"
+    assert identity.cert == pki.load_cert(fed / "sites/a/site.crt").public_bytes(Encoding.DER)
+    # Site b, holding only its own kit's ca.crt, accepts what a signs.
+    b = deployed_site(
+        RunConfig(), node_config(read_site_kit(fed / "sites/b"), ClientOptions("x:1", data))
+    )
+    assert b.identity is not None
+    assert verify_signed(b.identity.ca, identity.cert, b"keys", identity.sign(b"keys")) == "a"
+
+
+def test_a_kit_without_a_certificate_still_trains_with_local_dp(tmp_path: Path) -> None:
+    fed, data = kit_and_data(tmp_path, ["a"])
+    (fed / "sites/a/site.crt").unlink()
+    config = node_config(read_site_kit(fed / "sites/a"), ClientOptions("localhost:9092", data))
+    assert not {SITE_KEY_KEY, SITE_CERT_KEY, CA_CERT_KEY} & set(config)
+    assert deployed_site(RunConfig(), config).identity is None
+
+
+def test_identity_paths_that_do_not_load_are_config_errors(tmp_path: Path) -> None:
+    fed, data = kit_and_data(tmp_path, ["a", "b"])
+    config = node_config(read_site_kit(fed / "sites/a"), ClientOptions("localhost:9092", data))
+    partial = {k: v for k, v in config.items() if k != CA_CERT_KEY}
+    with pytest.raises(ConfigError, match=r"without `ca-cert`: it needs all of"):
+        deployed_site(RunConfig(), partial)
+    swapped = {**config, SITE_CERT_KEY: str(fed / "sites/b/site.crt")}
+    with pytest.raises(ConfigError, match=r"b/site.crt certifies another key"):
+        deployed_site(RunConfig(), swapped)
+    # b's own key and certificate, under a's name: the certificate decides the name.
+    b_kit = {
+        SITE_KEY_KEY: str(fed / "sites/b/site.key"),
+        SITE_CERT_KEY: str(fed / "sites/b/site.crt"),
+    }
+    with pytest.raises(ConfigError, match=r"is for site 'b', but its node config names it 'a'"):
+        deployed_site(RunConfig(), {**config, **b_kit})

@@ -12,9 +12,13 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedsilo.cli import main
 from fedsilo.errors import ConfigError
 from fedsilo.privacy import pki
+from fedsilo.privacy.certify import certify_sites
+from fedsilo.privacy.identity import verify_signed
 from fedsilo.privacy.provision import (
     add_site,
     provision,
@@ -39,7 +43,7 @@ def mode(path: Path) -> int:
 def test_layout_modes_and_key_types(fed: Path) -> None:
     for d, names in (
         (fed / "server", {"ca.crt", "server.crt", "server.key", "server.toml", "sites"}),
-        (fed / "sites" / "a", {"ca.crt", "site.key", "site.pub", "site.toml"}),
+        (fed / "sites" / "a", {"ca.crt", "site.crt", "site.key", "site.pub", "site.toml"}),
     ):
         assert {p.name for p in d.iterdir()} == names
     for secret in (fed / "ca/ca.key", fed / "server/server.key", fed / "sites/a/site.key"):
@@ -199,3 +203,123 @@ def test_federation_file(tmp_path: Path) -> None:
     f.write_text('[federation]\nserver-hosts = ["h"]\nsites = ["a"]\nsitez = 1\n')
     with pytest.raises(ConfigError, match=r"unknown key"):
         read_federation_file(f)
+
+
+# ---------------------------------------------------------------- site certificates
+
+
+def check_site_cert(fed: Path, name: str) -> x509.Certificate:
+    """site.crt is the CA's certificate of site.key, for `name`: checked with plain
+    `cryptography`, not with the code under test."""
+    kit = fed / "sites" / name
+    cert = x509.load_pem_x509_certificate((kit / "site.crt").read_bytes())
+    ca = x509.load_pem_x509_certificate((fed / "ca/ca.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)  # raises if not
+    assert (kit / "ca.crt").read_bytes() == (fed / "ca/ca.crt").read_bytes()
+    assert cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == name
+    key = serialization.load_ssh_private_key((kit / "site.key").read_bytes(), None)
+    pub = serialization.load_ssh_public_key((kit / "site.pub").read_bytes())
+    assert cert.public_key() == key.public_key() == pub
+    ext = cert.extensions
+    assert not ext.get_extension_for_class(x509.BasicConstraints).value.ca
+    eku = ext.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
+    now = dt.datetime.now(dt.timezone.utc)
+    assert cert.not_valid_before_utc < now < cert.not_valid_after_utc
+    assert cert.not_valid_after_utc <= ca.not_valid_after_utc
+    assert mode(kit / "site.crt") == 0o644
+    return cert
+
+
+def test_every_site_kit_holds_its_certificate(fed: Path) -> None:
+    for name in ("a", "b"):
+        check_site_cert(fed, name)
+    add_site(fed, "c")
+    check_site_cert(fed, "c")
+    old = (fed / "sites/c/site.crt").read_bytes()
+    add_site(fed, "c", force=True)  # a new key gets a new certificate
+    assert (fed / "sites/c/site.crt").read_bytes() != old
+    check_site_cert(fed, "c")
+    # The kit's identity signs what another site of the federation accepts.
+    from fedsilo.privacy.identity import load_identity
+
+    kit = read_site_kit(fed / "sites/a")
+    a = load_identity(kit.key, kit.cert, kit.ca)
+    assert verify_signed(pki.load_cert(fed / "sites/b/ca.crt"), a.cert, b"m", a.sign(b"m")) == "a"
+
+
+def test_certify_an_existing_kit_keeps_its_key(fed: Path) -> None:
+    """A kit provisioned before site certificates: site.crt is issued for the key it
+    has, so the server's allow-list (and every other file) stays as it was."""
+    for name in ("a", "b"):
+        (fed / "sites" / name / "site.crt").unlink()
+    read_site_kit(fed / "sites/a")  # a kit without one still starts (local DP)
+    before = {p: p.read_bytes() for p in fed.rglob("*") if p.is_file()}
+    assert certify_sites(fed, ["a"]) == [fed / "sites/a/site.crt"]
+    check_site_cert(fed, "a")
+    assert not (fed / "sites/b/site.crt").exists()
+    assert {p: p.read_bytes() for p in fed.rglob("*") if p.is_file() and p.name != "site.crt"} == (
+        before
+    )
+    assert certify_sites(fed) == [fed / "sites/a/site.crt", fed / "sites/b/site.crt"]
+    check_site_cert(fed, "b")
+    assert read_site_kit(fed / "sites/b").cert == fed / "sites/b/site.crt"
+
+
+def test_certify_refuses_a_kit_whose_keys_disagree(fed: Path) -> None:
+    (fed / "sites/b/site.crt").unlink()
+    (fed / "sites/b/site.pub").write_bytes((fed / "sites/a/site.pub").read_bytes())
+    with pytest.raises(ConfigError, match=r"sites/b: site.pub is not the public half.*add-site"):
+        certify_sites(fed, ["a", "b"])
+    assert not (fed / "sites/b/site.crt").exists()  # nothing written, not even a's
+    with pytest.raises(ConfigError, match=r"Site name"):
+        certify_sites(fed, ["../x"])
+
+
+def test_certifying_needs_the_ca_key(fed: Path) -> None:
+    (fed / "ca/ca.key").rename(fed / "offline.key")
+    for act in (lambda: certify_sites(fed), lambda: add_site(fed, "c")):
+        with pytest.raises(ConfigError, match=r"ca.key is missing: .* where the CA key is kept"):
+            act()
+    assert not (fed / "sites/c").exists()
+
+
+def test_certify_site_command(fed: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (fed / "sites/a/site.crt").unlink()
+    assert main(["provision", "certify-site", "--out", str(fed), "a"]) == 0
+    assert "site a: certificate" in capsys.readouterr().out
+    check_site_cert(fed, "a")
+    assert main(["provision", "certify-site", "--out", str(fed / "nothing")]) == 2
+    assert "holds no federation" in capsys.readouterr().err
+
+
+def test_a_kit_with_a_bad_certificate_is_refused_at_start(fed: Path, tmp_path: Path) -> None:
+    # Another site's certificate: it certifies another key (and name).
+    (fed / "sites/a/site.crt").write_bytes((fed / "sites/b/site.crt").read_bytes())
+    with pytest.raises(ConfigError, match=r"site.crt certifies another key .*certify-site"):
+        read_site_kit(fed / "sites/a")
+    # Another federation's.
+    provision(tmp_path / "other", hosts=["h"], sites=["a"])
+    (fed / "sites/a/site.crt").write_bytes((tmp_path / "other/sites/a/site.crt").read_bytes())
+    with pytest.raises(ConfigError, match=r"not issued by the federation CA"):
+        read_site_kit(fed / "sites/a")
+    # Expired: certify-site renews it, same key.
+    kit = fed / "sites/a"
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)
+    cert = pki.site_cert(
+        pki.load_ca_key(fed / "ca/ca.key"),
+        pki.load_cert(fed / "ca/ca.crt"),
+        "a",
+        pki.load_site_public_key(kit / "site.pub"),
+        not_after=past,
+    )
+    (kit / "site.crt").write_bytes(pki.pem_cert(cert))
+    with pytest.raises(ConfigError, match=r"site.crt: the certificate expired on .*certify-site"):
+        read_site_kit(kit)
+    certify_sites(fed, ["a"])
+    read_site_kit(kit)
+    # A kit whose site.toml names another site than its certificate.
+    toml = (kit / "site.toml").read_text().replace('name = "a"', 'name = "z"')
+    (kit / "site.toml").write_text(toml)
+    with pytest.raises(ConfigError, match=r"certifies site 'a', but .*site.toml names 'z'"):
+        read_site_kit(kit)

@@ -13,6 +13,7 @@ import torch
 from fedsilo.config import RunConfig
 from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.privacy.policy import SitePolicy
+from fedsilo.simulations.identities import write_simulated_site_identities
 from fedsilo.simulations.ledgers import write_site_policies
 from fedsilo.simulations.sites import SimulatedSites, simulated_cache_dir
 from fedsilo.task import builtin
@@ -68,3 +69,23 @@ def test_the_pool_is_decoded_once_per_run_whatever_copies_the_engine_makes(
     write_site_policies(new_run.run_dir, [SitePolicy(max_epsilon=8.0)] * 4)
     assert len(SimulatedSites(new_run.run_dir)(new_run, node).data) == 75
     assert calls == ["load", "load", "load"]
+
+
+def test_virtual_sites_have_identities_only_when_the_run_made_them(tmp_path: Path) -> None:
+    """`fedsilo simulate --dp distributed` writes RUN_DIR/identities; local DP does not,
+    and its sites have none."""
+    idx_dataset(tmp_path / "fm")
+    cfg = RunConfig(
+        dataset="fashion-mnist", data_dir=str(tmp_path / "fm"), run_dir=str(tmp_path / "run")
+    )
+    write_site_policies(cfg.run_dir, [SitePolicy(max_epsilon=8.0)] * 3)
+    node = {"partition-id": 1, "num-partitions": 3}
+    assert SimulatedSites(cfg.run_dir)(cfg, node).identity is None
+    write_simulated_site_identities(cfg.run_dir, 3)
+    sites = [SimulatedSites(cfg.run_dir)(cfg, {**node, "partition-id": p}) for p in range(3)]
+    identities = [s.identity for s in sites]
+    assert [i.name if i else None for i in identities] == ["site-0", "site-1", "site-2"]
+    assert len({i.cert for i in identities if i}) == 3
+    one, two = identities[1], identities[2]
+    assert one is not None and two is not None
+    assert one.verify(two.cert, b"keys", two.sign(b"keys")) == "site-2"
