@@ -23,6 +23,9 @@ DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("prv", "rdp")
 DP_MODES = ("local", "distributed")
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# The most noise shares distributed DP may assume: the largest SecAgg+ neighbourhood a
+# sparse graph guarantees (fedsilo.privacy.secagg); a larger dp-min-sites could never be met.
+MAX_MIN_SITES = 63
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,16 @@ class RunConfig:
     # (fedsilo.privacy.distributed); local-epochs is then not used.
     dp: str = "local"
     dp_min_sites: int = 0  # distributed: the honest sites whose noise shares the run assumes
+    # distributed: the largest Poisson sampling rate any site uses (batch-size / the
+    # smallest site's examples, at most 1). The run's one noise multiplier is calibrated
+    # for it; a site whose own rate is larger samples at this one instead, so no site
+    # spends more than planned. 0 = none (local DP, or not yet planned).
+    dp_max_sample_rate: float = 0.0
+    # distributed: the multiplier the secure sum carries, the same for every site:
+    # calibrated once when the run is planned (fedsilo.privacy.distributed.planned) from
+    # target-epsilon, target-delta, rounds and dp-max-sample-rate. 0 = local DP, or a run
+    # not yet planned, which the server and the sites refuse.
+    noise_multiplier: float = 0.0
 
     @property
     def partition_spec(self) -> Partition:
@@ -186,8 +199,40 @@ class RunConfig:
                 "A round with fewer sites than the noise assumes is refused by the sites; "
                 "raise min-sites.",
             )
-        if self.dp == "local" and self.dp_min_sites:
-            raise bad("dp-min-sites", "0 with --dp local", self.dp_min_sites)
+        if self.dp == "distributed" and self.dp_min_sites > MAX_MIN_SITES:
+            raise bad(
+                "dp-min-sites",
+                f"at most {MAX_MIN_SITES} with --dp distributed",
+                self.dp_min_sites,
+                f"Secure aggregation (SecAgg+) guarantees each site a neighbourhood of only "
+                f"{MAX_MIN_SITES} sites, so no site could verify that a sum holds more noise "
+                "shares; lower dp-min-sites.",
+            )
+        if self.dp == "local":
+            distributed_only: tuple[tuple[str, float], ...] = (
+                ("dp-min-sites", self.dp_min_sites),
+                ("dp-max-sample-rate", self.dp_max_sample_rate),
+                ("noise-multiplier", self.noise_multiplier),
+            )
+            for key, given in distributed_only:
+                if given:
+                    raise bad(key, "0 with --dp local", given)
+        if self.dp == "distributed" and not 0 < self.dp_max_sample_rate <= 1:
+            raise bad(
+                "dp-max-sample-rate",
+                "in (0, 1] with --dp distributed",
+                self.dp_max_sample_rate,
+                "It is the largest sampling rate any site uses: batch-size / the smallest "
+                "site's examples (at most 1). The run's noise is calibrated for it.",
+            )
+        if self.dp == "distributed" and not (
+            self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)
+        ):
+            raise bad(
+                "noise-multiplier",
+                "a finite number >= 0 with --dp distributed (0 = not yet planned)",
+                self.noise_multiplier,
+            )
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise bad("lr", "a number > 0", self.lr)
         if not 0 <= self.momentum < 1:

@@ -1,8 +1,12 @@
-"""A site's local DP training round: plan, calibrate, train, account. No Flower.
+"""A site's DP training round: plan, calibrate, train, account. No Flower.
 
-The noise multiplier is calibrated once per run so that the site's whole planned
-training (rounds x local epochs x steps per epoch), composed with whatever it had
-already spent, stays within `target-epsilon` at `target-delta`. Every round
+Local DP: the noise multiplier is calibrated once per run, by the site, so that its
+whole planned training (rounds x local epochs x steps per epoch), composed with
+whatever it had already spent, stays within `target-epsilon` at `target-delta`.
+Distributed DP: the noise multiplier is the run's (`noise-multiplier`, calibrated once
+when the run was planned, fedsilo.privacy.distributed.planned), the same at every
+site; the site samples at its own rate, at most `dp-max-sample-rate`, and checks that
+the run's noise keeps that rate within the target before it spends. Every round
 appends one SampledGaussianEvent; the reported epsilon is recomputed from all
 events, so it accumulates across rounds and process restarts.
 """
@@ -22,7 +26,12 @@ from torch import nn
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.accountant import calibrate_noise, epsilon
-from fedsilo.privacy.distributed import Quantizer, check_shares, noisy_integer_sum
+from fedsilo.privacy.distributed import (
+    Quantizer,
+    check_run_noise,
+    check_shares,
+    noisy_integer_sum,
+)
 from fedsilo.privacy.events import SampledGaussianEvent
 from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.task.api import Task
@@ -76,11 +85,15 @@ MAX_RUN_STEPS = 100_000
 
 
 def plan_run(cfg: RunConfig, n_examples: int, prior: Sequence[SampledGaussianEvent]) -> DPPlan:
-    """Calibrate sigma so prior spend plus this run's planned steps fit the target.
+    """The site's plan for the run: local DP calibrates sigma so prior spend plus this
+    run's planned steps fit the target; distributed DP takes the run's (`run_plan`).
 
     Raises:
         ConfigError: the run plans more than MAX_RUN_STEPS steps.
+        PrivacyError: distributed DP whose run noise does not keep this site within target.
     """
+    if cfg.dp == "distributed":
+        return run_plan(cfg, n_examples)
     q = sample_rate(n_examples, cfg.batch_size)
     per_round = steps_per_round(cfg, n_examples)
     if per_round * cfg.rounds > MAX_RUN_STEPS:
@@ -101,6 +114,28 @@ def plan_run(cfg: RunConfig, n_examples: int, prior: Sequence[SampledGaussianEve
     return DPPlan(
         noise_multiplier=sigma, sample_rate=q, steps_per_round=per_round, rounds=cfg.rounds
     )
+
+
+def run_plan(cfg: RunConfig, n_examples: int) -> DPPlan:
+    """A distributed-DP site's plan: the run's noise multiplier, one step a round, at the
+    site's own sample rate capped at dp-max-sample-rate; refused before any spend unless
+    the run's noise keeps that rate within target-epsilon over the planned rounds.
+
+    Raises:
+        PrivacyError: the run config carries no noise multiplier, or one too small.
+    """
+    q = site_sample_rate(cfg, n_examples)
+    check_run_noise(cfg, sample_rate=q)
+    return DPPlan(
+        noise_multiplier=cfg.noise_multiplier, sample_rate=q, steps_per_round=1, rounds=cfg.rounds
+    )
+
+
+def site_sample_rate(cfg: RunConfig, n_examples: int) -> float:
+    """The site's Poisson sampling rate: batch-size / its examples (at most 1); with
+    distributed DP at most dp-max-sample-rate, the rate the run's noise was planned for."""
+    q = sample_rate(n_examples, cfg.batch_size)
+    return min(q, cfg.dp_max_sample_rate) if cfg.dp == "distributed" else q
 
 
 def steps_per_round(cfg: RunConfig, n_examples: int) -> int:

@@ -2,10 +2,12 @@
 
 `authorise_round` is the only way a round gets to train. Under the ledger's lock it:
 1. checks the run against the site's policy (target epsilon and delta, clip norm);
-2. at a run's first round plans the run's noise and checks that the whole planned
-   run fits what remains of the site's budget; at a later round re-reads that plan
-   from the ledger and refuses any change to it (rounds, sample rate, steps, clip
-   norm, delta: a restarted site process enforces it too);
+2. at a run's first round plans the run's noise (local DP: calibrated here;
+   distributed DP: the run's one noise multiplier, refused unless it keeps the site's
+   own sample rate within target-epsilon) and checks that the whole planned run fits
+   what remains of the site's budget; at a later round re-reads that plan from the
+   ledger and refuses any change to it (rounds, sample rate, steps, clip norm, delta,
+   distributed DP's noise multiplier: a restarted site process enforces it too);
 3. refuses a round number outside 1..rounds and any (run, round) already recorded,
    so a run never exceeds its target epsilon whatever the server sends;
 4. checks that the round fits the budget, composing *every* spend on the ledger,
@@ -21,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedsilo.clients.dp_train import DPPlan, plan_run, steps_per_round
+from fedsilo.clients.dp_train import DPPlan, plan_run, site_sample_rate, steps_per_round
 from fedsilo.config import RunConfig
 from fedsilo.errors import PrivacyError
 from fedsilo.privacy import ledger
@@ -30,7 +32,6 @@ from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
 from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.task.data import Dataset
-from fedsilo.task.train import sample_rate
 
 
 @dataclass(frozen=True)
@@ -148,10 +149,16 @@ def _recorded_plan(first: RoundSpend, cfg: RunConfig, n: int) -> DPPlan:
         )
     asked = (
         ("rounds", cfg.rounds, rounds),
-        ("sample rate", sample_rate(n, cfg.batch_size), first.event.sample_rate),
+        ("sample rate", site_sample_rate(cfg, n), first.event.sample_rate),
         ("steps per round", steps, first.event.steps),
         ("max-grad-norm", cfg.max_grad_norm, first.clip_norm),
         ("target-delta", cfg.target_delta, first.delta),
+        # distributed DP: the sum's noise is the run's, not the site's (local: 0, unused)
+        *(
+            [("noise-multiplier", cfg.noise_multiplier, first.event.noise_multiplier)]
+            if first.mode == "distributed"
+            else []
+        ),
     )
     for what, now, then in asked:
         if not math.isclose(now, then, rel_tol=1e-12):

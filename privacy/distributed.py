@@ -18,6 +18,15 @@ If at least m sites' shares are in the sum and none of those sites colludes with
 server, the sum carries noise of variance m * s^2 = (sigma * Delta)^2 on an integer
 vector of sensitivity Delta: the Poisson-subsampled Gaussian mechanism at noise
 multiplier sigma, which the site's accountant composes (PRV or RDP, as for local DP).
+
+One sigma per run (`planned`): the sum's noise is the sum of the shares, so every site
+must add a share of the same sigma; if each calibrated its own from its own sampling
+rate, the sum would carry the root mean square of their multipliers, and the site with
+the largest rate (the smallest site) would spend more than it records. The run's sigma
+is therefore calibrated once, when the run is planned, for the largest rate any site
+uses (`dp-max-sample-rate`: batch-size / the smallest site's examples); a site whose own
+rate is larger samples at that rate instead, and every site checks that the run's sigma
+keeps its own rate within target-epsilon before it spends (`check_run_noise`).
 The sum of m discrete Gaussians is not exactly a discrete Gaussian; Kairouz et al.
 (Theorem 1) bound the difference by tau = 10 * sum_{k=1}^{m-1} exp(-2 pi^2 s^2 k/(k+1)),
 which enters their concentrated-DP bound as tau * d; fedsilo requires tau * d <= TAU_MAX
@@ -36,13 +45,18 @@ float64 like TensorFlow Privacy's; not the exact-arithmetic version.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, PrivacyError
+from fedsilo.privacy.accountant import calibrate_noise, epsilon
+from fedsilo.privacy.events import SampledGaussianEvent
+from fedsilo.privacy.policy import EPS_RTOL
 from fedsilo.task.rng import SiteRandom
 
 RESOLUTION = 100.0  # gamma * C / sqrt(d): rounding inflates the sensitivity by 1%
@@ -50,6 +64,9 @@ TAU_MAX = 1e-12
 MIN_SHARE_STD = 10.0  # a share below this (in integer units) would make tau matter
 # The secure sum is signed 64-bit: every site's vector, summed, must stay well inside.
 SUM_BOUND = 2.0**61
+# The chance that an honest sum's norm exceeds `sum_norm_bound`: a round it happens in is
+# dropped (its model step lost, never its privacy), once in a billion rounds.
+NORM_FAILURE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -94,6 +111,124 @@ def check_shares(quantizer: Quantizer, noise_multiplier: float, min_sites: int) 
             "or a smaller dp-min-sites."
         )
     return s
+
+
+def planned(cfg: RunConfig) -> RunConfig:
+    """`cfg` with its run's noise multiplier, calibrated once when the run is planned.
+
+    Distributed DP only (a local-DP config comes back unchanged): sigma is the smallest
+    noise multiplier whose `rounds` steps at `dp-max-sample-rate` stay within
+    target-epsilon at target-delta under the run's accountant. A config that already
+    carries one (a resumed run's recorded plan) keeps it, once it is checked as the sites
+    will check it.
+
+    Raises:
+        PrivacyError: no sigma up to the calibration's maximum fits the target, or the
+            recorded one no longer does.
+    """
+    if cfg.dp != "distributed":
+        return cfg
+    if cfg.noise_multiplier:
+        check_run_noise(cfg, sample_rate=cfg.dp_max_sample_rate)
+        return cfg
+    sigma = calibrate_noise(
+        target_epsilon=cfg.target_epsilon,
+        delta=cfg.target_delta,
+        sample_rate=cfg.dp_max_sample_rate,
+        steps=cfg.rounds,
+        accountant=cfg.accountant,
+    )
+    return dataclasses.replace(cfg, noise_multiplier=sigma)
+
+
+def check_run_noise(cfg: RunConfig, *, sample_rate: float) -> float:
+    """The run's planned epsilon at a site sampling at `sample_rate`, once the run's noise
+    multiplier is shown to keep it within target-epsilon.
+
+    Computed from the run config alone with the run's accountant, as `planned` calibrated
+    it: `rounds` steps of the Poisson-subsampled Gaussian at the run's sigma. Only float
+    tolerance (EPS_RTOL) is allowed over the target.
+
+    Raises:
+        PrivacyError: the run config carries no noise multiplier (the run was never
+            planned), or one too small for this sample rate (a server asking for less
+            noise than the target needs).
+    """
+    sigma = cfg.noise_multiplier
+    if not (sigma > 0 and math.isfinite(sigma)):
+        raise PrivacyError(
+            f"the distributed-DP run config carries noise-multiplier {sigma!r}: the run was "
+            "never planned, so the secure sum's noise is unknown and no epsilon could be "
+            "kept. Start it with `fedsilo server start` or `fedsilo simulate`, which "
+            "calibrate it."
+        )
+    planned_eps = epsilon(
+        [SampledGaussianEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=cfg.rounds)],
+        delta=cfg.target_delta,
+        accountant=cfg.accountant,
+    )
+    if planned_eps > cfg.target_epsilon * (1 + EPS_RTOL):
+        raise PrivacyError(
+            f"the run's noise multiplier {sigma:.6g} over {cfg.rounds} round(s) at this "
+            f"site's sample rate {sample_rate:.6g} gives epsilon {planned_eps:.4g} "
+            f"({cfg.accountant}, delta {cfg.target_delta:g}), above the run's target-epsilon "
+            f"{cfg.target_epsilon:g}: the site would spend more than the run promises. The "
+            "server must calibrate the noise for dp-max-sample-rate (`fedsilo server start` "
+            "does)."
+        )
+    return planned_eps
+
+
+def expected_pooled_batch(*, batch_size: int, sites: int) -> float:
+    """The expected pooled Poisson batch of `sites` sites: each samples at most
+    batch-size in expectation (its rate is at most batch / its examples)."""
+    return float(sites * batch_size)
+
+
+def sum_norm_bound(
+    *,
+    clip: float,
+    batch_size: int,
+    sites: int,
+    noise_multiplier: float,
+    min_sites: int,
+    quantizer: Quantizer,
+    failure: float = NORM_FAILURE,
+) -> float:
+    """The largest L2 norm an honest decoded sum of `sites` sites has, except with
+    probability `failure`, in float gradient units (after decode_sum).
+
+    From run-level values only, never from what sites report. Three parts, each given
+    failure / 2 or none (a union bound):
+    - the clipped gradients: at most `clip` x the pooled Poisson count, a sum of
+      independent Bernoullis with mean mu <= sites x batch-size (so variance <= mu).
+      Bernstein's inequality (Boucheron, Lugosi, Massart, "Concentration Inequalities",
+      2013, Corollary 2.11) gives P(count >= mu + t) <= exp(-t^2 / (2 (mu + t / 3))),
+      so with L = ln(2 / failure) the count stays below mu + L/3 + sqrt(L^2/9 + 2 L mu);
+    - the rounding: each site's randomized rounding moves each coordinate by under one
+      integer unit, so the sum moves by under sites x sqrt(d) / scale (always);
+    - the noise: each of the `sites` shares is N_Z(0, s^2) per coordinate with
+      s = sigma Delta / sqrt(M), which is s^2-subgaussian (Canonne, Kamath, Steinke 2020,
+      Section 2: its moment generating function is at most the Gaussian's); their sum
+      is subgaussian with std = sigma Delta sqrt(sites / M), and for such a vector
+      P(|x| > std (sqrt(d) + sqrt(2u))) <= exp(-u) (Hsu, Kakade, Zhang, "A tail
+      inequality for quadratic forms of subgaussian random vectors", 2012, Theorem 1,
+      with d + 2 sqrt(d u) + 2u <= (sqrt(d) + sqrt(2u))^2); u = ln(2 / failure).
+    All three are divided by the scale (gamma), as decode_sum divides the sum.
+    """
+    if not 0 < failure < 1 or sites < 1 or min_sites < 1:
+        raise ConfigError(
+            f"sum_norm_bound needs 0 < failure < 1 and sites, min_sites >= 1; got {failure!r}, "
+            f"{sites!r}, {min_sites!r}"
+        )
+    log_term = math.log(2.0 / failure)
+    mean = expected_pooled_batch(batch_size=batch_size, sites=sites)
+    count = mean + log_term / 3.0 + math.sqrt(log_term**2 / 9.0 + 2.0 * log_term * mean)
+    d = quantizer.dim
+    rounding = sites * math.sqrt(d) / quantizer.scale
+    std = noise_multiplier * quantizer.sensitivity * math.sqrt(sites / min_sites) / quantizer.scale
+    noise = std * (math.sqrt(d) + math.sqrt(2.0 * log_term))
+    return clip * count + rounding + noise
 
 
 def quantize(vector: torch.Tensor, scale: float, rng: SiteRandom) -> np.ndarray:

@@ -14,6 +14,10 @@ SIGTERM stops the run and every process it started. A run whose server stopped
 (crash, kill, power loss) goes on with --resume RUN_DIR from its last completed
 round, with the same run identity: sites keep the noise plan they recorded and
 never train a round twice; a round in progress when it stopped is lost.
+
+With --dp distributed the run's one noise multiplier is calibrated here, before any
+site joins, for --dp-max-sample-rate (required: batch-size / the smallest site's
+examples), and sent to every site in the run config.
 """
 
 from __future__ import annotations
@@ -88,6 +92,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="with --dp distributed: the honest sites whose noise shares every sum holds "
         "(default: --min-sites)",
     )
+    s.add_argument(
+        "--dp-max-sample-rate",
+        type=float,
+        metavar="Q",
+        help="with --dp distributed (required): the largest Poisson sampling rate any site "
+        "uses, batch-size / the smallest site's examples (at most 1). The sum carries one "
+        "noise multiplier, the same for every site, calibrated once for this rate; a site "
+        "whose own rate is larger samples at Q instead, so none spends more than planned",
+    )
     s.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
     s.add_argument(
         "--resume",
@@ -115,6 +128,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
     """Defaults, then --config TOML, then flags; run-dir and eval-data made absolute."""
+    from fedsilo.privacy.distributed import planned
     from fedsilo.privacy.provision import read_toml
     from fedsilo.server.run_dir import default_run_dir
 
@@ -133,22 +147,35 @@ def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
         "eval-data": str(args.eval_data.resolve()) if args.eval_data else None,
         "dp": args.dp,
         "dp-min-sites": args.dp_min_sites,
+        "dp-max-sample-rate": args.dp_max_sample_rate,
     }
     values.update({k: v for k, v in flags.items() if v is not None})
     if values["dp"] == "distributed" and not values["dp-min-sites"]:
         values["dp-min-sites"] = values["min-sites"]
     source = f"{args.config} and the command line" if args.config else "the command line"
-    for managed in ("run-id", "resume"):
+    for managed, why in (
+        ("run-id", "a new run gets a fresh run id"),
+        ("resume", "a new run gets a fresh run id"),
+        ("noise-multiplier", "it is calibrated from target-epsilon, rounds and dp-max-sample-rate"),
+    ):
         if values[managed] != RunConfig().to_flwr()[managed]:
             raise ConfigError(
-                f"`{managed}` is fedsilo's to set (a new run gets a fresh run id); drop it "
-                f"from {args.config}. To continue a run use --resume RUN_DIR."
+                f"`{managed}` is fedsilo's to set ({why}); drop it from {args.config}. To "
+                "continue a run use --resume RUN_DIR."
             )
+    if values["dp"] == "distributed" and not values["dp-max-sample-rate"]:
+        raise ConfigError(
+            "--dp distributed needs --dp-max-sample-rate: the largest Poisson sampling rate "
+            "any site uses, batch-size / the smallest site's examples (e.g. batch-size 64 and "
+            "a smallest site of 1,000 examples: 0.064). The run's one noise multiplier is "
+            "calibrated for it, so that no site spends more than target-epsilon; a site whose "
+            "own rate is larger samples at this rate instead."
+        )
     values["run-id"] = new_run_id()
     cfg = RunConfig.from_flwr(values, source=source)
     run_dir = args.out or (Path(cfg.run_dir) if cfg.run_dir else default_run_dir())
     cfg = dataclasses.replace(cfg, run_dir=str(Path(run_dir).resolve()))
-    return checked(cfg, sites)
+    return checked(planned(cfg), sites)
 
 
 def resume_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
@@ -167,6 +194,7 @@ def resume_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
             ("--eval-data", args.eval_data),
             ("--dp", args.dp),
             ("--dp-min-sites", args.dp_min_sites),
+            ("--dp-max-sample-rate", args.dp_max_sample_rate),
             ("--out", args.out),
         )
         if value is not None

@@ -111,6 +111,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "each site adds 1/M of the noise variance (default: --sites)",
     )
     d.add_argument(
+        "--dp-max-sample-rate",
+        type=float,
+        default=DEFAULTS.dp_max_sample_rate,
+        metavar="Q",
+        help="with --dp distributed: the largest Poisson sampling rate any site uses. The "
+        "sum carries one noise multiplier, the same for every site, so it is calibrated "
+        "once for this rate; a site whose own rate (batch-size / its examples) is larger "
+        "samples at Q instead (default 0: batch-size / the smallest simulated site's "
+        "examples, from the partition)",
+    )
+    d.add_argument(
         "--min-sites",
         type=int,
         default=None,
@@ -176,7 +187,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The RunConfig the flags describe (validated)."""
+    """The RunConfig the flags describe (validated); with --dp distributed, planned: its
+    dp-max-sample-rate (from the partition unless given) and its one noise multiplier."""
+    from fedsilo.privacy.distributed import planned
+    from fedsilo.simulations.runner import max_sample_rate
+
     values: dict[str, Any] = {}
     for f in dataclasses.fields(RunConfig):
         if hasattr(args, f.name):
@@ -188,16 +203,26 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     values["run_dir"] = args.out or str(default_run_dir())
     values["run_id"] = new_run_id()
     cfg = RunConfig(**values)
+    if cfg.dp == "distributed" and not cfg.dp_max_sample_rate:
+        # Everything else is checked before the data is read for the rate.
+        dataclasses.replace(cfg, dp_max_sample_rate=1.0).validate(source="the command line")
+        check_sites(cfg, args.sites)
+        cfg = dataclasses.replace(cfg, dp_max_sample_rate=max_sample_rate(cfg, args.sites))
     cfg.validate(source="the command line")
-    if cfg.min_sites > args.sites:
+    check_sites(cfg, args.sites)
+    return planned(cfg)
+
+
+def check_sites(cfg: RunConfig, sites: int) -> None:
+    """Refuse a run whose rounds need more sites than the simulation has."""
+    if cfg.min_sites > sites:
         from fedsilo.errors import ConfigError
 
         what = "--dp-min-sites" if cfg.dp == "distributed" else "--min-sites"
         raise ConfigError(
             f"`{what}` is {max(cfg.min_sites, cfg.dp_min_sites)} but the simulation has "
-            f"{args.sites} site(s); no round could complete. Lower it or raise --sites."
+            f"{sites} site(s); no round could complete. Lower it or raise --sites."
         )
-    return cfg
 
 
 def run(args: argparse.Namespace) -> int:

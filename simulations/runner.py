@@ -5,8 +5,9 @@ site gets Flower's `partition-id`/`num-partitions` node config and loads its
 share of the dataset; the run config reaches server and sites the same way it
 does under `flwr run`. Each virtual site's policy and privacy ledger live in
 RUN_DIR/ledgers/ (fedsilo.simulations.ledgers), written here before the engine
-starts. Progress is read from RUN_DIR/metrics.jsonl, the same record a deployed
-server writes.
+starts; with `--dp distributed`, so do their identities for secure aggregation
+(RUN_DIR/identities, fedsilo.simulations.identities). Progress is read from
+RUN_DIR/metrics.jsonl, the same record a deployed server writes.
 
 The engine runs on a private Ray instance started for the run, or on a running Ray
 cluster (`EngineConfig.ray_address`, fedsilo.simulations.cluster): then the sites'
@@ -87,6 +88,7 @@ def _run_engine(
     from fedsilo.server.run_dir import RunDir, write_site_names
     from fedsilo.server.server_app import app as server_app
     from fedsilo.simulations import cluster
+    from fedsilo.simulations.identities import write_simulated_site_identities
     from fedsilo.simulations.ledgers import write_site_policies
     from fedsilo.simulations.sites import SimulatedSites, simulated_cache_dir
     from fedsilo.task.features import drop_cache
@@ -99,6 +101,8 @@ def _run_engine(
         write_site_policies(run_dir, site_policies)
         record = {"sites": sites, **engine.record()}
         (run_dir / SIMULATION_FILE).write_text(json.dumps(record) + "\n", "utf-8")
+    if cfg.dp == "distributed":  # a resumed run keeps its sites' identities (and CA)
+        write_simulated_site_identities(run_dir, sites)
     if engine.ray_address:
         labels = cluster.check_nodes(run_dir, cfg)
         workers = engine_internals.actor_pool_size(engine.client_resources())
@@ -216,23 +220,39 @@ def preflight(cfg: RunConfig, sites: int) -> tuple[list[int], str]:
     Returns the sites' sizes and the task's name.
 
     Imports and checks the task (a forward pass of its model), loads its train and
-    test splits, partitions them and calibrates the noise for the smallest site, so a
-    bad task, bad data, impossible splits and unreachable budgets fail fast.
+    test splits, partitions them and plans the noise for the smallest site (local DP
+    calibrates it; distributed DP checks the run's), so a bad task, bad data,
+    impossible splits and unreachable budgets fail fast.
     """
     from fedsilo.clients.dp_train import plan_run
     from fedsilo.server.evaluate import load_eval_data
-    from fedsilo.simulations.partition import partition_indices
     from fedsilo.task.builtin import task_for
     from fedsilo.task.train import check_trainable, resolve_device
 
     resolve_device(cfg.device)
     task = task_for(cfg)
     check_trainable(task, seed=cfg.seed)
-    from fedsilo.simulations.sites import SimulatedSites
-
-    train = SimulatedSites(cfg.run_dir).pool(task, cfg.data_dir)  # decoded once, for every site
     load_eval_data(cfg, cfg.eval_data)
-    parts = partition_indices(train.y.numpy(), sites, cfg.partition_spec, seed=cfg.seed)
-    sizes = [len(p) for p in parts]
+    sizes = partition_sizes(cfg, sites)
     plan_run(cfg, min(sizes), prior=[])
     return sizes, task.name
+
+
+def partition_sizes(cfg: RunConfig, sites: int) -> list[int]:
+    """The examples each of `sites` virtual sites holds, partitioned as the sites will
+    partition the task's training data (decoded once into RUN_DIR, for every site)."""
+    from fedsilo.simulations.partition import partition_indices
+    from fedsilo.simulations.sites import SimulatedSites
+    from fedsilo.task.builtin import task_for
+
+    train = SimulatedSites(cfg.run_dir).pool(task_for(cfg), cfg.data_dir)
+    parts = partition_indices(train.y.numpy(), sites, cfg.partition_spec, seed=cfg.seed)
+    return [len(p) for p in parts]
+
+
+def max_sample_rate(cfg: RunConfig, sites: int) -> float:
+    """Distributed DP's dp-max-sample-rate for the simulated sites: the largest
+    min(1, batch-size / examples) over them (the smallest site's)."""
+    from fedsilo.task.train import sample_rate
+
+    return max(sample_rate(n, cfg.batch_size) for n in partition_sizes(cfg, sites))

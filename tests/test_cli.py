@@ -72,6 +72,20 @@ def in_process(
         (["--dp", "distributed", "--dp-min-sites", "1"], "`dp-min-sites` must be an integer >= 2"),
         (["--dp", "distributed", "--min-sites", "2"], "`min-sites` must be >= dp-min-sites (3)"),
         (["--dp-min-sites", "2"], "`dp-min-sites` must be 0 with --dp local"),
+        (["--dp-max-sample-rate", "0.1"], "`dp-max-sample-rate` must be 0 with --dp local"),
+        (
+            ["--dp", "distributed", "--dp-max-sample-rate", "1.5"],
+            "`dp-max-sample-rate` must be in (0, 1] with --dp distributed",
+        ),
+        (
+            ["--dp", "distributed", "--sites", "64"],
+            "`dp-min-sites` must be at most 63",
+        ),
+        (
+            # 1 round at epsilon 0.01 and rate 1: no multiplier up to 200 fits, before any site
+            ["--dp", "distributed", "--target-epsilon", "0.01", "--dp-max-sample-rate", "1"],
+            "No noise level up to sigma=200",
+        ),
         (
             ["--dp", "distributed", "--dp-min-sites", "4"],
             "`--dp-min-sites` is 4 but the simulation has 3",
@@ -176,3 +190,56 @@ def test_refusals_are_summarised_per_site_and_reason() -> None:
         "[red]site-2 failed round(s) 1[/]: invalid reply: NaN",
         "[bold red]the run stopped early[/]: round 1: 0 usable repl(ies), fewer than min-sites=1",
     ]
+
+
+def simulate_args(*args: str) -> object:
+    from fedsilo.cli import build_parser
+
+    return build_parser().parse_args(["simulate", *args])
+
+
+def test_simulate_plans_distributed_dp_from_the_partition(tmp_path: Path) -> None:
+    """dp-max-sample-rate is the smallest simulated site's rate, as the sites will partition
+    the data; the run's one noise multiplier is calibrated for it before anything runs."""
+    from fedsilo.config import Partition
+    from fedsilo.privacy.accountant import calibrate_noise
+    from fedsilo.simulations.command import config_from_args
+    from fedsilo.simulations.partition import partition_indices
+    from fedsilo.task.data import load_dataset
+
+    # Prepare: a skewed split of digits; the rates each site will use, worked out here.
+    labels = load_dataset("digits", "train").y.numpy()
+    parts = partition_indices(labels, 4, Partition.parse("dirichlet:0.5"), seed=0)
+    sizes = sorted(len(p) for p in parts)
+    assert sizes[-1] > 1.5 * sizes[0]  # not IID: the smallest site sets the rate
+    expected = min(1.0, 64 / sizes[0])
+    # Execute
+    flags = ("--dp", "distributed", "--sites", "4", "--partition", "dirichlet:0.5", "--rounds", "5")
+    cfg = config_from_args(simulate_args(*flags, "--out", str(tmp_path / "a")))
+    given = config_from_args(
+        simulate_args(*flags, "--dp-max-sample-rate", "0.5", "--out", str(tmp_path / "b"))
+    )
+    # Assert
+    assert cfg.dp_max_sample_rate == pytest.approx(expected, rel=1e-12)
+    sigma = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=expected, steps=5)
+    assert cfg.noise_multiplier == sigma
+    assert given.dp_max_sample_rate == 0.5 and given.noise_multiplier > sigma  # more sampling
+    local = config_from_args(simulate_args("--out", str(tmp_path / "c")))
+    assert (local.dp_max_sample_rate, local.noise_multiplier) == (0.0, 0.0)
+
+
+def test_simulate_resume_keeps_the_recorded_noise_multiplier(tmp_path: Path) -> None:
+    import json
+
+    from fedsilo.simulations.command import config_from_args, resume_from_args
+
+    # Prepare: a stopped run whose recorded multiplier is not what calibration gives today.
+    cfg = config_from_args(simulate_args("--dp", "distributed", "--out", str(tmp_path)))
+    recorded = cfg.to_flwr() | {"noise-multiplier": cfg.noise_multiplier * 1.5}
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    (tmp_path / "simulation.json").write_text(json.dumps({"sites": 3}))
+    # Execute
+    resumed, sites, _ = resume_from_args(simulate_args("--resume", str(tmp_path)))
+    # Assert
+    assert resumed.noise_multiplier == cfg.noise_multiplier * 1.5 and sites == 3
+    assert resumed.resume and resumed.run_id == cfg.run_id

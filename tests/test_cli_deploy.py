@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from fedsilo.cli import main
+from fedsilo.errors import ConfigError
 from fedsilo.privacy import pki
 from fedsilo.privacy.provision import provision
 
@@ -47,6 +48,7 @@ def bad_inputs(fed: Path) -> None:
     np.savez(fed / "wide.npz", x=np.zeros((10, 30), np.float32), y=np.zeros(10, np.int64))
     (fed / "cancer.csv").write_text("mean_radius,diagnosis\n12.1,benign\n")
     (fed / "managed.toml").write_text('run-id = "an-old-run"\n')
+    (fed / "noise.toml").write_text('dp = "distributed"\nnoise-multiplier = 0.5\n')
     for name, edit in (
         ("keydir", None),
         ("infpolicy", "inf"),
@@ -124,6 +126,18 @@ def bad_inputs(fed: Path) -> None:
         ([*SERVER, "--resume", "used"], "used holds no readable config.json"),
         ([*SERVER, "--resume", "used", "--rounds", "5"], "recorded; drop --rounds."),
         ([*SERVER, "--config", "managed.toml"], "`run-id` is fedsilo's to set"),
+        # Distributed DP's one noise multiplier is planned here, for the largest sample rate.
+        (
+            [*SERVER, "--dp", "distributed"],
+            "--dp distributed needs --dp-max-sample-rate: the largest Poisson sampling rate "
+            "any site uses, batch-size / the smallest site's examples",
+        ),
+        ([*SERVER, "--config", "noise.toml"], "`noise-multiplier` is fedsilo's to set"),
+        (
+            [*SERVER, "--dp", "distributed", "--dp-max-sample-rate", "2"],
+            "`dp-max-sample-rate` must be in (0, 1]",
+        ),
+        ([*SERVER, "--dp-max-sample-rate", "0.1"], "must be 0 with --dp local"),
     ],
 )
 def test_one_line_error(
@@ -192,3 +206,30 @@ def test_the_server_console_says_who_failed_or_refused_and_why() -> None:
         "site-c failed: invalid reply: `w` holds NaN",
     ]
     assert absent_lines({"round": 1, "sites": ["a"]}) == []
+
+
+def test_server_start_plans_distributed_dp_once_and_resume_keeps_it(fed: Path) -> None:
+    """The run config the sites receive carries the run's one noise multiplier, calibrated
+    for --dp-max-sample-rate; a resumed run keeps the one it recorded."""
+    import json
+
+    from fedsilo.cli import build_parser
+    from fedsilo.privacy.accountant import calibrate_noise
+    from fedsilo.server.command import config_from_args
+
+    # Prepare
+    start = [*SERVER, "--dp", "distributed", "--dp-max-sample-rate", "0.14", "--rounds", "4"]
+    # Execute
+    cfg = config_from_args(build_parser().parse_args([*start, "--out", "run"]), 3)
+    # Assert
+    sigma = calibrate_noise(target_epsilon=8.0, delta=1e-5, sample_rate=0.14, steps=4)
+    assert (cfg.dp_max_sample_rate, cfg.noise_multiplier) == (0.14, sigma)
+    # A stopped run resumes with what it recorded (the ServerApp wrote config.json).
+    recorded = cfg.to_flwr() | {"noise-multiplier": sigma * 1.5}
+    (fed / "run").mkdir()
+    (fed / "run" / "config.json").write_text(json.dumps(recorded))
+    resumed = config_from_args(build_parser().parse_args([*SERVER, "--resume", "run"]), 3)
+    assert resumed.noise_multiplier == sigma * 1.5 and resumed.run_id == cfg.run_id
+    with_flag = build_parser().parse_args([*SERVER, "--resume", "run", "--dp-max-sample-rate", "1"])
+    with pytest.raises(ConfigError, match="drop --dp-max-sample-rate"):
+        config_from_args(with_flag, 3)

@@ -53,3 +53,35 @@ def test_unknown_and_missing_keys_are_errors() -> None:
     del raw["target-epsilon"]
     with pytest.raises(ConfigError, match=r"Missing key.*target-epsilon"):
         RunConfig.from_flwr(raw)
+
+
+DISTRIBUTED = {"dp": "distributed", "dp-min-sites": 3, "min-sites": 3, "dp-max-sample-rate": 0.1}
+
+
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"dp": "local", "noise-multiplier": 1.2}, "`noise-multiplier` must be 0 with --dp local"),
+        ({"dp": "local", "dp-max-sample-rate": 0.1}, "`dp-max-sample-rate` must be 0 with --dp"),
+        ({"dp-max-sample-rate": 0.0}, "`dp-max-sample-rate` must be in (0, 1] with --dp distri"),
+        ({"dp-max-sample-rate": 1.5}, "batch-size / the smallest site's examples"),
+        ({"noise-multiplier": -1.0}, "`noise-multiplier` must be a finite number >= 0"),
+        ({"dp-min-sites": 64, "min-sites": 64}, "`dp-min-sites` must be at most 63"),
+        ({"dp-min-sites": 64, "min-sites": 64}, "a neighbourhood of only 63 sites"),
+    ],
+)
+def test_distributed_dp_values(change: dict[str, object], needle: str) -> None:
+    local = change.get("dp") == "local"
+    raw = manifest_config() | ({} if local else DISTRIBUTED) | change
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flwr(raw, source="run.toml")
+    assert needle in str(err.value) and "run.toml" in str(err.value)
+
+
+def test_a_distributed_run_config_round_trips_with_its_plan() -> None:
+    raw = manifest_config() | DISTRIBUTED | {"noise-multiplier": 1.25, "dp-min-sites": 63}
+    cfg = RunConfig.from_flwr(raw | {"min-sites": 63})
+    assert (cfg.dp_max_sample_rate, cfg.noise_multiplier) == (0.1, 1.25)
+    assert RunConfig.from_flwr(cfg.to_flwr()) == cfg
+    unplanned = RunConfig.from_flwr(raw | {"min-sites": 63, "noise-multiplier": 0.0})
+    assert unplanned.noise_multiplier == 0.0  # valid, but the server and the sites refuse it

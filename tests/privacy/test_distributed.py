@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 import torch
 
+from fedsilo.config import RunConfig
 from fedsilo.errors import PrivacyError
+from fedsilo.privacy.accountant import calibrate_noise, epsilon
 from fedsilo.privacy.distributed import (
     Quantizer,
+    check_run_noise,
     check_shares,
     decode_sum,
     discrete_gaussian,
+    expected_pooled_batch,
+    planned,
     quantize,
     share_multiplier,
+    sum_norm_bound,
     tau,
 )
 from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
@@ -118,3 +125,97 @@ def test_policy_allows_distributed_dp_only_when_asked_and_at_its_assumption() ->
     assert SitePolicy.from_dict(node.to_dict()) == node
     assert "distributed_min_sites" not in SitePolicy(max_epsilon=3.0).to_dict()
     assert math.isclose(node.max_epsilon, 3.0)
+
+
+def honest_sum_norms(
+    *, sites: int, n: int, batch: int, sigma: float, min_sites: int, q: Quantizer, trials: int
+) -> np.ndarray:
+    """Norms of decoded honest sums: each site Poisson-samples n examples at batch / n, each
+    sampled example's clipped gradient is the same unit direction x C (the largest sum),
+    then it rounds and adds its discrete Gaussian share, as noisy_integer_sum does."""
+    rng, counts = SeededRandom(11), np.random.default_rng(12)
+    direction = np.zeros(q.dim)
+    direction[0] = 1.0
+    total = np.zeros((trials, q.dim), dtype=np.int64)
+    for _ in range(sites):
+        sums = counts.binomial(n, batch / n, size=trials)[:, None] * q.clip * direction
+        rounded = quantize(torch.from_numpy(sums.reshape(-1)), q.scale, rng)
+        noise = discrete_gaussian(trials * q.dim, q.share_std(sigma, min_sites), rng)
+        total += (rounded + noise).reshape(trials, q.dim)
+    return np.linalg.norm(total / q.scale, axis=1)
+
+
+def test_the_norm_bound_holds_for_simulated_honest_sums_and_is_not_loose() -> None:
+    # Prepare: 4 sites of 10,000 examples, batch 100 (400 expected in the pooled batch).
+    q = Quantizer(dim=64, clip=1.0)
+    run = {"clip": 1.0, "batch_size": 100, "sites": 4, "noise_multiplier": 1.0, "min_sites": 3}
+    # Execute
+    norms = honest_sum_norms(sites=4, n=10_000, batch=100, sigma=1.0, min_sites=3, q=q, trials=4000)
+    bound = sum_norm_bound(**run, quantizer=q)  # type: ignore[arg-type]
+    loose = sum_norm_bound(**run, quantizer=q, failure=0.05)  # type: ignore[arg-type]
+    # Assert: never exceeded at 1e-9, at most 5% of sums above the 5% bound, and the
+    # bound within 1.5x of what honest sites reach (it counts only what they can send).
+    assert norms.max() <= bound <= 1.5 * norms.max()
+    assert np.mean(norms > loose) <= 0.05
+    assert expected_pooled_batch(batch_size=100, sites=4) == 400.0
+
+
+def test_a_sum_far_above_what_honest_sites_send_is_beyond_the_bound() -> None:
+    q = Quantizer(dim=10_000, clip=1.0)
+    bound = sum_norm_bound(
+        clip=1.0, batch_size=100, sites=4, noise_multiplier=2.0, min_sites=2, quantizer=q
+    )
+    assert 400 < bound < 1e5  # a site sending 1e5 is caught
+
+
+def test_more_noise_or_sites_widen_the_bound() -> None:
+    q = Quantizer(dim=1000, clip=0.5)
+    base = {"clip": 0.5, "batch_size": 64, "sites": 3, "noise_multiplier": 1.0, "min_sites": 3}
+    b0 = sum_norm_bound(**base, quantizer=q)  # type: ignore[arg-type]
+    for change in ({"noise_multiplier": 2.0}, {"sites": 6}, {"batch_size": 128}):
+        assert sum_norm_bound(**(base | change), quantizer=q) > b0  # type: ignore[arg-type]
+
+
+def distributed_cfg(**kw: object) -> RunConfig:
+    values: dict[str, object] = {
+        "rounds": 20,
+        "batch_size": 10,
+        "target_epsilon": 3.0,
+        "dp": "distributed",
+        "dp_min_sites": 3,
+        "min_sites": 3,
+        "dp_max_sample_rate": 0.1,
+        **kw,
+    }
+    return RunConfig(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_a_run_is_planned_once_for_its_largest_sample_rate(accountant: str) -> None:
+    cfg = distributed_cfg(accountant=accountant)
+    run = planned(cfg)
+    sigma = calibrate_noise(
+        target_epsilon=3.0, delta=1e-5, sample_rate=0.1, steps=20, accountant=accountant
+    )
+    assert run.noise_multiplier == sigma and run == planned(run)  # once; kept on resume
+    at_max = SampledGaussianEvent(noise_multiplier=sigma, sample_rate=0.1, steps=20)
+    assert epsilon([at_max], delta=1e-5, accountant=accountant) <= 3.0
+    # Every site at or below the largest rate is within the target; smaller rates spend less.
+    assert check_run_noise(run, sample_rate=0.01) < check_run_noise(run, sample_rate=0.1) <= 3.0
+    local = RunConfig()
+    assert planned(local) is local
+
+
+def test_a_run_without_its_noise_or_with_too_little_is_refused() -> None:
+    run = planned(distributed_cfg())
+    for sigma, needle in ((0.0, "never planned"), (math.nan, "never planned")):
+        with pytest.raises(PrivacyError, match=needle):
+            check_run_noise(dataclasses.replace(run, noise_multiplier=sigma), sample_rate=0.1)
+    small = dataclasses.replace(run, noise_multiplier=run.noise_multiplier * 0.9)
+    with pytest.raises(PrivacyError, match=r"above the run's target-epsilon 3"):
+        check_run_noise(small, sample_rate=0.1)
+    with pytest.raises(PrivacyError, match="above the run's target-epsilon"):
+        planned(small)  # a recorded plan that no longer fits is not kept
+    # A larger rate than planned (a site the server left out of the plan) is refused too.
+    with pytest.raises(PrivacyError, match=r"sample rate 0\.2"):
+        check_run_noise(run, sample_rate=0.2)
