@@ -13,19 +13,27 @@ Site -> server (a train reply):
   METRICS       MetricRecord with REPLY_METRICS
   SITE          ConfigRecord with LEDGER_HEAD (a commitment to the site's ledger)
 
-With --dp distributed a round is four exchanges (fedsilo.privacy.secagg), all train
-messages whose CONFIG names the stage (SECAGG_STAGE) beside SERVER_ROUND:
-  setup       -> SECAGG record: KEY_C, KEY_S (the site's fresh X25519 public keys)
-  share-keys  NODES, KEYS_C, KEYS_S (its neighbours' public keys), THRESHOLD
-              -> SECAGG record: DESTINATIONS, CIPHERTEXTS (Shamir shares of the site's
-                 mask secrets, each AES-GCM-encrypted to its neighbour: opaque to the server)
-  masked      ARRAYS (the global model), SOURCES, CIPHERTEXTS (shares sent to this site)
-              -> SECAGG record: MASKED (its noisy quantized gradient sum plus masks:
-                 uniform noise to anyone without the masks), METRICS (as above, STEPS 1),
-                 SITE (LEDGER_HEAD)
-  unmask      ACTIVE, DEAD (who sent a masked vector, who did not)
-              -> SECAGG record: NODES, SHARES (its shares of the active sites' self-mask
-                 seeds and of the dropped sites' mask keys; never both of one site)
+With --dp distributed a round is five exchanges (fedsilo.privacy.secagg, Bonawitz et al.'s
+protocol with a consistency check), all train messages whose CONFIG names the stage
+(SECAGG_STAGE) beside SERVER_ROUND:
+  advertise-keys  -> SECAGG record: KEY_C, KEY_S (the site's fresh X25519 public keys),
+                  SIGNATURE (by its site key, over the keys, run, round and node id), CERT
+                  (its certificate from the federation CA: its site name, already known
+                  to the server from its authenticated SuperNode key)
+  share-keys      NODES, KEYS_C, KEYS_S, SIGNATURES, CERTS (its neighbours' signed keys),
+                  THRESHOLD
+                  -> SECAGG record: DESTINATIONS, CIPHERTEXTS (Shamir shares of the site's
+                  mask secrets, each AES-GCM-encrypted to its neighbour: opaque to the server)
+  masked-input    ARRAYS (the global model), SOURCES, CIPHERTEXTS (shares sent to this site)
+                  -> SECAGG record: MASKED (its noisy quantized gradient sum plus masks:
+                  uniform noise to anyone without the masks), PARTNERS (the neighbours it
+                  masked with: whose shares opened), METRICS (as above, STEPS 1), SITE
+  consistency     ACTIVE, DEAD (the server's view: whose masked vectors enter the sum,
+                  who dropped after sharing keys)
+                  -> SECAGG record: SIGNATURE (the site's signature over that view)
+  unmask          NODES, SIGNATURES (the active sites' signatures on their views)
+                  -> SECAGG record: NODES, SHARES (its shares of the active sites' self-mask
+                  seeds and of the dropped sites' mask keys; never both of one site)
 The server learns the sum of the active sites' vectors, nothing about any one of them.
 
 A site's *name* never travels in a message: the server takes it from the identity
@@ -58,7 +66,6 @@ SITE_FAILURE_CODE = 4101
 # Secure aggregation (fedsilo.privacy.secagg): keys of CONFIG and of the SECAGG record.
 SECAGG = "secagg"
 SECAGG_STAGE = "secagg-stage"
-STAGES = ("setup", "share-keys", "masked", "unmask")
 KEY_C = "key-c"
 KEY_S = "key-s"
 NODES = "nodes"
@@ -72,3 +79,8 @@ MASKED = "masked"
 ACTIVE = "active"
 DEAD = "dead"
 SHARES = "shares"
+SIGNATURE = "signature"
+SIGNATURES = "signatures"
+CERT = "cert"
+CERTS = "certs"
+PARTNERS = "partners"

@@ -16,65 +16,45 @@ without disclosing its spend elsewhere.
 from __future__ import annotations
 
 import logging
-import math
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message
+from flwr.app import ConfigRecord, Context, Error, Message
 from flwr.clientapp import ClientApp
 
 from fedsilo import protocol
-from fedsilo.clients.dp_train import RoundResult
-from fedsilo.clients.secure_round import secure_stage
-from fedsilo.clients.site_budget import authorise_round
+from fedsilo.clients.secure_round import SecureSiteRound
 from fedsilo.clients.site_env import NAME_KEY, SiteResolver, deployed_site
-from fedsilo.clients.site_round import spent_reply, train_authorised
+from fedsilo.clients.site_round import LocalSiteRound
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, DataError, FedsiloError, PrivacyError
 from fedsilo.privacy.refusal import REFUSAL_CODE, public_reason, refusal_reason
-from fedsilo.task.train import non_finite
 
 log = logging.getLogger("fedsilo.client")
+# Each DP mode's round protocol (fedsilo.config.DP_MODES): chosen once per message.
+SITE_ROUNDS: dict[str, type[LocalSiteRound] | type[SecureSiteRound]] = {
+    "local": LocalSiteRound,
+    "distributed": SecureSiteRound,
+}
 
 
 def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message:
-    """Train the global model locally under DP and reply with the update (or refuse)."""
+    """Answer the server's train message with the run's round protocol (or refuse)."""
     cfg = RunConfig.from_flwr(context.run_config)
     server_round = _server_round(msg)
-    arrays = msg.content.get(protocol.ARRAYS)
-    if not isinstance(arrays, ArrayRecord) and cfg.dp == "local":
-        raise ConfigError("The server's train message carries no model arrays.")
+    config = msg.content[protocol.CONFIG]
+    assert isinstance(config, ConfigRecord)  # _server_round checked it
     name = str(context.node_config.get(NAME_KEY, "site"))
     # The ledger, not context.state, holds the spend: it survives SuperNode restarts
     # and separate runs on the same data.
     try:
         site = resolve_site(cfg, context.node_config)
         name = site.name
-        if cfg.dp == "distributed":  # the four SecAgg+ stages (fedsilo.clients.secure_round)
-            config = msg.content.get(protocol.CONFIG)
-            assert isinstance(config, ConfigRecord)  # _server_round checked it
-            return secure_stage(
-                msg, context, cfg, site, server_round, run_identity(cfg, context), config
-            )
-        auth = authorise_round(
-            site.budget,
-            cfg,
-            site.data,
-            site=site.name,
-            run=run_identity(cfg, context),
-            server_round=server_round,
+        kind = SITE_ROUNDS[cfg.dp]  # the run's DP mode picks its protocol, here only
+        return kind(msg, context, cfg, site, server_round, run_identity(cfg, context)).answer(
+            config
         )
     except (PrivacyError, ConfigError, DataError) as exc:  # a round the site will not train
         log.warning("train: site %s refuses round %d: %s", name, server_round, exc)
         return Message(Error(REFUSAL_CODE, refusal_reason(name, _public(exc, cfg))), reply_to=msg)
-
-    assert isinstance(arrays, ArrayRecord)
-    result = train_authorised(cfg, site, auth, arrays.to_torch_state_dict(), server_round)
-    assert isinstance(result, RoundResult)  # cfg.dp is local
-    why = _unsendable(result)
-    if why:
-        log.error("train: site %s round %d: %s", site.name, server_round, why)
-        return Message(Error(protocol.SITE_FAILURE_CODE, why), reply_to=msg)
-    payload = {protocol.ARRAYS: ArrayRecord(result.state_dict)}
-    return spent_reply(msg, cfg, site, auth, server_round, result, payload)
 
 
 def run_identity(cfg: RunConfig, context: Context) -> str:
@@ -91,17 +71,6 @@ def _public(exc: FedsiloError, cfg: RunConfig) -> str:
         task = cfg.task or cfg.dataset
         return f"the site's data does not fit this run's task ({task}); see its log."
     return str(exc)
-
-
-def _unsendable(result: RoundResult) -> str:
-    """Why the site must not send this round's result ("" when it may)."""
-    bad = non_finite(result.state_dict)
-    if bad or not math.isfinite(result.epsilon):
-        return (
-            f"the update is not finite (NaN or infinity in {', '.join(bad[:3])}); the site "
-            "sends nothing. Check the scale of its data (features of order 1) and lr."
-        )
-    return ""
 
 
 def _server_round(msg: Message) -> int:

@@ -1,11 +1,17 @@
-"""A site's side of a distributed-DP round: the four SecAgg+ stages. Translates messages only.
+"""A site's side of a distributed-DP round: the five SecAgg+ stages. Translates messages only.
 
-fedsilo.client_app routes a train message here when the run's `dp` is distributed.
-Between stages the site keeps its secagg secrets in the ClientApp's context state,
-which stays on the site (its SuperNode's memory; a simulated node's context).
-The protocol is fedsilo.privacy.secagg; the noise fedsilo.privacy.distributed; the
-round's spend is authorised and written to the ledger (fedsilo.clients.site_budget)
-before the site computes its contribution, at the `masked` stage.
+fedsilo.clients.client_app hands a train message here when the run's `dp` is
+distributed. `SecureSiteRound` answers each stage with the matching method of
+fedsilo.privacy.secagg_site.SecAggSite (the checks live there) and keeps that object
+between messages in the ClientApp's context state, which stays on the site (its
+SuperNode's memory; a simulated node's context). The noise is
+fedsilo.privacy.distributed's. Order within the masked-input stage, so that nothing is
+spent on a round that could not be released:
+  1. open every share this site was sent (a neighbour whose share does not open is
+     dropped) and refuse when fewer verified sites than dp-min-sites are left;
+  2. authorise the round: policy, plan and budget checks, then the spend is written
+     to the ledger (fedsilo.clients.site_budget);
+  3. train, quantize, add the noise share, mask and reply.
 """
 
 from __future__ import annotations
@@ -21,116 +27,180 @@ from fedsilo.clients.site_budget import authorise_round, check_run
 from fedsilo.clients.site_env import SiteEnvironment
 from fedsilo.clients.site_round import spent_reply, train_authorised
 from fedsilo.config import RunConfig
-from fedsilo.errors import ConfigError
+from fedsilo.errors import ConfigError, PrivacyError
 from fedsilo.privacy.distributed import Quantizer, check_shares
-from fedsilo.privacy.secagg import SecAggError, SecAggSite, encode_vector, to_ring
+from fedsilo.privacy.identity import SiteIdentity
+from fedsilo.privacy.secagg import SecAggError, Verifier, encode_vector, to_ring
+from fedsilo.privacy.secagg_site import SecAggSite, SignedKeys
 
 log = logging.getLogger("fedsilo.client")
 STATE_KEY = "fedsilo-secagg"
+Values = dict[str, object]
 
 
-def secure_stage(
-    msg: Message,
-    context: Context,
-    cfg: RunConfig,
-    site: SiteEnvironment,
-    server_round: int,
-    run: str,
-    config: ConfigRecord,
-) -> Message:
-    """Answer one stage; raises PrivacyError (SecAggError included) to refuse it."""
-    stage = str(config.get(protocol.SECAGG_STAGE, ""))
-    tag = f"{run}/{server_round}".encode()
-    if stage == "setup":
-        check_run(site.budget.policy, cfg)  # refused here, before any key is made
-        state = SecAggSite(node=msg.metadata.dst_node_id, round_tag=tag)
-        c, s = state.public_keys()
-        return _reply(msg, context, state, {protocol.KEY_C: c, protocol.KEY_S: s})
-    state = _load(context, tag, stage)
-    if stage == "share-keys":
+class SecureSiteRound:
+    """The site's answers to one distributed-DP round, one method per stage."""
+
+    def __init__(
+        self,
+        msg: Message,
+        context: Context,
+        cfg: RunConfig,
+        site: SiteEnvironment,
+        server_round: int,
+        run: str,
+    ) -> None:
+        self.msg, self.context, self.cfg, self.site = msg, context, cfg, site
+        self.server_round, self.run = server_round, run
+        self.tag = f"{run}/{server_round}".encode()
+
+    def answer(self, config: ConfigRecord) -> Message:
+        """Answer the stage `config` names; raises PrivacyError (SecAggError too) to refuse."""
+        stage = str(config.get(protocol.SECAGG_STAGE, ""))
+        stages: dict[str, Callable[[ConfigRecord], Message]] = {
+            "advertise-keys": self.advertise_keys,
+            "share-keys": self.share_keys,
+            "masked-input": self.masked_input,
+            "consistency": self.consistency_check,
+            "unmask": self.unmask,
+        }
+        if stage not in stages:
+            raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
+        return stages[stage](config)
+
+    # ------------------------------------------------------------ the stages
+
+    def advertise_keys(self, config: ConfigRecord) -> Message:
+        check_run(self.site.budget.policy, self.cfg)  # refused here, before any key is made
+        state = SecAggSite(
+            node=self.msg.metadata.dst_node_id, round_tag=self.tag, min_sites=self.cfg.dp_min_sites
+        )
+        keys = state.advertise_keys(self._identity())
+        return self._reply(
+            state,
+            {
+                protocol.KEY_C: keys.c,
+                protocol.KEY_S: keys.s,
+                protocol.SIGNATURE: keys.signature,
+                protocol.CERT: keys.cert,
+            },
+        )
+
+    def share_keys(self, config: ConfigRecord) -> Message:
+        state = self._load("share-keys")
         nodes = _ints(config, protocol.NODES)
-        keys_c, keys_s = _bytes(config, protocol.KEYS_C), _bytes(config, protocol.KEYS_S)
-        if not len(nodes) == len(keys_c) == len(keys_s):
+        columns = [
+            _bytes(config, key)
+            for key in (protocol.KEYS_C, protocol.KEYS_S, protocol.SIGNATURES, protocol.CERTS)
+        ]
+        if any(len(col) != len(nodes) for col in columns):
             raise SecAggError("the server's key lists differ in length")
         threshold = config.get(protocol.THRESHOLD)
-        if not isinstance(threshold, int):
+        if isinstance(threshold, bool) or not isinstance(threshold, int):
             raise SecAggError("the server sent no integer threshold")
-        out = state.share_keys(
-            dict(zip(nodes, zip(keys_c, keys_s, strict=True), strict=True)), threshold
-        )
+        roster = {
+            n: SignedKeys(*entry)
+            for n, entry in zip(nodes, zip(*columns, strict=True), strict=True)
+        }
+        out = state.share_keys(roster, threshold, self._verifier())
         dsts = sorted(out)
-        return _reply(
-            msg,
-            context,
-            state,
-            {protocol.DESTINATIONS: dsts, protocol.CIPHERTEXTS: [out[d] for d in dsts]},
+        return self._reply(
+            state, {protocol.DESTINATIONS: dsts, protocol.CIPHERTEXTS: [out[d] for d in dsts]}
         )
-    if stage == "masked":
-        arrays = msg.content.get(protocol.ARRAYS)
+
+    def masked_input(self, config: ConfigRecord) -> Message:
+        state = self._load("masked-input")
+        arrays = self.msg.content.get(protocol.ARRAYS)
         if not isinstance(arrays, ArrayRecord):
-            raise ConfigError("The server's masked-stage message carries no model arrays.")
+            raise ConfigError("The server's masked-input message carries no model arrays.")
         srcs, blobs = _ints(config, protocol.SOURCES), _bytes(config, protocol.CIPHERTEXTS)
         if len(srcs) != len(blobs):
             raise SecAggError("the server's ciphertext lists differ in length")
-        dim = sum(t.numel() for t in arrays.to_torch_state_dict().values())
+        partners = state.receive_shares(dict(zip(srcs, blobs, strict=True)))  # before spending
+        self._save(state)
+        global_state = arrays.to_torch_state_dict()
+        dim = sum(t.numel() for t in global_state.values())
 
         def shares_hold(plan: DPPlan) -> None:  # refused before anything is spent
-            check_shares(Quantizer(dim, cfg.max_grad_norm), plan.noise_multiplier, cfg.dp_min_sites)
+            check_shares(
+                Quantizer(dim, self.cfg.max_grad_norm), plan.noise_multiplier, self.cfg.dp_min_sites
+            )
 
         auth = authorise_round(
-            site.budget,
-            cfg,
-            site.data,
-            site=site.name,
-            run=run,
-            server_round=server_round,
+            self.site.budget,
+            self.cfg,
+            self.site.data,
+            site=self.site.name,
+            run=self.run,
+            server_round=self.server_round,
             before_spend=shares_hold,
-            sites=len(srcs) + 1,  # the sites that shared keys with this one, and itself
+            sites=len(partners) + 1,  # verified sites whose shares it holds, and itself
         )
-        result = train_authorised(cfg, site, auth, arrays.to_torch_state_dict(), server_round)
-        assert isinstance(result, DistributedResult)  # cfg.dp is distributed
-        masked = state.masked(to_ring(result.vector), dict(zip(srcs, blobs, strict=True)))
-        _save(context, state)
-        payload = {protocol.SECAGG: ConfigRecord({protocol.MASKED: encode_vector(masked)})}
-        return spent_reply(msg, cfg, site, auth, server_round, result, payload)
-    if stage == "unmask":
+        result = train_authorised(self.cfg, self.site, auth, global_state, self.server_round)
+        if not isinstance(result, DistributedResult):
+            raise ConfigError("a distributed-DP round trained without its noise share")
+        masked = state.masked_input(to_ring(result.vector))
+        self._save(state)
+        payload = {
+            protocol.SECAGG: ConfigRecord(
+                {protocol.MASKED: encode_vector(masked), protocol.PARTNERS: partners}
+            )
+        }
+        return spent_reply(self.msg, self.cfg, self.site, auth, self.server_round, result, payload)
+
+    def consistency_check(self, config: ConfigRecord) -> Message:
+        state = self._load("consistency")
         active, dead = _ints(config, protocol.ACTIVE), _ints(config, protocol.DEAD)
-        shares = state.unmask(active, dead, min_active=cfg.dp_min_sites)
+        signature = state.consistency_check(active, dead, self._identity())
+        return self._reply(state, {protocol.SIGNATURE: signature})
+
+    def unmask(self, config: ConfigRecord) -> Message:
+        state = self._load("unmask")
+        nodes, sigs = _ints(config, protocol.NODES), _bytes(config, protocol.SIGNATURES)
+        if len(nodes) != len(sigs):
+            raise SecAggError("the server's signature lists differ in length")
+        shares = state.unmask(dict(zip(nodes, sigs, strict=True)), self._verifier())
+        self.context.state.pop(STATE_KEY, None)  # the round's secrets end here
         owners = sorted(shares)
-        context.state.pop(STATE_KEY, None)  # the round's secrets end here
+        values = {protocol.NODES: owners, protocol.SHARES: [shares[o] for o in owners]}
         return Message(
-            content=RecordDict(
-                {
-                    protocol.SECAGG: ConfigRecord(
-                        {protocol.NODES: owners, protocol.SHARES: [shares[o] for o in owners]}
-                    )
-                }
-            ),
-            reply_to=msg,
+            content=RecordDict({protocol.SECAGG: ConfigRecord(values)}),  # type: ignore[arg-type]
+            reply_to=self.msg,
         )
-    raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
 
+    # ------------------------------------------------------------ helpers
 
-def _reply(msg: Message, context: Context, state: SecAggSite, values: dict[str, object]) -> Message:
-    _save(context, state)
-    return Message(
-        content=RecordDict({protocol.SECAGG: ConfigRecord(values)}),  # type: ignore[arg-type]
-        reply_to=msg,
-    )
+    def _identity(self) -> SiteIdentity:
+        if self.site.identity is None:
+            raise PrivacyError(
+                f"site {self.site.name} has no certificate from the federation CA, which "
+                "distributed DP needs to sign its secure-aggregation keys (without it a "
+                "server could substitute them). Issue one with `fedsilo provision "
+                "certify-site` and restart the site with its kit."
+            )
+        return self.site.identity
 
+    def _verifier(self) -> Verifier:
+        return self._identity().verify
 
-def _save(context: Context, state: SecAggSite) -> None:
-    context.state[STATE_KEY] = ConfigRecord(state.to_state())  # type: ignore[arg-type]
+    def _reply(self, state: SecAggSite, values: Values) -> Message:
+        self._save(state)
+        return Message(
+            content=RecordDict({protocol.SECAGG: ConfigRecord(values)}),  # type: ignore[arg-type]
+            reply_to=self.msg,
+        )
 
+    def _save(self, state: SecAggSite) -> None:
+        self.context.state[STATE_KEY] = ConfigRecord(state.to_state())  # type: ignore[arg-type]
 
-def _load(context: Context, tag: bytes, stage: str) -> SecAggSite:
-    record = context.state.get(STATE_KEY)
-    if not isinstance(record, ConfigRecord):
-        raise SecAggError(f"a {stage} request without this round's setup")
-    state = SecAggSite.from_state(record)
-    if state.round_tag != tag:
-        raise SecAggError(f"a {stage} request for another round than the one set up")
-    return state
+    def _load(self, stage: str) -> SecAggSite:
+        record = self.context.state.get(STATE_KEY)
+        if not isinstance(record, ConfigRecord):
+            raise SecAggError(f"a {stage} request without this round's keys")
+        state = SecAggSite.from_state(record)
+        if state.round_tag != self.tag:
+            raise SecAggError(f"a {stage} request for another round than the one set up")
+        return state
 
 
 def _typed_list(config: ConfigRecord, key: str, kind: type, convert: Callable) -> list:  # type: ignore[type-arg]

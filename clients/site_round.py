@@ -1,7 +1,9 @@
-"""A round a site has authorised, local or distributed DP: train it, end it, reply. No Flower app.
+"""A site's round, local or distributed DP: authorise it, train it, end it, reply. No Flower app.
 
-Both round kinds (fedsilo.clients.client_app, fedsilo.clients.secure_round) train
-through `train_authorised` and reply with the same public report: fedsilo.protocol's
+A run's DP mode picks its round protocol once (fedsilo.clients.client_app): a local-DP
+round is `LocalSiteRound` below, one message; a distributed-DP round is
+fedsilo.clients.secure_round.SecureSiteRound, five. Both train through
+`train_authorised` and reply with the same public report: fedsilo.protocol's
 REPLY_METRICS and the ledger head, beside their own payload (the DP model, or the
 masked vector). The site's own log line says its total spend, which never leaves it.
 """
@@ -9,19 +11,74 @@ masked vector). The site's own log line says its total spend, which never leaves
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedsilo import protocol
 from fedsilo.clients.dp_train import DistributedResult, RoundResult, train_round
-from fedsilo.clients.site_budget import Authorisation
+from fedsilo.clients.site_budget import Authorisation, authorise_round
 from fedsilo.clients.site_env import SiteEnvironment
 from fedsilo.config import RunConfig
+from fedsilo.errors import ConfigError
 from fedsilo.task.features import drop_cache
+from fedsilo.task.train import non_finite
 
 log = logging.getLogger("fedsilo.client")
+
+
+class LocalSiteRound:
+    """A local-DP round: authorise, train DP-SGD locally, send the model."""
+
+    def __init__(
+        self,
+        msg: Message,
+        context: Context,
+        cfg: RunConfig,
+        site: SiteEnvironment,
+        server_round: int,
+        run: str,
+    ) -> None:
+        self.msg, self.cfg, self.site = msg, cfg, site
+        self.server_round, self.run = server_round, run
+
+    def answer(self, config: ConfigRecord) -> Message:
+        """Train the round; raises PrivacyError (or ConfigError, DataError) to refuse it."""
+        arrays = self.msg.content.get(protocol.ARRAYS)
+        if not isinstance(arrays, ArrayRecord):
+            raise ConfigError("The server's train message carries no model arrays.")
+        auth = authorise_round(
+            self.site.budget,
+            self.cfg,
+            self.site.data,
+            site=self.site.name,
+            run=self.run,
+            server_round=self.server_round,
+        )
+        result = train_authorised(
+            self.cfg, self.site, auth, arrays.to_torch_state_dict(), self.server_round
+        )
+        if not isinstance(result, RoundResult):
+            raise ConfigError("a local-DP round trained without its model")
+        why = _unsendable(result)
+        if why:
+            log.error("train: site %s round %d: %s", self.site.name, self.server_round, why)
+            return Message(Error(protocol.SITE_FAILURE_CODE, why), reply_to=self.msg)
+        payload = {protocol.ARRAYS: ArrayRecord(result.state_dict)}
+        return spent_reply(self.msg, self.cfg, self.site, auth, self.server_round, result, payload)
+
+
+def _unsendable(result: RoundResult) -> str:
+    """Why the site must not send this round's result ("" when it may)."""
+    bad = non_finite(result.state_dict)
+    if bad or not math.isfinite(result.epsilon):
+        return (
+            f"the update is not finite (NaN or infinity in {', '.join(bad[:3])}); the site "
+            "sends nothing. Check the scale of its data (features of order 1) and lr."
+        )
+    return ""
 
 
 def train_authorised(

@@ -1,59 +1,66 @@
-"""Secure aggregation: SecAgg+ (Bell, Bonawitz, Gascon, Lepoint, Raykova, CCS 2020). No Flower.
+"""Secure aggregation against an active server: the primitives and the server's math. No Flower.
 
-Both roles of one aggregation, as pure objects the apps drive over messages
-(fedsilo.server.secure_round, fedsilo.clients.client_app). The server learns the sum
-of the sites' integer vectors and nothing else about any one of them, as long as it
-follows the protocol's message flow and fewer than `threshold` of a site's neighbours
-give it their shares of that site's secrets (the semi-honest model of SecAgg+; see
-"Against a malicious server" below).
+fedsilo's SecAgg+ is Bonawitz et al.'s protocol secure against an active adversary
+("Practical Secure Aggregation for Privacy-Preserving Machine Learning", CCS 2017,
+Figure 4: the variant with a consistency check and signed messages) on Bell et al.'s
+sparse neighbourhoods ("Secure Single-Server Aggregation with (Poly)Logarithmic
+Overhead", CCS 2020). A round has five stages, named as in the papers; the site's
+side is fedsilo.privacy.secagg_site.SecAggSite, the server's is
+fedsilo.server.secure_round, which drives them over Flower messages:
 
-One round, four exchanges (Flower's SecAgg+ workflow has the same stages):
-  1. setup        each site makes two X25519 key pairs (c: encrypting shares, s: pairwise
-                  masks) and sends both public keys.
-  2. share-keys   the server sends each site its neighbours' public keys; the site makes a
-                  fresh 256-bit self-mask seed b, Shamir-shares b and its mask key s among
-                  its neighbours (itself included) with threshold t, and sends each share
-                  AES-GCM-encrypted to its owner under their ECDH key (c).
-  3. masked       the server forwards the ciphertexts; the site adds to its vector its self
-                  mask PRG(b) and, for each neighbour j that shared keys, +PRG(s_ij) if its
-                  node id is larger, -PRG(s_ij) otherwise (mod 2^64), and sends that.
-  4. unmask       the server names who sent a masked vector (active) and who did not
-                  (dead); each site returns its share of b for the active and its share of
-                  s for the dead. The server rebuilds the self masks of the active and the
-                  dead sites' pairwise masks, and removes them: what is left is the sum of
-                  the active sites' vectors. A site that dropped after stage 2 is thus
-                  handled as SecAgg+ specifies: its masks are removed, its vector never
-                  counted.
+  0. advertise-keys   each site makes two X25519 key pairs (c: encrypting shares, s:
+                      pairwise masks) and sends both public keys, signed with its
+                      identity key, with its certificate from the federation CA.
+  1. share-keys       the server sends each site its neighbours' signed keys. The site
+                      verifies every certificate against the federation CA and every
+                      signature (bound to the run, round and node id), refuses
+                      duplicates, a neighbourhood outside [dp-min-sites, MAX_NEIGHBOURS]
+                      and any threshold but THRESHOLD's; it Shamir-shares a fresh
+                      256-bit self-mask seed b and its mask key s among the neighbours
+                      and sends each share AES-GCM-encrypted to its owner.
+  2. masked-input     the server forwards the ciphertexts. The site decrypts every one
+                      *before* it spends budget; a neighbour whose share does not
+                      decrypt is dropped. With at least max(threshold, dp-min-sites)
+                      verified sites (itself included) it spends, adds its self mask
+                      PRG(b) and +-PRG(s_ij) for each partner j, and sends the masked
+                      vector with the list of partners it masked with.
+  3. consistency      the server names the surviving set U3 (active) and the partners
+                      that dropped after sharing (dead). The site checks the view (it is
+                      in U3, no node is both, every active neighbour is a partner, at
+                      least max(threshold, dp-min-sites) active neighbours) and signs it.
+  4. unmask           the server forwards the signatures; with at least `threshold`
+                      valid signatures on its own view from active neighbours, the site
+                      reveals its shares of b for the active and of s for the dead.
+  The server rebuilds the active sites' self masks and the dead sites' pairwise masks
+  and removes them: the sum of the active sites' vectors is what is left.
 
-Where fedsilo departs from flwr 1.39's implementation (flwr.client.mod.secaggplus_mod),
-each time to close a hole an attacker could use:
-- Masks come from ChaCha20 keyed with the full 256-bit secret (HKDF-SHA256, bound to
-  the round); flwr folds the seed to 32 bits for numpy's RandomState, so a server can
-  search all 2^32 self masks offline and strip one off a site's masked vector.
-- Masks are uniform over Z_(2^64) (the keystream's words); flwr's randint(0, m - 1) never
-  draws m - 1.
-- Shares are encrypted with AES-GCM with the round, source and destination as
-  associated data: a share cannot be replayed into another round or redirected.
-- A site answers the unmask stage once per round, refuses a node named both active and
-  dead (flwr only checks the count), and checks the threshold rule itself: t is more
-  than half of its neighbourhood, so no two disjoint groups of answers can hand the
-  server both b and s of one site.
+What this buys against a server that deviates from the protocol:
+- it cannot invent sites or substitute keys: keys are signed with site keys the
+  federation CA certified (its key stays offline, not on the server);
+- it cannot pad the active list to reach dp-min-sites: a site counts only neighbours
+  whose signed keys and decrypted shares it holds;
+- it cannot show different sites different views (to collect b of a site from some and
+  s from others): each site reveals only after `threshold` neighbours signed the very
+  view it signed. With THRESHOLD's t = floor(2n/3) + 1 in a neighbourhood of n, two
+  views can both gather t signatures only if at least 2t - n > n/3 neighbours sign
+  both: fewer than n/3 colluding sites cannot help it;
+- for any site, an honest site reveals its share of b or of s in a round, never both.
+Left to the server: dropping or delaying sites (a round then releases nothing, or a
+sum over fewer sites that every site still counted to at least dp-min-sites).
 
-Against a malicious server: a server that also controls sites (Sybils it registered, or
-colluding sites) learns what those sites know; distributed DP (fedsilo.privacy.distributed)
-states the number of honest sites its guarantee assumes. Sites do not verify each other's
-identity here (the node ids and public keys are the SuperLink's to relay), so a server
-that replaced every other site's keys with its own could unmask one site's vector; that
-vector still carries the site's own noise share. Signing the keys with the sites' kit
-keys would close this; it is not done yet.
+Crypto: X25519 ECDH, HKDF-SHA256, AES-GCM (round, source and destination as associated
+data, so a share cannot be replayed into another round or redirected), ChaCha20 masks
+under the full 256-bit secrets, uniform over Z_(2^64). Flower's secaggplus_mod folds
+mask seeds to 32 bits for numpy's RandomState (a server can search them offline) and
+trusts the server's lists; fedsilo uses neither, only Flower's Shamir sharing.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -62,13 +69,30 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
+from fedsilo.config import MAX_MIN_SITES
 from fedsilo.errors import PrivacyError
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
-MAX_NEIGHBOURS = 64  # a site's neighbourhood (itself included) in SecAgg+'s sparse graph
+# A site's neighbourhood (itself included). Up to this many sites every site neighbours
+# every other; beyond, Bell et al.'s sparse graph gives each site MAX_MIN_SITES.
+MAX_NEIGHBOURS = MAX_MIN_SITES + 1
+STAGES = ("advertise-keys", "share-keys", "masked-input", "consistency", "unmask")
+
+# (certificate DER, message, signature) -> the site name the federation CA certified;
+# raises fedsilo.privacy.identity.IdentityError (a PrivacyError) when it does not verify.
+Verifier = Callable[[bytes, bytes, bytes], str]
+
+
+class Signer(Protocol):
+    """A site's identity (fedsilo.privacy.identity.SiteIdentity): its certificate and key."""
+
+    @property
+    def cert(self) -> bytes: ...  # DER, issued by the federation CA
+
+    def sign(self, message: bytes) -> bytes: ...
 
 
 class SecAggError(PrivacyError):
@@ -78,45 +102,75 @@ class SecAggError(PrivacyError):
 def threshold_for(neighbourhood: int) -> int:
     """Shamir threshold for a neighbourhood of `neighbourhood` sites (itself included).
 
-    More than half: two disjoint sets of answers cannot both reach it, so the server
-    can never rebuild both the self mask and the mask key of one site. With 2 sites
-    that is both: no dropout is survivable, as with any secret split between two.
+    floor(2n/3) + 1 (Bonawitz et al., the active-adversary setting): the consistency
+    check then holds against fewer than n/3 colluding neighbours, and up to n - t
+    neighbours may drop out. For 2 or 3 sites that is all of them: no dropout is
+    survivable, as with any secret split that few ways.
     """
-    return neighbourhood // 2 + 1
+    return 2 * neighbourhood // 3 + 1
 
 
-def neighbours(
-    nodes: Sequence[int], *, degree: int = MAX_NEIGHBOURS - 1, seed: int = 0
-) -> dict[int, list[int]]:
+def neighbours(nodes: Sequence[int], *, seed: int = 0) -> dict[int, list[int]]:
     """SecAgg+'s communication graph: each node and its neighbours (itself included).
 
-    Every node when there are at most `degree` + 1; else a random Harary-like ring:
-    nodes in a shuffled order, each joined to `degree` // 2 on either side. Symmetric.
+    Every node when there are at most MAX_NEIGHBOURS; else a random Harary-like ring:
+    nodes in a shuffled order, each joined to MAX_MIN_SITES // 2 on either side, so
+    every neighbourhood holds MAX_MIN_SITES sites (the largest dp-min-sites). Symmetric.
     """
     nodes = sorted(set(nodes))
-    if len(nodes) <= degree + 1:
+    if len(nodes) <= MAX_NEIGHBOURS:
         return {n: list(nodes) for n in nodes}
     order = list(nodes)
     random.Random(seed).shuffle(order)
-    half = degree // 2
+    half = MAX_MIN_SITES // 2
     pos = {n: i for i, n in enumerate(order)}
-    out: dict[int, list[int]] = {}
-    for n in nodes:
-        i = pos[n]
-        around = {order[(i + d) % len(order)] for d in range(-half, half + 1)}
-        out[n] = sorted(around)
-    return out
+    return {
+        n: sorted({order[(pos[n] + d) % len(order)] for d in range(-half, half + 1)}) for n in nodes
+    }
 
 
-def _raw_public(key: X25519PublicKey) -> bytes:
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+# ---------------------------------------------------------------- what is signed
+
+
+def _framed(*parts: bytes) -> bytes:
+    return b"".join(len(p).to_bytes(4, "little") + p for p in parts)
+
+
+def _node(n: int) -> bytes:
+    return int(n).to_bytes(8, "little")
+
+
+def keys_message(round_tag: bytes, node: int, c: bytes, s: bytes) -> bytes:
+    """What a site signs at advertise-keys: its keys, bound to the run, round and node."""
+    return _framed(b"fedsilo secagg keys v1", round_tag, _node(node), c, s)
+
+
+def view_message(round_tag: bytes, active: Iterable[int], dead: Iterable[int]) -> bytes:
+    """What a site signs at the consistency check: the server's view of the round."""
+    act = b"".join(_node(n) for n in sorted(active))
+    gone = b"".join(_node(n) for n in sorted(dead))
+    return _framed(b"fedsilo secagg view v1", round_tag, act, gone)
+
+
+# ---------------------------------------------------------------- keys, shares, masks
+
+
+def raw_public(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+def raw_private(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
 
 
 def _hkdf(secret: bytes, info: bytes) -> bytes:
     return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info).derive(secret)
 
 
-def _exchange(private: X25519PrivateKey, public: bytes) -> bytes:
+def exchange(private: X25519PrivateKey, public: bytes) -> bytes:
+    """X25519 ECDH; SecAggError for anything that is not a usable public key."""
     try:
         return private.exchange(X25519PublicKey.from_public_bytes(public))
     except ValueError as exc:  # not a key, or a low-order point
@@ -131,232 +185,91 @@ def mask(secret: bytes, context: bytes, size: int) -> np.ndarray:
 
 
 def _share_aad(round_tag: bytes, src: int, dst: int) -> bytes:
-    return round_tag + src.to_bytes(8, "little") + dst.to_bytes(8, "little")
+    return round_tag + _node(src) + _node(dst)
 
 
-@dataclass
-class SecAggSite:
-    """One site's side of one aggregation (a round). Create it at stage 1; drive it in order."""
+def seal_shares(
+    c: X25519PrivateKey, peer_c: bytes, round_tag: bytes, src: int, dst: int, b: bytes, s: bytes
+) -> bytes:
+    """src's shares of b and s for dst, encrypted under their ECDH key (c)."""
+    key = _hkdf(exchange(c, peer_c), b"fedsilo secagg share")
+    nonce = os.urandom(NONCE_BYTES)
+    plain = len(b).to_bytes(4, "little") + b + s
+    return nonce + AESGCM(key).encrypt(nonce, plain, _share_aad(round_tag, src, dst))
 
-    node: int
-    round_tag: bytes  # binds shares and masks to this run and round
-    _c: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
-    _s: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
-    _b: bytes = field(default=b"", repr=False)
-    _keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
-    _threshold: int = 0
-    _shares_b: dict[int, bytes] = field(default_factory=dict, repr=False)
-    _shares_s: dict[int, bytes] = field(default_factory=dict, repr=False)
-    _stage: str = "setup"
 
-    def public_keys(self) -> tuple[bytes, bytes]:
-        """Stage 1: (c, s) public keys."""
-        self._expect("setup", "share-keys")
-        return self.public_keys_cached()
-
-    def public_keys_cached(self) -> tuple[bytes, bytes]:
-        """(c, s) public keys, at any stage."""
-        return _raw_public(self._c.public_key()), _raw_public(self._s.public_key())
-
-    def share_keys(
-        self, keys: Mapping[int, tuple[bytes, bytes]], threshold: int
-    ) -> dict[int, bytes]:
-        """Stage 2: encrypted shares of b and s, one per neighbour (not itself).
-
-        `keys`: every neighbour's (c, s) public keys, this site's included.
-        """
-        self._expect("share-keys", "masked")
-        mine = self.public_keys_cached()
-        if keys.get(self.node) != mine:
-            raise SecAggError("the server's key list does not hold this site's own keys")
-        n = len(keys)
-        if n < 2:
-            raise SecAggError("secure aggregation needs at least 2 sites; the server named 1")
-        if threshold != threshold_for(n):
-            raise SecAggError(
-                f"threshold {threshold} for {n} neighbours; SecAgg+ needs more than half "
-                f"({threshold_for(n)}) so the server can never rebuild both masks of a site"
-            )
-        flat = [k for pair in keys.values() for k in pair]
-        if len(set(flat)) != len(flat) or any(len(k) != KEY_BYTES for k in flat):
-            raise SecAggError("the neighbours' public keys are not distinct 32-byte keys")
-        self._keys = {int(k): (c, s) for k, (c, s) in keys.items()}
-        self._threshold = threshold
-        self._b = os.urandom(KEY_BYTES)
-        s_raw = self._s.private_bytes(
-            serialization.Encoding.Raw,
-            serialization.PrivateFormat.Raw,
-            serialization.NoEncryption(),
+def open_shares(
+    c: X25519PrivateKey, peer_c: bytes, round_tag: bytes, src: int, dst: int, blob: bytes
+) -> tuple[bytes, bytes]:
+    """(b share, s share) src sealed for dst; SecAggError when they do not open."""
+    key = _hkdf(exchange(c, peer_c), b"fedsilo secagg share")
+    try:
+        plain = AESGCM(key).decrypt(
+            blob[:NONCE_BYTES], blob[NONCE_BYTES:], _share_aad(round_tag, src, dst)
         )
-        order = sorted(self._keys)
-        b_shares = create_shares(self._b, threshold, n)
-        s_shares = create_shares(s_raw, threshold, n)
-        out: dict[int, bytes] = {}
-        for i, dst in enumerate(order):
-            if dst == self.node:
-                self._shares_b[dst], self._shares_s[dst] = b_shares[i], s_shares[i]
-                continue
-            key = _hkdf(_exchange(self._c, self._keys[dst][0]), b"fedsilo secagg share")
-            nonce = os.urandom(NONCE_BYTES)
-            plain = len(b_shares[i]).to_bytes(4, "little") + b_shares[i] + s_shares[i]
-            aad = _share_aad(self.round_tag, self.node, dst)
-            out[dst] = nonce + AESGCM(key).encrypt(nonce, plain, aad)
-        return out
+    except (InvalidTag, ValueError):
+        raise SecAggError(f"the share from node {src} does not decrypt for this round") from None
+    size = int.from_bytes(plain[:4], "little")
+    if not 0 < size < len(plain) - 4:
+        raise SecAggError(f"the share from node {src} is malformed")
+    return plain[4 : 4 + size], plain[4 + size :]
 
-    def masked(self, vector: np.ndarray, ciphertexts: Mapping[int, bytes]) -> np.ndarray:
-        """Stage 3: the uint64 `vector` plus its masks (mod 2^64).
 
-        `ciphertexts`: the shares other neighbours sent this site, by sender; only
-        those senders' pairwise masks are added (the server removes the same set).
-        """
-        self._expect("masked", "unmask")
-        if len(ciphertexts) + 1 < self._threshold:
-            raise SecAggError(
-                f"only {len(ciphertexts)} neighbour(s) shared keys; the threshold is "
-                f"{self._threshold} (itself included)"
-            )
-        for src, blob in ciphertexts.items():
-            src = int(src)
-            if src == self.node or src not in self._keys:
-                raise SecAggError(f"a share from node {src}, which is not a neighbour")
-            key = _hkdf(_exchange(self._c, self._keys[src][0]), b"fedsilo secagg share")
-            try:
-                plain = AESGCM(key).decrypt(
-                    blob[:NONCE_BYTES],
-                    blob[NONCE_BYTES:],
-                    _share_aad(self.round_tag, src, self.node),
-                )
-            except InvalidTag:
-                raise SecAggError(
-                    f"the share from node {src} does not decrypt for this round"
-                ) from None
-            size = int.from_bytes(plain[:4], "little")
-            self._shares_b[src], self._shares_s[src] = plain[4 : 4 + size], plain[4 + size :]
-        vec = np.asarray(vector, dtype=np.uint64)
-        out = vec + mask(self._b, self.round_tag, vec.size)
-        for other in ciphertexts:
-            m = mask(_exchange(self._s, self._keys[int(other)][1]), self.round_tag, vec.size)
-            out = out + m if self.node > int(other) else out - m  # uint64: wraps mod 2^64
-        return np.asarray(out, dtype=np.uint64)
+# ---------------------------------------------------------------- the server's math
 
-    def unmask(
-        self, active: Sequence[int], dead: Sequence[int], *, min_active: int = 0
-    ) -> dict[int, bytes]:
-        """Stage 4: shares of b for the `active` neighbours, of s for the `dead` ones.
 
-        `active` and `dead` are the server's lists for the whole round (nodes outside
-        this site's neighbourhood get nothing). Refuses (SecAggError) a node named both
-        active and dead, a list without this site, fewer active sites than `min_active`
-        (distributed DP's assumption) or fewer active neighbours than the threshold.
-        """
-        self._expect("unmask", "done")
-        act, gone = {int(a) for a in active}, {int(d) for d in dead}
-        if act & gone:
-            raise SecAggError(
-                f"node(s) {sorted(act & gone)[:3]} named both active and dropped: that would "
-                "hand the server both masks of a site"
-            )
-        if self.node not in act:
-            raise SecAggError("the server's active list leaves out this site")
-        if len(act) < min_active:
-            raise SecAggError(
-                f"{len(act)} site(s) sent a masked vector; this site requires at least "
-                f"{min_active} for its noise share to be enough"
-            )
-        held = set(self._shares_b)
-        if len(act & held) < self._threshold:
-            raise SecAggError(
-                f"{len(act & held)} of this site's neighbours sent a masked vector; the "
-                f"threshold is {self._threshold}"
-            )
-        out = {n: self._shares_b[n] for n in act & held}
-        out.update({n: self._shares_s[n] for n in gone & held})
-        return out
+def survivors(
+    masked: Iterable[int],
+    partners: Mapping[int, Iterable[int]],
+    graph: Mapping[int, Iterable[int]],
+) -> set[int]:
+    """U3: the sites whose masked vectors can enter the sum.
 
-    def _expect(self, stage: str, then: str) -> None:
-        """Each stage once, in order: a replayed or skipped request is refused."""
-        if self._stage != stage:
-            raise SecAggError(f"a {stage} request at the {self._stage} stage of this round")
-        self._stage = then
-
-    def to_state(self) -> dict[str, bytes | int | str | list[int] | list[bytes]]:
-        """Everything the site needs between stages, for the site's own state store."""
-        raw = serialization.Encoding.Raw, serialization.PrivateFormat.Raw
-        nodes = sorted(self._keys)
-        held = sorted(self._shares_b)
-        return {
-            "node": self.node,
-            "round-tag": self.round_tag,
-            "c": self._c.private_bytes(*raw, serialization.NoEncryption()),
-            "s": self._s.private_bytes(*raw, serialization.NoEncryption()),
-            "b": self._b,
-            "key-nodes": nodes,
-            "key-c": [self._keys[n][0] for n in nodes],
-            "key-s": [self._keys[n][1] for n in nodes],
-            "threshold": self._threshold,
-            "share-nodes": held,
-            "share-b": [self._shares_b[n] for n in held],
-            "share-s": [self._shares_s[n] for n in held],
-            "stage": self._stage,
+    `partners[i]`: whom site i masked with (the neighbours whose shares it opened).
+    Masks cancel only between neighbours that both masked with each other, and a site
+    checks that every active neighbour is one it masked with; so a site i that some
+    active neighbour j did not mask with (i's share did not open at j) is left out of
+    the sum. It then counts as dropped: its neighbours reveal its mask key, never its
+    self-mask seed, so its vector stays hidden. Repeated until no such site is left.
+    """
+    active = set(masked)
+    mine = {i: set(partners.get(i, ())) for i in active}
+    while True:
+        bad = {
+            i for i in active if any(i not in mine[j] for j in graph[i] if j != i and j in active)
         }
-
-    @staticmethod
-    def from_state(d: Mapping[str, object]) -> SecAggSite:
-        def blist(key: str) -> list[bytes]:
-            return [bytes(x) for x in d[key]]  # type: ignore[attr-defined]
-
-        def ilist(key: str) -> list[int]:
-            return [int(x) for x in d[key]]  # type: ignore[attr-defined]
-
-        site = SecAggSite(
-            node=int(d["node"]),  # type: ignore[call-overload]
-            round_tag=bytes(d["round-tag"]),  # type: ignore[call-overload]
-            _c=X25519PrivateKey.from_private_bytes(bytes(d["c"])),  # type: ignore[call-overload]
-            _s=X25519PrivateKey.from_private_bytes(bytes(d["s"])),  # type: ignore[call-overload]
-        )
-        site._b = bytes(d["b"])  # type: ignore[call-overload]
-        site._keys = dict(
-            zip(ilist("key-nodes"), zip(blist("key-c"), blist("key-s"), strict=True), strict=True)
-        )
-        site._threshold = int(d["threshold"])  # type: ignore[call-overload]
-        nodes = ilist("share-nodes")
-        site._shares_b = dict(zip(nodes, blist("share-b"), strict=True))
-        site._shares_s = dict(zip(nodes, blist("share-s"), strict=True))
-        site._stage = str(d["stage"])
-        return site
+        if not bad:
+            return active
+        active -= bad
 
 
 def unmask_sum(
     round_tag: bytes,
     masked: Mapping[int, np.ndarray],
     keys: Mapping[int, tuple[bytes, bytes]],
-    graph: Mapping[int, Sequence[int]],
-    shared: Mapping[int, Iterable[int]],
+    partners: Mapping[int, Iterable[int]],
     shares: Mapping[int, Mapping[int, bytes]],
     threshold: Mapping[int, int],
 ) -> np.ndarray:
-    """The server's stage 4: the sum (int64, two's complement) of the active sites' vectors.
+    """The sum (int64, two's complement) of the vectors in `masked` (the active sites).
 
-    masked: node -> its masked vector (the active sites); keys: node -> (c, s) public
-    keys; graph: node -> neighbours; shared: node -> the neighbours whose stage-2 shares
-    it received (the pairwise masks it added); shares: answering node -> {owner: share};
-    threshold: node -> the threshold of its neighbourhood.
+    keys: node -> (c, s) public keys; partners: node -> whom it masked with; shares:
+    answering node -> {owner: share} (b for the active owners, s for the dead);
+    threshold: owner -> the threshold its shares were made with.
     """
     active = set(masked)
     size = next(iter(masked.values())).size
     total = np.zeros(size, dtype=np.uint64)
     for vec in masked.values():
         total += np.asarray(vec, dtype=np.uint64)
-    for owner in active:  # self masks
-        b = _combine(owner, shares, threshold[owner])
-        total -= mask(b, round_tag, size)
-    dead = {j for i in active for j in shared[i]} - active
-    for j in dead:  # pairwise masks the active added for sites that then dropped
-        s_raw = _combine(j, shares, threshold[j])
-        s_j = X25519PrivateKey.from_private_bytes(s_raw)
-        for i in active:
-            if j in set(shared[i]):
-                m = mask(_exchange(s_j, keys[i][1]), round_tag, size)
+    for owner in sorted(active):  # self masks
+        total -= mask(_combine(owner, shares, threshold[owner]), round_tag, size)
+    dead = {j for i in active for j in partners[i]} - active
+    for j in sorted(dead):  # pairwise masks the active added for sites that then dropped
+        s_j = X25519PrivateKey.from_private_bytes(_combine(j, shares, threshold[j]))
+        for i in sorted(active):
+            if j in set(partners[i]):
+                m = mask(exchange(s_j, keys[i][1]), round_tag, size)
                 total = total - m if i > j else total + m
     return total.view(np.int64)
 
@@ -371,6 +284,9 @@ def _combine(owner: int, shares: Mapping[int, Mapping[int, bytes]], threshold: i
         return combine_shares(got[:threshold])
     except ValueError:
         raise SecAggError(f"the shares of node {owner}'s secret do not combine") from None
+
+
+# ---------------------------------------------------------------- vectors on the wire
 
 
 def to_ring(values: np.ndarray) -> np.ndarray:

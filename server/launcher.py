@@ -30,6 +30,7 @@ from typing import Any
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, FedsiloError
 from fedsilo.flwr_adapter.control import list_nodes, register_node
+from fedsilo.privacy.pki import write_public
 from fedsilo.privacy.provision import ServerKit
 from fedsilo.processes import (
     CONTROL_PORT,
@@ -40,7 +41,7 @@ from fedsilo.processes import (
     spawn,
     stop,
 )
-from fedsilo.server.run_dir import read_metrics, write_site_names
+from fedsilo.server.run_dir import FEDERATION_CA, read_metrics, write_site_names
 
 log = logging.getLogger("fedsilo.server")
 CONNECTION = "fedsilo"  # the SuperLink connection name in the private FLWR_HOME
@@ -254,6 +255,8 @@ class Server:
         app = write_app_dir(self.run_dir / "app")
         run_config = self.run_dir / "run-config.toml"
         write_run_config(run_config, self.cfg)
+        # The CA the ServerApp checks the sites' signed secure-aggregation keys against.
+        write_public(self.run_dir / FEDERATION_CA, self.kit.ca.read_bytes())
         proc = spawn(
             [
                 *(flower_bin("flwr"), "run", str(app), CONNECTION),

@@ -1,17 +1,23 @@
 """The server's side of a distributed-DP round: SecAgg+ over Flower messages, then one step.
 
-`SecureRounds.run` drives the four stages of fedsilo.privacy.secagg (setup, share-keys,
-masked, unmask) through the Grid, keeping SiteReports' books (failures, refusals,
-reports) for every stage. What this code ever holds of a site: its public keys, its
-encrypted shares (addressed to other sites), its masked vector (uniform noise without
-the masks) and its public metrics; after unmasking, only the sum over the sites that
-sent a masked vector. It then takes one SGD step (with momentum, post-processing) on
-the global model with the decoded sum divided by the sites' expected pooled batch.
+`SecureRounds.run_round` drives the five stages of fedsilo.privacy.secagg through the
+Grid (`SecureRound`, one method per stage, named as in Bonawitz et al.), keeping
+SiteReports' books (failures, refusals, reports) for every stage. What this code ever
+holds of a site: its signed public keys and certificate, its encrypted shares
+(addressed to other sites), its masked vector (uniform noise without the masks), its
+signature on the round's view and its public metrics; after unmasking, only the sum
+over the sites that survived. It then takes one SGD step (with momentum,
+post-processing) on the global model: the decoded sum divided by the run's expected
+pooled batch, once the sum's norm is within what clipped, noised sites can send,
+a bound computed from the run config alone (never from what sites report).
 
-A site that drops after sharing its keys is handled as SecAgg+ specifies: the others
-return shares of its mask key and its pairwise masks are removed; it is not in the
-sum. A round ends without a new model (and the run stops, as for local DP) when fewer
-than min-sites sites remain at any stage, or when the sum cannot be unmasked.
+Sites check everything this server sends (fedsilo.privacy.secagg_site); the server
+checks what sites send too, so that one hostile site's bad keys or shares cost the
+honest sites nothing: a site whose keys do not verify is left out before any share is
+made, and a site whose shares another site could not open is left out of the sum
+(its masks are removed as a dropped site's). A round ends without a new model (and
+the run stops, as for local DP) when fewer than min-sites sites remain at any stage,
+or when the sum cannot be unmasked or fails its norm check.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -29,14 +36,23 @@ from flwr.serverapp import Grid
 from fedsilo import protocol
 from fedsilo.config import RunConfig
 from fedsilo.errors import PrivacyError
-from fedsilo.privacy.distributed import Quantizer, decode_sum
+from fedsilo.privacy.distributed import (
+    Quantizer,
+    decode_sum,
+    expected_pooled_batch,
+    sum_norm_bound,
+)
 from fedsilo.privacy.secagg import (
     KEY_BYTES,
     SecAggError,
+    Verifier,
     decode_vector,
+    keys_message,
     neighbours,
+    survivors,
     threshold_for,
     unmask_sum,
+    view_message,
 )
 from fedsilo.server.strategy import InvalidReply, SiteReports
 
@@ -46,144 +62,38 @@ Exchange = Callable[[Grid, Iterable[Message]], list[Message]]
 
 @dataclass
 class SecureRounds:
-    """Distributed-DP rounds of one run: the stages, and the server's optimizer state."""
+    """Distributed-DP rounds of one run: the protocol's rounds and the server's optimizer."""
 
     cfg: RunConfig
-    run: str  # the run identity the sites bind their shares and masks to
+    run: str  # the run identity the sites bind their signatures, shares and masks to
     strategy: SiteReports
     exchange: Exchange
+    verify: Verifier  # the federation CA's check of a site's signature
     velocity: torch.Tensor | None = field(default=None, repr=False)
 
     def run_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> ArrayRecord | None:
         """One round; the new global model, or None when it could not complete."""
-        st = self.strategy
-        clock = _Clock()
-        sent = list(st.configure_train(server_round, arrays, ConfigRecord(), grid))
-        nodes = sorted(m.metadata.dst_node_id for m in sent)
-        state = arrays.to_torch_state_dict()
-        dim = sum(t.numel() for t in state.values())
-        need = max(2, self.cfg.min_sites)
-
-        # 1. setup: public keys
-        replies = clock.time("setup", self._stage)(
-            grid, server_round, "setup", {n: {} for n in nodes}
+        rnd = SecureRound(self, grid, server_round, arrays)
+        stages = (
+            rnd.advertise_keys,
+            rnd.share_keys,
+            rnd.collect_masked_input,
+            rnd.consistency_check,
+            rnd.unmask,
         )
-        keys: dict[int, tuple[bytes, bytes]] = {}
-        for node, rec in replies.items():
-            c, s = rec.get(protocol.KEY_C), rec.get(protocol.KEY_S)
-            if not (_key(c) and _key(s)):
-                st.fail(node, server_round, "invalid reply: no 32-byte public keys")
-                continue
-            keys[node] = (c, s)
-        if not self._enough(keys, need, server_round, "setup"):
-            return None
-        graph = neighbours(list(keys), seed=server_round)
-        thresholds = {n: threshold_for(len(graph[n])) for n in keys}
-
-        # 2. share-keys: encrypted shares, routed by the server
-        asks = {
-            n: {
-                protocol.NODES: graph[n],
-                protocol.KEYS_C: [keys[m][0] for m in graph[n]],
-                protocol.KEYS_S: [keys[m][1] for m in graph[n]],
-                protocol.THRESHOLD: thresholds[n],
-            }
-            for n in keys
-        }
-        replies = clock.time("share-keys", self._stage)(grid, server_round, "share-keys", asks)
-        inbox: dict[int, dict[int, bytes]] = {}
-        shared_keys: set[int] = set()
-        for node, rec in replies.items():
-            dsts, blobs = rec.get(protocol.DESTINATIONS), rec.get(protocol.CIPHERTEXTS)
-            ok = isinstance(dsts, list) and isinstance(blobs, list) and len(dsts) == len(blobs)
-            if not ok or set(dsts) != set(graph[node]) - {node}:
-                st.fail(node, server_round, "invalid reply: shares not for its neighbours")
-                continue
-            shared_keys.add(node)
-            for dst, blob in zip(dsts, blobs, strict=True):
-                inbox.setdefault(int(dst), {})[node] = bytes(blob)
-        if not self._enough(shared_keys, need, server_round, "share-keys"):
-            return None
-        # Each site masks with exactly the neighbours whose shares it is sent.
-        shared = {n: sorted(s for s in inbox.get(n, {}) if s in shared_keys) for n in shared_keys}
-
-        # 3. masked: the global model and the shares; each site trains and masks
-        asks = {
-            n: {
-                protocol.SOURCES: shared[n],
-                protocol.CIPHERTEXTS: [inbox[n][s] for s in shared[n]],
-            }
-            for n in shared_keys
-        }
-        replies = clock.time("masked", self._stage)(
-            grid, server_round, "masked", asks, arrays=arrays, full=True
-        )
-        masked: dict[int, np.ndarray] = {}
-        for node, msg in replies.items():
-            try:
-                report = st.accept_report(node, server_round, msg)
-                vec = decode_vector(msg.content[protocol.SECAGG].get(protocol.MASKED), dim)
-            except (InvalidReply, SecAggError, KeyError) as exc:
-                st.fail(node, server_round, f"invalid reply: {exc}")
-                continue
-            st.reports[report.site] = report
-            masked[node] = vec
-        if not self._enough(masked, need, server_round, "masked"):
-            return None
-
-        # 4. unmask: shares of the active sites' seeds and of the dropped sites' mask keys
-        active, dead = sorted(masked), sorted(shared_keys - set(masked))
-        asks = {n: {protocol.ACTIVE: active, protocol.DEAD: dead} for n in active}
-        replies = clock.time("unmask", self._stage)(grid, server_round, "unmask", asks)
-        shares: dict[int, dict[int, bytes]] = {}
-        for node, rec in replies.items():
-            owners, blobs = rec.get(protocol.NODES), rec.get(protocol.SHARES)
-            if isinstance(owners, list) and isinstance(blobs, list) and len(owners) == len(blobs):
-                shares[node] = {int(o): bytes(b) for o, b in zip(owners, blobs, strict=True)}
-            else:
-                st.fail(node, server_round, "invalid reply: no shares")
+        for stage in stages:
+            if not stage():
+                return None
         try:
-            total = unmask_sum(
-                f"{self.run}/{server_round}".encode(),
-                masked,
-                keys,
-                graph,
-                shared,
-                shares,
-                thresholds,
-            )
-            quantizer = Quantizer(dim=dim, clip=self.cfg.max_grad_norm)
-            grad = decode_sum(total, quantizer)
-            check_sum(grad, self._bound(active, quantizer))
+            grad = rnd.decoded_sum()
         except (SecAggError, PrivacyError, ValueError) as exc:
             log.error("secure round %d: the sum cannot be used: %s", server_round, exc)
             return None
-        clock.lap("unmask-sum")
-        st.last_round_sites = sorted(st.site_name(n) for n in active)
-        log.info("secure round %d: %d sites; %s", server_round, len(active), clock)
-        return ArrayRecord(self._step(state, self._pooled_batch(active), grad))
-
-    def _bound(self, active: Iterable[int], quantizer: Quantizer) -> float:
-        """The largest L2 norm an honest sum can have, with 8 standard deviations of noise.
-
-        Each site's clipped sum is at most C x its examples; each of the n shares has std
-        sigma x Delta / sqrt(M) per coordinate (in integer units), sigma the largest any
-        site reported, so their sum sigma x Delta x sqrt(n / M). A site cannot be checked
-        on its own (it is masked); a sum beyond this bound means one sent more than
-        clipped gradients, and it is dropped.
-        """
-        st = self.strategy
-        names = [st.site_name(n) for n in active]
-        examples = sum(st.committed[n] for n in names)
-        sigma = max(st.noise.get(n, 0.0) for n in names)
-        shares = max(1.0, len(names) / max(1, self.cfg.dp_min_sites))
-        std = sigma * quantizer.sensitivity / quantizer.scale * shares**0.5
-        return float(self.cfg.max_grad_norm * examples + 8.0 * std * quantizer.dim**0.5)
-
-    def _pooled_batch(self, active: Iterable[int]) -> float:
-        """The sites' expected pooled Poisson batch: each samples min(batch, its examples)."""
-        st, b = self.strategy, self.cfg.batch_size
-        return float(sum(min(b, st.committed[st.site_name(n)]) for n in active))
+        active = sorted(rnd.active)
+        self.strategy.last_round_sites = sorted(self.strategy.site_name(n) for n in active)
+        log.info("secure round %d: %d sites; %s", server_round, len(active), rnd.clock)
+        batch = expected_pooled_batch(batch_size=self.cfg.batch_size, sites=len(active))
+        return ArrayRecord(self._step(rnd.state, batch, grad))
 
     def _step(
         self, state: dict[str, torch.Tensor], batch: float, grad_sum: torch.Tensor
@@ -199,50 +109,221 @@ class SecureRounds:
             start += t.numel()
         return out
 
-    def _enough(self, got: Iterable[int], need: int, server_round: int, stage: str) -> bool:
+
+class SecureRound:
+    """One round's stages and what the server learns along the way."""
+
+    def __init__(self, rounds: SecureRounds, grid: Grid, server_round: int, arrays: ArrayRecord):
+        self.rounds, self.grid, self.server_round, self.arrays = rounds, grid, server_round, arrays
+        self.cfg, self.st = rounds.cfg, rounds.strategy
+        self.tag = f"{rounds.run}/{server_round}".encode()
+        self.clock = _Clock()
+        self.state = arrays.to_torch_state_dict()
+        self.dim = sum(t.numel() for t in self.state.values())
+        self.need = max(2, self.cfg.min_sites, self.cfg.dp_min_sites)
+        self.keys: dict[int, tuple[bytes, bytes, bytes, bytes]] = {}  # c, s, signature, cert
+        self.graph: dict[int, list[int]] = {}
+        self.threshold: dict[int, int] = {}
+        self.inbox: dict[int, dict[int, bytes]] = {}
+        self.masked: dict[int, np.ndarray] = {}
+        self.partners: dict[int, list[int]] = {}
+        self.active: set[int] = set()
+        self.dead: set[int] = set()
+        self.signatures: dict[int, bytes] = {}
+        self.shares: dict[int, dict[int, bytes]] = {}
+
+    # ------------------------------------------------------------ 0. advertise keys
+
+    def advertise_keys(self) -> bool:
+        sent = self.st.configure_train(self.server_round, self.arrays, ConfigRecord(), self.grid)
+        nodes = sorted(m.metadata.dst_node_id for m in sent)
+        replies = self._stage("advertise-keys", {n: {} for n in nodes})
+        for node, rec in replies.items():
+            c, s = _bytes(rec, protocol.KEY_C), _bytes(rec, protocol.KEY_S)
+            sig, cert = _bytes(rec, protocol.SIGNATURE), _bytes(rec, protocol.CERT)
+            if not (len(c) == len(s) == KEY_BYTES and sig and cert):
+                self.st.fail(node, self.server_round, "invalid reply: no signed 32-byte keys")
+                continue
+            try:
+                name = self.rounds.verify(cert, keys_message(self.tag, node, c, s), sig)
+            except PrivacyError as exc:
+                self.st.fail(node, self.server_round, f"invalid reply: keys not signed: {exc}")
+                continue
+            if name != self.st.site_name(node):
+                self.st.fail(
+                    node,
+                    self.server_round,
+                    f"invalid reply: keys signed as site {name!r}, not this node's site",
+                )
+                continue
+            self.keys[node] = (c, s, sig, cert)
+        if not self._enough(self.keys, "advertise-keys"):
+            return False
+        self.graph = neighbours(list(self.keys), seed=self.server_round)
+        return True
+
+    # ------------------------------------------------------------ 1. share keys
+
+    def share_keys(self) -> bool:
+        asks: dict[int, dict[str, Any]] = {}
+        for n in self.keys:
+            near = self.graph[n]
+            asks[n] = {
+                protocol.NODES: near,
+                protocol.KEYS_C: [self.keys[m][0] for m in near],
+                protocol.KEYS_S: [self.keys[m][1] for m in near],
+                protocol.SIGNATURES: [self.keys[m][2] for m in near],
+                protocol.CERTS: [self.keys[m][3] for m in near],
+                protocol.THRESHOLD: threshold_for(len(near)),
+            }
+        replies = self._stage("share-keys", asks)
+        for node, rec in replies.items():
+            dsts, blobs = _list(rec, protocol.DESTINATIONS), _list(rec, protocol.CIPHERTEXTS)
+            if len(dsts) != len(blobs) or set(dsts) != set(self.graph[node]) - {node}:
+                self.st.fail(
+                    node, self.server_round, "invalid reply: shares not for its neighbours"
+                )
+                continue
+            self.threshold[node] = threshold_for(len(self.graph[node]))
+            for dst, blob in zip(dsts, blobs, strict=True):
+                self.inbox.setdefault(int(dst), {})[node] = bytes(blob)
+        return self._enough(self.threshold, "share-keys")
+
+    # ------------------------------------------------------------ 2. masked input
+
+    def collect_masked_input(self) -> bool:
+        shared = set(self.threshold)
+        asks: dict[int, dict[str, Any]] = {}
+        for n in shared:  # each site is sent exactly the shares of sites that shared keys
+            srcs = sorted(s for s in self.inbox.get(n, {}) if s in shared)
+            asks[n] = {
+                protocol.SOURCES: srcs,
+                protocol.CIPHERTEXTS: [self.inbox[n][s] for s in srcs],
+            }
+        replies = self._send("masked-input", asks, self.arrays)
+        for node, msg in replies.items():
+            try:
+                report = self.st.accept_report(node, self.server_round, msg)
+                record = msg.content.get(protocol.SECAGG)
+                if not isinstance(record, ConfigRecord):
+                    raise InvalidReply(f"no `{protocol.SECAGG}` record")
+                vec = decode_vector(record.get(protocol.MASKED), self.dim)
+                partners = _list(record, protocol.PARTNERS)
+                if not set(partners) <= set(asks[node][protocol.SOURCES]):
+                    raise InvalidReply("its partners are not sites it was sent shares of")
+            except (InvalidReply, SecAggError) as exc:
+                self.st.fail(node, self.server_round, f"invalid reply: {exc}")
+                continue
+            self.st.reports[report.site] = report
+            self.masked[node] = vec
+            self.partners[node] = [int(p) for p in partners]
+        self.active = survivors(self.masked, self.partners, self.graph)
+        for node in sorted(set(self.masked) - self.active):
+            self.st.fail(node, self.server_round, "its shares did not open at another site")
+        return self._enough(self.active, "masked-input")
+
+    # ------------------------------------------------------------ 3. consistency check
+
+    def consistency_check(self) -> bool:
+        self.dead = {j for i in self.active for j in self.partners[i]} - self.active
+        view = {protocol.ACTIVE: sorted(self.active), protocol.DEAD: sorted(self.dead)}
+        replies = self._stage("consistency", {n: view for n in self.active})
+        message = view_message(self.tag, self.active, self.dead)
+        for node, rec in replies.items():
+            sig = _bytes(rec, protocol.SIGNATURE)
+            try:
+                self.rounds.verify(self.keys[node][3], message, sig)
+            except PrivacyError as exc:
+                self.st.fail(node, self.server_round, f"invalid reply: view not signed: {exc}")
+                continue
+            self.signatures[node] = sig
+        return self._enough(self.signatures, "consistency")
+
+    # ------------------------------------------------------------ 4. unmask
+
+    def unmask(self) -> bool:
+        signers = sorted(self.signatures)
+        ask = {protocol.NODES: signers, protocol.SIGNATURES: [self.signatures[n] for n in signers]}
+        replies = self._stage("unmask", {n: ask for n in signers})
+        for node, rec in replies.items():
+            owners, blobs = _list(rec, protocol.NODES), _list(rec, protocol.SHARES)
+            if owners and len(owners) == len(blobs):
+                self.shares[node] = {int(o): bytes(b) for o, b in zip(owners, blobs, strict=True)}
+            else:
+                self.st.fail(node, self.server_round, "invalid reply: no shares")
+        return True
+
+    def decoded_sum(self) -> torch.Tensor:
+        """The active sites' float gradient sum, once its norm is within the run's bound."""
+        total = unmask_sum(
+            self.tag,
+            {n: self.masked[n] for n in self.active},
+            {n: (c, s) for n, (c, s, _, _) in self.keys.items()},
+            self.partners,
+            self.shares,
+            self.threshold,
+        )
+        self.clock.lap("unmask-sum")
+        quantizer = Quantizer(dim=self.dim, clip=self.cfg.max_grad_norm)
+        grad = decode_sum(total, quantizer)
+        bound = sum_norm_bound(
+            clip=self.cfg.max_grad_norm,
+            batch_size=self.cfg.batch_size,
+            sites=len(self.active),
+            noise_multiplier=self.cfg.noise_multiplier,
+            min_sites=self.cfg.dp_min_sites,
+            quantizer=quantizer,
+        )
+        check_sum(grad, bound)
+        return grad
+
+    # ------------------------------------------------------------ messages
+
+    def _enough(self, got: Iterable[int], stage: str) -> bool:
         n = len(list(got))
-        if n < need:
+        if n < self.need:
             log.error(
                 "secure round %d: %d site(s) after the %s stage, fewer than %d",
-                server_round,
+                self.server_round,
                 n,
                 stage,
-                need,
+                self.need,
             )
             return False
         return True
 
-    def _stage(
+    def _send(
         self,
-        grid: Grid,
-        server_round: int,
         stage: str,
-        asks: Mapping[int, Mapping[str, object]],
-        *,
+        asks: Mapping[int, Mapping[str, Any]],
         arrays: ArrayRecord | None = None,
-        full: bool = False,
-    ) -> dict[int, ConfigRecord] | dict[int, Message]:
-        """Send one stage to every site in `asks`; usable replies by node."""
+    ) -> dict[int, Message]:
+        """Send one stage to every site in `asks`; the usable replies by node."""
+        t0 = time.monotonic()
         out = []
         for node, values in asks.items():
             config = ConfigRecord(
-                {protocol.SERVER_ROUND: server_round, protocol.SECAGG_STAGE: stage, **values}  # type: ignore[dict-item]
+                {protocol.SERVER_ROUND: self.server_round, protocol.SECAGG_STAGE: stage, **values}
             )
             content = RecordDict({protocol.CONFIG: config})
             if arrays is not None:
                 content[protocol.ARRAYS] = arrays
             out.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
-        replies = self.exchange(grid, out)
-        usable = self.strategy.stage_replies(server_round, out, replies)
-        if full:
-            return usable
+        replies = self.rounds.exchange(self.grid, out)
+        usable = self.st.stage_replies(self.server_round, out, replies)
+        self.clock.laps[stage] = time.monotonic() - t0
+        self.clock.last = time.monotonic()
+        return usable
+
+    def _stage(self, stage: str, asks: Mapping[int, Mapping[str, Any]]) -> dict[int, ConfigRecord]:
+        """Send one stage; the SECAGG records of the usable replies by node."""
         records: dict[int, ConfigRecord] = {}
-        for node, msg in usable.items():
+        for node, msg in self._send(stage, asks).items():
             rec = msg.content.get(protocol.SECAGG)
             if isinstance(rec, ConfigRecord):
                 records[node] = rec
             else:
-                self.strategy.fail(node, server_round, f"invalid reply: no `{protocol.SECAGG}`")
+                self.st.fail(node, self.server_round, f"invalid reply: no `{protocol.SECAGG}`")
         return records
 
 
@@ -252,16 +333,6 @@ class _Clock:
     def __init__(self) -> None:
         self.laps: dict[str, float] = {}
         self.last = time.monotonic()
-
-    def time(self, name: str, fn: Callable) -> Callable:  # type: ignore[type-arg]
-        def timed(*args: object, **kwargs: object) -> object:
-            self.last = time.monotonic()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                self.lap(name)
-
-        return timed
 
     def lap(self, name: str) -> None:
         now = time.monotonic()
@@ -282,5 +353,13 @@ def check_sum(grad: torch.Tensor, bound: float) -> None:
         )
 
 
-def _key(value: object) -> bool:
-    return isinstance(value, bytes) and len(value) == KEY_BYTES
+def _bytes(record: ConfigRecord, key: str) -> bytes:
+    """`record[key]` when it is bytes, else b"" (a reply that lacks it is invalid)."""
+    value = record.get(key)
+    return value if isinstance(value, bytes) else b""
+
+
+def _list(record: ConfigRecord, key: str) -> list[Any]:
+    """`record[key]` when it is a list, else []."""
+    value = record.get(key)
+    return value if isinstance(value, list) else []

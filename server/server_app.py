@@ -10,6 +10,7 @@ in `fedsilo simulate` and under `flower-superlink` in deployment.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -17,13 +18,16 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Message
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from fedsilo import flwr_adapter
 from fedsilo.config import RunConfig
+from fedsilo.privacy.distributed import check_run_noise
+from fedsilo.privacy.identity import verify_signed
 from fedsilo.server.evaluate import Evaluator, global_model, load_eval_data, make_evaluator
+from fedsilo.server.local_round import Exchange, LocalRounds
 from fedsilo.server.run_dir import Progress, RunDir, default_run_dir, read_site_names
 from fedsilo.server.secure_round import SecureRounds
 from fedsilo.server.strategy import SiteReports
@@ -40,6 +44,11 @@ PULL_INTERVAL_S = 0.1  # between pulls for replies
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
     cfg = RunConfig.from_flwr(context.run_config)
+    if cfg.dp == "distributed":
+        # The sites receive this same run config and add shares of its noise multiplier:
+        # one it lacks (a plain `flwr run`) or one too small for the run's largest sample
+        # rate stops the run here, as every site would refuse it.
+        check_run_noise(cfg, sample_rate=cfg.dp_max_sample_rate)
     flwr_adapter.fast_object_pulls()  # the replies' content: pulled without 1 s waits
     run_dir = RunDir(cfg.run_dir or default_run_dir())
     progress, rounds = run_dir.resume_point() if cfg.resume else (Progress(), [])
@@ -71,18 +80,15 @@ def main(grid: Grid, context: Context) -> None:
             progress.lost or "none",
         )
     arrays = ArrayRecord(state)
-    secure = (
-        SecureRounds(
-            cfg,
-            run=cfg.run_id or str(context.run_id),
-            strategy=strategy,
-            exchange=lambda g, msgs: exchange(g, msgs, timeout=ROUND_TIMEOUT_S),
-        )
-        if cfg.dp == "distributed"
-        else None
+    rounds_of = round_protocol(
+        cfg,
+        run_dir,
+        run=cfg.run_id or str(context.run_id),
+        strategy=strategy,
+        exchange=lambda g, msgs: exchange(g, msgs, timeout=ROUND_TIMEOUT_S),
     )
-    if secure is not None and rounds:  # resumed: the server's momentum goes on too
-        secure.velocity = run_dir.momentum(rounds[-1]["round"])
+    if rounds:  # resumed: the server's optimizer state (distributed DP's momentum) goes on too
+        rounds_of.velocity = run_dir.momentum(rounds[-1]["round"])
     stopped = ""
     for server_round in range(progress.started + 1, cfg.rounds + 1):
         t0 = time.monotonic()
@@ -90,15 +96,7 @@ def main(grid: Grid, context: Context) -> None:
         # round they may already have spent budget on.
         progress = dataclasses.replace(progress, started=server_round)
         run_dir.write_progress(progress)
-        if secure is not None:  # --dp distributed: SecAgg+ stages, then one step
-            new_arrays = secure.run_round(grid, server_round, arrays)
-        else:
-            replies = exchange(
-                grid,
-                strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-                timeout=ROUND_TIMEOUT_S,
-            )
-            new_arrays, _ = strategy.aggregate_train(server_round, replies)
+        new_arrays = rounds_of.run_round(grid, server_round, arrays)
         outcome = close_round(server_round, new_arrays, strategy, cfg, evaluate)
         if isinstance(outcome, str):  # never checkpoint, report or continue from it
             stopped = f"round {server_round}: {outcome}"
@@ -107,8 +105,8 @@ def main(grid: Grid, context: Context) -> None:
         arrays, record = outcome
         record["seconds"] = time.monotonic() - t0
         run_dir.save_checkpoint(server_round, arrays.to_torch_state_dict())
-        if secure is not None and secure.velocity is not None:
-            run_dir.save_momentum(server_round, secure.velocity)
+        if rounds_of.velocity is not None:
+            run_dir.save_momentum(server_round, rounds_of.velocity)
         run_dir.append_metrics(record)  # after the checkpoint: a metrics line means resumable
         rounds.append(record)
         log.info(
@@ -131,6 +129,21 @@ def main(grid: Grid, context: Context) -> None:
             "stopped": stopped or None,
         }
     )
+
+
+def round_protocol(
+    cfg: RunConfig,
+    run_dir: RunDir,
+    *,
+    run: str,
+    strategy: SiteReports,
+    exchange: Exchange,
+) -> LocalRounds | SecureRounds:
+    """The run's round protocol, chosen once from its DP mode."""
+    if cfg.dp == "distributed":  # SecAgg+ stages, then one step on the secure sum
+        verify = functools.partial(verify_signed, run_dir.federation_ca())
+        return SecureRounds(cfg, run=run, strategy=strategy, exchange=exchange, verify=verify)
+    return LocalRounds(strategy=strategy, exchange=exchange)
 
 
 def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list[Message]:
