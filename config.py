@@ -115,6 +115,11 @@ class RunConfig:
     noise_multiplier: float = 0.0
 
     @property
+    def distributed(self) -> bool:
+        """Distributed DP (`dp` distributed): the run's one place that reads the mode's name."""
+        return self.dp == "distributed"
+
+    @property
     def partition_spec(self) -> Partition:
         return Partition.parse(self.partition)
 
@@ -182,7 +187,7 @@ class RunConfig:
                 raise bad(key, "an integer >= 1", value)
         if self.dp not in DP_MODES:
             raise bad("dp", "local or distributed", self.dp)
-        if self.dp == "distributed" and self.dp_min_sites < 2:
+        if self.distributed and self.dp_min_sites < 2:
             raise bad(
                 "dp-min-sites",
                 "an integer >= 2 with --dp distributed",
@@ -191,7 +196,7 @@ class RunConfig:
                 "(sites that do not drop out or collude with the server); e.g. the number "
                 "of sites.",
             )
-        if self.dp == "distributed" and self.min_sites < self.dp_min_sites:
+        if self.distributed and self.min_sites < self.dp_min_sites:
             raise bad(
                 "min-sites",
                 f">= dp-min-sites ({self.dp_min_sites}) with --dp distributed",
@@ -199,7 +204,7 @@ class RunConfig:
                 "A round with fewer sites than the noise assumes is refused by the sites; "
                 "raise min-sites.",
             )
-        if self.dp == "distributed" and self.dp_min_sites > MAX_MIN_SITES:
+        if self.distributed and self.dp_min_sites > MAX_MIN_SITES:
             raise bad(
                 "dp-min-sites",
                 f"at most {MAX_MIN_SITES} with --dp distributed",
@@ -208,7 +213,7 @@ class RunConfig:
                 f"{MAX_MIN_SITES} sites, so no site could verify that a sum holds more noise "
                 "shares; lower dp-min-sites.",
             )
-        if self.dp == "local":
+        if not self.distributed:
             distributed_only: tuple[tuple[str, float], ...] = (
                 ("dp-min-sites", self.dp_min_sites),
                 ("dp-max-sample-rate", self.dp_max_sample_rate),
@@ -217,7 +222,7 @@ class RunConfig:
             for key, given in distributed_only:
                 if given:
                     raise bad(key, "0 with --dp local", given)
-        if self.dp == "distributed" and not 0 < self.dp_max_sample_rate <= 1:
+        if self.distributed and not 0 < self.dp_max_sample_rate <= 1:
             raise bad(
                 "dp-max-sample-rate",
                 "in (0, 1] with --dp distributed",
@@ -225,7 +230,7 @@ class RunConfig:
                 "It is the largest sampling rate any site uses: batch-size / the smallest "
                 "site's examples (at most 1). The run's noise is calibrated for it.",
             )
-        if self.dp == "distributed" and not (
+        if self.distributed and not (
             self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)
         ):
             raise bad(

@@ -82,6 +82,6 @@ def quiet_logs(verbose: bool) -> None:
 
 def dp_note(cfg: RunConfig) -> str:
     """How a run's noise is added, for the start lines ("" for local DP, the default)."""
-    if cfg.dp != "distributed":
+    if not cfg.distributed:
         return ""
     return f", distributed DP (secure aggregation, noise shares for {cfg.dp_min_sites} sites)"

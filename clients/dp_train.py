@@ -92,7 +92,7 @@ def plan_run(cfg: RunConfig, n_examples: int, prior: Sequence[SampledGaussianEve
         ConfigError: the run plans more than MAX_RUN_STEPS steps.
         PrivacyError: distributed DP whose run noise does not keep this site within target.
     """
-    if cfg.dp == "distributed":
+    if cfg.distributed:
         return run_plan(cfg, n_examples)
     q = sample_rate(n_examples, cfg.batch_size)
     per_round = steps_per_round(cfg, n_examples)
@@ -135,12 +135,12 @@ def site_sample_rate(cfg: RunConfig, n_examples: int) -> float:
     """The site's Poisson sampling rate: batch-size / its examples (at most 1); with
     distributed DP at most dp-max-sample-rate, the rate the run's noise was planned for."""
     q = sample_rate(n_examples, cfg.batch_size)
-    return min(q, cfg.dp_max_sample_rate) if cfg.dp == "distributed" else q
+    return min(q, cfg.dp_max_sample_rate) if cfg.distributed else q
 
 
 def steps_per_round(cfg: RunConfig, n_examples: int) -> int:
     """DP-SGD steps a round takes: local-epochs x round(N / batch-size); 1 with distributed DP."""
-    if cfg.dp == "distributed":
+    if cfg.distributed:
         return 1
     return cfg.local_epochs * steps_per_epoch(n_examples, cfg.batch_size)
 
@@ -255,7 +255,7 @@ def train_round(
     With distributed DP (cfg.dp) the round is one step whose result is the site's
     contribution to the secure sum (`DistributedResult`), not a model.
     """
-    distributed = cfg.dp == "distributed"
+    distributed = cfg.distributed
     model, trainer, train_data = site_trainer(
         cfg,
         task,

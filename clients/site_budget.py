@@ -73,7 +73,7 @@ def authorise_round(
     """
     policy = budget.policy
     check_run(policy, cfg)
-    distributed = cfg.dp == "distributed"
+    distributed = cfg.distributed
     if distributed and sites < cfg.dp_min_sites:
         raise PrivacyError(
             f"{sites} site(s) take part in this round; the run's noise shares assume at "
@@ -127,7 +127,7 @@ def check_run(policy: SitePolicy, cfg: RunConfig) -> None:
         target_delta=cfg.target_delta,
         max_grad_norm=cfg.max_grad_norm,
     )
-    if cfg.dp == "distributed":
+    if cfg.distributed:
         policy.check_distributed(cfg.dp_min_sites)
 
 
@@ -139,9 +139,7 @@ def _recorded_plan(first: RoundSpend, cfg: RunConfig, n: int) -> DPPlan:
     """The plan the run's first round recorded; refuse a run config that departs from it."""
     rounds = first.run_rounds or cfg.rounds  # lines written before run_rounds was recorded
     steps = steps_per_round(cfg, n)
-    if first.mode != cfg.dp or (
-        first.mode == "distributed" and first.min_sites != cfg.dp_min_sites
-    ):
+    if first.mode != cfg.dp or (first.distributed and first.min_sites != cfg.dp_min_sites):
         raise RoundRefused(
             f"the run's DP mode changed from {first.mode} (dp-min-sites {first.min_sites}) at "
             f"its first round to {cfg.dp} (dp-min-sites {cfg.dp_min_sites}); a run's plan is "
@@ -156,7 +154,7 @@ def _recorded_plan(first: RoundSpend, cfg: RunConfig, n: int) -> DPPlan:
         # distributed DP: the sum's noise is the run's, not the site's (local: 0, unused)
         *(
             [("noise-multiplier", cfg.noise_multiplier, first.event.noise_multiplier)]
-            if first.mode == "distributed"
+            if first.distributed
             else []
         ),
     )

@@ -163,7 +163,7 @@ def audit(path: Path, summary_heads: dict[str, str] | None = None) -> SiteAudit:
     else:
         status = "ok"
     spends = contents.spends
-    distributed = [s for s in spends if s.mode == "distributed"]
+    distributed = [s for s in spends if s.distributed]
     own: float | None = None
     if distributed:
         try:
@@ -224,7 +224,7 @@ def _breaches(spend: RoundSpend, policy: SitePolicy) -> list[str]:
         out.append(f"clip norm {spend.clip_norm:g} above the policy's {policy.max_clip_norm:g}")
     if spend.delta > policy.delta:
         out.append(f"delta {spend.delta:g} above the policy's {policy.delta:g}")
-    if spend.mode == "distributed" and not (
+    if spend.distributed and not (
         policy.distributed_min_sites and spend.min_sites >= policy.distributed_min_sites
     ):
         allowed = policy.distributed_min_sites or "never"

@@ -126,7 +126,7 @@ def planned(cfg: RunConfig) -> RunConfig:
         PrivacyError: no sigma up to the calibration's maximum fits the target, or the
             recorded one no longer does.
     """
-    if cfg.dp != "distributed":
+    if not cfg.distributed:
         return cfg
     if cfg.noise_multiplier:
         check_run_noise(cfg, sample_rate=cfg.dp_max_sample_rate)

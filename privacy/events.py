@@ -10,6 +10,8 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from fedsilo.config import DP_MODES
+
 
 @dataclass(frozen=True)
 class SampledGaussianEvent:
@@ -82,9 +84,14 @@ class RoundSpend:
     sites: int = 0  # distributed: the sites taking part when the spend was recorded
 
     @property
+    def distributed(self) -> bool:
+        """A distributed-DP spend (its noise is a share of the secure sum's)."""
+        return self.mode == "distributed"
+
+    @property
     def own_event(self) -> SampledGaussianEvent:
         """The spend against a server that knows every noise share but the site's own."""
-        if self.mode != "distributed":
+        if not self.distributed:
             return self.event
         return SampledGaussianEvent(
             noise_multiplier=self.noise_share,
@@ -99,9 +106,9 @@ class RoundSpend:
             raise ValueError(f"delta must be in (0, 1), not {self.delta!r}")
         if self.round < 1 or self.run_rounds < 0:
             raise ValueError(f"round must be >= 1, not {self.round!r}")
-        if self.mode not in ("local", "distributed"):
+        if self.mode not in DP_MODES:
             raise ValueError(f"mode must be local or distributed, not {self.mode!r}")
-        if self.mode == "distributed" and not (
+        if self.distributed and not (
             0 < self.noise_share <= self.event.noise_multiplier
             and self.min_sites >= 2
             and self.sites >= self.min_sites
@@ -131,7 +138,7 @@ class RoundSpend:
                     "min_sites": self.min_sites,
                     "sites": self.sites,
                 }
-                if self.mode == "distributed"
+                if self.distributed
                 else {}
             ),
         }

@@ -44,7 +44,7 @@ PULL_INTERVAL_S = 0.1  # between pulls for replies
 def main(grid: Grid, context: Context) -> None:
     """Run the federation described by the run config."""
     cfg = RunConfig.from_flwr(context.run_config)
-    if cfg.dp == "distributed":
+    if cfg.distributed:
         # The sites receive this same run config and add shares of its noise multiplier:
         # one it lacks (a plain `flwr run`) or one too small for the run's largest sample
         # rate stops the run here, as every site would refuse it.
@@ -140,7 +140,7 @@ def round_protocol(
     exchange: Exchange,
 ) -> LocalRounds | SecureRounds:
     """The run's round protocol, chosen once from its DP mode."""
-    if cfg.dp == "distributed":  # SecAgg+ stages, then one step on the secure sum
+    if cfg.distributed:  # SecAgg+ stages, then one step on the secure sum
         verify = functools.partial(verify_signed, run_dir.federation_ca())
         return SecureRounds(cfg, run=run, strategy=strategy, exchange=exchange, verify=verify)
     return LocalRounds(strategy=strategy, exchange=exchange)

@@ -203,7 +203,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     values["run_dir"] = args.out or str(default_run_dir())
     values["run_id"] = new_run_id()
     cfg = RunConfig(**values)
-    if cfg.dp == "distributed" and not cfg.dp_max_sample_rate:
+    if cfg.distributed and not cfg.dp_max_sample_rate:
         # Everything else is checked before the data is read for the rate.
         dataclasses.replace(cfg, dp_max_sample_rate=1.0).validate(source="the command line")
         check_sites(cfg, args.sites)
@@ -218,7 +218,7 @@ def check_sites(cfg: RunConfig, sites: int) -> None:
     if cfg.min_sites > sites:
         from fedsilo.errors import ConfigError
 
-        what = "--dp-min-sites" if cfg.dp == "distributed" else "--min-sites"
+        what = "--dp-min-sites" if cfg.distributed else "--min-sites"
         raise ConfigError(
             f"`{what}` is {max(cfg.min_sites, cfg.dp_min_sites)} but the simulation has "
             f"{sites} site(s); no round could complete. Lower it or raise --sites."
@@ -344,7 +344,7 @@ def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:
     """
     from fedsilo.errors import ConfigError
 
-    distributed = cfg.dp_min_sites if cfg.dp == "distributed" else 0
+    distributed = cfg.dp_min_sites if cfg.distributed else 0
     if not text.strip():
         return [
             SitePolicy(

@@ -101,7 +101,7 @@ def _run_engine(
         write_site_policies(run_dir, site_policies)
         record = {"sites": sites, **engine.record()}
         (run_dir / SIMULATION_FILE).write_text(json.dumps(record) + "\n", "utf-8")
-    if cfg.dp == "distributed":  # a resumed run keeps its sites' identities (and CA)
+    if cfg.distributed:  # a resumed run keeps its sites' identities (and CA)
         write_simulated_site_identities(run_dir, sites)
     if engine.ray_address:
         labels = cluster.check_nodes(run_dir, cfg)
