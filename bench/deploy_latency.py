@@ -1,6 +1,6 @@
 """Deployed round time against simulated round time, measured in one run.
 
-Run: `python -m bench.deploy_latency [--rounds 5] [--sites 2] [--stock]`.
+Run: `python -m bench.deploy_latency [--rounds 5] [--sites 2] [--stock] [--dp-compare]`.
 
 Deployed: the README's one-machine recipe, for real: `fedsilo provision`,
 `fedsilo server start` and one `fedsilo client start --threads 1` per site, over TLS
@@ -17,6 +17,16 @@ of the later rounds.
 `--wan` (root) also runs the deployed federation across a wide-area path: server and
 sites each in a network namespace of their own, 100 Mbit/s links and 25 ms each way
 between every site and the server (tests/e2e/wan.py: `tc tbf` and a delaying relay).
+
+`--dp-compare` also runs a deployed distributed-DP federation (`server start --dp
+distributed --dp-min-sites SITES --dp-max-sample-rate Q`, Q = batch-size / the smallest
+site's examples, every site's policy allowing it) after the local-DP one, on the same
+site data, and compares their later-round medians (issue 22's goal: at most 2x). A
+distributed round is one DP-SGD step on each site's Poisson batch inside five
+secure-aggregation exchanges; a local round is local-epochs of DP-SGD: the table says
+which settings each ran. The ServerApp records each secure round's stage times in
+metrics.jsonl (`stage_seconds`);
+their later-round medians are printed too.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import dp_modes
 from bench.common import machine, markdown, write_json
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,20 +67,52 @@ def simulated(tmp: Path, sites: int, rounds: int) -> list[float]:
     return round_seconds(tmp / "sim")
 
 
-def deployed(tmp: Path, sites: int, rounds: int, *, stock: bool, net: Any = None) -> list[float]:
-    """Round times of a deployed run on loopback, or across `net` (a tests.e2e.wan.Wan)."""
+def split_data(tmp: Path, sites: int) -> Path:
+    """`fedsilo data split` of digits into tmp/data: site-1.npz ... and server-eval.npz."""
+    res = fedsilo(
+        "data", "split", "--dataset", "digits", "--sites", str(sites), "--out", "data", cwd=tmp
+    )
+    if res.returncode != 0:
+        raise SystemExit(res.stderr[-2000:])
+    return tmp / "data"
+
+
+def deployed(
+    tmp: Path,
+    sites: int,
+    rounds: int,
+    *,
+    stock: bool,
+    net: Any = None,
+    data: Path | None = None,
+    distributed: float | None = None,
+) -> list[float]:
+    """Round times of a deployed run on loopback, or across `net` (a tests.e2e.wan.Wan).
+
+    `data`: site data split beforehand (default: split here). `distributed`: run
+    distributed DP at this --dp-max-sample-rate, every site a noise-share holder.
+    """
     from fedsilo.processes import child_env, free_port, spawn, stop
 
     names = [f"s{i + 1}" for i in range(sites)]
     hosts = net.relay_ips if net is not None else ["127.0.0.1"]
     server_hosts = [a for h in hosts for a in ("--server-host", h)]
-    for args in (
-        ("data", "split", "--dataset", "digits", "--sites", str(sites), "--out", "data"),
-        ("provision", "--out", "fed", *server_hosts, "--sites", ",".join(names)),
-    ):
-        res = fedsilo(*args, cwd=tmp)
-        if res.returncode != 0:
-            raise SystemExit(res.stderr[-2000:])
+    data = (data or split_data(tmp, sites)).resolve()
+    res = fedsilo("provision", "--out", "fed", *server_hosts, "--sites", ",".join(names), cwd=tmp)
+    if res.returncode != 0:
+        raise SystemExit(res.stderr[-2000:])
+    dp: list[str] = []
+    if distributed is not None:  # each site's operator allows it in site.toml
+        for name in names:
+            toml = tmp / "fed" / "sites" / name / "site.toml"
+            text = toml.read_text()
+            if "distributed-min-sites = 0" not in text:
+                raise SystemExit(f"{toml}: no `distributed-min-sites = 0` to raise to {sites}")
+            toml.write_text(
+                text.replace("distributed-min-sites = 0", f"distributed-min-sites = {sites}")
+            )
+        dp = ["--dp", "distributed", "--dp-min-sites", str(sites)]
+        dp += ["--dp-max-sample-rate", repr(distributed)]
     fleet = free_port()
     env = child_env(FLWR_HOME=str(tmp / "flwr-home"), PYTHONPATH=str(REPO))
     addresses = [f"127.0.0.1:{fleet}"] * sites
@@ -96,7 +139,8 @@ def deployed(tmp: Path, sites: int, rounds: int, *, stock: bool, net: Any = None
             "--rounds",
             str(rounds),
             "--eval-data",
-            "data/server-eval.npz",
+            str(data / "server-eval.npz"),
+            *dp,
             "--out",
             "dep",
         ],
@@ -112,7 +156,7 @@ def deployed(tmp: Path, sites: int, rounds: int, *, stock: bool, net: Any = None
                 spawn(
                     (net.exec_prefix(net.site_ns[i]) if net is not None else [])
                     + [sys.executable, "-m", "bench.deploy_latency", "--site", name]
-                    + ["--data", f"data/site-{i + 1}.npz", "--server", addresses[i]]
+                    + ["--data", str(data / f"site-{i + 1}.npz"), "--server", addresses[i]]
                     + (["--stock"] if stock else []),
                     log_file=tmp / f"site-{name}.log",
                     env=site_env,
@@ -124,6 +168,7 @@ def deployed(tmp: Path, sites: int, rounds: int, *, stock: bool, net: Any = None
             dead = [p for p in (server, *site_procs) if p.poll() is not None]
             if time.monotonic() > deadline or dead:
                 logs = [tmp / "server.log", *(tmp / f"site-{n}.log" for n in names)]
+                logs += [f for f in (tmp / "dep" / "run.log",) if f.exists()]
                 raise SystemExit("\n".join(f.read_text()[-1500:] for f in logs))
             time.sleep(0.5)
     finally:
@@ -180,20 +225,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--wan", action="store_true", help="also across a 25 ms, 100 Mbit/s path (needs root)"
     )
+    p.add_argument(
+        "--dp-compare",
+        action="store_true",
+        help="also a deployed distributed-DP federation on the same site data (goal: <= 2x)",
+    )
+    p.add_argument("--keep", type=Path, help="keep the run directories and logs here")
     args = p.parse_args(argv)
     if args.site:
         run_site(args.site, args.data, args.server, stock=args.stock)
         return 0
     rows = []
+    compare: dict[str, Any] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
+        if args.keep:
+            root = args.keep.resolve()
+            root.mkdir(parents=True)
         print("simulate ...", file=sys.stderr, flush=True)
         rows.append(summarise("simulated", simulated(root, args.sites, args.rounds)))
         print("deployed (warm sites) ...", file=sys.stderr, flush=True)
         (root / "warm").mkdir()
+        data = split_data(root, args.sites)
         rows.append(
-            summarise("deployed", deployed(root / "warm", args.sites, args.rounds, stock=False))
+            summarise(
+                "deployed",
+                deployed(root / "warm", args.sites, args.rounds, stock=False, data=data),
+            )
         )
+        if args.dp_compare:
+            print("deployed, distributed DP ...", file=sys.stderr, flush=True)
+            (root / "distributed").mkdir()
+            from fedsilo.config import RunConfig
+
+            examples = dp_modes.site_examples(data, args.sites)
+            q = dp_modes.max_sample_rate(batch_size=RunConfig().batch_size, examples=examples)
+            times = deployed(
+                root / "distributed", args.sites, args.rounds, stock=False, data=data, distributed=q
+            )
+            rows.append(summarise("deployed, distributed DP", times))
+            run_dirs = {m: root / m / "dep" for m in ("warm", "distributed")}
+            compare = dp_modes.compare(rows[1], rows[-1], run_dirs, examples)
         if args.stock:
             print("deployed (stock Flower SuperNode) ...", file=sys.stderr, flush=True)
             (root / "stock").mkdir()
@@ -222,10 +294,12 @@ def main(argv: list[str] | None = None) -> int:
             ["mode", "round_1_s", "later_rounds_median_s", "minus_simulated_s", "rounds_s"],
         )
     )
-    path = write_json(
-        "deploy_latency",
-        {"machine": machine(), "sites": args.sites, "rounds": args.rounds, "rows": rows},
-    )
+    if compare:
+        print(dp_modes.render(compare))
+    payload = {"machine": machine(), "sites": args.sites, "rounds": args.rounds, "rows": rows}
+    if compare:
+        payload["dp_compare"] = compare
+    path = write_json("deploy_latency", payload)
     print(f"\nwrote {path}")
     return 0
 

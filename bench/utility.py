@@ -81,6 +81,9 @@ def simulate(partition: str, eps: float, hp: dict[str, Any], dp: str = "local") 
         "completed_rounds": len(summary["rounds"]),
         "accuracy": summary["final"]["accuracy"],
         "epsilon": max(s["epsilon"] for s in summary["sites"]),
+        # distributed DP's one noise multiplier is planned for the smallest site's rate,
+        # so larger sites spend less than the target: the smallest spend, beside the largest
+        "min_epsilon": min(s["epsilon"] for s in summary["sites"]),
         "wall_s": wall,
         "per_round_accuracy": [r["accuracy"] for r in summary["rounds"]],
     }
@@ -304,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-    cols = ["partition", "target_epsilon", "accuracy", "epsilon", "rounds", "wall_s", "how"]
+    cols = ["partition", "target_epsilon", "accuracy", "epsilon", "min_epsilon", "rounds"]
+    cols += ["wall_s", "how"]
     print(markdown(rows, cols))
     path = write_json(args.name, {"rows": rows, "machine": machine(), "pid": os.getpid()})
     print(f"\nwrote {path}")

@@ -19,14 +19,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedsilo import protocol
 from fedsilo.clients.dp_train import DistributedResult, DPPlan
-from fedsilo.clients.site_budget import authorise_round, check_run
-from fedsilo.clients.site_env import SiteEnvironment
-from fedsilo.clients.site_round import spent_reply, train_authorised
-from fedsilo.config import RunConfig
+from fedsilo.clients.site_budget import check_run
+from fedsilo.clients.site_round import SiteRound, spent_reply, train_authorised
 from fedsilo.errors import ConfigError, PrivacyError
 from fedsilo.privacy.distributed import Quantizer, check_shares
 from fedsilo.privacy.identity import SiteIdentity
@@ -38,21 +36,13 @@ STATE_KEY = "fedsilo-secagg"
 Values = dict[str, object]
 
 
-class SecureSiteRound:
+class SecureSiteRound(SiteRound):
     """The site's answers to one distributed-DP round, one method per stage."""
 
-    def __init__(
-        self,
-        msg: Message,
-        context: Context,
-        cfg: RunConfig,
-        site: SiteEnvironment,
-        server_round: int,
-        run: str,
-    ) -> None:
-        self.msg, self.context, self.cfg, self.site = msg, context, cfg, site
-        self.server_round, self.run = server_round, run
-        self.tag = f"{run}/{server_round}".encode()
+    @property
+    def tag(self) -> bytes:
+        """What the round's signatures, shares and masks are bound to: run and round."""
+        return f"{self.run}/{self.server_round}".encode()
 
     def answer(self, config: ConfigRecord) -> Message:
         """Answer the stage `config` names; raises PrivacyError (SecAggError too) to refuse."""
@@ -126,13 +116,7 @@ class SecureSiteRound:
                 Quantizer(dim, self.cfg.max_grad_norm), plan.noise_multiplier, self.cfg.dp_min_sites
             )
 
-        auth = authorise_round(
-            self.site.budget,
-            self.cfg,
-            self.site.data,
-            site=self.site.name,
-            run=self.run,
-            server_round=self.server_round,
+        auth = self.authorise(
             before_spend=shares_hold,
             sites=len(partners) + 1,  # verified sites whose shares it holds, and itself
         )

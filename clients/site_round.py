@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
@@ -29,8 +30,8 @@ from fedsilo.task.train import non_finite
 log = logging.getLogger("fedsilo.client")
 
 
-class LocalSiteRound:
-    """A local-DP round: authorise, train DP-SGD locally, send the model."""
+class SiteRound:
+    """What every round protocol of a site starts from: the message and the site."""
 
     def __init__(
         self,
@@ -41,22 +42,31 @@ class LocalSiteRound:
         server_round: int,
         run: str,
     ) -> None:
-        self.msg, self.cfg, self.site = msg, cfg, site
+        self.msg, self.context, self.cfg, self.site = msg, context, cfg, site
         self.server_round, self.run = server_round, run
 
-    def answer(self, config: ConfigRecord) -> Message:
-        """Train the round; raises PrivacyError (or ConfigError, DataError) to refuse it."""
-        arrays = self.msg.content.get(protocol.ARRAYS)
-        if not isinstance(arrays, ArrayRecord):
-            raise ConfigError("The server's train message carries no model arrays.")
-        auth = authorise_round(
+    def authorise(self, **checks: Any) -> Authorisation:
+        """The site's budget authorises this round (fedsilo.clients.site_budget)."""
+        return authorise_round(
             self.site.budget,
             self.cfg,
             self.site.data,
             site=self.site.name,
             run=self.run,
             server_round=self.server_round,
+            **checks,
         )
+
+
+class LocalSiteRound(SiteRound):
+    """A local-DP round: authorise, train DP-SGD locally, send the model."""
+
+    def answer(self, config: ConfigRecord) -> Message:
+        """Train the round; raises PrivacyError (or ConfigError, DataError) to refuse it."""
+        arrays = self.msg.content.get(protocol.ARRAYS)
+        if not isinstance(arrays, ArrayRecord):
+            raise ConfigError("The server's train message carries no model arrays.")
+        auth = self.authorise()
         result = train_authorised(
             self.cfg, self.site, auth, arrays.to_torch_state_dict(), self.server_round
         )

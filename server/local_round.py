@@ -3,7 +3,8 @@
 Each site trains its own DP-SGD round and sends its model; SiteReports validates the
 replies and the wrapped FedAvg averages them (fedsilo.server.strategy). The
 distributed-DP round (fedsilo.server.secure_round.SecureRounds) has the same face:
-`run_round` and the optimizer state `velocity` the run directory keeps for --resume.
+`run_round`, the optimizer state `velocity` the run directory keeps for --resume, and
+`stage_seconds`, the last round's time per protocol stage that metrics.jsonl records.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class LocalRounds:
     strategy: SiteReports
     exchange: Exchange
     velocity: torch.Tensor | None = field(default=None, repr=False)  # FedAvg keeps none
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # one exchange: none
 
     def run_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> ArrayRecord | None:
         """One round; the new global model, or None when no site sent a usable update."""

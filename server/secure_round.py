@@ -70,10 +70,13 @@ class SecureRounds:
     exchange: Exchange
     verify: Verifier  # the federation CA's check of a site's signature
     velocity: torch.Tensor | None = field(default=None, repr=False)
+    # Seconds per stage of the last round (metrics.jsonl's `stage_seconds`).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def run_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> ArrayRecord | None:
         """One round; the new global model, or None when it could not complete."""
         rnd = SecureRound(self, grid, server_round, arrays)
+        self.stage_seconds = rnd.clock.laps
         stages = (
             rnd.advertise_keys,
             rnd.share_keys,

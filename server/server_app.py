@@ -104,6 +104,8 @@ def main(grid: Grid, context: Context) -> None:
             break
         arrays, record = outcome
         record["seconds"] = time.monotonic() - t0
+        if rounds_of.stage_seconds:  # where a distributed round's time went
+            record["stage_seconds"] = dict(rounds_of.stage_seconds)
         run_dir.save_checkpoint(server_round, arrays.to_torch_state_dict())
         if rounds_of.velocity is not None:
             run_dir.save_momentum(server_round, rounds_of.velocity)

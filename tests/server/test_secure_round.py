@@ -58,6 +58,8 @@ def test_the_server_only_holds_masked_vectors_and_their_sum(
     flat_new = np.concatenate([t.reshape(-1).numpy() for t in new.to_torch_state_dict().values()])
     np.testing.assert_allclose(flat_new, flat_old - cfg.lr * mean, atol=1e-5)
     assert rounds.strategy.last_round_sites == [f"site-{p}" for p in range(SITES)]
+    stages = ["advertise-keys", "share-keys", "masked-input", "consistency", "unmask"]
+    assert list(rounds.stage_seconds) == [*stages, "unmask-sum"]  # metrics.jsonl's record
     # Each site's ledger records the mode, its noise share and the trust assumption.
     spend = ledger.read(simulated_ledger(tmp_path, 0)).spends[0]
     assert (spend.mode, spend.min_sites, spend.sites, spend.event.steps) == ("distributed", 3, 4, 1)
