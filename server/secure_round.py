@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,10 +54,10 @@ from fedsilo.privacy.secagg import (
     unmask_sum,
     view_message,
 )
+from fedsilo.server.local_round import Exchange
 from fedsilo.server.strategy import InvalidReply, SiteReports
 
 log = logging.getLogger("fedsilo.server")
-Exchange = Callable[[Grid, Iterable[Message]], list[Message]]
 
 
 @dataclass
