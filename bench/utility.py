@@ -70,6 +70,8 @@ def simulate(partition: str, eps: float, hp: dict[str, Any], dp: str = "local") 
         cmd += ["--max-grad-norm", str(hp["max_grad_norm"])]
         for key in ("model", "rounds", "local_epochs", "batch_size", "lr", "momentum"):
             cmd += [f"--{key.replace('_', '-')}", str(hp[key])]
+        if dp == "distributed" and hp.get("dp_max_sample_rate"):
+            cmd += ["--dp-max-sample-rate", str(hp["dp_max_sample_rate"])]
         t0 = time.monotonic()
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.monotonic() - t0
@@ -274,6 +276,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument(f"--{key.replace('_', '-')}", type=type(value), default=value)
     p.add_argument("--nodp-lr", type=float, default=NODP_LR, help="lr of the no-DP baseline")
     p.add_argument(
+        "--dp-max-sample-rate",
+        type=float,
+        default=0.0,
+        help="--dp distributed: the rate the run's one noise multiplier is planned for; sites "
+        "whose own rate is larger sample at it (default 0: the smallest site's, as simulate)",
+    )
+    p.add_argument(
         "--dp",
         default="local",
         choices=("local", "distributed"),
@@ -286,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(args, key, value)
     hp = {k: getattr(args, k) for k in FM}
     hp["nodp_lr"] = args.nodp_lr
+    hp["dp_max_sample_rate"] = args.dp_max_sample_rate
     rows = []
     for partition in args.partitions.split(","):
         for e in args.epsilons.split(","):
