@@ -13,9 +13,9 @@ Site -> server (a train reply):
   METRICS       MetricRecord with REPLY_METRICS
   SITE          ConfigRecord with LEDGER_HEAD (a commitment to the site's ledger)
 
-With --dp distributed a round is five exchanges (fedsilo.privacy.secagg, Bonawitz et al.'s
-protocol with a consistency check), all train messages whose CONFIG names the stage
-(SECAGG_STAGE) beside SERVER_ROUND:
+With --dp distributed a round is five exchanges, four after the first
+(fedsilo.privacy.secagg, Bonawitz et al.'s protocol with a consistency check), all train
+messages whose CONFIG names the stage (SECAGG_STAGE) beside SERVER_ROUND:
   advertise-keys  -> SECAGG record: KEY_C, KEY_S (the site's fresh X25519 public keys),
                   SIGNATURE (by its site key, over the keys, run, round and node id), CERT
                   (its certificate from the federation CA: its site name, already known
@@ -33,7 +33,11 @@ protocol with a consistency check), all train messages whose CONFIG names the st
                   -> SECAGG record: SIGNATURE (the site's signature over that view)
   unmask          NODES, SIGNATURES (the active sites' signatures on their views)
                   -> SECAGG record: NODES, SHARES (its shares of the active sites' self-mask
-                  seeds and of the dropped sites' mask keys; never both of one site)
+                  seeds and of the dropped sites' mask keys; never both of one site), and,
+                  before the run's last round, the next round's KEY_C, KEY_S, SIGNATURE,
+                  CERT (as advertise-keys sends them, signed for that round): a later
+                  round asks only the sites whose keys it does not hold, so it is four
+                  exchanges, not five
 The server learns the sum of the active sites' vectors, nothing about any one of them.
 
 A site's *name* never travels in a message: the server takes it from the identity

@@ -48,7 +48,10 @@ def settings(run_dir: Path) -> str:
     batch = f"batch {cfg['batch-size']}"
     if cfg.get("dp") == "distributed":
         q = float(cfg["dp-max-sample-rate"])
-        return f"{cfg['rounds']} rounds x 1 DP-SGD step, {batch} (q {q:.3f}), 5 SecAgg exchanges"
+        return (
+            f"{cfg['rounds']} rounds x 1 DP-SGD step, {batch} (q {q:.3f}), "
+            "4 SecAgg exchanges (5 in round 1)"
+        )
     return f"{cfg['rounds']} rounds x {cfg['local-epochs']} local epochs of DP-SGD, {batch}"
 
 

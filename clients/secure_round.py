@@ -12,6 +12,9 @@ spent on a round that could not be released:
   2. authorise the round: policy, plan and budget checks, then the spend is written
      to the ledger (fedsilo.clients.site_budget);
   3. train, quantize, add the noise share, mask and reply.
+Before the run's last round, the unmask answer also carries the next round's keys
+(`_advertise`, the same code as the advertise-keys stage), so that round needs one
+exchange less.
 """
 
 from __future__ import annotations
@@ -61,20 +64,24 @@ class SecureSiteRound(SiteRound):
     # ------------------------------------------------------------ the stages
 
     def advertise_keys(self, config: ConfigRecord) -> Message:
+        return self._reply(None, self._advertise(self.server_round))
+
+    def _advertise(self, server_round: int) -> Values:
+        """Round `server_round`'s keys, signed; its state saved for the next stage."""
         check_run(self.site.budget.policy, self.cfg)  # refused here, before any key is made
         state = SecAggSite(
-            node=self.msg.metadata.dst_node_id, round_tag=self.tag, min_sites=self.cfg.dp_min_sites
+            node=self.msg.metadata.dst_node_id,
+            round_tag=f"{self.run}/{server_round}".encode(),
+            min_sites=self.cfg.dp_min_sites,
         )
         keys = state.advertise_keys(self._identity())
-        return self._reply(
-            state,
-            {
-                protocol.KEY_C: keys.c,
-                protocol.KEY_S: keys.s,
-                protocol.SIGNATURE: keys.signature,
-                protocol.CERT: keys.cert,
-            },
-        )
+        self._save(state)
+        return {
+            protocol.KEY_C: keys.c,
+            protocol.KEY_S: keys.s,
+            protocol.SIGNATURE: keys.signature,
+            protocol.CERT: keys.cert,
+        }
 
     def share_keys(self, config: ConfigRecord) -> Message:
         state = self._load("share-keys")
@@ -146,11 +153,13 @@ class SecureSiteRound(SiteRound):
         shares = state.unmask(dict(zip(nodes, sigs, strict=True)), self._verifier())
         self.context.state.pop(STATE_KEY, None)  # the round's secrets end here
         owners = sorted(shares)
-        values = {protocol.NODES: owners, protocol.SHARES: [shares[o] for o in owners]}
-        return Message(
-            content=RecordDict({protocol.SECAGG: ConfigRecord(values)}),  # type: ignore[arg-type]
-            reply_to=self.msg,
-        )
+        values: Values = {protocol.NODES: owners, protocol.SHARES: [shares[o] for o in owners]}
+        if self.server_round < self.cfg.rounds:  # the next round's keys, one exchange early
+            try:
+                values.update(self._advertise(self.server_round + 1))
+            except PrivacyError as exc:  # this round's answer stands; the next one refuses
+                log.warning("unmask: no keys for round %d: %s", self.server_round + 1, exc)
+        return self._reply(None, values)
 
     # ------------------------------------------------------------ helpers
 
@@ -167,8 +176,9 @@ class SecureSiteRound(SiteRound):
     def _verifier(self) -> Verifier:
         return self._identity().verify
 
-    def _reply(self, state: SecAggSite, values: Values) -> Message:
-        self._save(state)
+    def _reply(self, state: SecAggSite | None, values: Values) -> Message:
+        if state is not None:
+            self._save(state)
         return Message(
             content=RecordDict({protocol.SECAGG: ConfigRecord(values)}),  # type: ignore[arg-type]
             reply_to=self.msg,

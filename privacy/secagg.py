@@ -32,7 +32,9 @@ fedsilo.server.secure_round, which drives them over Flower messages:
                       valid signatures on its own view from active neighbours, the site
                       reveals its shares of b for the active and of s for the dead.
   The server rebuilds the active sites' self masks and the dead sites' pairwise masks
-  and removes them: the sum of the active sites' vectors is what is left.
+  and removes them: the sum of the active sites' vectors is what is left. A site sends
+  the next round's advertised keys (fresh, signed for that round) with its unmask
+  answer, so later rounds skip stage 0 for every site that answered: four exchanges.
 
 What this buys against a server that deviates from the protocol:
 - it cannot invent sites or substitute keys: keys are signed with site keys the

@@ -58,6 +58,7 @@ from fedsilo.server.local_round import Exchange
 from fedsilo.server.strategy import InvalidReply, SiteReports
 
 log = logging.getLogger("fedsilo.server")
+Keys = tuple[bytes, bytes, bytes, bytes]  # a site's signed keys: c, s, signature, certificate
 
 
 @dataclass
@@ -72,6 +73,8 @@ class SecureRounds:
     velocity: torch.Tensor | None = field(default=None, repr=False)
     # Seconds per stage of the last round (metrics.jsonl's `stage_seconds`).
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Keys sites advertised for the next round with their unmask answers: (round, by node).
+    advertised: tuple[int, dict[int, Keys]] = (0, {})
 
     def run_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> ArrayRecord | None:
         """One round; the new global model, or None when it could not complete."""
@@ -124,7 +127,7 @@ class SecureRound:
         self.state = arrays.to_torch_state_dict()
         self.dim = sum(t.numel() for t in self.state.values())
         self.need = max(2, self.cfg.min_sites, self.cfg.dp_min_sites)
-        self.keys: dict[int, tuple[bytes, bytes, bytes, bytes]] = {}  # c, s, signature, cert
+        self.keys: dict[int, Keys] = {}
         self.graph: dict[int, list[int]] = {}
         self.threshold: dict[int, int] = {}
         self.inbox: dict[int, dict[int, bytes]] = {}
@@ -138,32 +141,46 @@ class SecureRound:
     # ------------------------------------------------------------ 0. advertise keys
 
     def advertise_keys(self) -> bool:
+        """Each site's signed keys: sent with its last unmask answer, else asked for now."""
         sent = self.st.configure_train(self.server_round, self.arrays, ConfigRecord(), self.grid)
         nodes = sorted(m.metadata.dst_node_id for m in sent)
-        replies = self._stage("advertise-keys", {n: {} for n in nodes})
-        for node, rec in replies.items():
-            c, s = _bytes(rec, protocol.KEY_C), _bytes(rec, protocol.KEY_S)
-            sig, cert = _bytes(rec, protocol.SIGNATURE), _bytes(rec, protocol.CERT)
-            if not (len(c) == len(s) == KEY_BYTES and sig and cert):
-                self.st.fail(node, self.server_round, "invalid reply: no signed 32-byte keys")
-                continue
-            try:
-                name = self.rounds.verify(cert, keys_message(self.tag, node, c, s), sig)
-            except PrivacyError as exc:
-                self.st.fail(node, self.server_round, f"invalid reply: keys not signed: {exc}")
-                continue
-            if name != self.st.site_name(node):
-                self.st.fail(
-                    node,
-                    self.server_round,
-                    f"invalid reply: keys signed as site {name!r}, not this node's site",
-                )
-                continue
-            self.keys[node] = (c, s, sig, cert)
+        early = self.rounds.advertised[1] if self.rounds.advertised[0] == self.server_round else {}
+        self.rounds.advertised = (0, {})
+        self.keys = {n: early[n] for n in nodes if n in early}
+        missing = [n for n in nodes if n not in self.keys]
+        if missing:  # round 1, a resumed run, a site that missed the last unmask stage
+            replies = self._stage("advertise-keys", {n: {} for n in missing})
+            for node, rec in replies.items():
+                keys = self._signed_keys(node, rec, self.server_round)
+                if keys is not None:
+                    self.keys[node] = keys
         if not self._enough(self.keys, "advertise-keys"):
             return False
         self.graph = neighbours(list(self.keys), seed=self.server_round)
         return True
+
+    def _signed_keys(self, node: int, rec: ConfigRecord, server_round: int) -> Keys | None:
+        """A site's keys for `server_round` when it signed them as its own site, else None
+        (recorded as the site's failure in this round)."""
+        c, s = _bytes(rec, protocol.KEY_C), _bytes(rec, protocol.KEY_S)
+        sig, cert = _bytes(rec, protocol.SIGNATURE), _bytes(rec, protocol.CERT)
+        if not (len(c) == len(s) == KEY_BYTES and sig and cert):
+            self.st.fail(node, self.server_round, "invalid reply: no signed 32-byte keys")
+            return None
+        tag = f"{self.rounds.run}/{server_round}".encode()
+        try:
+            name = self.rounds.verify(cert, keys_message(tag, node, c, s), sig)
+        except PrivacyError as exc:
+            self.st.fail(node, self.server_round, f"invalid reply: keys not signed: {exc}")
+            return None
+        if name != self.st.site_name(node):
+            self.st.fail(
+                node,
+                self.server_round,
+                f"invalid reply: keys signed as site {name!r}, not this node's site",
+            )
+            return None
+        return c, s, sig, cert
 
     # ------------------------------------------------------------ 1. share keys
 
@@ -248,12 +265,19 @@ class SecureRound:
         signers = sorted(self.signatures)
         ask = {protocol.NODES: signers, protocol.SIGNATURES: [self.signatures[n] for n in signers]}
         replies = self._stage("unmask", {n: ask for n in signers})
+        early: dict[int, Keys] = {}
         for node, rec in replies.items():
             owners, blobs = _list(rec, protocol.NODES), _list(rec, protocol.SHARES)
             if owners and len(owners) == len(blobs):
                 self.shares[node] = {int(o): bytes(b) for o, b in zip(owners, blobs, strict=True)}
             else:
                 self.st.fail(node, self.server_round, "invalid reply: no shares")
+                continue
+            if self.server_round < self.cfg.rounds and protocol.KEY_C in rec:
+                keys = self._signed_keys(node, rec, self.server_round + 1)
+                if keys is not None:  # the next round asks this site for no keys
+                    early[node] = keys
+        self.rounds.advertised = (self.server_round + 1, early)
         return True
 
     def decoded_sum(self) -> torch.Tensor:

@@ -39,5 +39,5 @@ def test_settings_say_what_a_round_did(tmp_path: Path) -> None:
     dist = {**local, "dp": "distributed", "dp-max-sample-rate": 64 / 479}
     (tmp_path / "config.json").write_text(json.dumps(dist))
     assert dp_modes.settings(tmp_path) == (
-        "6 rounds x 1 DP-SGD step, batch 64 (q 0.134), 5 SecAgg exchanges"
+        "6 rounds x 1 DP-SGD step, batch 64 (q 0.134), 4 SecAgg exchanges (5 in round 1)"
     )

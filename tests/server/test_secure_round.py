@@ -23,11 +23,13 @@ from fedsilo.simulations.ledgers import simulated_ledger
 from tests.server.secure_harness import (
     SITES,
     SiteGrid,
+    Wire,
     distributed_cfg,
     federation,
     rounds_for,
     spends,
     spy,
+    start,
 )
 from tests.server.secure_harness import _task_identity as _task_identity
 
@@ -130,3 +132,25 @@ def test_a_sum_no_clipped_sites_could_send_is_dropped(
     new = rounds_for(cfg).run_round(SiteGrid(cfg), 1, ArrayRecord(global_model(cfg).state_dict()))
     assert new is None
     assert "exceeds what clipped, noised sites can send" in caplog.text
+
+
+def test_later_rounds_take_the_keys_sites_advertised_with_their_unmask_answers(
+    tmp_path: Path,
+) -> None:
+    """Round 2 asks no site for keys (four exchanges, not five), except a site that
+    missed round 1's unmask stage; its keys are signed for round 2, not replayed."""
+    cfg = distributed_cfg(tmp_path, rounds=3)
+    federation(cfg)
+    wire = Wire()
+    rounds = rounds_for(cfg, wire)
+    grid = SiteGrid(cfg)
+    new = rounds.run_round(grid, 1, start(cfg))
+    assert new is not None and len(wire.sent["advertise-keys"]) == SITES
+    assert rounds.run_round(grid, 2, new) is not None
+    assert len(wire.sent["advertise-keys"]) == SITES  # none asked in round 2
+    assert spends(cfg) == [2] * SITES
+    # As if site-3's round-2 unmask answer had been lost: round 3 asks it alone for keys.
+    rounds.advertised = (3, {n: k for n, k in rounds.advertised[1].items() if n != 103})
+    assert rounds.run_round(grid, 3, new) is not None
+    assert [m.metadata.dst_node_id for m in wire.sent["advertise-keys"][SITES:]] == [103]
+    assert rounds.strategy.last_round_sites == [f"site-{p}" for p in range(SITES)]
