@@ -162,6 +162,12 @@ def google_pld_epsilon(*, sigma: float, q: float, steps: int, delta: float) -> f
     return float(acc.get_epsilon(delta))
 
 
+def distributed_run(**kw: float) -> RunConfig:
+    """A distributed-DP run of 3 sites at epsilon 3, batch 10 (not yet planned)."""
+    base = {"batch_size": 10, "target_epsilon": 3.0, "dp_min_sites": 3, "min_sites": 3}
+    return RunConfig(dp="distributed", **{**base, **kw})  # type: ignore[arg-type]
+
+
 def test_distributed_sites_of_10x_different_sizes_record_what_the_sum_spends(
     tmp_path: Path,
 ) -> None:
@@ -171,17 +177,7 @@ def test_distributed_sites_of_10x_different_sizes_record_what_the_sum_spends(
     dp_accounting's PLD. With the run's one multiplier (0.98) it records 2.995 against
     PLD's 2.984, and the large sites 0.42 against 0.41."""
     # Prepare: the run as `fedsilo server start` plans it (rate 10 / 100).
-    cfg = planned(
-        RunConfig(
-            rounds=10,
-            batch_size=10,
-            target_epsilon=3.0,
-            dp="distributed",
-            dp_min_sites=3,
-            min_sites=3,
-            dp_max_sample_rate=0.1,
-        )
-    )
+    cfg = planned(distributed_run(rounds=10, dp_max_sample_rate=0.1))
     sites = distributed_sites(tmp_path, (100, 1000, 1000))
     # Execute: every round at every site, through the site's own checks and ledger.
     reported: list[float] = []
@@ -226,17 +222,7 @@ def test_distributed_sites_of_10x_different_sizes_record_what_the_sum_spends(
 
 def test_a_small_site_samples_at_the_runs_largest_rate(tmp_path: Path) -> None:
     # Prepare: the run's noise planned for rate 0.05, sites whose own rates are 0.1, 0.01.
-    cfg = planned(
-        RunConfig(
-            rounds=5,
-            batch_size=10,
-            target_epsilon=3.0,
-            dp="distributed",
-            dp_min_sites=3,
-            min_sites=3,
-            dp_max_sample_rate=0.05,
-        )
-    )
+    cfg = planned(distributed_run(rounds=5, dp_max_sample_rate=0.05))
     (small, small_data), (large, large_data), _ = distributed_sites(tmp_path, (100, 1000, 1000))
     # Execute
     a = authorise_round(small, cfg, small_data, site="s", run="r", server_round=1, sites=3)
@@ -262,16 +248,7 @@ def test_a_run_with_too_little_noise_is_refused_before_any_spend(
 ) -> None:
     # A server that skips planning (0) or sends a small multiplier (0.5 at rate 0.1 over 10
     # rounds is epsilon ~13): every site refuses it, and no ledger moves.
-    cfg = RunConfig(
-        rounds=10,
-        batch_size=10,
-        target_epsilon=3.0,
-        dp="distributed",
-        dp_min_sites=3,
-        min_sites=3,
-        dp_max_sample_rate=0.1,
-        noise_multiplier=sigma,
-    )
+    cfg = distributed_run(rounds=10, dp_max_sample_rate=0.1, noise_multiplier=sigma)
     for i, (budget, data) in enumerate(distributed_sites(tmp_path, (100, 1000, 1000))):
         with pytest.raises(PrivacyError, match=needle):
             authorise_round(budget, cfg, data, site=f"s{i}", run="r", server_round=1, sites=3)
@@ -279,17 +256,7 @@ def test_a_run_with_too_little_noise_is_refused_before_any_spend(
 
 
 def test_a_changed_noise_multiplier_mid_run_is_refused(tmp_path: Path) -> None:
-    cfg = planned(
-        RunConfig(
-            rounds=3,
-            batch_size=10,
-            target_epsilon=3.0,
-            dp="distributed",
-            dp_min_sites=3,
-            min_sites=3,
-            dp_max_sample_rate=0.1,
-        )
-    )
+    cfg = planned(distributed_run(rounds=3, dp_max_sample_rate=0.1))
     (budget, data), *_ = distributed_sites(tmp_path, (100,))
     authorise_round(budget, cfg, data, site="s", run="r", server_round=1, sites=3)
     # More noise would fit the target, but the run's sum would then hold mixed shares.
