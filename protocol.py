@@ -70,6 +70,12 @@ SITE_FAILURE_CODE = 4101
 # Secure aggregation (fedsilo.privacy.secagg): keys of CONFIG and of the SECAGG record.
 SECAGG = "secagg"
 SECAGG_STAGE = "secagg-stage"
+# The stages (SECAGG_STAGE's values), in order; both sides name them only through these.
+ADVERTISE_KEYS = "advertise-keys"
+SHARE_KEYS = "share-keys"
+MASKED_INPUT = "masked-input"
+CONSISTENCY = "consistency"
+UNMASK = "unmask"
 KEY_C = "key-c"
 KEY_S = "key-s"
 NODES = "nodes"

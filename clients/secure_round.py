@@ -51,11 +51,11 @@ class SecureSiteRound(SiteRound):
         """Answer the stage `config` names; raises PrivacyError (SecAggError too) to refuse."""
         stage = str(config.get(protocol.SECAGG_STAGE, ""))
         stages: dict[str, Callable[[ConfigRecord], Message]] = {
-            "advertise-keys": self.advertise_keys,
-            "share-keys": self.share_keys,
-            "masked-input": self.masked_input,
-            "consistency": self.consistency_check,
-            "unmask": self.unmask,
+            protocol.ADVERTISE_KEYS: self.advertise_keys,
+            protocol.SHARE_KEYS: self.share_keys,
+            protocol.MASKED_INPUT: self.masked_input,
+            protocol.CONSISTENCY: self.consistency_check,
+            protocol.UNMASK: self.unmask,
         }
         if stage not in stages:
             raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
@@ -84,7 +84,7 @@ class SecureSiteRound(SiteRound):
         }
 
     def share_keys(self, config: ConfigRecord) -> Message:
-        state = self._load("share-keys")
+        state = self._load(protocol.SHARE_KEYS)
         nodes = _ints(config, protocol.NODES)
         columns = [
             _bytes(config, key)
@@ -106,7 +106,7 @@ class SecureSiteRound(SiteRound):
         )
 
     def masked_input(self, config: ConfigRecord) -> Message:
-        state = self._load("masked-input")
+        state = self._load(protocol.MASKED_INPUT)
         arrays = self.msg.content.get(protocol.ARRAYS)
         if not isinstance(arrays, ArrayRecord):
             raise ConfigError("The server's masked-input message carries no model arrays.")
@@ -140,13 +140,13 @@ class SecureSiteRound(SiteRound):
         return spent_reply(self.msg, self.cfg, self.site, auth, self.server_round, result, payload)
 
     def consistency_check(self, config: ConfigRecord) -> Message:
-        state = self._load("consistency")
+        state = self._load(protocol.CONSISTENCY)
         active, dead = _ints(config, protocol.ACTIVE), _ints(config, protocol.DEAD)
         signature = state.consistency_check(active, dead, self._identity())
         return self._reply(state, {protocol.SIGNATURE: signature})
 
     def unmask(self, config: ConfigRecord) -> Message:
-        state = self._load("unmask")
+        state = self._load(protocol.UNMASK)
         nodes, sigs = _ints(config, protocol.NODES), _bytes(config, protocol.SIGNATURES)
         if len(nodes) != len(sigs):
             raise SecAggError("the server's signature lists differ in length")

@@ -81,7 +81,6 @@ NONCE_BYTES = 12
 # A site's neighbourhood (itself included). Up to this many sites every site neighbours
 # every other; beyond, Bell et al.'s sparse graph gives each site MAX_MIN_SITES.
 MAX_NEIGHBOURS = MAX_MIN_SITES + 1
-STAGES = ("advertise-keys", "share-keys", "masked-input", "consistency", "unmask")
 
 # (certificate DER, message, signature) -> the site name the federation CA certified;
 # raises fedsilo.privacy.identity.IdentityError (a PrivacyError) when it does not verify.

@@ -61,7 +61,8 @@ class SecAggSite:
     _partners: list[int] = field(default_factory=list)  # whom it masked with
     _shares_b: dict[int, bytes] = field(default_factory=dict, repr=False)
     _shares_s: dict[int, bytes] = field(default_factory=dict, repr=False)
-    _view: tuple[list[int], list[int]] = ([], [])  # (active, dead) it signed
+    # The (active, dead) view of the round it signed at the consistency check.
+    _view: tuple[list[int], list[int]] = field(default_factory=lambda: ([], []))
     _stage: str = "advertise-keys"
 
     # ------------------------------------------------------------ 0. advertise keys

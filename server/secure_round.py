@@ -149,12 +149,12 @@ class SecureRound:
         self.keys = {n: early[n] for n in nodes if n in early}
         missing = [n for n in nodes if n not in self.keys]
         if missing:  # round 1, a resumed run, a site that missed the last unmask stage
-            replies = self._stage("advertise-keys", {n: {} for n in missing})
+            replies = self._stage(protocol.ADVERTISE_KEYS, {n: {} for n in missing})
             for node, rec in replies.items():
                 keys = self._signed_keys(node, rec, self.server_round)
                 if keys is not None:
                     self.keys[node] = keys
-        if not self._enough(self.keys, "advertise-keys"):
+        if not self._enough(self.keys, protocol.ADVERTISE_KEYS):
             return False
         self.graph = neighbours(list(self.keys), seed=self.server_round)
         return True
@@ -196,7 +196,7 @@ class SecureRound:
                 protocol.CERTS: [self.keys[m][3] for m in near],
                 protocol.THRESHOLD: threshold_for(len(near)),
             }
-        replies = self._stage("share-keys", asks)
+        replies = self._stage(protocol.SHARE_KEYS, asks)
         for node, rec in replies.items():
             dsts, blobs = _list(rec, protocol.DESTINATIONS), _list(rec, protocol.CIPHERTEXTS)
             if len(dsts) != len(blobs) or set(dsts) != set(self.graph[node]) - {node}:
@@ -207,7 +207,7 @@ class SecureRound:
             self.threshold[node] = threshold_for(len(self.graph[node]))
             for dst, blob in zip(dsts, blobs, strict=True):
                 self.inbox.setdefault(int(dst), {})[node] = bytes(blob)
-        return self._enough(self.threshold, "share-keys")
+        return self._enough(self.threshold, protocol.SHARE_KEYS)
 
     # ------------------------------------------------------------ 2. masked input
 
@@ -220,7 +220,7 @@ class SecureRound:
                 protocol.SOURCES: srcs,
                 protocol.CIPHERTEXTS: [self.inbox[n][s] for s in srcs],
             }
-        replies = self._send("masked-input", asks, self.arrays)
+        replies = self._send(protocol.MASKED_INPUT, asks, self.arrays)
         for node, msg in replies.items():
             try:
                 report = self.st.accept_report(node, self.server_round, msg)
@@ -240,14 +240,14 @@ class SecureRound:
         self.active = survivors(self.masked, self.partners, self.graph)
         for node in sorted(set(self.masked) - self.active):
             self.st.fail(node, self.server_round, "its shares did not open at another site")
-        return self._enough(self.active, "masked-input")
+        return self._enough(self.active, protocol.MASKED_INPUT)
 
     # ------------------------------------------------------------ 3. consistency check
 
     def consistency_check(self) -> bool:
         self.dead = {j for i in self.active for j in self.partners[i]} - self.active
         view = {protocol.ACTIVE: sorted(self.active), protocol.DEAD: sorted(self.dead)}
-        replies = self._stage("consistency", {n: view for n in self.active})
+        replies = self._stage(protocol.CONSISTENCY, {n: view for n in self.active})
         message = view_message(self.tag, self.active, self.dead)
         for node, rec in replies.items():
             sig = _bytes(rec, protocol.SIGNATURE)
@@ -257,14 +257,14 @@ class SecureRound:
                 self.st.fail(node, self.server_round, f"invalid reply: view not signed: {exc}")
                 continue
             self.signatures[node] = sig
-        return self._enough(self.signatures, "consistency")
+        return self._enough(self.signatures, protocol.CONSISTENCY)
 
     # ------------------------------------------------------------ 4. unmask
 
     def unmask(self) -> bool:
         signers = sorted(self.signatures)
         ask = {protocol.NODES: signers, protocol.SIGNATURES: [self.signatures[n] for n in signers]}
-        replies = self._stage("unmask", {n: ask for n in signers})
+        replies = self._stage(protocol.UNMASK, {n: ask for n in signers})
         early: dict[int, Keys] = {}
         for node, rec in replies.items():
             owners, blobs = _list(rec, protocol.NODES), _list(rec, protocol.SHARES)
