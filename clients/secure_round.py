@@ -31,7 +31,7 @@ from fedsilo.clients.site_round import SiteRound, spent_reply, train_authorised
 from fedsilo.errors import ConfigError, PrivacyError
 from fedsilo.privacy.distributed import Quantizer, check_shares
 from fedsilo.privacy.identity import SiteIdentity
-from fedsilo.privacy.secagg import SecAggError, Verifier, encode_vector, to_ring
+from fedsilo.privacy.secagg import SecAggError, Verifier, encode_vector, round_tag, to_ring
 from fedsilo.privacy.secagg_site import SecAggSite, SignedKeys
 
 log = logging.getLogger("fedsilo.client")
@@ -45,7 +45,7 @@ class SecureSiteRound(SiteRound):
     @property
     def tag(self) -> bytes:
         """What the round's signatures, shares and masks are bound to: run and round."""
-        return f"{self.run}/{self.server_round}".encode()
+        return round_tag(self.run, self.server_round)
 
     def answer(self, config: ConfigRecord) -> Message:
         """Answer the stage `config` names; raises PrivacyError (SecAggError too) to refuse."""
@@ -71,7 +71,7 @@ class SecureSiteRound(SiteRound):
         check_run(self.site.budget.policy, self.cfg)  # refused here, before any key is made
         state = SecAggSite(
             node=self.msg.metadata.dst_node_id,
-            round_tag=f"{self.run}/{server_round}".encode(),
+            round_tag=round_tag(self.run, server_round),
             min_sites=self.cfg.dp_min_sites,
         )
         keys = state.advertise_keys(self._identity())

@@ -141,6 +141,11 @@ def _node(n: int) -> bytes:
     return int(n).to_bytes(8, "little")
 
 
+def round_tag(run: str, server_round: int) -> bytes:
+    """What one round's signatures, shares and masks are bound to: its run and number."""
+    return f"{run}/{server_round}".encode()
+
+
 def keys_message(round_tag: bytes, node: int, c: bytes, s: bytes) -> bytes:
     """What a site signs at advertise-keys: its keys, bound to the run, round and node."""
     return _framed(b"fedsilo secagg keys v1", round_tag, _node(node), c, s)

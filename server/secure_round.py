@@ -49,6 +49,7 @@ from fedsilo.privacy.secagg import (
     decode_vector,
     keys_message,
     neighbours,
+    round_tag,
     survivors,
     threshold_for,
     unmask_sum,
@@ -122,7 +123,7 @@ class SecureRound:
     def __init__(self, rounds: SecureRounds, grid: Grid, server_round: int, arrays: ArrayRecord):
         self.rounds, self.grid, self.server_round, self.arrays = rounds, grid, server_round, arrays
         self.cfg, self.st = rounds.cfg, rounds.strategy
-        self.tag = f"{rounds.run}/{server_round}".encode()
+        self.tag = round_tag(rounds.run, server_round)
         self.clock = _Clock()
         self.state = arrays.to_torch_state_dict()
         self.dim = sum(t.numel() for t in self.state.values())
@@ -167,7 +168,7 @@ class SecureRound:
         if not (len(c) == len(s) == KEY_BYTES and sig and cert):
             self.st.fail(node, self.server_round, "invalid reply: no signed 32-byte keys")
             return None
-        tag = f"{self.rounds.run}/{server_round}".encode()
+        tag = round_tag(self.rounds.run, server_round)
         try:
             name = self.rounds.verify(cert, keys_message(tag, node, c, s), sig)
         except PrivacyError as exc:
