@@ -90,7 +90,7 @@ def authorise_round(
             plan = plan_run(cfg, len(data), prior=[])
             _check_run_fits(policy, everything, plan)
         _check_round(plan, mine, server_round)
-        policy.check_noise(plan.noise_multiplier)
+        policy.check_request({"noise-multiplier": plan.noise_multiplier})
         event = SampledGaussianEvent(
             noise_multiplier=plan.noise_multiplier,
             sample_rate=plan.sample_rate,
@@ -122,13 +122,17 @@ def authorise_round(
 
 def check_run(policy: SitePolicy, cfg: RunConfig) -> None:
     """Refuse a run the site's policy does not allow (its request, and its DP mode)."""
+    # Every numeric run-config key, so a policy field limiting any of them is enforced
+    # here without another line; the noise multiplier is checked once the site has
+    # planned its own (local DP: not in the run config), dp-min-sites only when used.
+    unused = {"noise-multiplier", *(() if cfg.distributed else ("dp-min-sites",))}
     policy.check_request(
-        target_epsilon=cfg.target_epsilon,
-        target_delta=cfg.target_delta,
-        max_grad_norm=cfg.max_grad_norm,
+        {
+            key: value
+            for key, value in cfg.to_flwr().items()
+            if isinstance(value, int | float) and not isinstance(value, bool) and key not in unused
+        }
     )
-    if cfg.distributed:
-        policy.check_distributed(cfg.dp_min_sites)
 
 
 class RoundRefused(PrivacyError):

@@ -55,23 +55,23 @@ class SiteAudit:
     ledger: str
     events: int
     steps: int
-    epsilon_prv: float
+    epsilon: float  # the budget accountant's: min(PRV, RDP), what the site enforces
     epsilon_rdp: float
     delta: float
     budget: float | None
     status: str
     problems: list[str] = field(default_factory=list)
     distributed_events: int = 0
-    epsilon_own_noise: float | None = None  # None: no distributed spend, same as epsilon_prv
+    epsilon_own_noise: float | None = None  # None: no distributed spend, same as epsilon
     assumed_sites: int | None = None
     tolerated: int | None = None  # sites that could drop out or collude, fewest of any spend
 
     @property
     def remaining(self) -> float | None:
-        return None if self.budget is None else max(0.0, self.budget - self.epsilon_prv)
+        return None if self.budget is None else max(0.0, self.budget - self.epsilon)
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("site", "ledger", "events", "steps", "epsilon_prv", "epsilon_rdp", "delta")
+        keys = ("site", "ledger", "events", "steps", "epsilon", "epsilon_rdp", "delta")
         return {
             **{k: getattr(self, k) for k in keys},
             "budget": self.budget,
@@ -175,7 +175,7 @@ def audit(path: Path, summary_heads: dict[str, str] | None = None) -> SiteAudit:
         ledger=str(path),
         events=len(spends),
         steps=sum(s.event.steps for s in spends),
-        epsilon_prv=eps_prv,
+        epsilon=eps_prv,
         epsilon_rdp=eps_rdp,
         delta=delta,
         budget=policy.max_epsilon if policy else None,
@@ -207,32 +207,23 @@ def _policy_violations(contents: LedgerContents) -> list[str]:
         if in_force is None:
             problems.append(f"{where}: spend recorded before any policy")
             continue
-        problems.extend(f"{where}: {p}" for p in _breaches(entry, in_force))
+        problems.extend(f"{where}: {p}" for p in in_force.breaches(spend_values(entry)))
     if not contents.entries or in_force is None:
         problems.append("no policy recorded: the budget cannot be checked")
     return problems
 
 
-def _breaches(spend: RoundSpend, policy: SitePolicy) -> list[str]:
-    out = []
-    if spend.event.noise_multiplier < policy.min_noise_multiplier:
-        out.append(
-            f"noise multiplier {spend.event.noise_multiplier:.4g} below the policy's "
-            f"minimum {policy.min_noise_multiplier:g}"
-        )
-    if policy.max_clip_norm and spend.clip_norm > policy.max_clip_norm:
-        out.append(f"clip norm {spend.clip_norm:g} above the policy's {policy.max_clip_norm:g}")
-    if spend.delta > policy.delta:
-        out.append(f"delta {spend.delta:g} above the policy's {policy.delta:g}")
-    if spend.distributed and not (
-        policy.distributed_min_sites and spend.min_sites >= policy.distributed_min_sites
-    ):
-        allowed = policy.distributed_min_sites or "never"
-        out.append(
-            f"distributed DP assuming {spend.min_sites} honest sites; the policy allows it "
-            f"at {allowed if allowed == 'never' else f'>= {allowed}'}"
-        )
-    return out
+def spend_values(spend: RoundSpend) -> dict[str, float]:
+    """A recorded spend as the run values a policy limits (run-config keys). A limit on
+    a run value the ledger does not record is enforced by the site but not audited."""
+    values = {
+        "target-delta": spend.delta,
+        "max-grad-norm": spend.clip_norm,
+        "noise-multiplier": spend.event.noise_multiplier,
+    }
+    if spend.distributed:
+        values["dp-min-sites"] = spend.min_sites
+    return values
 
 
 def _spent(contents: LedgerContents, delta: float) -> tuple[float, float, list[str]]:

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 def audit_table(rows: list[SiteAudit]) -> Table:
     table = Table(title="fedsilo audit: privacy spend per site (ε at δ)", pad_edge=False)
     table.add_column("site", overflow="fold")
-    for col in ("events", "steps", "ε PRV", "ε RDP", "δ", "budget", "left"):
+    for col in ("events", "steps", "ε", "ε RDP", "δ", "budget", "left"):
         table.add_column(col, justify="right", no_wrap=True)
     table.add_column("status", no_wrap=True)
     for r in rows:
@@ -85,7 +85,7 @@ def audit_table(rows: list[SiteAudit]) -> Table:
             r.site,
             str(r.events),
             str(r.steps),
-            f"{r.epsilon_prv:.3f}",
+            f"{r.epsilon:.3f}",
             f"{r.epsilon_rdp:.3f}",
             f"{r.delta:g}",
             _num(r.budget),
@@ -113,7 +113,7 @@ def markdown_report(rows: list[SiteAudit]) -> str:
         "",
         verdict,
         "",
-        "| site | events | steps | epsilon (PRV) | epsilon (RDP) | "
+        "| site | events | steps | epsilon | epsilon (RDP) | "
         + ("epsilon (own noise only; sites assumed) | " if distributed else "")
         + "delta | budget | remaining | status |",
         "|---|---:|---:|---:|---:|" + ("---:|" if distributed else "") + "---:|---:|---:|---|",
@@ -122,7 +122,7 @@ def markdown_report(rows: list[SiteAudit]) -> str:
         assumed = f"; {r.assumed_sites}" if r.assumed_sites else ""
         own = f" {_own(r)}{assumed} |" if distributed else ""
         lines.append(
-            f"| {r.site} | {r.events} | {r.steps} | {r.epsilon_prv:.3f} | {r.epsilon_rdp:.3f} "
+            f"| {r.site} | {r.events} | {r.steps} | {r.epsilon:.3f} | {r.epsilon_rdp:.3f} "
             f"|{own} {r.delta:g} | {_num(r.budget)} | {_num(r.remaining)} | {r.status} |"
         )
     lines += ["", "## Problems", ""]
@@ -135,8 +135,9 @@ def markdown_report(rows: list[SiteAudit]) -> str:
         "- Each ledger line carries the SHA-256 of the line before it and of its own content; "
         "an edited, deleted, reordered or truncated line breaks the chain at that line.",
         "- Epsilon is recomputed from the recorded DP-SGD steps (noise multiplier, sample rate, "
-        "steps), per dataset, by the PRV accountant (tight upper bound; the budget is checked "
-        "with it) and the RDP accountant, at the delta of the site's policy.",
+        "steps), per dataset, at the delta of the site's policy: `epsilon` is the budget "
+        "accountant's (PRV, a tight upper bound, or RDP where that is smaller; the budget is "
+        "checked with it), `epsilon (RDP)` the RDP accountant's alone.",
         "- Distributed-DP spends count at the noise of the whole secure sum, assuming at least "
         "the recorded number of honest sites' noise shares in it; `epsilon (own noise only)` "
         "composes every spend as if only the site's own share had protected it (the figure "

@@ -247,7 +247,6 @@ def _write_site(
     private, public = pki.site_keypair()
     cert = pki.site_cert(ca_key, ca_cert, name, pki.site_public_key(private))
     d = out / "sites" / name
-    p = DEFAULT_SITE_POLICY
     toml = (
         f"# fedsilo site kit: `fedsilo client start --kit THIS_DIR --data YOUR.npz`\n"
         "[site]\n"
@@ -255,14 +254,7 @@ def _write_site(
         f"server = {_q(server)}  # host:port of the federation server (Fleet API)\n"
         "\n"
         "# This site's privacy policy: runs that ask for more are refused. Edit to taste.\n"
-        "[policy]\n"
-        f"max-epsilon = {p.max_epsilon!r}  # this site's whole budget: all its runs compose\n"
-        f"delta = {p.delta!r}  # largest delta accepted\n"
-        f"min-noise-multiplier = {p.min_noise_multiplier!r}  # 0 = no floor\n"
-        f"max-clip-norm = {p.max_clip_norm!r}  # 0 = no cap\n"
-        "# Distributed DP (--dp distributed): this site adds only a share of the noise and\n"
-        "# trusts secure aggregation and at least this many honest sites to add the rest.\n"
-        f"distributed-min-sites = {p.distributed_min_sites!r}  # 0 = never (all its own noise)\n"
+        + DEFAULT_SITE_POLICY.to_table()
     )
     return [
         _write(d / "ca.crt", pki.pem_cert(ca_cert)),
@@ -343,35 +335,8 @@ def read_site_kit(path: Path) -> SiteKit:
 
 def _policy(raw: Mapping[str, Any], path: Path) -> SitePolicy:
     """The kit's [policy], checked as the site will enforce it (fedsilo.privacy.policy)."""
-    names = {
-        "max-epsilon": "max_epsilon",
-        "delta": "delta",
-        "min-noise-multiplier": "min_noise_multiplier",
-        "max-clip-norm": "max_clip_norm",
-        "distributed-min-sites": "distributed_min_sites",
-    }
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in names:
-            raise ConfigError(
-                f"{path}: unknown key `{key}` in [policy]; known: {', '.join(names)}."
-            )
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{path}: [policy] `{key}` must be a number. Found {value!r}.")
-        values[names[key]] = float(value)
-    if "distributed_min_sites" in values:
-        m = values["distributed_min_sites"]
-        if not m.is_integer():
-            raise ConfigError(
-                f"{path}: [policy] `distributed-min-sites` must be a whole number. Found {m!r}."
-            )
-        values["distributed_min_sites"] = int(m)
-    if "max_epsilon" not in values:
-        raise ConfigError(
-            f"{path}: [policy] needs `max-epsilon`; a site never trains without a budget."
-        )
     try:
-        return SitePolicy(**values)
+        return SitePolicy.from_table(raw)
     except PrivacyError as exc:  # inf, nan, negative, delta outside (0, 1): refused at start
         raise ConfigError(f"{path}: [policy] {exc}") from None
 

@@ -132,7 +132,7 @@ def test_changed_data_never_gets_a_fresh_budget(tmp_path: Path) -> None:
     from fedsilo.privacy.audit import audit
 
     report = audit(budget.ledger)
-    assert report.epsilon_prv == pytest.approx(spent, rel=1e-9)  # what the site enforces
+    assert report.epsilon == pytest.approx(spent, rel=1e-9)  # what the site enforces
     assert len({s.dataset for s in ledger.read(budget.ledger).spends}) == 2
 
 
@@ -216,7 +216,7 @@ def test_distributed_sites_of_10x_different_sizes_record_what_the_sum_spends(
             steps=cfg.rounds,
         )
         assert (report.status, report.assumed_sites) == ("ok", 3)
-        assert report.epsilon_prv == pytest.approx(site_eps, rel=1e-9)
+        assert report.epsilon == pytest.approx(site_eps, rel=1e-9)
         assert report.epsilon_own_noise == pytest.approx(budget.policy.spent([own]), rel=1e-9)
 
 

@@ -330,7 +330,7 @@ def test_live_sites_keep_serving_across_a_server_restart(fed: Path) -> None:
         assert res.returncode == 0, res.stdout + res.stderr
         for row in json.loads(res.stdout)["sites"]:  # run 1 (local) and run 2 composed
             assert (row["assumed_sites"], row["distributed_events"], row["events"]) == (2, 2, 3)
-            assert row["epsilon_own_noise"] > row["epsilon_prv"] > 0
+            assert row["epsilon_own_noise"] > row["epsilon"] > 0
     finally:
         for proc in sites:
             if proc.popen.poll() is None:

@@ -52,7 +52,7 @@ def test_refusing_site_then_audit(tmp_path: Path) -> None:
     sites = {s["site"]: s for s in json.loads(res.stdout)["sites"]}
     assert sites["site-0"]["events"] == 2  # one spend per local round
     # A fresh ledger holds only this run: the site's total is the run's epsilon (PRV).
-    assert sites["site-0"]["epsilon_prv"] == pytest.approx(site0["epsilon"], rel=1e-9)
+    assert sites["site-0"]["epsilon"] == pytest.approx(site0["epsilon"], rel=1e-9)
     assert sites["site-0"]["budget"] == 8.0
     assert sites["site-0"]["status"] in ("ok", "exhausted")
     assert sites["site-1"]["events"] == 0 and sites["site-1"]["status"] == "ok"

@@ -116,7 +116,7 @@ def test_distributed_dp_simulation_records_both_epsilons(
     assert len(rows) == 3
     for row in rows:
         # Own share only (sigma / sqrt(3)): far more than the 8 the sum is calibrated to.
-        assert row["epsilon_prv"] <= 8.0 < row["epsilon_own_noise"]
+        assert row["epsilon"] <= 8.0 < row["epsilon_own_noise"]
         assert row["assumed_sites"] == 3 and row["tolerated"] == 0
     assert main(["audit", str(tmp_path / "run")]) == 0
     text = " ".join(capsys.readouterr().out.split())

@@ -66,15 +66,15 @@ def test_statuses_and_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert [s["status"] for s in sites] == ["ok", "exhausted"]
     first = sites[0]
     assert set(first) == {
-        "site", "ledger", "events", "steps", "epsilon_prv", "epsilon_rdp", "delta", "budget",
+        "site", "ledger", "events", "steps", "epsilon", "epsilon_rdp", "delta", "budget",
         "status", "problems", "distributed_events", "epsilon_own_noise", "assumed_sites",
         "tolerated",
     }  # fmt: skip
     assert (first["distributed_events"], first["epsilon_own_noise"]) == (0, None)
     assert first["events"] == 2 and first["steps"] == 100 and first["delta"] == 1e-5
-    assert first["epsilon_prv"] == pytest.approx(TWO)
+    assert first["epsilon"] == pytest.approx(TWO)
     assert first["epsilon_rdp"] == pytest.approx(epsilon([EVENT] * 2, delta=1e-5, accountant="rdp"))
-    assert first["epsilon_prv"] < first["epsilon_rdp"]
+    assert first["epsilon"] < first["epsilon_rdp"]
     code, sites = audit_json(capsys, over, clip)
     assert code == 1
     assert [s["status"] for s in sites] == ["violated", "violated"]
@@ -239,7 +239,7 @@ def test_an_extreme_but_valid_entry_is_audited_without_exhausting_memory(tmp_pat
     )
     assert res.returncode == 1, res.stderr[-2000:]
     row = json.loads(res.stdout)["sites"][0]
-    assert row["status"] == "violated" and row["epsilon_prv"] > 100  # far over its budget of 8
+    assert row["status"] == "violated" and row["epsilon"] > 100  # far over its budget of 8
 
 
 def test_distributed_spends_report_the_own_noise_epsilon_and_need_the_policy(
@@ -255,7 +255,7 @@ def test_distributed_spends_report_the_own_noise_epsilon_and_need_the_policy(
     assert (ok["distributed_events"], ok["assumed_sites"], ok["tolerated"]) == (2, 4, 2)
     alone = SampledGaussianEvent(noise_multiplier=0.5, sample_rate=0.1, steps=50)
     assert ok["epsilon_own_noise"] == pytest.approx(epsilon([alone] * 2, delta=1e-5), rel=1e-6)
-    assert ok["epsilon_own_noise"] > ok["epsilon_prv"] == pytest.approx(TWO)
+    assert ok["epsilon_own_noise"] > ok["epsilon"] == pytest.approx(TWO)
     assert (
         "distributed DP assuming 4 honest sites; the policy allows it at never"
         in bad["problems"][0]

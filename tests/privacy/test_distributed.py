@@ -113,10 +113,10 @@ def test_a_distributed_spend_records_its_assumption_and_round_trips() -> None:
 
 def test_policy_allows_distributed_dp_only_when_asked_and_at_its_assumption() -> None:
     with pytest.raises(PrivacyError, match="does not allow"):
-        SitePolicy(max_epsilon=3.0).check_distributed(10)
+        SitePolicy(max_epsilon=3.0).check_request({"dp-min-sites": 10})
     with pytest.raises(PrivacyError, match="requires at least 5"):
-        SitePolicy(max_epsilon=3.0, distributed_min_sites=5).check_distributed(4)
-    SitePolicy(max_epsilon=3.0, distributed_min_sites=5).check_distributed(5)
+        SitePolicy(max_epsilon=3.0, distributed_min_sites=5).check_request({"dp-min-sites": 4})
+    SitePolicy(max_epsilon=3.0, distributed_min_sites=5).check_request({"dp-min-sites": 5})
     with pytest.raises(PrivacyError, match="integer >= 2"):
         SitePolicy(max_epsilon=3.0, distributed_min_sites=1)
     node = SitePolicy.from_node_config({"policy-max-epsilon": 3, "policy-distributed-min-sites": 6})
