@@ -31,9 +31,12 @@ from typing import Any
 
 from rich.console import Console
 
-from fedsilo.config import RunConfig, new_run_id
+from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
+from fedsilo.privacy.provision import read_toml
 from fedsilo.processes import CONTROL_PORT
+from fedsilo.run_flags import Layer, add_run_flags, build, given, resume
+from fedsilo.server.run_dir import resume_config
 
 INSECURE_WARNING = (
     "[bold red]WARNING: --insecure: no TLS and no site authentication.[/] Models, updates "
@@ -52,62 +55,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     s.add_argument("--kit", required=True, type=Path, help="the server kit (DIR/server)")
-    s.add_argument("--config", type=Path, help="run config TOML (kebab-case keys of the run)")
-    s.add_argument("--rounds", type=int, help="federated rounds")
     s.add_argument(
-        "--min-sites",
-        type=int,
-        help="rounds need this many replying sites (default: every site of the kit)",
+        "--config",
+        type=Path,
+        help="run config TOML (kebab-case run-config keys); flags override it",
     )
     s.add_argument(
         "--wait-sites",
         type=int,
         help="start once this many sites are online (default: --min-sites)",
     )
-    s.add_argument(
-        "--task",
-        metavar="PACKAGE.MODULE:OBJECT",
-        help="your own task (a fedsilo.task.Task, installed here and at every site, which "
-        "start with the same --task); default: the built-in task --dataset and --model name",
-    )
-    s.add_argument("--dataset", help="built-in task: digits, fashion-mnist or mnist")
-    s.add_argument("--model", help="built-in task's model: auto, mlp, cnn or scatnet")
-    s.add_argument(
-        "--eval-data",
-        type=Path,
-        help="central evaluation on this file (the task's site data format); default: the "
-        "task's public test split",
-    )
-    s.add_argument(
-        "--dp",
-        choices=("local", "distributed"),
-        help="local (default): every site adds all its own noise. distributed: secure "
-        "aggregation and a noise share per site; each site must allow it in its site.toml "
-        "([policy] distributed-min-sites); one DP-SGD step per round",
-    )
-    s.add_argument(
-        "--dp-min-sites",
-        type=int,
-        metavar="M",
-        help="with --dp distributed: the honest sites whose noise shares every sum holds "
-        "(default: --min-sites)",
-    )
-    s.add_argument(
-        "--dp-max-sample-rate",
-        type=float,
-        metavar="Q",
-        help="with --dp distributed (required): the largest Poisson sampling rate any site "
-        "uses, batch-size / the smallest site's examples (at most 1). The sum carries one "
-        "noise multiplier, the same for every site, calibrated once for this rate; a site "
-        "whose own rate is larger samples at Q instead, so none spends more than planned",
-    )
+    add_run_flags(s, simulation=False)
     s.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
     s.add_argument(
         "--resume",
         type=Path,
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last completed round, with its recorded "
-        "settings (give no run settings with it)",
+        "settings: a flag must repeat the recorded value (no --config)",
     )
     n = s.add_argument_group("network")
     n.add_argument("--listen", default="0.0.0.0", help="address the Fleet API binds")
@@ -127,85 +92,21 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
-    """Defaults, then --config TOML, then flags; run-dir and eval-data made absolute."""
-    from fedsilo.privacy.distributed import planned
-    from fedsilo.privacy.provision import read_toml
-    from fedsilo.server.run_dir import default_run_dir
-
+    """Defaults, then --config TOML, then flags (run_flags.build); or, with --resume, the
+    recorded config, which flags may only repeat (run_flags.resume)."""
+    flags = Layer(given(args), "the command line")
     if args.resume is not None:
-        return resume_from_args(args, sites)
-    values: dict[str, Any] = RunConfig().to_flwr()
-    values["min-sites"] = sites
-    if args.config is not None:
-        values.update(read_toml(args.config))
-    flags = {
-        "rounds": args.rounds,
-        "min-sites": args.min_sites,
-        "task": args.task,
-        "dataset": args.dataset,
-        "model": args.model,
-        "eval-data": str(args.eval_data.resolve()) if args.eval_data else None,
-        "dp": args.dp,
-        "dp-min-sites": args.dp_min_sites,
-        "dp-max-sample-rate": args.dp_max_sample_rate,
-    }
-    values.update({k: v for k, v in flags.items() if v is not None})
-    if values["dp"] == "distributed" and not values["dp-min-sites"]:
-        values["dp-min-sites"] = values["min-sites"]
-    source = f"{args.config} and the command line" if args.config else "the command line"
-    for managed, why in (
-        ("run-id", "a new run gets a fresh run id"),
-        ("resume", "a new run gets a fresh run id"),
-        ("noise-multiplier", "it is calibrated from target-epsilon, rounds and dp-max-sample-rate"),
-    ):
-        if values[managed] != RunConfig().to_flwr()[managed]:
+        if args.config is not None:
             raise ConfigError(
-                f"`{managed}` is fedsilo's to set ({why}); drop it from {args.config}. To "
-                "continue a run use --resume RUN_DIR."
+                f"--resume continues {args.resume} with the settings it recorded; drop --config."
             )
-    if values["dp"] == "distributed" and not values["dp-max-sample-rate"]:
-        raise ConfigError(
-            "--dp distributed needs --dp-max-sample-rate: the largest Poisson sampling rate "
-            "any site uses, batch-size / the smallest site's examples (e.g. batch-size 64 and "
-            "a smallest site of 1,000 examples: 0.064). The run's one noise multiplier is "
-            "calibrated for it, so that no site spends more than target-epsilon; a site whose "
-            "own rate is larger samples at this rate instead."
-        )
-    values["run-id"] = new_run_id()
-    cfg = RunConfig.from_flwr(values, source=source)
-    run_dir = args.out or (Path(cfg.run_dir) if cfg.run_dir else default_run_dir())
-    cfg = dataclasses.replace(cfg, run_dir=str(Path(run_dir).resolve()))
-    return checked(planned(cfg), sites)
-
-
-def resume_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
-    """The recorded config of the run --resume names, checked as a new one would be."""
-    from fedsilo.server.run_dir import resume_config
-
-    given = [
-        flag
-        for flag, value in (
-            ("--config", args.config),
-            ("--rounds", args.rounds),
-            ("--min-sites", args.min_sites),
-            ("--task", args.task),
-            ("--dataset", args.dataset),
-            ("--model", args.model),
-            ("--eval-data", args.eval_data),
-            ("--dp", args.dp),
-            ("--dp-min-sites", args.dp_min_sites),
-            ("--dp-max-sample-rate", args.dp_max_sample_rate),
-            ("--out", args.out),
-        )
-        if value is not None
-    ]
-    if given:
-        raise ConfigError(
-            f"--resume continues {args.resume} with the settings it recorded; drop "
-            f"{', '.join(given)}."
-        )
-    run_dir, values = resume_config(args.resume)
-    return checked(RunConfig.from_flwr(values, source=f"{run_dir}/config.json"), sites)
+        run_dir, values = resume_config(args.resume)
+        recorded = RunConfig.from_flwr(values, source=f"{run_dir}/config.json")
+        return checked(resume(recorded, flags, run_dir=run_dir), sites)
+    layers = [flags]
+    if args.config is not None:
+        layers.insert(0, Layer(read_toml(args.config), str(args.config)))
+    return checked(build(*layers, sites=sites, min_sites=sites), sites)
 
 
 def checked(cfg: RunConfig, sites: int) -> RunConfig:

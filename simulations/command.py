@@ -9,7 +9,7 @@ Examples:
   fedsilo simulate --dp distributed --rounds 40 --batch-size 300 --lr 2  # secure aggregation,
                                                      # noise shares: one step a round
   fedsilo simulate --resume runs/20260101-120000     # go on after a crash or Ctrl-C
-  fedsilo simulate --ray-address 10.0.0.5:6379 --site-gpus 0.25 --sites 16 \
+  fedsilo simulate --ray-address 10.0.0.5:6379 --site-gpus 0.25 --sites 16 \\
       --out /shared/runs/x                           # on a Ray cluster; RUN_DIR shared
   fedsilo simulate --resume /shared/runs/x --ray-address 10.0.0.9:6379  # resume elsewhere
 """
@@ -17,7 +17,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import sys
@@ -27,14 +26,23 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from fedsilo.config import RunConfig, new_run_id
+from fedsilo.config import RunConfig
 from fedsilo.console import dp_note, end_of_run_lines, quiet_logs, resume_line, summary_table
+from fedsilo.errors import ConfigError
 from fedsilo.privacy.policy import SitePolicy
-from fedsilo.server.run_dir import default_run_dir, run_complete
-from fedsilo.simulations.engine import EngineConfig
+from fedsilo.run_flags import Layer, add_run_flags, build, given, resume
+from fedsilo.server.run_dir import resume_config, run_complete
+from fedsilo.simulations.cluster import placement_line
+from fedsilo.simulations.engine import EngineConfig, check_engine
+from fedsilo.simulations.runner import (
+    max_sample_rate,
+    preflight,
+    recorded_simulation,
+    run_simulation,
+)
 
-DEFAULTS = RunConfig()
 ENGINE = EngineConfig()
+DEFAULT_SITES = 3
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -44,101 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--sites", type=int, default=3, help="number of virtual sites (default 3)")
-    g = p.add_argument_group("task")
-    g.add_argument(
-        "--task",
-        default=DEFAULTS.task,
-        metavar="PACKAGE.MODULE:OBJECT",
-        help="your own model and data: an installed fedsilo.task.Task, e.g. "
-        "breast_cancer.task:task (README, 'Your own model and data'); default: the built-in "
-        "task --dataset and --model name",
-    )
-    g.add_argument(
-        "--dataset",
-        default=DEFAULTS.dataset,
-        help="built-in task: digits (embedded), fashion-mnist or mnist (IDX files)",
-    )
-    g.add_argument(
-        "--data-dir",
-        default=DEFAULTS.data_dir,
-        help="directory of IDX files (default: /usr/share/datasets/<dataset>)",
-    )
-    g.add_argument(
-        "--model",
-        default=DEFAULTS.model,
-        help="built-in task's model: auto (scatnet for 28x28 images, mlp for digits), mlp, "
-        "cnn or scatnet",
-    )
-    g.add_argument(
-        "--partition",
-        default=DEFAULTS.partition,
-        help="iid, dirichlet:ALPHA (non-IID labels) or shards:K",
-    )
-    g.add_argument("--rounds", type=int, default=DEFAULTS.rounds)
-    g.add_argument("--local-epochs", type=int, default=DEFAULTS.local_epochs)
-    g.add_argument(
-        "--batch-size",
-        type=int,
-        default=DEFAULTS.batch_size,
-        help="expected Poisson batch size per step",
-    )
-    g.add_argument("--lr", type=float, default=DEFAULTS.lr)
-    g.add_argument("--momentum", type=float, default=DEFAULTS.momentum)
-    d = p.add_argument_group("differential privacy (per site, for the whole run)")
-    d.add_argument("--target-epsilon", type=float, default=DEFAULTS.target_epsilon)
-    d.add_argument("--target-delta", type=float, default=DEFAULTS.target_delta)
-    d.add_argument(
-        "--max-grad-norm", type=float, default=DEFAULTS.max_grad_norm, help="per-sample clip norm C"
-    )
-    d.add_argument("--accountant", default=DEFAULTS.accountant, help="prv (tight) or rdp")
-    d.add_argument(
-        "--dp",
-        default=DEFAULTS.dp,
-        choices=("local", "distributed"),
-        help="local (default): each site adds all the noise its guarantee needs and trusts no "
-        "one. distributed: secure aggregation (SecAgg+) and a noise share per site: the "
-        "server sees only the sum, which carries central DP-SGD's noise if at least "
-        "--dp-min-sites sites take part and none colludes with the server; one DP-SGD step "
-        "per round (--local-epochs unused), so use many rounds and a large --batch-size",
-    )
-    d.add_argument(
-        "--dp-min-sites",
-        type=int,
-        default=DEFAULTS.dp_min_sites,
-        metavar="M",
-        help="with --dp distributed: the honest sites whose noise shares every sum must hold; "
-        "each site adds 1/M of the noise variance (default: --sites)",
-    )
-    d.add_argument(
-        "--dp-max-sample-rate",
-        type=float,
-        default=DEFAULTS.dp_max_sample_rate,
-        metavar="Q",
-        help="with --dp distributed: the largest Poisson sampling rate any site uses. The "
-        "sum carries one noise multiplier, the same for every site, so it is calibrated "
-        "once for this rate; a site whose own rate (batch-size / its examples) is larger "
-        "samples at Q instead (default 0: batch-size / the smallest simulated site's "
-        "examples, from the partition)",
-    )
-    d.add_argument(
-        "--min-sites",
-        type=int,
-        default=None,
-        metavar="N",
-        help="the run stops when fewer sites reply in a round (default 1; with --dp "
-        "distributed, --dp-min-sites: a smaller sum would not carry the assumed noise)",
-    )
-    d.add_argument(
-        "--site-max-epsilon",
-        default="",
-        metavar="EPS[,EPS...]",
-        help="each virtual site's own budget (its policy, kept in RUN_DIR/ledgers): one value "
-        "for all sites or one per site (default: the target epsilon)",
-    )
-    o = p.add_argument_group("run")
-    o.add_argument("--seed", type=int, default=DEFAULTS.seed)
-    o.add_argument("--device", default=DEFAULTS.device, help="auto, cpu or cuda")
+    p.add_argument("--sites", type=int, help=f"number of virtual sites (default {DEFAULT_SITES})")
+    add_run_flags(p, simulation=True)
+    _add_site_flags(p)
+    o = p.add_argument_group("output")
     o.add_argument("--out", default="", help="run directory (default runs/<timestamp>)")
     o.add_argument(
         "--resume",
@@ -147,7 +64,24 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default="",
         help="continue a run that was stopped (crash, kill, Ctrl-C) from its last completed "
         "round, with its recorded settings, sites and ledgers; a round in progress when it "
-        "stopped is lost (its sites spent it)",
+        "stopped is lost (its sites spent it). --ray-address may move it to another "
+        "cluster; any other flag must repeat the recorded value",
+    )
+    o.add_argument(
+        "--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)"
+    )
+    o.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    p.set_defaults(func=run)
+
+
+def _add_site_flags(p: argparse.ArgumentParser) -> None:
+    """The virtual sites' own budgets and where they run (not part of the run config)."""
+    p.add_argument(
+        "--site-max-epsilon",
+        default="",
+        metavar="EPS[,EPS...]",
+        help="each virtual site's own budget (its policy, kept in RUN_DIR/ledgers): one value "
+        "for all sites or one per site (default: the target epsilon)",
     )
     e = p.add_argument_group(
         "where the sites run (simulation only: not part of the run config sites receive)"
@@ -166,58 +100,48 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     e.add_argument(
         "--site-cpus",
         type=float,
-        default=ENGINE.site_cpus,
         metavar="N",
         help="CPUs each virtual site holds, fractions allowed; torch runs that many threads "
-        "per site, at least one (default 1)",
+        f"per site, at least one (default {ENGINE.site_cpus:g})",
     )
     e.add_argument(
         "--site-gpus",
         type=float,
-        default=ENGINE.site_gpus,
         metavar="N",
         help="GPUs each virtual site holds, fractions allowed: 0.25 lets four sites share one. "
-        "> 0 trains the sites on CUDA (not with --device cpu) (default 0)",
+        f"> 0 trains the sites on CUDA (not with --device cpu) (default {ENGINE.site_gpus:g})",
     )
-    o.add_argument(
-        "--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)"
-    )
-    o.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
-    p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The RunConfig the flags describe (validated); with --dp distributed, planned: its
+    """The RunConfig the flags describe, validated; with --dp distributed, planned: its
     dp-max-sample-rate (from the partition unless given) and its one noise multiplier."""
-    from fedsilo.privacy.distributed import planned
-    from fedsilo.simulations.runner import max_sample_rate
+    sites = _sites(args)
 
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(RunConfig):
-        if hasattr(args, f.name):
-            values[f.name] = getattr(args, f.name)
-    if values.get("dp") == "distributed":
-        values["dp_min_sites"] = values["dp_min_sites"] or args.sites
-    if values.get("min_sites") is None:
-        values["min_sites"] = values["dp_min_sites"] if values.get("dp") == "distributed" else 1
-    values["run_dir"] = args.out or str(default_run_dir())
-    values["run_id"] = new_run_id()
-    cfg = RunConfig(**values)
-    if cfg.distributed and not cfg.dp_max_sample_rate:
-        # Everything else is checked before the data is read for the rate.
-        dataclasses.replace(cfg, dp_max_sample_rate=1.0).validate(source="the command line")
-        check_sites(cfg, args.sites)
-        cfg = dataclasses.replace(cfg, dp_max_sample_rate=max_sample_rate(cfg, args.sites))
-    cfg.validate(source="the command line")
-    check_sites(cfg, args.sites)
-    return planned(cfg)
+    def partition_rate(cfg: RunConfig) -> float:
+        check_sites(cfg, sites)  # before the data is read for the rate
+        return max_sample_rate(cfg, sites)
+
+    cfg = build(
+        Layer(given(args), "the command line"),
+        sites=sites,
+        min_sites=1,
+        sample_rate=partition_rate,
+    )
+    check_sites(cfg, sites)
+    return cfg
+
+
+def _sites(args: argparse.Namespace) -> int:
+    sites = DEFAULT_SITES if args.sites is None else int(args.sites)
+    if sites < 1:
+        raise ConfigError(f"`--sites` must be >= 1. Found {sites}.")
+    return sites
 
 
 def check_sites(cfg: RunConfig, sites: int) -> None:
     """Refuse a run whose rounds need more sites than the simulation has."""
     if cfg.min_sites > sites:
-        from fedsilo.errors import ConfigError
-
         what = "--dp-min-sites" if cfg.distributed else "--min-sites"
         raise ConfigError(
             f"`{what}` is {max(cfg.min_sites, cfg.dp_min_sites)} but the simulation has "
@@ -226,18 +150,12 @@ def check_sites(cfg: RunConfig, sites: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedsilo.errors import ConfigError
-    from fedsilo.simulations.cluster import placement_line
-    from fedsilo.simulations.engine import check_engine
-    from fedsilo.simulations.runner import preflight, run_simulation
-
     if args.resume_dir:
         cfg, args.sites, engine = resume_from_args(args)
         policies = None  # the sites' own, already at the head of their ledgers
     else:
-        if args.sites < 1:
-            raise ConfigError(f"`--sites` must be >= 1. Found {args.sites}.")
         cfg = config_from_args(args)
+        args.sites = _sites(args)
         engine = engine_from_args(args)
         policies = site_policies(args.site_max_epsilon, args.sites, cfg)
     check_engine(engine, device=cfg.device)  # before anything is loaded or printed
@@ -303,37 +221,39 @@ def run(args: argparse.Namespace) -> int:
 def engine_from_args(args: argparse.Namespace) -> EngineConfig:
     """Where the flags say the virtual sites run (validated with the run's device)."""
     return EngineConfig(
-        ray_address=args.ray_address.strip(), site_cpus=args.site_cpus, site_gpus=args.site_gpus
+        ray_address=args.ray_address.strip(),
+        site_cpus=ENGINE.site_cpus if args.site_cpus is None else args.site_cpus,
+        site_gpus=ENGINE.site_gpus if args.site_gpus is None else args.site_gpus,
     )
 
 
 def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, int, EngineConfig]:
-    """The recorded config, site count and site resources of the run `--resume` names,
-    checked; the run may go on on another Ray cluster (`--ray-address`)."""
-    from fedsilo.errors import ConfigError
-    from fedsilo.server.run_dir import resume_config
-    from fedsilo.simulations.runner import recorded_simulation
+    """The recorded config, site count and site resources of the run `--resume` names.
 
-    changed = [
-        "--" + f.name.replace("_", "-")
-        for f in dataclasses.fields(RunConfig)
-        if hasattr(args, f.name) and getattr(args, f.name) not in (None, getattr(DEFAULTS, f.name))
-    ]
-    changed += [f for f, on in (("--sites", args.sites != 3), ("--out", bool(args.out))) if on]
-    changed += ["--site-max-epsilon"] if args.site_max_epsilon else []
-    resources = (
-        ("--site-cpus", args.site_cpus != ENGINE.site_cpus),
-        ("--site-gpus", args.site_gpus != ENGINE.site_gpus),
-    )
-    changed += [f for f, on in resources if on]  # recorded in simulation.json
-    if changed:
-        raise ConfigError(
-            f"--resume continues {args.resume_dir} with the settings it recorded; drop "
-            f"{', '.join(changed)}."
-        )
+    The run may go on on another Ray cluster (`--ray-address`); any other flag must
+    repeat what was recorded (run_flags.resume).
+    """
     run_dir, values = resume_config(args.resume_dir)
     sites, engine = recorded_simulation(run_dir, ray_address=args.ray_address.strip())
-    return RunConfig.from_flwr(values, source=f"{run_dir}/config.json"), sites, engine
+    recorded = RunConfig.from_flwr(values, source=f"{run_dir}/config.json")
+    changed = [
+        f"--{flag} {now:g} (recorded: {then:g})"
+        for flag, now, then in (
+            ("sites", args.sites, sites),
+            ("site-cpus", args.site_cpus, engine.site_cpus),
+            ("site-gpus", args.site_gpus, engine.site_gpus),
+        )
+        if now is not None and now != then
+    ]
+    if args.site_max_epsilon:
+        changed.append("--site-max-epsilon (the sites' policies are in their ledgers)")
+    if changed:
+        raise ConfigError(
+            f"--resume continues {run_dir} with the sites it recorded; {', '.join(changed)} "
+            "would change them. Drop it, or start a new run."
+        )
+    cfg = resume(recorded, Layer(given(args), "the command line"), run_dir=run_dir)
+    return cfg, sites, engine
 
 
 def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:
@@ -342,8 +262,6 @@ def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:
     With --dp distributed the virtual sites allow it at the run's own assumption: every
     one of them is the user's, run by this command.
     """
-    from fedsilo.errors import ConfigError
-
     distributed = cfg.dp_min_sites if cfg.distributed else 0
     if not text.strip():
         return [

@@ -70,7 +70,10 @@ def in_process(
         (["--site-cpus", "4096"], "`--site-cpus` 4096 is more than this machine's"),
         (["--ray-address", "head-without-port"], "`--ray-address` must be HOST:PORT"),
         (["--dp", "distributed", "--dp-min-sites", "1"], "`dp-min-sites` must be an integer >= 2"),
-        (["--dp", "distributed", "--min-sites", "2"], "`min-sites` must be >= dp-min-sites (3)"),
+        (
+            ["--dp", "distributed", "--min-sites", "2", "--dp-min-sites", "3"],
+            "`min-sites` must be >= dp-min-sites (3)",
+        ),
         (["--dp-min-sites", "2"], "`dp-min-sites` must be 0 with --dp local"),
         (["--dp-max-sample-rate", "0.1"], "`dp-max-sample-rate` must be 0 with --dp local"),
         (
@@ -125,7 +128,7 @@ def test_resume_takes_no_settings_and_only_a_simulation_run(
     assert "Traceback" not in res.stderr
     # ... then in this process.
     for args, needle in (
-        (["--resume", "deployed", "--rounds", "7", "--sites", "4"], "drop --rounds, --sites."),
+        (["--resume", "deployed", "--rounds", "7"], "a deployed run resumes with `fedsilo server"),
         (["--resume", "deployed"], "a deployed run resumes with `fedsilo server start"),
     ):
         code, _, err = in_process("simulate", *args)

@@ -124,7 +124,7 @@ def bad_inputs(fed: Path) -> None:
         ([*SERVER, "--task", TASK, "--eval-data", "site.npz"], "cannot read it as UTF-8"),
         # Issue 13: --resume continues a stopped run as it was recorded, nothing else.
         ([*SERVER, "--resume", "used"], "used holds no readable config.json"),
-        ([*SERVER, "--resume", "used", "--rounds", "5"], "recorded; drop --rounds."),
+        ([*SERVER, "--resume", "used", "--config", "managed.toml"], "recorded; drop --config."),
         ([*SERVER, "--config", "managed.toml"], "`run-id` is fedsilo's to set"),
         # Distributed DP's one noise multiplier is planned here, for the largest sample rate.
         (
@@ -231,5 +231,5 @@ def test_server_start_plans_distributed_dp_once_and_resume_keeps_it(fed: Path) -
     resumed = config_from_args(build_parser().parse_args([*SERVER, "--resume", "run"]), 3)
     assert resumed.noise_multiplier == sigma * 1.5 and resumed.run_id == cfg.run_id
     with_flag = build_parser().parse_args([*SERVER, "--resume", "run", "--dp-max-sample-rate", "1"])
-    with pytest.raises(ConfigError, match="drop --dp-max-sample-rate"):
+    with pytest.raises(ConfigError, match=r"--dp-max-sample-rate 1.0 \(recorded: 0.14\)"):
         config_from_args(with_flag, 3)

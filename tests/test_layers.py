@@ -14,7 +14,8 @@ Layers, lowest first (a module may import its own layer and the ones below):
   4 runners      simulations/ (virtual sites, the simulation runner) and deployment
                  (server/launcher.py, clients/launcher.py, processes.py); simulation and
                  deployment never import each other
-  5 cli          cli.py, console.py, __main__.py and every `*command.py`
+  5 cli          cli.py, console.py, __main__.py, run_flags.py (the run flags and config
+                 builder both commands use) and every `*command.py`
 
 docs/architecture.md draws the same picture and says where each behaviour lives.
 """
@@ -31,7 +32,7 @@ DEPLOYMENT = {"server.launcher", "clients.launcher", "processes"}
 def layer(module: str) -> tuple[int, str]:
     """(layer, group) of a fedsilo module given relative to the package."""
     top = module.split(".")[0]
-    if module.endswith("command") or top in ("cli", "console", "__main__"):
+    if module.endswith("command") or top in ("cli", "console", "__main__", "run_flags"):
         return 5, "cli"
     if module in DEPLOYMENT:
         return 4, "deployment"
