@@ -7,11 +7,12 @@ once, in FLAGS, and defaults to None so that a flag the user gave is told from o
 they did not, whatever its value.
 
 On `--resume RUN_DIR` the recorded config.json takes the defaults' and the file's
-place. Every run-config field was fixed when the run started (its sites' noise plans
-and ledgers depend on it): a flag equal to the recorded value is accepted, one that
-differs is an error naming it and the recorded value. Rounds too: each site refuses a
-round past the plan it calibrated its noise for, so that no run spends more than its
-target-epsilon, whatever the server asks. Where the sites run (`simulate
+place. Every run-config field but one was fixed when the run started (its sites'
+noise plans and ledgers depend on it): a flag equal to the recorded value is
+accepted, one that differs is an error naming it and the recorded value. `--rounds`
+may grow (local DP): the ServerApp records the new plan, and each site trains the
+extra rounds, at the noise it planned, only if its policy allows more rounds
+(allow-more-rounds) and they fit its budget. Where the sites run (`simulate
 --ray-address`) is not part of the run config and may change.
 """
 
@@ -233,34 +234,41 @@ def build(
 
 
 def resume(recorded: RunConfig, flags: Layer, *, run_dir: Path) -> RunConfig:
-    """The recorded config of the run in `run_dir`; the flags may only repeat it.
+    """The recorded config of the run in `run_dir`, with more rounds if `flags` ask.
 
     Raises:
-        ConfigError: a flag that differs from the recorded value, each named with both.
+        ConfigError: a flag that differs from the recorded value (each named with both),
+            fewer rounds, or more rounds for distributed DP.
     """
     before = recorded.to_flwr()
     changed = {k: v for k, v in flags.values.items() if k != "run-dir" and v != before[k]}
     if "run-dir" in flags.values and Path(flags.values["run-dir"]) != run_dir:
         changed["run-dir"] = flags.values["run-dir"]
+    rounds = changed.pop("rounds", recorded.rounds)
     if changed:
         said = [
             f"--{'out' if k == 'run-dir' else k} {v} (recorded: {before[k]})"
             for k, v in changed.items()
         ]
-        why = (
-            " A run's rounds cannot grow either: each site calibrated its noise for the "
-            f"recorded {recorded.rounds} and refuses any round past them, so that no run "
-            "spends more than its target-epsilon."
-            if "rounds" in changed
-            else ""
-        )
         raise ConfigError(
             f"--resume continues {run_dir} with the settings it recorded; "
             f"{', '.join(said)} would change what was fixed when the run started (its "
-            f"sites' noise plans and ledgers depend on it).{why} Drop "
+            "sites' noise plans and ledgers depend on it). Drop "
             f"{'it' if len(said) == 1 else 'them'}, or start a new run."
         )
-    return recorded
+    if rounds < recorded.rounds:
+        raise ConfigError(
+            f"--rounds {rounds} is fewer than the {recorded.rounds} rounds {run_dir} "
+            "recorded; a resumed run's rounds may only grow. Drop --rounds to finish the run "
+            "as planned."
+        )
+    if rounds > recorded.rounds and recorded.distributed:
+        raise ConfigError(
+            f"--rounds {rounds}: a distributed-DP run keeps the {recorded.rounds} rounds it "
+            "recorded, since its one noise multiplier was calibrated, and checked by every "
+            "site, for them. Drop --rounds, or start a new run."
+        )
+    return dataclasses.replace(recorded, rounds=rounds)
 
 
 def _field(name: str) -> dataclasses.Field[Any]:

@@ -7,9 +7,12 @@
    own sample rate within target-epsilon) and checks that the whole planned run fits
    what remains of the site's budget; at a later round re-reads that plan from the
    ledger and refuses any change to it (rounds, sample rate, steps, clip norm, delta,
-   distributed DP's noise multiplier: a restarted site process enforces it too);
+   distributed DP's noise multiplier: a restarted site process enforces it too); only
+   a policy with allow-more-rounds lets a resumed run add rounds, at the same noise,
+   and only as many as fit the whole budget;
 3. refuses a round number outside 1..rounds and any (run, round) already recorded,
-   so a run never exceeds its target epsilon whatever the server sends;
+   so a run never exceeds its target epsilon whatever the server sends (unless the
+   site allowed more rounds, and then never its budget);
 4. checks that the round fits the budget, composing *every* spend on the ledger,
    whatever data it was on (changed or re-ordered data never gets a fresh budget);
 5. appends the spend to the ledger, fsync'd, before any training starts.
@@ -18,6 +21,7 @@ A crash after that over-counts the spend; nothing can under-count it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +90,7 @@ def authorise_round(
         mine = [s for s in spends if s.run == run]
         if mine:  # the plan is fixed at the run's first round, even across restarts
             plan = _recorded_plan(mine[0], cfg, len(data))
+            plan = _more_rounds(policy, everything, plan, mine, cfg.rounds)
         else:
             plan = plan_run(cfg, len(data), prior=[])
             _check_run_fits(policy, everything, plan)
@@ -150,7 +155,6 @@ def _recorded_plan(first: RoundSpend, cfg: RunConfig, n: int) -> DPPlan:
             "fixed at its first round. Start a new run instead."
         )
     asked = (
-        ("rounds", cfg.rounds, rounds),
         ("sample rate", site_sample_rate(cfg, n), first.event.sample_rate),
         ("steps per round", steps, first.event.steps),
         ("max-grad-norm", cfg.max_grad_norm, first.clip_norm),
@@ -175,6 +179,66 @@ def _recorded_plan(first: RoundSpend, cfg: RunConfig, n: int) -> DPPlan:
         steps_per_round=first.event.steps,
         rounds=rounds,
     )
+
+
+def _more_rounds(
+    policy: SitePolicy,
+    everything: list[SampledGaussianEvent],
+    plan: DPPlan,
+    mine: list[RoundSpend],
+    rounds: int,
+) -> DPPlan:
+    """The run's plan for `rounds`: the recorded one, or one a resumed run extended.
+
+    More rounds than the run last recorded (same noise, same steps a round) only where
+    the site's policy allows extending its runs (allow-more-rounds) and every round not
+    yet spent fits what remains of its budget. Never fewer: a server that re-plans is
+    refused, from the ledger alone.
+
+    Raises:
+        RoundRefused: other rounds than recorded, and the policy does not allow more.
+        BudgetExceededError: the extra rounds do not fit what remains of the budget.
+    """
+    latest = max(s.run_rounds or plan.rounds for s in mine)
+    if rounds == latest:
+        return dataclasses.replace(plan, rounds=rounds)
+    if rounds < latest or not policy.allow_more_rounds:
+        raise RoundRefused(
+            f"the run's rounds changed from {latest} to {rounds}; a run's plan is fixed at "
+            "its first round (its noise was calibrated for it), and this site's policy "
+            f"{'never lets it shrink' if rounds < latest else 'does not allow more rounds'} "
+            "(allow-more-rounds). Start a new run instead."
+        )
+    rest = SampledGaussianEvent(
+        noise_multiplier=plan.noise_multiplier,
+        sample_rate=plan.sample_rate,
+        steps=plan.steps_per_round * (rounds - len(mine)),
+    )
+    policy.check_round(
+        everything,
+        rest,
+        what=f"extending this run to {rounds} rounds",
+        fix="resume it with fewer rounds.",
+    )
+    return dataclasses.replace(plan, rounds=rounds)
+
+
+def rounds_that_fit(
+    policy: SitePolicy, prior: list[SampledGaussianEvent], event: SampledGaussianEvent, most: int
+) -> int:
+    """How many more rounds like `event` (at most `most`) fit the budget after `prior`."""
+
+    def fits(k: int) -> bool:
+        more = dataclasses.replace(event, steps=event.steps * k)
+        return k == 0 or not policy.over_budget(policy.spent([*prior, more]))
+
+    low, high = 0, most
+    if fits(high):
+        return high
+    while high - low > 1:  # fits(low) and not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
 
 
 def _check_round(plan: DPPlan, mine: list[RoundSpend], server_round: int) -> None:

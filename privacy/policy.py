@@ -152,6 +152,18 @@ class SitePolicy:
             added_later=True,
         ),
     )
+    allow_more_rounds: int = field(
+        default=0,
+        metadata=_spec(
+            key="allow-more-rounds",
+            rule="0 (never) or 1 (within the budget)",
+            valid=lambda v: v in (0, 1),
+            help="1 = a run this site trains may be resumed with more rounds than it "
+            "planned, at the same noise, when they fit this budget (the run then spends "
+            "more than its target epsilon). 0 = never: a run's rounds are fixed at its start",
+            added_later=True,
+        ),
+    )
 
     def __post_init__(self) -> None:
         for f in FIELDS:

@@ -72,7 +72,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         type=Path,
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its last completed round, with its recorded "
-        "settings: a flag must repeat the recorded value (no --config)",
+        "settings: --rounds may add rounds (each site trains them only if its policy "
+        "allows more rounds and they fit its budget); any other flag must repeat the "
+        "recorded value (no --config)",
     )
     n = s.add_argument_group("network")
     n.add_argument("--listen", default="0.0.0.0", help="address the Fleet API binds")
@@ -93,14 +95,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
     """Defaults, then --config TOML, then flags (run_flags.build); or, with --resume, the
-    recorded config, which flags may only repeat (run_flags.resume)."""
+    recorded config, which flags may only repeat, but for more rounds (run_flags.resume)."""
     flags = Layer(given(args), "the command line")
     if args.resume is not None:
         if args.config is not None:
             raise ConfigError(
                 f"--resume continues {args.resume} with the settings it recorded; drop --config."
             )
-        run_dir, values = resume_config(args.resume)
+        run_dir, values = resume_config(args.resume, rounds=args.rounds)
         recorded = RunConfig.from_flwr(values, source=f"{run_dir}/config.json")
         return checked(resume(recorded, flags, run_dir=run_dir), sites)
     layers = [flags]

@@ -160,12 +160,12 @@ def read_progress(path: str | Path) -> Progress:
         return Progress()
 
 
-def resume_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
+def resume_config(path: str | Path, *, rounds: int | None = None) -> tuple[Path, dict[str, Any]]:
     """The run directory and recorded run config of a run to resume, checked.
 
     Raises:
         ConfigError: not a fedsilo run directory, a run without a run id, or one
-            that already completed every round.
+            that already completed every round (and `rounds` asks for no more).
     """
     run_dir = Path(path).resolve()
     try:
@@ -184,10 +184,12 @@ def resume_config(path: str | Path) -> tuple[Path, dict[str, Any]]:
         summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         summary = None
-    if isinstance(summary, dict) and run_complete(summary):
+    planned = int(values.get("rounds") or 0)
+    if isinstance(summary, dict) and run_complete(summary) and (rounds or 0) <= planned:
         raise ConfigError(
             f"The run in {run_dir} already finished its {summary.get('planned_rounds')} "
-            "round(s); there is nothing to resume. Start a new run instead."
+            "round(s); there is nothing to resume. Start a new run, or resume it with "
+            "--rounds N above that where its sites allow more rounds."
         )
     values["run-dir"] = str(run_dir)
     values["resume"] = True

@@ -52,8 +52,8 @@ def main(grid: Grid, context: Context) -> None:
     flwr_adapter.fast_object_pulls()  # the replies' content: pulled without 1 s waits
     run_dir = RunDir(cfg.run_dir or default_run_dir())
     progress, rounds = run_dir.resume_point() if cfg.resume else (Progress(), [])
-    if not cfg.resume:
-        run_dir.write_config(cfg.to_flwr())
+    # A resumed run rewrites it too: it may have been given more rounds.
+    run_dir.write_config(dataclasses.replace(cfg, resume=False).to_flwr())
     evaluate = make_evaluator(cfg, load_eval_data(cfg, cfg.eval_data))
     # Every site trains every round (cross-silo). fraction_evaluate is unused: this
     # ServerApp evaluates centrally and never calls configure_evaluate.

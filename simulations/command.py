@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -34,6 +35,7 @@ from fedsilo.run_flags import Layer, add_run_flags, build, given, resume
 from fedsilo.server.run_dir import resume_config, run_complete
 from fedsilo.simulations.cluster import placement_line
 from fedsilo.simulations.engine import EngineConfig, check_engine
+from fedsilo.simulations.ledgers import rounds_allowed
 from fedsilo.simulations.runner import (
     max_sample_rate,
     preflight,
@@ -64,8 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default="",
         help="continue a run that was stopped (crash, kill, Ctrl-C) from its last completed "
         "round, with its recorded settings, sites and ledgers; a round in progress when it "
-        "stopped is lost (its sites spent it). --ray-address may move it to another "
-        "cluster; any other flag must repeat the recorded value",
+        "stopped is lost (its sites spent it). --rounds may add rounds where every site's "
+        "budget allows them, --ray-address may move it to another cluster; any other flag "
+        "must repeat the recorded value",
     )
     o.add_argument(
         "--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)"
@@ -230,10 +233,11 @@ def engine_from_args(args: argparse.Namespace) -> EngineConfig:
 def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, int, EngineConfig]:
     """The recorded config, site count and site resources of the run `--resume` names.
 
-    The run may go on on another Ray cluster (`--ray-address`); any other flag must
-    repeat what was recorded (run_flags.resume).
+    The run may go on on another Ray cluster (`--ray-address`) and with more rounds
+    where every virtual site's policy and budget allow them; any other flag must repeat
+    what was recorded (run_flags.resume).
     """
-    run_dir, values = resume_config(args.resume_dir)
+    run_dir, values = resume_config(args.resume_dir, rounds=args.rounds)
     sites, engine = recorded_simulation(run_dir, ray_address=args.ray_address.strip())
     recorded = RunConfig.from_flwr(values, source=f"{run_dir}/config.json")
     changed = [
@@ -253,14 +257,28 @@ def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, int, EngineCo
             "would change them. Drop it, or start a new run."
         )
     cfg = resume(recorded, Layer(given(args), "the command line"), run_dir=run_dir)
+    if cfg.rounds > recorded.rounds:
+        check_more_rounds(cfg, run_dir, sites)
     return cfg, sites, engine
+
+
+def check_more_rounds(cfg: RunConfig, run_dir: Path, sites: int) -> None:
+    """Refuse more rounds than a virtual site's policy and budget allow, before any runs."""
+    for site, most in rounds_allowed(run_dir, cfg.run_id, sites, cfg.rounds).items():
+        if most < cfg.rounds:
+            raise ConfigError(
+                f"--rounds {cfg.rounds}: {site} allows this run at most {most} round(s) (its "
+                "policy's allow-more-rounds and what remains of its budget at the noise it "
+                f"planned); resume with --rounds {most} or less."
+            )
 
 
 def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:
     """The virtual sites' policies from `--site-max-epsilon` (budgets at the run's delta).
 
-    With --dp distributed the virtual sites allow it at the run's own assumption: every
-    one of them is the user's, run by this command.
+    With --dp distributed the virtual sites allow it at the run's own assumption, and
+    they allow a resumed run more rounds within their budgets: every one of them is the
+    user's, run by this command.
     """
     distributed = cfg.dp_min_sites if cfg.distributed else 0
     if not text.strip():
@@ -269,6 +287,7 @@ def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:
                 max_epsilon=cfg.target_epsilon,
                 delta=cfg.target_delta,
                 distributed_min_sites=distributed,
+                allow_more_rounds=1,
             )
         ] * sites
     try:
@@ -283,6 +302,11 @@ def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:
     if len(budgets) == 1:
         budgets = budgets * sites
     return [
-        SitePolicy(max_epsilon=b, delta=cfg.target_delta, distributed_min_sites=distributed)
+        SitePolicy(
+            max_epsilon=b,
+            delta=cfg.target_delta,
+            distributed_min_sites=distributed,
+            allow_more_rounds=1,
+        )
         for b in budgets
     ]

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from fedsilo.clients.site_budget import rounds_that_fit
+from fedsilo.privacy import ledger
 from fedsilo.privacy.ledger import ensure_policy
 from fedsilo.privacy.policy import SitePolicy
 
@@ -30,3 +32,23 @@ def write_site_policies(run_dir: str | Path, policies: Sequence[SitePolicy]) -> 
         ensure_policy(path, f"site-{pid}", policy)
         paths.append(path)
     return paths
+
+
+def rounds_allowed(run_dir: str | Path, run: str, sites: int, rounds: int) -> dict[str, int]:
+    """Each simulated site's most rounds of run `run` (up to `rounds`): the rounds it
+    spent plus as many more as its budget fits at the noise it recorded, where its
+    policy allows more rounds (else the rounds it planned). A site that spent nothing
+    on the run yet is left out: it plans the run afresh, and checks it then."""
+    allowed = {}
+    for pid in range(sites):
+        contents = ledger.read(simulated_ledger(run_dir, pid))
+        mine = [s for s in contents.spends if s.run == run]
+        if contents.policy is None or not mine:
+            continue
+        planned = max(s.run_rounds for s in mine)
+        if not contents.policy.allow_more_rounds:
+            allowed[f"site-{pid}"] = min(rounds, planned)
+            continue
+        more = rounds_that_fit(contents.policy, contents.events(), mine[0].event, rounds)
+        allowed[f"site-{pid}"] = min(rounds, len(mine) + more)
+    return allowed

@@ -6,20 +6,25 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedsilo.cli import build_parser
+from fedsilo.clients.site_budget import SiteBudget, authorise_round
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
+from fedsilo.privacy.policy import SitePolicy
 from fedsilo.run_flags import Layer, build
 from fedsilo.server import command as server_command
 from fedsilo.simulations import command as simulate_command
+from fedsilo.simulations.ledgers import simulated_ledger, write_site_policies
+from fedsilo.task.data import load_dataset
 
 
 def stopped_simulation(tmp_path: Path, sites: int = 2, **recorded: object) -> Path:
     """A simulation run directory as a crash leaves it: config.json and simulation.json."""
     run_dir = tmp_path / "run"
-    run_dir.mkdir()
+    run_dir.mkdir(parents=True)
     cfg = RunConfig(run_id="abc", run_dir=str(run_dir), **recorded)  # type: ignore[arg-type]
     (run_dir / "config.json").write_text(json.dumps(cfg.to_flwr()))
     (run_dir / "simulation.json").write_text(json.dumps({"sites": sites}))
@@ -39,9 +44,10 @@ def test_resume_refuses_every_flag_that_changes_the_recorded_run(tmp_path: Path)
     with pytest.raises(ConfigError) as info:
         simulate_command.resume_from_args(simulate("--resume", str(run), *flags))
     message = " ".join(str(info.value).split())
-    for said in ("--rounds 3 (recorded: 6)", "--target-epsilon 8.0 (recorded: 4.0)"):
-        assert said in message
-    assert "--local-epochs 2 (recorded: 1)" in message and "rounds cannot grow" in message
+    assert "--target-epsilon 8.0 (recorded: 4.0)" in message
+    assert "--local-epochs 2 (recorded: 1)" in message
+    with pytest.raises(ConfigError, match="fewer than the 6 rounds"):
+        simulate_command.resume_from_args(simulate("--resume", str(run), "--rounds", "3"))
     # Repeating what was recorded is no change; the result is the recorded run.
     same = ("--rounds", "6", "--target-epsilon", "4", "--sites", "2", "--out", str(run))
     cfg, sites, _ = simulate_command.resume_from_args(simulate("--resume", str(run), *same))
@@ -58,6 +64,39 @@ def test_resume_refuses_every_flag_that_changes_the_recorded_run(tmp_path: Path)
         )
 
 
+def spent_rounds(run: Path, policies: list[SitePolicy], rounds: int) -> None:
+    """The virtual sites' ledgers after `rounds` rounds of the recorded run."""
+    cfg = RunConfig.from_flwr(json.loads((run / "config.json").read_text()))
+    write_site_policies(run, policies)
+    data = load_dataset("digits", "train").subset(np.arange(300))
+    for pid, policy in enumerate(policies):
+        budget = SiteBudget(simulated_ledger(run, pid), policy)
+        for r in range(1, rounds + 1):
+            authorise_round(budget, cfg, data, site=f"site-{pid}", run="abc", server_round=r)
+
+
+@pytest.mark.parametrize(
+    "policy,most",
+    [
+        (SitePolicy(max_epsilon=100.0, allow_more_rounds=1), 8),  # fits: applied
+        (SitePolicy(max_epsilon=4.0, allow_more_rounds=1), 2),  # spent its budget
+        (SitePolicy(max_epsilon=100.0), 2),  # its policy fixes a run's rounds
+    ],
+)
+def test_more_rounds_on_resume_only_where_every_site_allows_them(
+    tmp_path: Path, policy: SitePolicy, most: int
+) -> None:
+    run = stopped_simulation(tmp_path, rounds=2, target_epsilon=4.0, local_epochs=1)
+    spent_rounds(run, [SitePolicy(max_epsilon=100.0, allow_more_rounds=1), policy], rounds=1)
+    argv = ("--resume", str(run), "--rounds", "8")
+    if most == 8:
+        cfg, _, _ = simulate_command.resume_from_args(simulate(*argv))
+        assert (cfg.rounds, cfg.run_id) == (8, "abc")
+    else:
+        with pytest.raises(ConfigError, match=f"site-1 allows this run at most {most} round"):
+            simulate_command.resume_from_args(simulate(*argv))
+
+
 def test_a_changed_flag_on_resume_is_one_line_and_exit_2(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -65,10 +104,10 @@ def test_a_changed_flag_on_resume_is_one_line_and_exit_2(
 
     run = stopped_simulation(tmp_path, rounds=6)
     monkeypatch.setenv("FLWR_TELEMETRY_ENABLED", "0")
-    assert main(["simulate", "--resume", str(run), "--rounds", "9"]) == 2
+    assert main(["simulate", "--resume", str(run), "--batch-size", "9"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err
-    assert "--rounds 9 (recorded: 6)" in " ".join(err.split())
+    assert "--batch-size 9 (recorded: 64)" in " ".join(err.split())
 
 
 def test_server_start_resume_uses_the_same_rule(tmp_path: Path) -> None:
@@ -80,6 +119,21 @@ def test_server_start_resume_uses_the_same_rule(tmp_path: Path) -> None:
         )
     cfg = server_command.config_from_args(build_parser().parse_args([*server, "--rounds", "4"]), 3)
     assert (cfg.run_id, cfg.rounds, cfg.resume) == ("abc", 4, True)
+    more = server_command.config_from_args(build_parser().parse_args([*server, "--rounds", "6"]), 3)
+    assert more.rounds == 6  # the sites decide whether they train them
+    dp = stopped_simulation(
+        tmp_path / "dp",
+        dp="distributed",
+        dp_min_sites=2,
+        min_sites=2,
+        dp_max_sample_rate=0.2,
+        noise_multiplier=3.0,
+        rounds=4,
+    )
+    with pytest.raises(ConfigError, match="distributed-DP run keeps the 4 rounds"):
+        server_command.config_from_args(
+            build_parser().parse_args([*server[:-1], str(dp), "--rounds", "6"]), 3
+        )
 
 
 @pytest.mark.parametrize(

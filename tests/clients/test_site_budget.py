@@ -96,6 +96,41 @@ def test_a_run_never_trains_beyond_its_plan(tmp_path: Path) -> None:
     assert run_eps <= 4.0
 
 
+def test_more_rounds_only_where_the_policy_allows_them_and_the_budget_fits(
+    tmp_path: Path,
+) -> None:
+    """A resumed run with more rounds: the same noise and steps a round, recorded with
+    the new plan, only for a site whose policy allows it (allow-more-rounds) and only
+    as many rounds as fit its whole budget; never fewer rounds."""
+    policy = SitePolicy(max_epsilon=6.0, allow_more_rounds=1)
+    path = tmp_path / "site-a.jsonl"
+    ledger.ensure_policy(path, "site-a", policy)
+    budget = SiteBudget(path, policy)
+    cfg = RunConfig(rounds=2, local_epochs=1, accountant="rdp", target_epsilon=3.0)
+    for r in (1, 2):
+        authorise_round(budget, cfg, DIGITS, site="site-a", run="7", server_round=r)
+    # Execute: 3 rounds fit a budget of 6 at the noise calibrated for 2 rounds at 3.
+    longer = dataclasses.replace(cfg, rounds=3)
+    auth = authorise_round(budget, longer, DIGITS, site="site-a", run="7", server_round=3)
+    spends = ledger.read(path).spends
+    assert [(s.round, s.run_rounds) for s in spends] == [(1, 2), (2, 2), (3, 3)]
+    assert len({s.event for s in spends}) == 1  # the recorded noise, not a new plan
+    assert 3.0 < auth.site_epsilon <= 6.0
+    # Many more do not fit, nor do fewer; the ledger is untouched.
+    with pytest.raises(BudgetExceededError, match="extending this run to 40 rounds"):
+        authorise_round(
+            budget,
+            dataclasses.replace(cfg, rounds=40),
+            DIGITS,
+            site="site-a",
+            run="7",
+            server_round=4,
+        )
+    with pytest.raises(RoundRefused, match="never lets it shrink"):
+        authorise_round(budget, cfg, DIGITS, site="site-a", run="7", server_round=4)
+    assert len(ledger.read(path).spends) == 3
+
+
 @pytest.mark.parametrize(
     "change",
     [{"batch_size": 32}, {"local_epochs": 2}, {"max_grad_norm": 0.5}, {"target_delta": 1e-6}],

@@ -121,3 +121,36 @@ def test_distributed_dp_simulation_records_both_epsilons(
     assert main(["audit", str(tmp_path / "run")]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "assume at least 3 honest sites' noise shares" in text
+
+
+def test_a_finished_run_resumes_with_more_rounds_where_the_sites_allow_them(
+    tmp_path: Path,
+) -> None:
+    """`--resume RUN --rounds N` past the plan: applied (config.json, summary), trained at
+    the noise each site planned, recorded in every ledger; the audit passes. The virtual
+    sites' budgets (30) allow it; their run's epsilon then passes its target (8)."""
+    from fedsilo.privacy import ledger
+
+    first = simulate(tmp_path, "run", "--rounds", "1", "--site-max-epsilon", "30")
+    assert first["completed_rounds"] == 1
+    res = subprocess.run(
+        [sys.executable, "-m", "fedsilo", "simulate", "--resume", "run", "--rounds", "2", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout)
+    assert [r["round"] for r in out["rounds"]] == [1, 2] and out["planned_rounds"] == 2
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["rounds"] == 2
+    for site in out["sites"]:
+        assert 8.0 < site["epsilon"] <= 30.0
+    for path in sorted((tmp_path / "run" / "ledgers").glob("*.jsonl")):
+        spends = ledger.read(path).spends
+        assert [(s.round, s.run_rounds) for s in spends] == [(1, 1), (2, 2)]
+        assert spends[0].event == spends[1].event  # the noise planned for one round
+    audit = subprocess.run(
+        [sys.executable, "-m", "fedsilo", "audit", "run"], cwd=tmp_path, capture_output=True
+    )
+    assert audit.returncode == 0, audit.stdout
