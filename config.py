@@ -151,16 +151,26 @@ class RunConfig:
 
     def validate(self, *, source: str = "run config") -> None:
         """Raise ConfigError naming the first invalid value and the fix."""
+        self._check_task(source)
+        self._check_counts(source)
+        self._check_dp_mode(source)
+        self._check_training(source)
+        try:
+            self.partition_spec  # noqa: B018  (raises ConfigError when malformed)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc} (in {source})") from None
 
-        def bad(key: str, rule: str, value: object, fix: str = "") -> ConfigError:
-            msg = f"`{key}` must be {rule}. Found {value!r} in {source}."
-            return ConfigError(f"{msg} {fix}".strip())
-
+    def _check_task(self, source: str) -> None:
+        """The task (or the built-in dataset and model), the run id and the choices."""
         if self.task:
             module, sep, attr = self.task.partition(":")
             if not (sep and module and attr.isidentifier()):
-                raise bad(
-                    "task", "PACKAGE.MODULE:OBJECT", self.task, "E.g. breast_cancer.task:task."
+                raise _bad(
+                    source,
+                    "task",
+                    "PACKAGE.MODULE:OBJECT",
+                    self.task,
+                    "E.g. breast_cancer.task:task.",
                 )
             if self.dataset != RunConfig.dataset or self.model != RunConfig.model:
                 raise ConfigError(
@@ -168,15 +178,17 @@ class RunConfig:
                     f"`model` (found {self.dataset!r}, {self.model!r} in {source})."
                 )
         if self.run_id and not RUN_ID.fullmatch(self.run_id):
-            raise bad("run-id", "1-64 letters, digits, '-' or '_'", self.run_id)
-        if self.dataset not in DATASETS:
-            raise bad("dataset", f"one of {', '.join(DATASETS)}", self.dataset)
-        if self.model not in MODELS:
-            raise bad("model", f"one of {', '.join(MODELS)}", self.model)
-        if self.device not in DEVICES:
-            raise bad("device", f"one of {', '.join(DEVICES)}", self.device)
-        if self.accountant not in ACCOUNTANTS:
-            raise bad("accountant", f"one of {', '.join(ACCOUNTANTS)}", self.accountant)
+            raise _bad(source, "run-id", "1-64 letters, digits, '-' or '_'", self.run_id)
+        for key, value, allowed in (
+            ("dataset", self.dataset, DATASETS),
+            ("model", self.model, MODELS),
+            ("device", self.device, DEVICES),
+            ("accountant", self.accountant, ACCOUNTANTS),
+        ):
+            if value not in allowed:
+                raise _bad(source, key, f"one of {', '.join(allowed)}", value)
+
+    def _check_counts(self, source: str) -> None:
         for key, value in (
             ("rounds", self.rounds),
             ("local-epochs", self.local_epochs),
@@ -184,11 +196,24 @@ class RunConfig:
             ("min-sites", self.min_sites),
         ):
             if value < 1:
-                raise bad(key, "an integer >= 1", value)
+                raise _bad(source, key, "an integer >= 1", value)
+
+    def _check_dp_mode(self, source: str) -> None:
+        """The DP mode and the keys only distributed DP uses."""
         if self.dp not in DP_MODES:
-            raise bad("dp", "local or distributed", self.dp)
-        if self.distributed and self.dp_min_sites < 2:
-            raise bad(
+            raise _bad(source, "dp", "local or distributed", self.dp)
+        if not self.distributed:
+            for key, given in (
+                ("dp-min-sites", self.dp_min_sites),
+                ("dp-max-sample-rate", self.dp_max_sample_rate),
+                ("noise-multiplier", self.noise_multiplier),
+            ):
+                if given:
+                    raise _bad(source, key, "0 with --dp local", given)
+            return
+        if self.dp_min_sites < 2:
+            raise _bad(
+                source,
                 "dp-min-sites",
                 "an integer >= 2 with --dp distributed",
                 self.dp_min_sites,
@@ -196,16 +221,18 @@ class RunConfig:
                 "(sites that do not drop out or collude with the server); e.g. the number "
                 "of sites.",
             )
-        if self.distributed and self.min_sites < self.dp_min_sites:
-            raise bad(
+        if self.min_sites < self.dp_min_sites:
+            raise _bad(
+                source,
                 "min-sites",
                 f">= dp-min-sites ({self.dp_min_sites}) with --dp distributed",
                 self.min_sites,
                 "A round with fewer sites than the noise assumes is refused by the sites; "
                 "raise min-sites.",
             )
-        if self.distributed and self.dp_min_sites > MAX_MIN_SITES:
-            raise bad(
+        if self.dp_min_sites > MAX_MIN_SITES:
+            raise _bad(
+                source,
                 "dp-min-sites",
                 f"at most {MAX_MIN_SITES} with --dp distributed",
                 self.dp_min_sites,
@@ -213,55 +240,53 @@ class RunConfig:
                 f"{MAX_MIN_SITES} sites, so no site could verify that a sum holds more noise "
                 "shares; lower dp-min-sites.",
             )
-        if not self.distributed:
-            distributed_only: tuple[tuple[str, float], ...] = (
-                ("dp-min-sites", self.dp_min_sites),
-                ("dp-max-sample-rate", self.dp_max_sample_rate),
-                ("noise-multiplier", self.noise_multiplier),
-            )
-            for key, given in distributed_only:
-                if given:
-                    raise bad(key, "0 with --dp local", given)
-        if self.distributed and not 0 < self.dp_max_sample_rate <= 1:
-            raise bad(
+        if not 0 < self.dp_max_sample_rate <= 1:
+            raise _bad(
+                source,
                 "dp-max-sample-rate",
                 "in (0, 1] with --dp distributed",
                 self.dp_max_sample_rate,
                 "It is the largest sampling rate any site uses: batch-size / the smallest "
                 "site's examples (at most 1). The run's noise is calibrated for it.",
             )
-        if self.distributed and not (
-            self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)
-        ):
-            raise bad(
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise _bad(
+                source,
                 "noise-multiplier",
                 "a finite number >= 0 with --dp distributed (0 = not yet planned)",
                 self.noise_multiplier,
             )
+
+    def _check_training(self, source: str) -> None:
+        """The optimiser and the DP-SGD parameters every site trains with."""
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise bad("lr", "a number > 0", self.lr)
+            raise _bad(source, "lr", "a number > 0", self.lr)
         if not 0 <= self.momentum < 1:
-            raise bad("momentum", "in [0, 1)", self.momentum)
+            raise _bad(source, "momentum", "in [0, 1)", self.momentum)
         if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
-            raise bad(
+            raise _bad(
+                source,
                 "target-epsilon",
                 "a finite number > 0",
                 self.target_epsilon,
                 "Differential privacy cannot be turned off by a zero or infinite budget.",
             )
         if not 0 < self.target_delta < 1:
-            raise bad(
+            raise _bad(
+                source,
                 "target-delta",
                 "in (0, 1)",
                 self.target_delta,
                 "Use a value below 1 / (examples per site), e.g. 1e-5.",
             )
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
-            raise bad("max-grad-norm", "a finite number > 0", self.max_grad_norm)
-        try:
-            self.partition_spec  # noqa: B018  (raises ConfigError when malformed)
-        except ConfigError as exc:
-            raise ConfigError(f"{exc} (in {source})") from None
+            raise _bad(source, "max-grad-norm", "a finite number > 0", self.max_grad_norm)
+
+
+def _bad(source: str, key: str, rule: str, value: object, fix: str = "") -> ConfigError:
+    """`key` must be `rule`: the error for an invalid value, with its fix."""
+    msg = f"`{key}` must be {rule}. Found {value!r} in {source}."
+    return ConfigError(f"{msg} {fix}".strip())
 
 
 def new_run_id() -> str:
