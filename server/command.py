@@ -31,12 +31,18 @@ from typing import Any
 
 from rich.console import Console
 
+from fedsilo import flwr_adapter
 from fedsilo.config import RunConfig
+from fedsilo.console import dp_note, end_of_run_lines, quiet_logs, resume_line, summary_table
 from fedsilo.errors import ConfigError
-from fedsilo.privacy.provision import read_toml
-from fedsilo.processes import CONTROL_PORT
+from fedsilo.privacy.provision import read_server_kit, read_toml
+from fedsilo.processes import CONTROL_PORT, check_port, terminate_on_signals
 from fedsilo.run_flags import Layer, add_run_flags, build, given, resume
-from fedsilo.server.run_dir import resume_config
+from fedsilo.server.evaluate import load_eval_data
+from fedsilo.server.launcher import ServerOptions, start_server
+from fedsilo.server.run_dir import resume_config, run_complete
+from fedsilo.task.builtin import task_for
+from fedsilo.task.train import check_trainable
 
 INSECURE_WARNING = (
     "[bold red]WARNING: --insecure: no TLS and no site authentication.[/] Models, updates "
@@ -113,10 +119,6 @@ def config_from_args(args: argparse.Namespace, sites: int) -> RunConfig:
 
 def checked(cfg: RunConfig, sites: int) -> RunConfig:
     """`cfg` with eval-data absolute, once its task trains and its data loads here."""
-    from fedsilo.server.evaluate import load_eval_data
-    from fedsilo.task.builtin import task_for
-    from fedsilo.task.train import check_trainable
-
     if cfg.eval_data:
         cfg = dataclasses.replace(cfg, eval_data=str(Path(cfg.eval_data).resolve()))
     # A task that cannot train and a bad evaluation file fail now, not after sites joined.
@@ -131,14 +133,6 @@ def checked(cfg: RunConfig, sites: int) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedsilo import flwr_adapter
-    from fedsilo.console import dp_note, end_of_run_lines, quiet_logs, resume_line, summary_table
-    from fedsilo.privacy.provision import read_server_kit
-    from fedsilo.processes import check_port, terminate_on_signals
-    from fedsilo.server.launcher import ServerOptions, start_server
-    from fedsilo.server.run_dir import run_complete
-    from fedsilo.task.builtin import task_for
-
     flwr_adapter.check_flower_version()  # the launcher drives Flower 1.39's CLI and processes
     err = Console(stderr=True)
     kit = read_server_kit(args.kit, check=not args.insecure)
