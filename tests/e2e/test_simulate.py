@@ -24,6 +24,19 @@ def simulate(tmp: Path, name: str, *args: str) -> dict:  # type: ignore[type-arg
     return json.loads(res.stdout)  # stdout holds exactly one JSON object
 
 
+def resume(tmp: Path, run_dir: str, *args: str) -> dict:  # type: ignore[type-arg]
+    """`fedsilo simulate --resume RUN_DIR ARGS --json` as a shell runs it: its summary."""
+    res = subprocess.run(
+        [sys.executable, "-m", "fedsilo", "simulate", "--resume", run_dir, *args, "--json"],
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)  # type: ignore[no-any-return]
+
+
 def test_a_killed_simulation_resumes_and_its_ledgers_audit(tmp_path: Path) -> None:
     """A default simulation (3 digits sites, epsilon 8), 5 rounds. SIGKILL the whole
     simulation (driver and Ray) during round 3; `--resume` goes on
@@ -50,15 +63,7 @@ def test_a_killed_simulation_resumes_and_its_ledgers_audit(tmp_path: Path) -> No
         end_leftovers(tmp_path)  # Ray's processes are in groups of their own
     assert not leftovers(tmp_path)
     run_id = json.loads((run_dir / "config.json").read_text())["run-id"]
-    res = subprocess.run(
-        [sys.executable, "-m", "fedsilo", "simulate", "--resume", str(run_dir), "--json"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout)
+    out = resume(tmp_path, str(run_dir))
     assert out["run_id"] == run_id and out["resumed_after"][0] >= 2
     done = [r["round"] for r in out["rounds"]]
     assert sorted(done + out["lost_rounds"]) == [1, 2, 3, 4, 5] and done[-1] == 5
@@ -133,15 +138,7 @@ def test_a_finished_run_resumes_with_more_rounds_where_the_sites_allow_them(
 
     first = simulate(tmp_path, "run", "--rounds", "1", "--site-max-epsilon", "30")
     assert first["completed_rounds"] == 1
-    res = subprocess.run(
-        [sys.executable, "-m", "fedsilo", "simulate", "--resume", "run", "--rounds", "2", "--json"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(res.stdout)
+    out = resume(tmp_path, "run", "--rounds", "2")
     assert [r["round"] for r in out["rounds"]] == [1, 2] and out["planned_rounds"] == 2
     assert json.loads((tmp_path / "run" / "config.json").read_text())["rounds"] == 2
     for site in out["sites"]:
