@@ -19,11 +19,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedsilo import protocol
+from fedsilo.clients import kept_reply
 from fedsilo.clients.dp_train import DistributedResult, RoundResult, train_round
+from fedsilo.clients.kept_reply import KeptReply
 from fedsilo.clients.site_budget import Authorisation, authorise_round
 from fedsilo.clients.site_env import SiteEnvironment
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
+from fedsilo.privacy import ledger
 from fedsilo.task.features import drop_cache
 from fedsilo.task.train import non_finite
 
@@ -62,10 +65,17 @@ class LocalSiteRound(SiteRound):
     """A local-DP round: authorise, train DP-SGD locally, send the model."""
 
     def answer(self, config: ConfigRecord) -> Message:
-        """Train the round; raises PrivacyError (or ConfigError, DataError) to refuse it."""
+        """Train the round; raises PrivacyError (or ConfigError, DataError) to refuse it.
+
+        A round the site already trained and answered (its server crashed and resumed)
+        gets the same reply again, at no new spend (fedsilo.clients.kept_reply).
+        """
         arrays = self.msg.content.get(protocol.ARRAYS)
         if not isinstance(arrays, ArrayRecord):
             raise ConfigError("The server's train message carries no model arrays.")
+        again = self.resend()
+        if again is not None:
+            return again
         auth = self.authorise()
         result = train_authorised(
             self.cfg, self.site, auth, arrays.to_torch_state_dict(), self.server_round
@@ -77,7 +87,46 @@ class LocalSiteRound(SiteRound):
             log.error("train: site %s round %d: %s", self.site.name, self.server_round, why)
             return Message(Error(protocol.SITE_FAILURE_CODE, why), reply_to=self.msg)
         payload = {protocol.ARRAYS: ArrayRecord(result.state_dict)}
-        return spent_reply(self.msg, self.cfg, self.site, auth, self.server_round, result, payload)
+        reply = spent_reply(self.msg, self.cfg, self.site, auth, self.server_round, result, payload)
+        metrics = reply.content[protocol.METRICS]
+        assert isinstance(metrics, MetricRecord)
+        kept_reply.keep(
+            self.site.budget.ledger,
+            KeptReply(
+                run=self.run,
+                round=self.server_round,
+                arrays=result.state_dict,
+                metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
+                ledger_head=auth.head,
+            ),
+        )
+        return reply
+
+    def resend(self) -> Message | None:
+        """The kept reply to this round, when the ledger shows the site spent it."""
+        kept = kept_reply.kept(
+            self.site.budget.ledger, run=self.run, server_round=self.server_round
+        )
+        if kept is None:
+            return None
+        spends = ledger.read(self.site.budget.ledger).spends
+        if not any((s.run, s.round) == (self.run, self.server_round) for s in spends):
+            return None
+        log.warning(
+            "train: site %s resends its reply to round %d of run %s (a resumed server asked "
+            "again): no new spend",
+            self.site.name,
+            self.server_round,
+            self.run,
+        )
+        content = RecordDict(
+            {
+                protocol.ARRAYS: ArrayRecord(kept.arrays),
+                protocol.METRICS: MetricRecord(kept.metrics),  # type: ignore[arg-type]
+                protocol.SITE: ConfigRecord({protocol.LEDGER_HEAD: kept.ledger_head}),
+            }
+        )
+        return Message(content=content, reply_to=self.msg)
 
 
 def _unsendable(result: RoundResult) -> str:

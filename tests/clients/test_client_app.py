@@ -96,6 +96,40 @@ def test_spend_accumulates_across_rounds_and_restarts(tmp_path: Path) -> None:
     assert contents.spends[1].event == one
 
 
+def test_a_resumed_server_asking_again_gets_the_same_reply_at_no_new_spend(
+    tmp_path: Path,
+) -> None:
+    """The server crashed in round 1 after the site answered; resumed, it asks for round
+    1 again. The site resends the reply it kept (a DP release: no new spend) instead of
+    refusing a round it already spent; only its last reply is kept, readable by it alone."""
+    import torch
+
+    from fedsilo.clients.kept_reply import reply_path
+
+    cfg = RunConfig(rounds=2, accountant="rdp", run_dir=str(tmp_path))
+    write_site_policies(tmp_path, [SitePolicy(max_epsilon=8.0)])
+    path = simulated_ledger(tmp_path, 0)
+    first = sim_train(train_message(cfg, 1), sim_context(cfg))
+    lines = path.read_bytes()
+    # Execute
+    again = sim_train(train_message(cfg, 1), sim_context(cfg))
+    # Assert: the same arrays, metrics and ledger head; the ledger untouched.
+    assert path.read_bytes() == lines
+    assert dict(metrics_of(again)) == dict(metrics_of(first))
+    sent = first.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    resent = again.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    assert sent.keys() == resent.keys() and all(torch.equal(sent[k], resent[k]) for k in sent)
+    assert dict(again.content["site"]) == dict(first.content["site"])  # type: ignore[call-overload]
+    assert reply_path(path).stat().st_mode & 0o777 == 0o600
+    # Round 2 answered: round 1 is no longer kept, and asking for it again is refused.
+    metrics_of(sim_train(train_message(cfg, 2), sim_context(cfg)))
+    assert (
+        "already trained"
+        in refusal_of(sim_train(train_message(cfg, 1), sim_context(cfg)))["refused"]
+    )
+    assert [s.round for s in ledger.read(path).spends] == [1, 2]
+
+
 def test_site_at_its_budget_refuses_the_next_round(tmp_path: Path) -> None:
     # Prepare: run 1 trains round 1; then another run on the same data (another
     # process, written straight to the ledger here) spends as much as one round.
