@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fedsilo
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, FedsiloError
 from fedsilo.flwr_adapter.control import list_nodes, register_node
@@ -41,12 +42,22 @@ from fedsilo.processes import (
     spawn,
     stop,
 )
-from fedsilo.server.run_dir import FEDERATION_CA, read_metrics, write_site_names
+from fedsilo.server.records import RoundRecord, Summary
+from fedsilo.server.run_dir import (
+    FEDERATION_CA,
+    new_run_dir,
+    read_metrics,
+    read_summary,
+    write_site_names,
+)
 
 log = logging.getLogger("fedsilo.server")
 CONNECTION = "fedsilo"  # the SuperLink connection name in the private FLWR_HOME
 STARTUP_TIMEOUT_S = 60.0
-ProgressFn = Callable[[str, dict[str, Any]], None]
+# What a run reports as it goes: ("round", its metrics record) or a step of starting it
+# ("superlink", "registered", "sites") with what the console shows of it.
+Event = dict[str, Any] | RoundRecord
+ProgressFn = Callable[[str, Event], None]
 
 
 class RunFailed(FedsiloError):
@@ -69,8 +80,6 @@ class ServerOptions:
 
 def manifest() -> Path:
     """The installed fedsilo's Flower app manifest."""
-    import fedsilo
-
     return Path(fedsilo.__file__).resolve().parent / "pyproject.toml"
 
 
@@ -250,7 +259,7 @@ class Server:
                 + tail(self.run_dir / "superlink.log")
             )
 
-    def run(self, on_event: ProgressFn) -> dict[str, Any]:
+    def run(self, on_event: ProgressFn) -> Summary:
         """Submit the run, report its rounds, return summary.json's object."""
         app = write_app_dir(self.run_dir / "app")
         run_config = self.run_dir / "run-config.toml"
@@ -277,13 +286,12 @@ class Server:
                 break
             self._check_superlink()
             time.sleep(0.5)
-        summary_file = self.run_dir / "summary.json"
-        if not summary_file.exists():
+        summary = read_summary(self.run_dir)
+        if summary is None:
             raise RunFailed(
                 f"The run ended without a summary (flwr run exit code {proc.returncode}):\n"
                 + tail(self.run_dir / "run.log")
             )
-        summary: dict[str, Any] = json.loads(summary_file.read_text(encoding="utf-8"))
         return summary
 
     def stop_all(self) -> None:
@@ -293,7 +301,7 @@ class Server:
 
 def start_server(
     kit: ServerKit, cfg: RunConfig, opts: ServerOptions, *, on_event: ProgressFn
-) -> dict[str, Any]:
+) -> Summary:
     """Start the SuperLink, admit the kit's sites, run the federation; stop everything."""
     if not Path(cfg.run_dir).is_absolute():
         raise ConfigError(f"`run-dir` must be absolute for a deployed run. Found {cfg.run_dir!r}.")
@@ -301,12 +309,8 @@ def start_server(
     if cfg.resume:  # the stopped SuperLink's state (its nodes, its Flower run) is not reused
         shutil.rmtree(server.home, ignore_errors=True)
         (server.run_dir / "summary.json").unlink(missing_ok=True)
-    for used in ("metrics.jsonl", "summary.json", "flwr-home"):
-        if (server.run_dir / used).exists() and not cfg.resume:
-            raise ConfigError(
-                f"Run directory {server.run_dir} already holds a run ({used}); nothing was "
-                "started. Pick a new one with --out, or continue it with --resume."
-            )
+    else:
+        new_run_dir(server.run_dir)  # refuses a directory that holds a run
     server.run_dir.mkdir(parents=True, exist_ok=True)
     try:
         ids = server.start()

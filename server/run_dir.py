@@ -18,7 +18,9 @@ RUN_DIR/
                         against it. Copied from the server kit by `fedsilo server start`;
                         a simulation's throwaway CA (fedsilo.simulations.identities)
 
-Every JSON file is valid JSON: a non-finite number is written as null.
+Every JSON file is valid JSON: a non-finite number is written as null. metrics.jsonl,
+summary.json and progress.json hold the records of fedsilo.server.records, each with
+its schema version; their readers here refuse a version they do not know.
 """
 
 from __future__ import annotations
@@ -26,20 +28,63 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from cryptography import x509
 
-from fedsilo.errors import ConfigError
+from fedsilo.errors import ConfigError, DataError
 from fedsilo.privacy.pki import load_cert
+from fedsilo.server.records import Progress, RoundRecord, Summary, check_schema
 
 
 def default_run_dir() -> Path:
     return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+# What a run leaves in its directory from its start (a simulation's site ledgers first).
+RUN_MARKERS = (
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "progress.json",
+    "flwr-home",
+    "ledgers",
+)
+
+
+def new_run_dir(path: str | Path) -> Path:
+    """`path` made ready for a new run (created), before anything is written there:
+    `simulate` and `server start` never write into a directory that holds a run.
+
+    Raises:
+        ConfigError: it already holds a run (nothing there is touched), it or a parent
+            is a file, or it cannot be created.
+    """
+    run_dir = Path(path)
+    for used in RUN_MARKERS:
+        if (run_dir / used).exists():
+            raise ConfigError(
+                f"Run directory {run_dir} already holds a run ({used}); nothing was started "
+                "or changed. Pick a new one with --out, or continue it with --resume."
+            )
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.exists()), None)
+    if blocker is not None and not blocker.is_dir():
+        what = "" if blocker == run_dir else f": {blocker}"
+        raise ConfigError(f"Run directory {run_dir}{what} is a file. Pick another with --out.")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=run_dir):
+            pass  # writable, whoever runs this (permissions alone do not say so for root)
+    except OSError as exc:
+        raise ConfigError(
+            f"Cannot use {run_dir} as the run directory: {exc.strerror or exc}. Pick a "
+            "directory you can write with --out."
+        ) from None
+    return run_dir
 
 
 class RunDir:
@@ -66,9 +111,9 @@ class RunDir:
     def write_config(self, config: dict[str, Any]) -> None:
         _write_json_atomic(self.path / "config.json", config)
 
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        with open(self.path / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(dumps(record) + "\n")
+    def append_metrics(self, record: RoundRecord) -> None:
+        with open(self.path / METRICS_FILE, "a", encoding="utf-8") as f:
+            f.write(dumps(record.to_dict()) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -86,8 +131,8 @@ class RunDir:
     def save_final(self, state: dict[str, torch.Tensor]) -> None:
         torch.save(state, self.path / "final_model.pt")
 
-    def write_summary(self, summary: dict[str, Any]) -> None:
-        _write_json_atomic(self.path / "summary.json", summary)
+    def write_summary(self, summary: Summary) -> None:
+        _write_json_atomic(self.path / SUMMARY_FILE, summary.to_dict())
 
     def write_progress(self, progress: Progress) -> None:
         _write_json_atomic(self.path / PROGRESS_FILE, progress.to_dict())
@@ -95,7 +140,7 @@ class RunDir:
     def checkpoint(self, server_round: int) -> Path:
         return self.path / "checkpoints" / f"round-{server_round:03d}.pt"
 
-    def resume_point(self) -> tuple[Progress, list[dict[str, Any]]]:
+    def resume_point(self) -> tuple[Progress, list[RoundRecord]]:
         """Where a resumed run goes on: its progress and the rounds it completed.
 
         A round is completed when its checkpoint and its metrics line were both written
@@ -103,61 +148,102 @@ class RunDir:
         server appends to whole lines. Rounds sent but not completed are lost: the sites
         spent them (their ledgers record it) and never train them again.
         """
-        records = read_metrics(self.path)
-        file = self.path / "metrics.jsonl"
+        file = self.path / METRICS_FILE
+        lines = _metrics_lines(file)
         if file.exists():
-            whole = "".join(dumps(r) + "\n" for r in records)
+            whole = "".join(line + "\n" for line, _ in lines)
             if file.read_text(encoding="utf-8") != whole:
                 file.write_text(whole, encoding="utf-8")
-        records = [r for r in records if self.checkpoint(int(r["round"])).exists()]
+        records = [r for _, r in lines if self.checkpoint(r.round).exists()]
         progress = read_progress(self.path)
-        completed = int(records[-1]["round"]) if records else 0
+        completed = records[-1].round if records else 0
         started = max(progress.started, completed)
         lost = sorted({*progress.lost, *range(completed + 1, started + 1)})
         resumed = Progress(started=started, lost=lost, resumed=[*progress.resumed, completed])
         return resumed, records
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """The complete lines of RUN_DIR/metrics.jsonl (a line being written is skipped)."""
-    file = Path(path) / "metrics.jsonl"
-    if not file.exists():
-        return []
-    out = []
-    for line in file.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return out
-
-
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
 PROGRESS_FILE = "progress.json"
 
 
-@dataclass(frozen=True)
-class Progress:
-    """How far a run got: the last round sent, rounds lost to crashes, resume points."""
+def read_metrics(path: str | Path) -> list[RoundRecord]:
+    """The rounds of RUN_DIR/metrics.jsonl's complete lines (a line being written is skipped).
 
-    started: int = 0  # the last round whose messages the server sent (or was about to)
-    lost: list[int] = field(default_factory=list)  # sent, never completed: a crash
-    resumed: list[int] = field(default_factory=list)  # completed rounds at each resume
+    Raises:
+        DataError: a line of a schema version this fedsilo does not read, or one that
+            is JSON but no round record.
+    """
+    return [record for _, record in _metrics_lines(Path(path) / METRICS_FILE)]
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"started": self.started, "lost": self.lost, "resumed": self.resumed}
+
+def _metrics_lines(file: Path) -> list[tuple[str, RoundRecord]]:
+    """Each complete line of a metrics.jsonl with its record, up to one cut off."""
+    if not file.exists():
+        return []
+    out = []
+    for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        where = f"{file}, line {number}"
+        if not isinstance(raw, dict):
+            raise DataError(f"{where} is not a round record (a JSON object). {_DAMAGED}")
+        check_schema(raw, where)
+        try:
+            out.append((line, RoundRecord.from_dict(raw)))
+        except (KeyError, ValueError, TypeError, AttributeError) as exc:
+            raise DataError(f"{where} is not a round record ({_why(exc)}). {_DAMAGED}") from None
+    return out
 
 
 def read_progress(path: str | Path) -> Progress:
-    """RUN_DIR/progress.json (a fresh Progress when absent or unreadable)."""
+    """RUN_DIR/progress.json (a fresh Progress when absent or unreadable).
+
+    Raises:
+        DataError: it is of a schema version this fedsilo does not read.
+    """
+    file = Path(path) / PROGRESS_FILE
     try:
-        raw = json.loads((Path(path) / PROGRESS_FILE).read_text(encoding="utf-8"))
-        return Progress(
-            started=int(raw["started"]),
-            lost=[int(r) for r in raw["lost"]],
-            resumed=[int(r) for r in raw["resumed"]],
-        )
-    except (OSError, ValueError, KeyError, TypeError):
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return Progress()
+    if not isinstance(raw, dict):
+        return Progress()
+    check_schema(raw, file)
+    try:
+        return Progress.from_dict(raw)
+    except (ValueError, KeyError, TypeError):
+        return Progress()
+
+
+def read_summary(path: str | Path) -> Summary | None:
+    """RUN_DIR/summary.json (None when absent or unreadable).
+
+    Raises:
+        DataError: it is of a schema version this fedsilo does not read.
+    """
+    file = Path(path) / SUMMARY_FILE
+    try:
+        raw = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(raw, dict):
+        return None
+    check_schema(raw, file)
+    try:
+        return Summary.from_dict(raw)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+_DAMAGED = "The file is damaged or was not written by fedsilo; restore it from a copy."
+
+
+def _why(exc: Exception) -> str:
+    return f"no {exc}" if isinstance(exc, KeyError) else str(exc) or type(exc).__name__
 
 
 def resume_config(path: str | Path, *, rounds: int | None = None) -> tuple[Path, dict[str, Any]]:
@@ -180,14 +266,11 @@ def resume_config(path: str | Path, *, rounds: int | None = None) -> tuple[Path,
             f"The run in {run_dir} has no run-id (it was started by an older fedsilo), so its "
             "sites could not tell it from a new run; it cannot be resumed. Start a new run."
         )
-    try:
-        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        summary = None
+    summary = read_summary(run_dir)
     planned = int(values.get("rounds") or 0)
-    if isinstance(summary, dict) and run_complete(summary) and (rounds or 0) <= planned:
+    if summary is not None and run_complete(summary) and (rounds or 0) <= planned:
         raise ConfigError(
-            f"The run in {run_dir} already finished its {summary.get('planned_rounds')} "
+            f"The run in {run_dir} already finished its {summary.planned_rounds} "
             "round(s); there is nothing to resume. Start a new run, or resume it with "
             "--rounds N above that where its sites allow more rounds."
         )
@@ -196,10 +279,10 @@ def resume_config(path: str | Path, *, rounds: int | None = None) -> tuple[Path,
     return run_dir, values
 
 
-def run_complete(summary: dict[str, Any]) -> bool:
+def run_complete(summary: Summary) -> bool:
     """Whether a run's summary shows every planned round either completed or lost."""
-    done = int(summary.get("completed_rounds") or 0) + len(summary.get("lost_rounds") or [])
-    return not summary.get("stopped") and done >= int(summary.get("planned_rounds") or 0)
+    done = summary.completed_rounds + len(summary.lost_rounds)
+    return not summary.stopped and done >= summary.planned_rounds
 
 
 SITES_FILE = "sites.json"

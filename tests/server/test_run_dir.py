@@ -5,20 +5,23 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedsilo.server.records import FinalEvaluation, RoundRecord, Summary
 from fedsilo.server.run_dir import RunDir, read_metrics, read_site_names, write_site_names
 
 
 def test_non_finite_numbers_are_written_as_null(tmp_path: Path) -> None:
     run = RunDir(tmp_path)
-    run.append_metrics({"round": 1, "loss": float("nan"), "accuracy": float("inf"), "x": [1.5]})
-    run.write_summary({"final": {"loss": float("-inf")}, "rounds": []})
+    nan, inf = float("nan"), float("inf")
+    run.append_metrics(RoundRecord(round=1, loss=nan, accuracy=inf, max_epsilon=1.5))
+    run.write_summary(Summary(final=FinalEvaluation(loss=-inf), rounds=[]))
     line = (tmp_path / "metrics.jsonl").read_text().strip()
-    assert json.loads(line, parse_constant=lambda c: 1 / 0) == {
-        "round": 1, "loss": None, "accuracy": None, "x": [1.5]
+    raw = json.loads(line, parse_constant=lambda c: 1 / 0)
+    assert {k: raw[k] for k in ("round", "loss", "accuracy", "max_epsilon")} == {
+        "round": 1, "loss": None, "accuracy": None, "max_epsilon": 1.5
     }  # fmt: skip
     summary = json.loads((tmp_path / "summary.json").read_text(), parse_constant=lambda c: 1 / 0)
     assert summary["final"]["loss"] is None
-    assert read_metrics(tmp_path)[0]["round"] == 1
+    assert read_metrics(tmp_path)[0].round == 1
 
 
 def test_site_names_round_trip(tmp_path: Path) -> None:
@@ -37,17 +40,18 @@ def test_resume_point_counts_only_checkpointed_rounds_and_loses_the_sent_one(
     cut-off line is removed so new lines append to whole ones."""
     import torch
 
-    from fedsilo.server.run_dir import Progress, read_progress
+    from fedsilo.server.records import Progress
+    from fedsilo.server.run_dir import read_progress
 
     run = RunDir(tmp_path)
     for r in (1, 2):
         run.save_checkpoint(r, {"w": torch.zeros(1)})
-        run.append_metrics({"round": r, "accuracy": 0.5})
+        run.append_metrics(RoundRecord(round=r, accuracy=0.5, loss=0.1, max_epsilon=1.0))
     run.write_progress(Progress(started=3))
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"round": 3, "accur')
     progress, records = run.resume_point()
-    assert [r["round"] for r in records] == [1, 2]
+    assert [r.round for r in records] == [1, 2]
     assert progress == Progress(started=3, lost=[3], resumed=[2])
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
     run.write_progress(progress)
@@ -55,7 +59,7 @@ def test_resume_point_counts_only_checkpointed_rounds_and_loses_the_sent_one(
     # A metrics line without its checkpoint is not a completed round.
     (tmp_path / "checkpoints" / "round-002.pt").unlink()
     progress, records = run.resume_point()
-    assert [r["round"] for r in records] == [1] and progress.lost == [2, 3]
+    assert [r.round for r in records] == [1] and progress.lost == [2, 3]
 
 
 def test_only_a_stopped_fedsilo_run_with_a_run_id_can_be_resumed(tmp_path: Path) -> None:

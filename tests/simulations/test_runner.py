@@ -51,3 +51,27 @@ def test_only_distributed_runs_give_their_sites_identities(
     with pytest.raises(EngineStarted):
         run_simulation(resumed, sites=3)
     assert {p.name: p.read_bytes() for p in identities.iterdir()} == before
+
+
+def test_simulation_json_carries_its_schema_and_a_newer_one_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from fedsilo.errors import DataError
+    from fedsilo.flwr_adapter import engine
+    from fedsilo.simulations.runner import SIMULATION_FILE, recorded_simulation
+
+    def started(**_: object) -> None:
+        raise EngineStarted("engine")
+
+    monkeypatch.setattr(engine, "run_simulation", started)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    with pytest.raises(EngineStarted):
+        run_simulation(RunConfig(run_dir=str(run_dir)), sites=2)
+    record = json.loads((run_dir / SIMULATION_FILE).read_text())
+    assert record["schema"] == 1 and recorded_simulation(run_dir)[0] == 2
+    (run_dir / SIMULATION_FILE).write_text(json.dumps({**record, "schema": 2}))
+    with pytest.raises(DataError, match=r"simulation\.json has schema version 2.*newer fedsilo"):
+        recorded_simulation(run_dir)
