@@ -1,7 +1,8 @@
 """The server's side of a local-DP round: send the global model, FedAvg the DP updates.
 
-Each site trains its own DP-SGD round and sends its model; SiteReports validates the
-replies and the wrapped FedAvg averages them (fedsilo.server.strategy). The
+Each site trains its own DP-SGD round and sends its model; the reply book validates
+the replies (fedsilo.server.replies) and SiteReports' wrapped FedAvg averages them at
+bounded weights (fedsilo.server.strategy). The
 distributed-DP round (fedsilo.server.secure_round.SecureRounds) has the same face:
 `run_round`, the optimizer state `velocity` the run directory keeps for --resume, and
 `stage_seconds`, the last round's time per protocol stage that metrics.jsonl records.

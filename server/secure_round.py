@@ -1,15 +1,15 @@
 """The server's side of a distributed-DP round: SecAgg+ over Flower messages, then one step.
 
 `SecureRounds.run_round` drives the five stages of fedsilo.privacy.secagg through the
-Grid (`SecureRound`, one method per stage, named as in Bonawitz et al.), keeping
-SiteReports' books (failures, refusals, reports) for every stage. What this code ever
-holds of a site: its signed public keys and certificate, its encrypted shares
-(addressed to other sites), its masked vector (uniform noise without the masks), its
-signature on the round's view and its public metrics; after unmasking, only the sum
-over the sites that survived. It then takes one SGD step (with momentum,
-post-processing) on the global model: the decoded sum divided by the run's expected
-pooled batch, once the sum's norm is within what clipped, noised sites can send,
-a bound computed from the run config alone (never from what sites report).
+Grid (`SecureRound`, one method per stage, named as in Bonawitz et al.), keeping the
+reply book's records (failures, refusals, reports: fedsilo.server.replies) for every
+stage. What this code ever holds of a site: its signed public keys and certificate,
+its encrypted shares (addressed to other sites), its masked vector (uniform noise
+without the masks), its signature on the round's view and its public metrics; after
+unmasking, only the sum over the sites that survived. It then takes one SGD step
+(with momentum, post-processing) on the global model: the decoded sum divided by the
+run's expected pooled batch, once the sum's norm is within what clipped, noised sites
+can send, a bound computed from the run config alone (never from what sites report).
 
 Sites check everything this server sends (fedsilo.privacy.secagg_site); the server
 checks what sites send too, so that one hostile site's bad keys or shares cost the
@@ -56,7 +56,8 @@ from fedsilo.privacy.secagg import (
     view_message,
 )
 from fedsilo.server.local_round import Exchange
-from fedsilo.server.strategy import InvalidReply, SiteReports
+from fedsilo.server.replies import InvalidReply, SiteReport
+from fedsilo.server.strategy import SiteReports
 
 log = logging.getLogger("fedsilo.server")
 Keys = tuple[bytes, bytes, bytes, bytes]  # a site's signed keys: c, s, signature, certificate
@@ -96,10 +97,9 @@ class SecureRounds:
         except (SecAggError, PrivacyError, ValueError) as exc:
             log.error("secure round %d: the sum cannot be used: %s", server_round, exc)
             return None
-        active = sorted(rnd.active)
-        self.strategy.last_round_sites = sorted(self.strategy.site_name(n) for n in active)
-        log.info("secure round %d: %d sites; %s", server_round, len(active), rnd.clock)
-        batch = expected_pooled_batch(batch_size=self.cfg.batch_size, sites=len(active))
+        self.strategy.book.took_part(rnd.active)
+        log.info("secure round %d: %d sites; %s", server_round, len(rnd.active), rnd.clock)
+        batch = expected_pooled_batch(batch_size=self.cfg.batch_size, sites=len(rnd.active))
         return ArrayRecord(self._step(rnd.state, batch, grad))
 
     def _step(
@@ -122,7 +122,7 @@ class SecureRound:
 
     def __init__(self, rounds: SecureRounds, grid: Grid, server_round: int, arrays: ArrayRecord):
         self.rounds, self.grid, self.server_round, self.arrays = rounds, grid, server_round, arrays
-        self.cfg, self.st = rounds.cfg, rounds.strategy
+        self.cfg, self.book = rounds.cfg, rounds.strategy.book
         self.tag = round_tag(rounds.run, server_round)
         self.clock = _Clock()
         self.state = arrays.to_torch_state_dict()
@@ -143,7 +143,9 @@ class SecureRound:
 
     def advertise_keys(self) -> bool:
         """Each site's signed keys: sent with its last unmask answer, else asked for now."""
-        sent = self.st.configure_train(self.server_round, self.arrays, ConfigRecord(), self.grid)
+        sent = self.rounds.strategy.configure_train(
+            self.server_round, self.arrays, ConfigRecord(), self.grid
+        )
         nodes = sorted(m.metadata.dst_node_id for m in sent)
         early = self.rounds.advertised[1] if self.rounds.advertised[0] == self.server_round else {}
         self.rounds.advertised = (0, {})
@@ -166,16 +168,16 @@ class SecureRound:
         c, s = _bytes(rec, protocol.KEY_C), _bytes(rec, protocol.KEY_S)
         sig, cert = _bytes(rec, protocol.SIGNATURE), _bytes(rec, protocol.CERT)
         if not (len(c) == len(s) == KEY_BYTES and sig and cert):
-            self.st.fail(node, self.server_round, "invalid reply: no signed 32-byte keys")
+            self.book.fail(node, self.server_round, "invalid reply: no signed 32-byte keys")
             return None
         tag = round_tag(self.rounds.run, server_round)
         try:
             name = self.rounds.verify(cert, keys_message(tag, node, c, s), sig)
         except PrivacyError as exc:
-            self.st.fail(node, self.server_round, f"invalid reply: keys not signed: {exc}")
+            self.book.fail(node, self.server_round, f"invalid reply: keys not signed: {exc}")
             return None
-        if name != self.st.site_name(node):
-            self.st.fail(
+        if name != self.book.site_name(node):
+            self.book.fail(
                 node,
                 self.server_round,
                 f"invalid reply: keys signed as site {name!r}, not this node's site",
@@ -201,7 +203,7 @@ class SecureRound:
         for node, rec in replies.items():
             dsts, blobs = _list(rec, protocol.DESTINATIONS), _list(rec, protocol.CIPHERTEXTS)
             if len(dsts) != len(blobs) or set(dsts) != set(self.graph[node]) - {node}:
-                self.st.fail(
+                self.book.fail(
                     node, self.server_round, "invalid reply: shares not for its neighbours"
                 )
                 continue
@@ -224,24 +226,36 @@ class SecureRound:
         replies = self._send(protocol.MASKED_INPUT, asks, self.arrays)
         for node, msg in replies.items():
             try:
-                report = self.st.accept_report(node, self.server_round, msg)
-                record = msg.content.get(protocol.SECAGG)
-                if not isinstance(record, ConfigRecord):
-                    raise InvalidReply(f"no `{protocol.SECAGG}` record")
-                vec = decode_vector(record.get(protocol.MASKED), self.dim)
-                partners = _list(record, protocol.PARTNERS)
-                if not set(partners) <= set(asks[node][protocol.SOURCES]):
-                    raise InvalidReply("its partners are not sites it was sent shares of")
+                report, vec, partners = self._masked_input(node, msg, asks[node])
             except (InvalidReply, SecAggError) as exc:
-                self.st.fail(node, self.server_round, f"invalid reply: {exc}")
+                self.book.fail(node, self.server_round, f"invalid reply: {exc}")
                 continue
-            self.st.reports[report.site] = report
+            self.book.accept(report)
             self.masked[node] = vec
-            self.partners[node] = [int(p) for p in partners]
+            self.partners[node] = partners
         self.active = survivors(self.masked, self.partners, self.graph)
         for node in sorted(set(self.masked) - self.active):
-            self.st.fail(node, self.server_round, "its shares did not open at another site")
+            self.book.fail(node, self.server_round, "its shares did not open at another site")
         return self._enough(self.active, protocol.MASKED_INPUT)
+
+    def _masked_input(
+        self, node: int, msg: Message, ask: Mapping[str, Any]
+    ) -> tuple[SiteReport, np.ndarray, list[int]]:
+        """A site's masked input: its public report, masked vector and partners.
+
+        Raises:
+            InvalidReply, SecAggError: any is missing or malformed, or a partner is not a
+                site it was sent shares of (`ask`).
+        """
+        report = self.book.report_of(node, self.server_round, msg)
+        record = msg.content.get(protocol.SECAGG)
+        if not isinstance(record, ConfigRecord):
+            raise InvalidReply(f"no `{protocol.SECAGG}` record")
+        vec = decode_vector(record.get(protocol.MASKED), self.dim)
+        partners = _list(record, protocol.PARTNERS)
+        if not set(partners) <= set(ask[protocol.SOURCES]):
+            raise InvalidReply("its partners are not sites it was sent shares of")
+        return report, vec, [int(p) for p in partners]
 
     # ------------------------------------------------------------ 3. consistency check
 
@@ -255,7 +269,7 @@ class SecureRound:
             try:
                 self.rounds.verify(self.keys[node][3], message, sig)
             except PrivacyError as exc:
-                self.st.fail(node, self.server_round, f"invalid reply: view not signed: {exc}")
+                self.book.fail(node, self.server_round, f"invalid reply: view not signed: {exc}")
                 continue
             self.signatures[node] = sig
         return self._enough(self.signatures, protocol.CONSISTENCY)
@@ -272,7 +286,7 @@ class SecureRound:
             if owners and len(owners) == len(blobs):
                 self.shares[node] = {int(o): bytes(b) for o, b in zip(owners, blobs, strict=True)}
             else:
-                self.st.fail(node, self.server_round, "invalid reply: no shares")
+                self.book.fail(node, self.server_round, "invalid reply: no shares")
                 continue
             if self.server_round < self.cfg.rounds and protocol.KEY_C in rec:
                 keys = self._signed_keys(node, rec, self.server_round + 1)
@@ -338,7 +352,7 @@ class SecureRound:
                 content[protocol.ARRAYS] = arrays
             out.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
         replies = self.rounds.exchange(self.grid, out)
-        usable = self.st.stage_replies(self.server_round, out, replies)
+        usable = self.book.stage_replies(self.server_round, out, replies)
         self.clock.laps[stage] = time.monotonic() - t0
         self.clock.last = time.monotonic()
         return usable
@@ -351,7 +365,7 @@ class SecureRound:
             if isinstance(rec, ConfigRecord):
                 records[node] = rec
             else:
-                self.st.fail(node, self.server_round, f"invalid reply: no `{protocol.SECAGG}`")
+                self.book.fail(node, self.server_round, f"invalid reply: no `{protocol.SECAGG}`")
         return records
 
 

@@ -15,7 +15,6 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, Context, Message
@@ -28,7 +27,8 @@ from fedsilo.privacy.distributed import check_run_noise
 from fedsilo.privacy.identity import verify_signed
 from fedsilo.server.evaluate import Evaluator, global_model, load_eval_data, make_evaluator
 from fedsilo.server.local_round import Exchange, LocalRounds
-from fedsilo.server.run_dir import Progress, RunDir, default_run_dir, read_site_names
+from fedsilo.server.records import FinalEvaluation, Progress, RoundRecord, SiteSummary, Summary
+from fedsilo.server.run_dir import RunDir, default_run_dir, read_site_names
 from fedsilo.server.secure_round import SecureRounds
 from fedsilo.server.strategy import SiteReports
 from fedsilo.task.builtin import task_for
@@ -55,6 +55,48 @@ def main(grid: Grid, context: Context) -> None:
     # A resumed run rewrites it too: it may have been given more rounds.
     run_dir.write_config(dataclasses.replace(cfg, resume=False).to_flwr())
     evaluate = make_evaluator(cfg, load_eval_data(cfg, cfg.eval_data))
+    strategy = site_reports(cfg, run_dir, rounds)
+    arrays = starting_model(cfg, run_dir, rounds, progress)
+    rounds_of = round_protocol(
+        cfg,
+        run_dir,
+        run=cfg.run_id or str(context.run_id),
+        strategy=strategy,
+        exchange=lambda g, msgs: exchange(g, msgs, timeout=ROUND_TIMEOUT_S),
+    )
+    if rounds:  # resumed: the server's optimizer state (distributed DP's momentum) goes on too
+        rounds_of.velocity = run_dir.momentum(rounds[-1].round)
+    stopped = ""
+    for server_round in range(progress.started + 1, cfg.rounds + 1):
+        # Written before the round is sent: a resumed run never asks sites to train a
+        # round they may already have spent budget on.
+        progress = dataclasses.replace(progress, started=server_round)
+        run_dir.write_progress(progress)
+        outcome = play_round(grid, server_round, arrays, rounds_of, strategy, cfg, evaluate)
+        if isinstance(outcome, str):  # never checkpoint, report or continue from it
+            stopped = f"round {server_round}: {outcome}"
+            log.error("main: %s; stopping", stopped)
+            break
+        arrays, record = outcome
+        keep_round(run_dir, arrays, record, rounds_of.velocity)
+        rounds.append(record)
+    run_dir.save_final(arrays.to_torch_state_dict())
+    summary = build_summary(
+        rounds, strategy, str(run_dir.path), cfg.rounds, task=task_for(cfg).name
+    )
+    run_dir.write_summary(
+        dataclasses.replace(
+            summary,
+            run_id=cfg.run_id or str(context.run_id),
+            lost_rounds=progress.lost,
+            resumed_after=progress.resumed,
+            stopped=stopped or None,
+        )
+    )
+
+
+def site_reports(cfg: RunConfig, run_dir: RunDir, rounds: list[RoundRecord]) -> SiteReports:
+    """The run's aggregation (FedAvg over the reply book), as the completed `rounds` left it."""
     # Every site trains every round (cross-silo). fraction_evaluate is unused: this
     # ServerApp evaluates centrally and never calls configure_evaluate.
     strategy = SiteReports(
@@ -67,8 +109,15 @@ def main(grid: Grid, context: Context) -> None:
         names=lambda: read_site_names(run_dir.path),
     )
     strategy.restore(rounds)
+    return strategy
+
+
+def starting_model(
+    cfg: RunConfig, run_dir: RunDir, rounds: list[RoundRecord], progress: Progress
+) -> ArrayRecord:
+    """The global model the run starts from: a resumed run's last completed checkpoint."""
     if rounds:  # resumed: from the last completed round's checkpoint
-        state = torch.load(run_dir.checkpoint(rounds[-1]["round"]), weights_only=True)
+        state = torch.load(run_dir.checkpoint(rounds[-1].round), weights_only=True)
     else:
         state = global_model(cfg).state_dict()
     if cfg.resume:
@@ -79,57 +128,51 @@ def main(grid: Grid, context: Context) -> None:
             progress.resumed[-1],
             progress.lost or "none",
         )
-    arrays = ArrayRecord(state)
-    rounds_of = round_protocol(
-        cfg,
-        run_dir,
-        run=cfg.run_id or str(context.run_id),
-        strategy=strategy,
-        exchange=lambda g, msgs: exchange(g, msgs, timeout=ROUND_TIMEOUT_S),
+    return ArrayRecord(state)
+
+
+def play_round(
+    grid: Grid,
+    server_round: int,
+    arrays: ArrayRecord,
+    rounds_of: LocalRounds | SecureRounds,
+    strategy: SiteReports,
+    cfg: RunConfig,
+    evaluate: Evaluator,
+) -> tuple[ArrayRecord, RoundRecord] | str:
+    """One round from `arrays`: its new global model and timed metrics record.
+
+    Returns why the run must stop instead when the round cannot be used (close_round).
+    """
+    t0 = time.monotonic()
+    new_arrays = rounds_of.run_round(grid, server_round, arrays)
+    outcome = close_round(server_round, new_arrays, strategy, cfg, evaluate)
+    if isinstance(outcome, str):
+        return outcome
+    new_arrays, record = outcome
+    record = dataclasses.replace(
+        record,
+        seconds=time.monotonic() - t0,
+        # where a distributed round's time went
+        stage_seconds=dict(rounds_of.stage_seconds) or None,
     )
-    if rounds:  # resumed: the server's optimizer state (distributed DP's momentum) goes on too
-        rounds_of.velocity = run_dir.momentum(rounds[-1]["round"])
-    stopped = ""
-    for server_round in range(progress.started + 1, cfg.rounds + 1):
-        t0 = time.monotonic()
-        # Written before the round is sent: a resumed run never asks sites to train a
-        # round they may already have spent budget on.
-        progress = dataclasses.replace(progress, started=server_round)
-        run_dir.write_progress(progress)
-        new_arrays = rounds_of.run_round(grid, server_round, arrays)
-        outcome = close_round(server_round, new_arrays, strategy, cfg, evaluate)
-        if isinstance(outcome, str):  # never checkpoint, report or continue from it
-            stopped = f"round {server_round}: {outcome}"
-            log.error("main: %s; stopping", stopped)
-            break
-        arrays, record = outcome
-        record["seconds"] = time.monotonic() - t0
-        if rounds_of.stage_seconds:  # where a distributed round's time went
-            record["stage_seconds"] = dict(rounds_of.stage_seconds)
-        run_dir.save_checkpoint(server_round, arrays.to_torch_state_dict())
-        if rounds_of.velocity is not None:
-            run_dir.save_momentum(server_round, rounds_of.velocity)
-        run_dir.append_metrics(record)  # after the checkpoint: a metrics line means resumable
-        rounds.append(record)
-        log.info(
-            "main: round %d: accuracy %.4f loss %.4f max epsilon %.3f",
-            server_round,
-            record["accuracy"],
-            record["loss"],
-            record["max_epsilon"],
-        )
-    run_dir.save_final(arrays.to_torch_state_dict())
-    summary = build_summary(
-        rounds, strategy, str(run_dir.path), cfg.rounds, task=task_for(cfg).name
-    )
-    run_dir.write_summary(
-        {
-            **summary,
-            "run_id": cfg.run_id or str(context.run_id),
-            "lost_rounds": progress.lost,
-            "resumed_after": progress.resumed,
-            "stopped": stopped or None,
-        }
+    return new_arrays, record
+
+
+def keep_round(
+    run_dir: RunDir, arrays: ArrayRecord, record: RoundRecord, velocity: torch.Tensor | None
+) -> None:
+    """Checkpoint a completed round (model, optimizer state), then write its metrics line."""
+    run_dir.save_checkpoint(record.round, arrays.to_torch_state_dict())
+    if velocity is not None:
+        run_dir.save_momentum(record.round, velocity)
+    run_dir.append_metrics(record)  # after the checkpoint: a metrics line means resumable
+    log.info(
+        "main: round %d: accuracy %.4f loss %.4f max epsilon %.3f",
+        record.round,
+        record.accuracy,
+        record.loss,
+        record.max_epsilon,
     )
 
 
@@ -174,11 +217,17 @@ def close_round(
     strategy: SiteReports,
     cfg: RunConfig,
     evaluate: Evaluator,
-) -> tuple[ArrayRecord, dict[str, Any]] | str:
+) -> tuple[ArrayRecord, RoundRecord] | str:
     """The round's new global model and metrics record, or why the run must stop."""
     participants = strategy.last_round_sites
-    if new_arrays is None or len(participants) < cfg.min_sites:
+    if len(participants) < cfg.min_sites:
         return f"{len(participants)} usable repl(ies), fewer than min-sites={cfg.min_sites}"
+    if new_arrays is None:  # enough sites (or an earlier round's: a secure round that
+        # stopped at a stage names none of its own), but nothing that could be aggregated
+        return (
+            f"no update of round {server_round} could be aggregated (min-sites="
+            f"{cfg.min_sites}); the sites' failures and refusals above say why"
+        )
     state = new_arrays.to_torch_state_dict()
     if non_finite(state):
         return "the aggregated model is not finite (NaN or infinity)"
@@ -188,56 +237,53 @@ def close_round(
         return f"central evaluation is not finite (loss {loss}, accuracy {accuracy})"
     failures = [f for f in strategy.failures if f.round == server_round]
     refusals = [r for r in strategy.refusals if r.round == server_round]
-    record: dict[str, Any] = {
-        "round": server_round,
-        "accuracy": accuracy,
-        "loss": loss,
-        **({"metrics": result.extra} if result.extra else {}),
-        "max_epsilon": max(strategy.reports[s].epsilon for s in participants),
-        "reports": {s: strategy.reports[s].to_record() for s in participants},
-        "sites": participants,
-        "failed": [f.site for f in failures],
-        "refused": [r.site for r in refusals],
-        "reasons": {
+    record = RoundRecord(
+        round=server_round,
+        accuracy=accuracy,
+        loss=loss,
+        metrics=dict(result.extra) or None,
+        max_epsilon=max(strategy.reports[s].epsilon for s in participants),
+        reports={s: strategy.reports[s].to_record() for s in participants},
+        sites=list(participants),
+        failed=[f.site for f in failures],
+        refused=[r.site for r in refusals],
+        reasons={
             **{f.site: f.reason for f in failures},
             **{r.site: r.reason for r in refusals},
         },
-    }
+    )
     return new_arrays, record
 
 
 def build_summary(
-    rounds: list[dict[str, Any]],
+    rounds: list[RoundRecord],
     strategy: SiteReports,
     run_dir: str,
     planned_rounds: int,
     task: str = "",
-) -> dict[str, Any]:
-    """The object `fedsilo simulate --json` prints and summary.json holds."""
-    last = rounds[-1] if rounds else {"accuracy": None, "loss": None}
-    keys = ("round", "accuracy", "loss", "metrics", "max_epsilon")
-    return {
-        "task": task,
-        "rounds": [{k: r[k] for k in keys if k in r} for r in rounds],
-        "final": {k: last[k] for k in ("accuracy", "loss", "metrics") if k in last},
-        "sites": [
-            {
-                "site": r.site,
-                "examples": r.examples,
-                "epsilon": r.epsilon,
-                "delta": r.delta,
-                "target_epsilon": r.target_epsilon,
-                "ledger_head": r.ledger_head,
-            }
+) -> Summary:
+    """What `fedsilo simulate --json` prints and summary.json holds (less how the run ended)."""
+    final = FinalEvaluation()
+    if rounds:  # the last completed round's evaluation
+        final = FinalEvaluation(rounds[-1].accuracy, rounds[-1].loss, rounds[-1].metrics)
+    return Summary(
+        task=task,
+        rounds=[r.result() for r in rounds],
+        final=final,
+        sites=[
+            SiteSummary(
+                site=r.site,
+                examples=r.examples,
+                epsilon=r.epsilon,
+                delta=r.delta,
+                target_epsilon=r.target_epsilon,
+                ledger_head=r.ledger_head,
+            )
             for r in sorted(strategy.reports.values(), key=lambda r: r.site)
         ],
-        "failures": [
-            {"site": f.site, "round": f.round, "reason": f.reason} for f in strategy.failures
-        ],
-        "refusals": [
-            {"site": r.site, "round": r.round, "reason": r.reason} for r in strategy.refusals
-        ],
-        "completed_rounds": len(rounds),
-        "planned_rounds": planned_rounds,
-        "run_dir": run_dir,
-    }
+        failures=list(strategy.failures),
+        refusals=list(strategy.refusals),
+        completed_rounds=len(rounds),
+        planned_rounds=planned_rounds,
+        run_dir=run_dir,
+    )

@@ -40,3 +40,25 @@ def test_an_unplanned_or_underplanned_distributed_run_stops_before_it_starts(
     with pytest.raises(PrivacyError, match=needle):
         main(grid=None, context=context(cfg))  # type: ignore[arg-type]
     assert not (tmp_path / "run").exists()  # no run directory, nothing sent
+
+
+@pytest.mark.parametrize(
+    ("sites", "needle"),
+    [
+        (["site-0"], "1 usable repl(ies), fewer than min-sites=2"),
+        # Enough sites, but no update: never "2 ..., fewer than min-sites=2" (issue 26).
+        (["site-0", "site-1"], "no update of round 3 could be aggregated (min-sites=2)"),
+    ],
+)
+def test_why_a_round_stops_is_what_happened(sites: list[str], needle: str) -> None:
+    from types import SimpleNamespace
+
+    from fedsilo.server.server_app import close_round
+
+    def never(state: object) -> object:
+        raise AssertionError("a round without an update is not evaluated")
+
+    strategy = SimpleNamespace(last_round_sites=sites)
+    why = close_round(3, None, strategy, RunConfig(min_sites=2), never)  # type: ignore[arg-type]
+    assert why == needle or (isinstance(why, str) and why.startswith(needle))
+    assert "fewer than" not in why or len(sites) < 2

@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsilo import protocol
 from fedsilo.privacy.refusal import REFUSAL_CODE, refusal_reason
+from fedsilo.server.records import RoundRecord
 from fedsilo.server.server_app import build_summary
 from fedsilo.server.strategy import WEIGHT_CAP_RATIO, Refusal, SiteReports
 
@@ -99,7 +100,7 @@ def test_refusal_is_logged_and_the_others_aggregate(caplog: pytest.LogCaptureFix
     assert s.refusals == [Refusal("site-b", 3, "over its budget")]
     assert s.failures == []
     assert "site site-b refused: over its budget" in caplog.text
-    summary = build_summary([], s, "run", 3)
+    summary = build_summary([], s, "run", 3).to_dict()
     assert summary["refusals"] == [{"site": "site-b", "round": 3, "reason": "over its budget"}]
     assert summary["sites"][0]["ledger_head"] == "f" * 64
     assert set(summary["sites"][0]) == {
@@ -202,13 +203,16 @@ def test_a_resumed_server_keeps_commitments_reports_and_failures() -> None:
     a site's first count stays its commitment, so a resume cannot reset it."""
     s = strategy()
     aggregate(s, [sized(11, 0.0, 10), sized(12, 0.0, 10), sized(13, 0.0, 10)])
-    record = {
-        "round": 1,
-        "reports": {site: s.reports[site].to_record() for site in s.last_round_sites},
-        "failed": ["site-d"],
-        "refused": [],
-        "reasons": {"site-d": "no reply before the round timeout"},
-    }
+    record = RoundRecord(
+        round=1,
+        accuracy=0.5,
+        loss=1.0,
+        max_epsilon=1.0,
+        reports={site: s.reports[site].to_record() for site in s.last_round_sites},
+        failed=["site-d"],
+        refused=[],
+        reasons={"site-d": "no reply before the round timeout"},
+    )
     resumed = strategy()
     resumed.restore([record])
     assert resumed.reports == s.reports and resumed.committed == s.committed
