@@ -15,6 +15,7 @@ traceback; `--debug` keeps the traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,7 @@ from rich.markup import escape
 
 from fedsilo import __version__
 from fedsilo.errors import FedsiloError
+from fedsilo.flwr_adapter import disable_telemetry
 
 # Modules providing `register(subparsers)`; each adds one subcommand with `func` set.
 COMMANDS = (
@@ -36,8 +38,6 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import importlib
-
     parser = argparse.ArgumentParser(
         prog="fedsilo",
         description="Privacy-preserving federated learning across data-center sites: "
@@ -53,8 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from fedsilo.flwr_adapter import disable_telemetry
-
     disable_telemetry()  # before any Flower code runs here or in a child (Ray included)
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -26,6 +26,7 @@ RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # The most noise shares distributed DP may assume: the largest SecAgg+ neighbourhood a
 # sparse graph guarantees (fedsilo.privacy.secagg); a larger dp-min-sites could never be met.
 MAX_MIN_SITES = 63
+MAX_SEED = 2**63 - 1  # seeds NumPy (>= 0) and torch (a 64-bit integer) both take
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,10 @@ class RunConfig:
     def validate(self, *, source: str = "run config") -> None:
         """Raise ConfigError naming the first invalid value and the fix."""
         self._check_task(source)
-        self._check_counts(source)
+        # The DP mode first: with --dp distributed min-sites defaults to dp-min-sites, so
+        # a bad dp-min-sites is named as itself, not as min-sites.
         self._check_dp_mode(source)
+        self._check_counts(source)
         self._check_training(source)
         try:
             self.partition_spec  # noqa: B018  (raises ConfigError when malformed)
@@ -197,6 +200,8 @@ class RunConfig:
         ):
             if value < 1:
                 raise _bad(source, key, "an integer >= 1", value)
+        if not 0 <= self.seed <= MAX_SEED:  # what NumPy's and torch's generators accept
+            raise _bad(source, "seed", f"an integer in 0..{MAX_SEED}", self.seed)
 
     def _check_dp_mode(self, source: str) -> None:
         """The DP mode and the keys only distributed DP uses."""
@@ -287,6 +292,13 @@ def _bad(source: str, key: str, rule: str, value: object, fix: str = "") -> Conf
     """`key` must be `rule`: the error for an invalid value, with its fix."""
     msg = f"`{key}` must be {rule}. Found {value!r} in {source}."
     return ConfigError(f"{msg} {fix}".strip())
+
+
+def check_port(port: int, *, flag: str) -> int:
+    """`port` when it is a TCP port a server can listen on and a site can dial (1..65535)."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"`{flag}` must be a port number in 1..65535. Found {port}.")
+    return port
 
 
 def new_run_id() -> str:

@@ -9,6 +9,7 @@ free, and does the server speak TLS with a certificate the federation CA signed.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -23,7 +24,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 
+from fedsilo.config import check_port
 from fedsilo.errors import ConfigError, FedsiloError
+from fedsilo.flwr_adapter import TELEMETRY_OFF
 
 log = logging.getLogger("fedsilo.processes")
 STOP_GRACE_S = 10.0  # SIGTERM, then SIGKILL after this long
@@ -54,8 +57,6 @@ def child_env(**extra: str) -> dict[str, str]:
     """This environment, with this Python's bin directory first on PATH (Flower's
     SuperLink and SuperNode start `flower-superexec`/`flwr-*app` by name) and Flower's
     telemetry off (fedsilo.flwr_adapter.disable_telemetry)."""
-    from fedsilo.flwr_adapter import TELEMETRY_OFF
-
     path = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     return {**os.environ, "PATH": path, **extra, **TELEMETRY_OFF}
 
@@ -84,8 +85,6 @@ def _die_with_parent() -> None:
     """In the child, before exec: on Linux, get SIGTERM when the launcher dies, even by
     SIGKILL, so a SuperLink/SuperNode never outlives the `fedsilo` process that owns it."""
     if sys.platform.startswith("linux"):
-        import ctypes
-
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
@@ -147,13 +146,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def check_port(port: int, *, flag: str) -> int:
-    """`port` when it is a TCP port a server can listen on and a site can dial (1..65535)."""
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"`{flag}` must be a port number in 1..65535. Found {port}.")
-    return port
 
 
 def split_address(address: str) -> tuple[str, int]:

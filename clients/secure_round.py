@@ -1,16 +1,18 @@
-"""A site's side of a distributed-DP round: the five SecAgg+ stages. Translates messages only.
+"""A site's side of a distributed-DP round: the five SecAgg+ stages, one method each.
 
 fedsilo.clients.client_app hands a train message here when the run's `dp` is
 distributed. `SecureSiteRound` answers each stage with the matching method of
-fedsilo.privacy.secagg_site.SecAggSite (the checks live there) and keeps that object
-between messages in the ClientApp's context state, which stays on the site (its
-SuperNode's memory; a simulated node's context). The noise is
-fedsilo.privacy.distributed's. Order within the masked-input stage, so that nothing is
-spent on a round that could not be released:
+fedsilo.privacy.secagg_site.SecAggSite (the protocol's checks live there) and keeps that
+object between messages in the ClientApp's context state, which stays on the site (its
+SuperNode's memory; a simulated node's context). Advertising keys first refuses a run
+the site's policy does not allow. Order within the masked-input stage, so that nothing
+is spent on a round that could not be released:
   1. open every share this site was sent (a neighbour whose share does not open is
-     dropped) and refuse when fewer verified sites than dp-min-sites are left;
-  2. authorise the round: policy, plan and budget checks, then the spend is written
-     to the ledger (fedsilo.clients.site_budget);
+     dropped) and refuse when fewer verified sites than max(threshold, dp-min-sites)
+     are left;
+  2. authorise the round: policy, plan and budget checks and the noise share's
+     (fedsilo.privacy.distributed.check_shares), then the spend is written to the
+     ledger (fedsilo.clients.site_budget);
   3. train, quantize, add the noise share, mask and reply.
 Before the run's last round, the unmask answer also carries the next round's keys
 (`_advertise`, the same code as the advertise-keys stage), so that round needs one

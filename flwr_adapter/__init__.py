@@ -27,6 +27,9 @@ first try often misses it and stock Flower then waits a whole second (measured:
 
 from __future__ import annotations
 
+import os
+import sys
+
 from fedsilo.errors import ConfigError
 
 SUPPORTED = "1.39."  # the release whose internals this module was written against
@@ -35,7 +38,7 @@ SUPPORTED = "1.39."  # the release whose internals this module was written again
 def check_flower_version(version: str | None = None) -> None:
     """Raise ConfigError unless the installed (or given) Flower is the supported release."""
     if version is None:
-        import flwr
+        import flwr  # lazy: `fedsilo --help` imports this package; flwr takes 0.1 s of it
 
         version = flwr.__version__
     if not version.startswith(SUPPORTED):
@@ -59,9 +62,6 @@ def disable_telemetry() -> None:
     Flower when its telemetry module is first imported, or patched if it already was)
     and `fedsilo.processes.child_env` passes it to every child.
     """
-    import os
-    import sys
-
     os.environ.update(TELEMETRY_OFF)
     loaded = sys.modules.get("flwr.supercore.telemetry")
     if loaded is not None:
@@ -78,7 +78,7 @@ def fast_object_pulls() -> None:
     Flower binds the backoff as keyword defaults of its two pull functions, which
     every caller uses; the pull's overall time limit and tries are unchanged.
     """
-    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.inflatable import inflatable_utils  # lazy: as flwr above (0.08 s)
 
     check_flower_version()
     for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):

@@ -21,6 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
 
 @contextlib.contextmanager
 def _flwr_home(home: Path) -> Iterator[None]:
@@ -39,6 +43,8 @@ def _flwr_home(home: Path) -> Iterator[None]:
 @contextlib.contextmanager
 def _control(home: Path, connection: str) -> Iterator[Any]:
     """A Control API client for `connection` in the FLWR_HOME `home`, quietly."""
+    # lazy, here and below: `fedsilo --help` imports this module (through the server
+    # launcher), and Flower's CLI helpers take 0.34 s
     from flwr.cli.flower_config import read_superlink_connection
     from flwr.cli.utils import init_http_client_from_connection
 
@@ -61,7 +67,7 @@ def list_nodes(home: Path, connection: str) -> list[dict[str, Any]] | None:
     """Each node's id, owner name and status ("online", "offline", ...), as `flwr supernode
     ls --format json` lists them (deleted nodes left out); None while the Control API
     does not answer."""
-    from flwr.proto.control_pb2 import ListNodesRequest
+    from flwr.proto.control_pb2 import ListNodesRequest  # lazy: see _control
 
     try:
         with _control(home, connection) as client:
@@ -82,10 +88,7 @@ def register_node(home: Path, connection: str, public_key: Path, name: str) -> i
         ValueError: the key is not a NIST EC public key, or the SuperLink refused it
             (the message says which).
     """
-    from cryptography.exceptions import UnsupportedAlgorithm
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from flwr.proto.control_pb2 import RegisterNodeRequest
+    from flwr.proto.control_pb2 import RegisterNodeRequest  # lazy: see _control
     from flwr.supercore.primitives.asymmetric import public_key_to_bytes, uses_nist_ec_curve
 
     try:

@@ -9,6 +9,10 @@ actors it makes on a cluster, and which actor, so which Ray node, ran each virtu
 site. Flower's Ray backend calls `ray.init` only when this process is not connected
 yet, and ends a run with `ray.shutdown()`: a cluster fedsilo joined (`fedsilo simulate
 --ray-address`) is left running, only disconnected.
+
+This module imports Flower's simulation engine and Ray (about 0.8 s): the simulation
+runner imports it only when it runs one, after `check_flower_version` (another Flower
+would fail these imports without saying why).
 """
 
 from __future__ import annotations
@@ -16,8 +20,22 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
+
+import ray
+from flwr.app import Context, RecordDict
+from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+from flwr.simulation.ray_transport.ray_actor import BasicActorPool, pool_size_from_resources
+from flwr.simulation.run_simulation import _run_simulation
+from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supercore.telemetry import EventType
 
 from fedsilo.flwr_adapter import check_flower_version
 
@@ -25,8 +43,6 @@ from fedsilo.flwr_adapter import check_flower_version
 @contextlib.contextmanager
 def node_partitions(on_register: Callable[[dict[int, int]], None]) -> Iterator[None]:
     """Call `on_register({node id: partition id})` when the simulation engine makes its nodes."""
-    from flwr.server.superlink.fleet.vce import vce_api
-
     check_flower_version()
     real = vce_api._register_nodes
 
@@ -49,8 +65,6 @@ def actor_pool_size(client_resources: dict[str, float]) -> int:
     `client_resources`, node by node (`ray_actor.pool_size_from_resources`); 0 when no
     node can hold one (Flower then stops the run with a ValueError of its own).
     """
-    from flwr.simulation.ray_transport.ray_actor import pool_size_from_resources
-
     check_flower_version()
     try:
         return int(pool_size_from_resources(dict(client_resources)))
@@ -77,12 +91,6 @@ def site_nodes(query_timeout_s: float = 30.0) -> Iterator[SiteNodes]:
     pinned by flwr 1.39), `submit` notes which actor ran which partition, and the
     answers are read just before the backend terminates its actors and disconnects.
     """
-    import threading
-
-    import ray
-    from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
-    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
-
     check_flower_version()
     placed = SiteNodes()
     ran: dict[int, set[Any]] = {}  # partition id -> actor handles
@@ -142,8 +150,6 @@ def site_nodes(query_timeout_s: float = 30.0) -> Iterator[SiteNodes]:
 
 def _actor_node(actor: Any) -> str:
     """Run inside an actor by `__ray_call__`: the id of the Ray node it lives on."""
-    import ray
-
     return str(ray.get_runtime_context().get_node_id())
 
 
@@ -163,15 +169,6 @@ def run_simulation(
     what `flwr run` does for an app: the run config reaches sites fused with the
     manifest in `app_dir` (without `is_app` they would get none).
     """
-    from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
-    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
-    from flwr.simulation.run_simulation import _run_simulation
-    from flwr.supercore.constant import NOOP_FEDERATION_ID
-    from flwr.supercore.run import Run
-    from flwr.supercore.task_identity import TaskIdentity
-    from flwr.supercore.telemetry import EventType
-
     check_flower_version()
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)

@@ -1,7 +1,9 @@
 """A deployed site's warm runtime (Flower internals; see the package).
 
-`python -m fedsilo.flwr_adapter.site_runtime supernode ARGS...` is what `fedsilo client
-start` runs instead of `flower-supernode ARGS...`. Stock Flower 1.39 spends about 9 s
+`python -m fedsilo.flwr_adapter.site_runtime supernode [--preload MODULE]... ARGS...` is
+what `fedsilo client start` runs instead of `flower-supernode ARGS...`, with --preload
+naming the app's ClientApp module (this package imports nothing of fedsilo's apps: the
+clients layer names it, fedsilo.clients.launcher). Stock Flower 1.39 spends about 9 s
 of a round outside training: the SuperNode sleeps 3 s whenever a pull finds no message
 (`supernode/start_client_internal.py`), its SuperExec polls for tasks every second and
 starts a fresh `flwr-clientapp` process for every message, which imports torch, opacus
@@ -14,7 +16,7 @@ and flwr again (about 4.5 s), and every object pull waits 1 s after a miss. Here
   SuperLink notices a dead site after at most 20 s instead of 60 s;
 - the SuperNode starts this module's SuperExec instead of `flower-superexec`: Flower's
   own `run_superexec`, polling every POLL_S, whose executor hands each task to a
-  *zygote*: a process forked once, after torch, opacus, flwr and fedsilo's ClientApp
+  *zygote*: a process forked once, after torch, opacus, flwr and the --preload modules
   were imported and before any thread or connection exists, which forks one child per
   message to run Flower's `flwr-clientapp` main. Each message still gets a fresh
   process (no state carries between rounds: the ledger is the site's only memory),
@@ -23,6 +25,14 @@ and flwr again (about 4.5 s), and every object pull waits 1 s after a miss. Here
 
 from __future__ import annotations
 
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
 from typing import Any
 
 from fedsilo.flwr_adapter import check_flower_version, disable_telemetry, fast_object_pulls
@@ -31,12 +41,13 @@ POLL_S = 0.1  # the SuperNode's idle pull and the SuperExec's task poll, instead
 # A dead site is noticed after 2 x 10 s (Flower: 2 x 30 s); it beats every 4 s. 10 s is
 # the smallest interval the SuperLink accepts (message_handler: HEARTBEAT_MIN_INTERVAL).
 HEARTBEAT_S = 10
-# What the zygote imports once: everything a ClientApp child imported that its zygote
-# had not (listed from sys.modules in a child). Among them Flower's flwr-clientapp
+# What the zygote imports once, with the --preload modules (the app's ClientApp: 55-67 ms
+# a message): everything else a ClientApp child imported that its zygote had not (listed
+# from sys.modules in a child). Among them Flower's flwr-clientapp
 # entry point took ~1 s, torch._dynamo (imported by torch on the first optimizer built)
 # 0.5-0.9 s, and httpcore (the HTTP client the ClientApp talks to its SuperNode with)
 # 0.15 s; encodings.cp437 reads the app's FAB (a zip file).
-SELF = "fedsilo.flwr_adapter.site_runtime"  # run as `python -m SELF supernode|superexec ARGS`
+SELF = "fedsilo.flwr_adapter.site_runtime"  # `python -m SELF supernode|superexec ARGS`
 PRELOAD = (
     "torch",
     "torch._dynamo",
@@ -47,30 +58,40 @@ PRELOAD = (
     "httpcore",
     "h11",
     "encodings.cp437",
-    "fedsilo.clients.client_app",
 )
+PRELOAD_FLAG = "--preload"  # MODULE: also imported once by the zygote (before Flower's flags)
+
+
+def split_preload(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The modules of the leading `--preload MODULE` pairs of `argv`, and the rest."""
+    preload = []
+    while len(argv) >= 2 and argv[0] == PRELOAD_FLAG:
+        preload.append(argv[1])
+        argv = argv[2:]
+    return preload, argv
+
+
+def superexec_command(preload: list[str], flower_args: list[str]) -> list[str]:
+    """The command that starts this module's SuperExec where Flower starts its own."""
+    flags = [arg for name in preload for arg in (PRELOAD_FLAG, name)]
+    return [sys.executable, "-m", SELF, "superexec", *flags, *flower_args]
 
 
 class _CappedTime:
     """A `time` module whose sleep() is at most POLL_S (the SuperNode's idle waits)."""
 
     def __getattr__(self, name: str) -> Any:
-        import time
-
         return getattr(time, name)
 
     @staticmethod
     def sleep(seconds: float) -> None:
-        import time
-
         time.sleep(min(seconds, POLL_S))
 
 
 def supernode_main(argv: list[str]) -> None:
     """Flower's `flower-supernode` with short idle waits, starting the warm SuperExec."""
-    import subprocess
-    import sys
-
+    # lazy, here and below: each of the three processes imports only the Flower entry point
+    # it runs, and `fedsilo client start` imports this module (0.3-0.6 s each)
     from flwr.client.grpc_rere_client import connection
     from flwr.supercore import heartbeat
     from flwr.supernode import start_client_internal as sci
@@ -86,16 +107,17 @@ def supernode_main(argv: list[str]) -> None:
     vars(connection)["HEARTBEAT_DEFAULT_INTERVAL"] = HEARTBEAT_S
     vars(heartbeat)["HEARTBEAT_DEFAULT_INTERVAL"] = HEARTBEAT_S
 
+    preload, flower_args = split_preload(argv)
     real_popen = subprocess.Popen
 
     class Popen(real_popen):  # type: ignore[misc,valid-type]
         def __init__(self, args: Any, *rest: Any, **kwargs: Any) -> None:
             if isinstance(args, list) and args and args[0] == "flower-superexec":
-                args = [sys.executable, "-m", SELF, "superexec", *args[1:]]
+                args = superexec_command(preload, args[1:])
             super().__init__(args, *rest, **kwargs)
 
     vars(sci)["subprocess"] = _Namespace(subprocess, Popen=Popen)
-    sys.argv = ["flower-supernode", *argv]
+    sys.argv = ["flower-supernode", *flower_args]
     flower_supernode()
 
 
@@ -113,16 +135,14 @@ class _Namespace:
 
 def superexec_main(argv: list[str]) -> None:
     """Flower's `flower-superexec`, polling every POLL_S, launching ClientApps from a zygote."""
-    import importlib
-    import os
-    import sys
-
     check_flower_version()
-    for name in PRELOAD:  # before the fork: the zygote's children inherit them
+    preload, flower_args = split_preload(argv)
+    for name in (*PRELOAD, *preload):  # before the fork: the zygote's children inherit them
         importlib.import_module(name)
     fast_object_pulls()  # the ClientApps' pulls from the SuperNode
     zygote = _Zygote.start()
 
+    # lazy: after the fork, so the zygote holds only what a ClientApp needs
     from flwr.supercore.cli.flower_superexec import flower_superexec
     from flwr.supercore.superexec import run_superexec as rs
     from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
@@ -131,8 +151,6 @@ def superexec_main(argv: list[str]) -> None:
         """Flower's subprocess executor, with the process forked from the zygote."""
 
         def launch(self, spec: Any) -> Any:
-            import subprocess
-
             captured: list[list[str]] = []
             real = subprocess.Popen
             subprocess.Popen = lambda args, *a, **k: captured.append(list(args))  # type: ignore[assignment,misc]
@@ -146,7 +164,7 @@ def superexec_main(argv: list[str]) -> None:
 
     vars(rs)["get_executor"] = lambda *a, **k: ZygoteExecutor()
     os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(POLL_S))
-    sys.argv = ["flower-superexec", *argv]
+    sys.argv = ["flower-superexec", *flower_args]
     flower_superexec()
 
 
@@ -158,8 +176,6 @@ class _Zygote:
 
     @staticmethod
     def start() -> _Zygote:
-        import os
-
         read_fd, write_fd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the zygote: single-threaded, holding the imports
@@ -170,17 +186,10 @@ class _Zygote:
         return _Zygote(pid, write_fd)
 
     def run(self, args: list[str]) -> None:
-        import json
-        import os
-
         os.write(self.write_fd, (json.dumps(args) + "\n").encode())
 
 
 def _zygote_loop(read_fd: int) -> None:
-    import json
-    import os
-    import signal
-
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # children are reaped by the kernel
     with os.fdopen(read_fd, "r") as requests:
         while line := requests.readline():  # EOF: the SuperExec is gone, and so is the zygote
@@ -192,9 +201,6 @@ def _zygote_loop(read_fd: int) -> None:
 
 def _run_clientapp(args: list[str]) -> None:
     """In a zygote's child: Flower's `flwr-clientapp` main with `args`, then exit."""
-    import os
-    import sys
-
     from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
 
     code = 0
@@ -204,8 +210,6 @@ def _run_clientapp(args: list[str]) -> None:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     except BaseException:  # the child must never return into the zygote
-        import traceback
-
         traceback.print_exc()
         code = 1
     finally:
@@ -215,10 +219,8 @@ def _run_clientapp(args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
     disable_telemetry()
     commands = {"supernode": supernode_main, "superexec": superexec_main}
     if len(sys.argv) < 2 or sys.argv[1] not in commands:
-        sys.exit("usage: python -m fedsilo.flwr_adapter.site_runtime {supernode,superexec} ARGS...")
+        sys.exit(f"usage: python -m {SELF} {{supernode,superexec}} [--preload MODULE]... ARGS...")
     commands[sys.argv[1]](sys.argv[2:])

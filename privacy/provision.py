@@ -26,6 +26,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedsilo.config import check_port
 from fedsilo.errors import ConfigError, PrivacyError
 from fedsilo.privacy import identity, pki
 from fedsilo.privacy.pki import validate_site_name
@@ -143,6 +144,7 @@ def provision(
     """Create a federation: CA, server kit, one kit per site. Returns the files written."""
     if not hosts:
         raise ConfigError("Give at least one --server-host (the name or address sites dial).")
+    check_port(fleet_port, flag="--fleet-port")  # before a kit no server could start from
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; give a directory for the federation's kits.")
     hosts = [pki.host_name(h) for h in hosts]  # internationalised names as A-labels
@@ -268,14 +270,18 @@ def _write_site(
 
 def read_server_kit(path: Path, *, check: bool = True) -> ServerKit:
     """Read DIR/server; with `check`, verify certificates (validity, CA, SANs) and keys."""
-    raw = read_toml(path / "server.toml")
+    _kit_dir(path, "--kit takes the server kit directory (DIR/server)")
+    raw = read_toml(path / "server.toml", kit=True)
     srv = raw.get("server", {})
     hosts = srv.get("hosts")
     port = srv.get("fleet-port", FLEET_PORT)
     if not (isinstance(hosts, list) and hosts and all(isinstance(h, str) for h in hosts)):
         raise ConfigError(f"{path / 'server.toml'}: [server] hosts must be a non-empty list.")
-    if not isinstance(port, int):
-        raise ConfigError(f"{path / 'server.toml'}: [server] fleet-port must be an integer.")
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ConfigError(
+            f"{path / 'server.toml'}: [server] fleet-port must be a port number in 1..65535. "
+            f"Found {port!r}. Fix it there and in each site kit's site.toml (`server`)."
+        )
     sites = {p.stem: p for p in sorted((path / "sites").glob("*.pub"))}
     kit = ServerKit(path=path, hosts=hosts, fleet_port=port, sites=sites)
     if check:
@@ -307,7 +313,8 @@ def read_server_kit(path: Path, *, check: bool = True) -> ServerKit:
 
 def read_site_kit(path: Path) -> SiteKit:
     """Read DIR/sites/NAME and check its CA certificate and key."""
-    raw = read_toml(path / "site.toml")
+    _kit_dir(path, "--kit takes the site's kit directory (DIR/sites/NAME)")
+    raw = read_toml(path / "site.toml", kit=True)
     site = raw.get("site", {})
     name, server = site.get("name"), site.get("server")
     if not isinstance(name, str) or not isinstance(server, str):
@@ -341,14 +348,25 @@ def _policy(raw: Mapping[str, Any], path: Path) -> SitePolicy:
         raise ConfigError(f"{path}: [policy] {exc}") from None
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+def _kit_dir(path: Path, what: str) -> None:
+    """Refuse a kit path that is a file (a kit is a directory `fedsilo provision` wrote)."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file; {what}, as `fedsilo provision` wrote it.")
+
+
+def read_toml(path: Path, *, kit: bool = False) -> dict[str, Any]:
+    """A TOML file (a kit's, or a run config): ConfigError naming it when it cannot be read."""
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
-        raise ConfigError(
-            f"{path} does not exist. Is {path.parent} a kit written by `fedsilo provision`?"
-        ) from None
+        hint = f" Is {path.parent} a kit written by `fedsilo provision`?" if kit else ""
+        raise ConfigError(f"{path} does not exist.{hint}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; give the TOML file in it.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"Cannot read {path}: {why}. Give a readable TOML file.") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML ({exc}).") from None
 

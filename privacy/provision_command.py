@@ -21,6 +21,15 @@ from pathlib import Path
 from rich.console import Console
 
 from fedsilo.errors import ConfigError
+from fedsilo.privacy.certify import certify_sites
+from fedsilo.privacy.provision import (
+    FLEET_PORT,
+    add_site,
+    parse_sites,
+    provision,
+    read_federation_file,
+    renew_server,
+)
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -71,8 +80,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run_create(args: argparse.Namespace) -> int:
-    from fedsilo.privacy.provision import FLEET_PORT, parse_sites, provision, read_federation_file
-
     if not args.out_dir:
         raise ConfigError("`fedsilo provision` needs --out DIR (the federation directory).")
     if args.federation is not None:
@@ -107,8 +114,6 @@ def run_create(args: argparse.Namespace) -> int:
 
 
 def run_add_site(args: argparse.Namespace) -> int:
-    from fedsilo.privacy.provision import add_site
-
     out = Path(args.out_dir)
     add_site(out, args.name, force=args.force)
     Console().print(
@@ -120,8 +125,6 @@ def run_add_site(args: argparse.Namespace) -> int:
 
 
 def run_renew(args: argparse.Namespace) -> int:
-    from fedsilo.privacy.provision import renew_server
-
     out = Path(args.out_dir)
     renew_server(out, hosts=args.server_host)
     Console().print(f"new server certificate in {out / 'server'}", highlight=False)
@@ -129,8 +132,6 @@ def run_renew(args: argparse.Namespace) -> int:
 
 
 def run_certify(args: argparse.Namespace) -> int:
-    from fedsilo.privacy.certify import certify_sites
-
     out = Path(args.out_dir)
     written = certify_sites(out, args.names)
     Console().print(

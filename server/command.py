@@ -27,19 +27,19 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 
 from fedsilo import flwr_adapter
-from fedsilo.config import RunConfig
+from fedsilo.config import RunConfig, check_port
 from fedsilo.console import dp_note, end_of_run_lines, quiet_logs, resume_line, summary_table
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.provision import read_server_kit, read_toml
-from fedsilo.processes import CONTROL_PORT, check_port, terminate_on_signals
+from fedsilo.processes import CONTROL_PORT, terminate_on_signals
 from fedsilo.run_flags import Layer, add_run_flags, build, given, resume
 from fedsilo.server.evaluate import load_eval_data
-from fedsilo.server.launcher import ServerOptions, start_server
+from fedsilo.server.launcher import Event, ServerOptions, start_server
+from fedsilo.server.records import RoundRecord
 from fedsilo.server.run_dir import resume_config, run_complete
 from fedsilo.task.builtin import task_for
 from fedsilo.task.train import check_trainable
@@ -140,6 +140,12 @@ def run(args: argparse.Namespace) -> int:
     wait = args.wait_sites if args.wait_sites is not None else cfg.min_sites
     if wait < cfg.min_sites:
         raise ConfigError(f"`--wait-sites` ({wait}) must be >= min-sites ({cfg.min_sites}).")
+    if wait > len(kit.sites) and not args.insecure:
+        raise ConfigError(
+            f"`--wait-sites` is {wait} but the kit authorises only {len(kit.sites)} site(s); "
+            "the server would wait forever. Lower it or add sites with "
+            "`fedsilo provision add-site`."
+        )
     opts = ServerOptions(
         listen=args.listen,
         fleet_port=check_port(
@@ -166,9 +172,18 @@ def run(args: argparse.Namespace) -> int:
         err.print(resume_line(cfg.run_id, cfg.run_dir, cfg.rounds), highlight=False)
     t0 = time.monotonic()
 
-    def on_event(kind: str, info: dict[str, Any]) -> None:
+    def on_event(kind: str, info: Event) -> None:
         elapsed = f"[{time.monotonic() - t0:6.1f} s]"
-        if kind == "superlink":
+        if isinstance(info, RoundRecord):
+            err.print(
+                f"{elapsed} round {info.round}: accuracy {info.accuracy:.3f}, max epsilon "
+                f"{info.max_epsilon:.2f}, sites {', '.join(info.sites)} "
+                f"({info.seconds:.1f} s)",
+                highlight=False,
+            )
+            for line in absent_lines(info):
+                err.print(f"{elapsed}   {line}", highlight=False)
+        elif kind == "superlink":
             err.print(f"{elapsed} listening for sites on {info['fleet']}", highlight=False)
         elif kind == "registered":
             err.print(f"{elapsed} authorised: {', '.join(info['sites'])}", highlight=False)
@@ -177,15 +192,6 @@ def run(args: argparse.Namespace) -> int:
                 f"{elapsed} sites online: {info['online']} (starting at {info['wanted']})",
                 highlight=False,
             )
-        elif kind == "round":
-            err.print(
-                f"{elapsed} round {info['round']}: accuracy {info['accuracy']:.3f}, max epsilon "
-                f"{info['max_epsilon']:.2f}, sites {', '.join(info['sites'])} "
-                f"({info['seconds']:.1f} s)",
-                highlight=False,
-            )
-            for line in absent_lines(info):
-                err.print(f"{elapsed}   {line}", highlight=False)
 
     with terminate_on_signals():
         summary = start_server(kit, cfg, opts, on_event=on_event)
@@ -193,17 +199,16 @@ def run(args: argparse.Namespace) -> int:
     for line in end_of_run_lines(summary):
         Console().print(line, highlight=False)
     Console().print(
-        f"run directory: {summary['run_dir']}  ({time.monotonic() - t0:.1f} s)", highlight=False
+        f"run directory: {summary.run_dir}  ({time.monotonic() - t0:.1f} s)", highlight=False
     )
     sys.stdout.flush()
     return 0 if run_complete(summary) else 1
 
 
-def absent_lines(record: dict[str, Any]) -> list[str]:
+def absent_lines(record: RoundRecord) -> list[str]:
     """One line per site that failed or refused in a round's metrics record, with why."""
-    reasons = record.get("reasons") or {}
     return [
-        f"{site} {what}: {reasons.get(site, 'no reason given')}"
-        for what, key in (("refused", "refused"), ("failed", "failed"))
-        for site in record.get(key) or []
+        f"{site} {what}: {record.reasons.get(site, 'no reason given')}"
+        for what, sites in (("refused", record.refused), ("failed", record.failed))
+        for site in sites
     ]

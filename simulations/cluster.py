@@ -20,9 +20,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import fedsilo
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
+from fedsilo.flwr_adapter import TELEMETRY_OFF
 from fedsilo.simulations.engine import EngineConfig
+from fedsilo.simulations.ledgers import LEDGER_DIR
 
 # ray.init against a port that accepts connections but is no Ray head retries for
 # about 10 minutes (20 tries of ~35 s in Ray 2.55); a healthy cluster answers in ~1 s.
@@ -43,9 +46,7 @@ def connect(engine: EngineConfig, *, verbose: bool, timeout_s: float = RAY_INIT_
     open, and ends the run with `ray.shutdown()`, which disconnects a driver from a
     cluster it joined without stopping the cluster.
     """
-    import ray
-
-    from fedsilo.flwr_adapter import TELEMETRY_OFF
+    import ray  # lazy, here and below: `fedsilo --help` imports this module; ray takes 0.19 s
 
     address = engine.ray_address
     # Workers on other machines do not inherit this process's environment: send it.
@@ -88,7 +89,7 @@ def connect(engine: EngineConfig, *, verbose: bool, timeout_s: float = RAY_INIT_
 
 def disconnect() -> None:
     """Leave the cluster (the cluster itself keeps running)."""
-    import ray
+    import ray  # lazy: see connect
 
     if ray.is_initialized():
         ray.shutdown()
@@ -106,7 +107,7 @@ def _node_probe() -> Callable[..., dict[str, Any]]:
     without fedsilo can still run it and say so."""
 
     def probe(marker: str, token: str, ledgers: str, modules: list[str]) -> Any:
-        import importlib
+        import importlib  # inside: shipped by value to nodes that may lack fedsilo
         import os
 
         facts: dict[str, Any] = {"modules": {}}
@@ -139,7 +140,7 @@ def node_label(node_id: str, address: str) -> str:
 
 def node_labels() -> dict[str, str]:
     """{node id: label} of the connected cluster's alive nodes."""
-    import ray
+    import ray  # lazy: see connect
 
     return {
         n["NodeID"]: node_label(n["NodeID"], n["NodeManagerAddress"])
@@ -157,12 +158,9 @@ def check_nodes(
     write its ledgers, import fedsilo and flwr at this machine's versions, import the
     task's package.
     """
-    import flwr
+    import flwr  # lazy: see connect (flwr: 0.1 s)
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    import fedsilo
-    from fedsilo.simulations.ledgers import LEDGER_DIR
 
     labels = node_labels()
     ledgers = run_dir / LEDGER_DIR
@@ -251,7 +249,7 @@ def check_cluster_capacity(engine: EngineConfig, workers: int, labels: Mapping[s
     """Raise ConfigError when no node of the cluster can host one site's actor."""
     if workers > 0:
         return
-    import ray
+    import ray  # lazy: see connect
 
     have = "; ".join(
         f"{labels[n['NodeID']]}: {n['Resources'].get('CPU', 0):g} CPU, "

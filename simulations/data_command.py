@@ -18,6 +18,8 @@ from rich.console import Console
 
 from fedsilo.config import Partition
 from fedsilo.errors import ConfigError
+from fedsilo.simulations.partition import partition_indices
+from fedsilo.task.data import load_dataset, save_npz
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -50,9 +52,6 @@ def split(
     force: bool = False,
 ) -> list[tuple[Path, int]]:
     """Write the site files and the server evaluation file; return (path, examples)."""
-    from fedsilo.simulations.partition import partition_indices
-    from fedsilo.task.data import load_dataset, save_npz
-
     spec = Partition.parse(partition)
     if sites < 1:
         raise ConfigError(f"`--sites` must be >= 1. Found {sites}.")

@@ -13,10 +13,13 @@ cluster and checking its nodes: fedsilo.simulations.cluster.
 from __future__ import annotations
 
 import math
+import os
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from fedsilo.errors import ConfigError
 
@@ -104,16 +107,12 @@ def parse_address(address: str) -> tuple[str, int] | None:
 def check_engine(engine: EngineConfig, *, device: str) -> None:
     """Check what can be checked without starting or joining Ray: the flags, then that
     something listens at `--ray-address`, or that this machine can hold one site."""
-    import os
-
     engine.validate(device=device)
     if engine.ray_address:
         check_reachable(engine.ray_address)
         return
     gpus = 0
     if engine.site_gpus > 0:
-        import torch
-
         gpus = torch.cuda.device_count()
     check_local_capacity(engine, cpus=os.cpu_count() or 1, gpus=gpus)
 

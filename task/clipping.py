@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from opacus.grad_sample import GradSampleModule
 from torch import nn
 
 from fedsilo.errors import ConfigError
@@ -105,8 +106,6 @@ def clipped_sum(
 
 def opacus_samplers() -> dict[type, Any]:
     """Opacus's per-sample gradient functions by layer type (opacus.grad_sample)."""
-    from opacus.grad_sample import GradSampleModule
-
     return dict(GradSampleModule.GRAD_SAMPLERS)
 
 

@@ -15,8 +15,8 @@ CCS 2016, Algorithm 1) on tensors held in memory:
 - an empty Poisson batch still takes a noise-only step, exactly as the
   accountant assumes.
 
-The model's state_dict never carries Opacus's `_module.` prefix (no wrapper);
-`strip_module_prefix` repairs checkpoints written by Opacus-wrapped models.
+The model is never wrapped (no Opacus GradSampleModule): its state_dict, the update a
+site sends, has the task model's own keys.
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ from fedsilo.task.clipping import (
 )
 from fedsilo.task.data import Dataset
 from fedsilo.task.rng import SiteRandom
-
-OPACUS_PREFIX = "_module."
 
 
 @dataclass(frozen=True)
@@ -324,13 +322,6 @@ def loss_and_accuracy(
 def non_finite(state: Mapping[str, torch.Tensor]) -> list[str]:
     """The keys of a state dict whose tensors hold NaN or infinity."""
     return [k for k, v in state.items() if v.is_floating_point() and not bool(v.isfinite().all())]
-
-
-def strip_module_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop Opacus's `_module.` wrapper prefix from state-dict keys, if present."""
-    return {
-        (k[len(OPACUS_PREFIX) :] if k.startswith(OPACUS_PREFIX) else k): v for k, v in state.items()
-    }
 
 
 def resolve_device(name: str) -> torch.device:

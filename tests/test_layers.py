@@ -17,16 +17,21 @@ Layers, lowest first (a module may import its own layer and the ones below):
   5 cli          cli.py, console.py, __main__.py, run_flags.py (the run flags and config
                  builder both commands use) and every `*command.py`
 
+A module named in a string (`importlib.import_module("fedsilo.x")`, `python -m fedsilo.x`)
+is an edge too; docstrings, written for the reader, are not.
+
 docs/architecture.md draws the same picture and says where each behaviour lives.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOYMENT = {"server.launcher", "clients.launcher", "processes"}
+MODULE_NAME = re.compile(r"\bfedsilo((?:\.[A-Za-z_][A-Za-z0-9_]*)+)")
 
 
 def layer(module: str) -> tuple[int, str]:
@@ -76,6 +81,24 @@ def imports(path: Path) -> set[str]:
     return out
 
 
+def named(path: Path) -> set[str]:
+    """Every fedsilo module `path` names in a string that is not a docstring."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body[0] if node.body else None
+            if isinstance(body, ast.Expr) and isinstance(body.value, ast.Constant):
+                docstrings.add(id(body.value))
+    return {
+        match.lstrip(".")
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        if id(node) not in docstrings
+        for match in MODULE_NAME.findall(node.value)
+    }
+
+
 def resolve(name: str, known: dict[str, Path]) -> str:
     """`privacy.ledger.LedgerError` -> `privacy.ledger`; `privacy.ledger` -> itself."""
     while name and name not in known:
@@ -88,18 +111,36 @@ def test_dependencies_flow_one_way() -> None:
     problems = []
     for module, path in sorted(known.items()):
         level, group = layer(module)
-        for target in sorted(resolve(n, known) for n in imports(path)):
+        edges = {(resolve(n, known), "imports") for n in imports(path)}
+        # A logger's name ("fedsilo.client") names no module: it resolves to "".
+        edges |= {(resolve(n, known), "names") for n in named(path)}
+        for target, how in sorted(edges):
             if not target or target == module:
                 continue
             t_level, t_group = layer(target)
             if t_level > level:
-                problems.append(f"{module} (layer {level}) imports {target} (layer {t_level})")
+                problems.append(f"{module} (layer {level}) {how} {target} (layer {t_level})")
             elif t_level == level and {group, t_group} in (
                 {"server", "clients"},
                 {"simulation", "deployment"},
             ):
-                problems.append(f"{module} ({group}) imports {target} ({t_group})")
+                problems.append(f"{module} ({group}) {how} {target} ({t_group})")
     assert problems == [], "\n".join(problems)
+
+
+def test_a_module_named_in_a_string_is_an_edge(tmp_path: Path) -> None:
+    """An upward name in a string is caught; a docstring that mentions one is not."""
+    source = tmp_path / "low.py"
+    source.write_text(
+        '"""Read by fedsilo.server.server_app."""\n'
+        'PRELOAD = ("torch", "fedsilo.clients.client_app")\n'
+        'CMD = f"python -m fedsilo.simulations.runner {1}"\n'
+        "def f():\n"
+        '    """See fedsilo.cli."""\n'
+        '    return "fedsilo.task.Task"\n',
+        encoding="utf-8",
+    )
+    assert named(source) == {"clients.client_app", "simulations.runner", "task.Task"}
 
 
 def test_every_module_has_a_layer() -> None:

@@ -72,3 +72,23 @@ def test_the_supernode_is_told_where_the_sites_identity_is(tmp_path: Path) -> No
     kit.cert.unlink()  # a kit made before site certificates: no identity, local DP only
     cmd = launcher.supernode_command(kit, opts, port=1234)
     assert "site-cert" not in parse_config_args([cmd[cmd.index("--node-config") + 1]])
+
+
+def test_each_clientapp_process_starts_with_the_manifests_clientapp_imported() -> None:
+    """The launcher names the ClientApp's module to its warm SuperNode (the runtime, in a
+    lower layer, names none), and the SuperNode passes it on to the SuperExec's zygote."""
+    import tomllib
+
+    import fedsilo
+    from fedsilo.flwr_adapter import site_runtime
+
+    manifest = Path(fedsilo.__file__).parent / "pyproject.toml"
+    components = tomllib.loads(manifest.read_text("utf-8"))["tool"]["flwr"]["app"]["components"]
+    flags = list(launcher.WARM_SUPERNODE[4:])
+    assert flags == ["--preload", components["clientapp"].partition(":")[0]]
+
+    preload, flower_args = site_runtime.split_preload([*flags, "--superlink", "x:9092"])
+    assert flower_args == ["--superlink", "x:9092"]
+    cmd = site_runtime.superexec_command(preload, ["--appio-api-address", "y"])
+    assert cmd[1:] == ["-m", site_runtime.SELF, "superexec", *flags, "--appio-api-address", "y"]
+    assert site_runtime.split_preload(cmd[4:]) == (preload, ["--appio-api-address", "y"])

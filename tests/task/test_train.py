@@ -13,7 +13,7 @@ from fedsilo.task.builtin import builtin_task
 from fedsilo.task.data import Dataset
 from fedsilo.task.models import CNN, MLP, ScatterNet
 from fedsilo.task.rng import SeededRandom
-from fedsilo.task.train import DPTrainer, check_private_state, evaluate, strip_module_prefix
+from fedsilo.task.train import DPTrainer, check_private_state, evaluate
 
 
 def flat_params(model: nn.Module) -> torch.Tensor:
@@ -103,16 +103,14 @@ def test_empty_batches_in_training_are_counted_and_noised() -> None:
     assert not torch.equal(flat_params(model), before)
 
 
-def test_state_dict_has_no_opacus_prefix_and_strip_repairs_foreign_ones() -> None:
-    from opacus import GradSampleModule
-
+def test_the_trained_state_dict_loads_into_the_plain_task_model() -> None:
+    """No Opacus wrapper (its `_module.` prefix): a site's update has the model's own keys."""
     model = builtin_task("digits").build(seed=0)
     trainer = make_trainer(model, sigma=1.0, clip=1.0, batch=4)
-    assert not any(k.startswith("_module.") for k in trainer.model.state_dict())
-    wrapped = GradSampleModule(model).state_dict()
-    assert all(k.startswith("_module.") for k in wrapped)
+    state = trainer.model.state_dict()
+    assert not any(k.startswith("_module.") for k in state)
     fresh = builtin_task("digits").build(seed=1)
-    fresh.load_state_dict(strip_module_prefix(wrapped))
+    fresh.load_state_dict(state)  # strict: exactly the task model's keys
     assert torch.equal(flat_params(fresh), flat_params(model))
 
 
