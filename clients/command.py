@@ -14,9 +14,18 @@ under DP-SGD within its policy, and runs until Ctrl-C or SIGTERM.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from rich.console import Console
+
+from fedsilo import flwr_adapter
+from fedsilo.clients.launcher import ClientOptions, start_client
+from fedsilo.config import DEVICES
+from fedsilo.errors import ConfigError
+from fedsilo.privacy.provision import read_site_kit
+from fedsilo.processes import split_address, terminate_on_signals
+from fedsilo.task.train import resolve_device
 
 INSECURE_WARNING = (
     "[bold red]WARNING: --insecure: no TLS and no site authentication.[/] This site's model "
@@ -79,14 +88,6 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace) -> int:
-    from fedsilo import flwr_adapter
-    from fedsilo.clients.launcher import ClientOptions, start_client
-    from fedsilo.config import DEVICES
-    from fedsilo.errors import ConfigError
-    from fedsilo.privacy.provision import read_site_kit
-    from fedsilo.processes import split_address, terminate_on_signals
-    from fedsilo.task.train import resolve_device
-
     flwr_adapter.check_flower_version()  # the launcher drives Flower 1.39's SuperNode
     err = Console(stderr=True)
     if args.device not in DEVICES:
@@ -94,6 +95,12 @@ def run(args: argparse.Namespace) -> int:
     resolve_device(args.device)
     if args.threads < 0:
         raise ConfigError(f"`--threads` must be >= 0 (0 = all cores). Found {args.threads}.")
+    if not (math.isfinite(args.connect_timeout) and args.connect_timeout >= 0):
+        # NaN compares false with every deadline: the site would retry forever.
+        raise ConfigError(
+            "`--connect-timeout` must be a finite number of seconds >= 0. "
+            f"Found {args.connect_timeout}; e.g. 600 (ten minutes)."
+        )
     kit = read_site_kit(args.kit)
     server = args.server or kit.server
     split_address(server)

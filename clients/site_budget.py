@@ -22,6 +22,7 @@ A crash after that over-counts the spend; nothing can under-count it.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
 from fedsilo.privacy.fingerprint import fingerprint
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.task.data import Dataset
+
+log = logging.getLogger("fedsilo.client")
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,13 @@ def authorise_round(
             plan = _more_rounds(policy, everything, plan, mine, cfg.rounds)
         else:
             plan = plan_run(cfg, len(data), prior=[])
+            if cfg.batch_size > len(data):  # once a run: its plan is made at its first round
+                log.warning(
+                    "plan: batch-size %d is above this site's %d examples: every step uses "
+                    "all of them (sampling rate 1)",
+                    cfg.batch_size,
+                    len(data),
+                )
             _check_run_fits(policy, everything, plan)
         _check_round(plan, mine, server_round)
         policy.check_request({"noise-multiplier": plan.noise_multiplier})

@@ -270,7 +270,7 @@ def _run_heads(run_dir: Path) -> dict[str, str]:
         try:
             reports = json.loads(line).get("reports") or {}
             heads.update({str(k): str(v["ledger_head"]) for k, v in reports.items()})
-        except (ValueError, AttributeError, TypeError, KeyError):
+        except (ValueError, AttributeError, TypeError, KeyError, RecursionError):
             break  # a line cut off by the crash ends the record
     return heads
 
@@ -284,5 +284,5 @@ def _summary_heads(path: Path) -> dict[str, str]:
             for s in summary.get("sites", [])
             if s.get("ledger_head")
         }
-    except (OSError, ValueError, AttributeError, TypeError, KeyError):
+    except (OSError, ValueError, AttributeError, TypeError, KeyError, RecursionError):
         return {}

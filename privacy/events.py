@@ -165,15 +165,26 @@ class RoundSpend:
 def _number(d: dict[str, Any], key: str) -> float:
     value = d[key]
     if not _is_number(value):
-        raise ValueError(f"{key} must be a number, not {value!r}")
-    return float(value)
+        raise ValueError(f"{key} must be a number, not {_short(value)}")
+    try:
+        return float(value)
+    except OverflowError:  # an integer of hundreds of digits: no float holds it
+        raise ValueError(f"{key} must be a finite number, not {_short(value)}") from None
 
 
 def _integer(d: dict[str, Any], key: str) -> int:
     value = d[key]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{key} must be an integer, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or abs(value) >= 2**63:
+        raise ValueError(f"{key} must be an integer of at most 63 bits, not {_short(value)}")
     return value
+
+
+def _short(value: object) -> str:
+    """`value` for a message: an integer of many digits by its size, anything else cut."""
+    if isinstance(value, int) and abs(value) >= 2**63:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is_number(value: object) -> bool:

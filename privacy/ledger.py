@@ -3,9 +3,10 @@
 Each line is one JSON object (keys sorted, no spaces) ending in a newline:
   {"kind": "policy", ...}   the site's policy (SitePolicy fields), written when the
                             ledger is created and again whenever the site changes it
-  {"kind": "spend", ...}    one local training round (RoundSpend fields:
-                            noise_multiplier, sample_rate, steps, clip_norm, delta,
-                            dataset, run, round, time, site)
+  {"kind": "spend", ...}    one round's spend, written before the site trains it
+                            (RoundSpend.to_dict, fedsilo.privacy.events: the
+                            mechanism, clip norm, delta, data, run, round, time,
+                            site; a distributed-DP spend also its trust assumption)
 Every line also carries
   prev_sha256   SHA-256 (hex) of the previous line's bytes without its newline;
                 64 zeros on the first line. Deleting, reordering or inserting a
@@ -176,13 +177,18 @@ def parse(path: Path, data: bytes) -> LedgerContents:
         prev = this
         try:
             d = json.loads(raw)
-        except ValueError:
-            note(problems, f"{where}: not a ledger line (not JSON)")
+        except (ValueError, RecursionError):  # RecursionError: nested deeper than Python parses
+            note(problems, f"{where}: not a ledger line (not JSON, or nested too deeply)")
             continue
         if not isinstance(d, dict):
             note(problems, f"{where}: not a ledger line (not a JSON object)")
             continue
-        if d.get("sha256") != _digest({k: v for k, v in d.items() if k != "sha256"}):
+        try:
+            digest = _digest({k: v for k, v in d.items() if k != "sha256"})
+        except (ValueError, RecursionError):  # parsed, but too deep to write back
+            note(problems, f"{where}: not a ledger line (nested too deeply)")
+            continue
+        if d.get("sha256") != digest:
             note(problems, f"{where}: content does not match its sha256 (edited)")
         if d.get("prev_sha256") != prev_line:
             note(
@@ -193,7 +199,7 @@ def parse(path: Path, data: bytes) -> LedgerContents:
             )
         try:
             entries.append(decode(raw))
-        except (ValueError, KeyError, TypeError, PrivacyError) as exc:
+        except (ValueError, KeyError, TypeError, OverflowError, PrivacyError) as exc:
             note(invalid, f"{where}: not a valid entry ({exc})")
     if tail:
         note(

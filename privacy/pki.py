@@ -36,7 +36,7 @@ CA_DAYS = 5 * 365  # the CA outlives several server certificates
 SERVER_DAYS = 825  # the CA/Browser Forum's long-standing cap for a TLS leaf
 SITE_DAYS = 825  # like the server's: `fedsilo provision certify-site` renews it, same key
 CLOCK_SKEW = dt.timedelta(minutes=5)  # not-before slack for sites whose clocks run behind
-SITE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")  # a kit's folder and a certificate's CN
+SITE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # a kit's folder and a certificate's CN
 
 
 class PKIError(ConfigError):
@@ -48,7 +48,7 @@ def _now() -> dt.datetime:
 
 
 def validate_site_name(name: str) -> str:
-    if not SITE_NAME.match(name):
+    if not SITE_NAME.fullmatch(name):  # match() with `$` let a trailing newline through
         raise ConfigError(
             f"Site name {name!r} must be 1-63 lowercase letters, digits, '-' or '_', "
             "starting with a letter or digit."

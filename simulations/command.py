@@ -17,12 +17,17 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
+import os
+import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import NoReturn
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -31,9 +36,11 @@ from fedsilo.config import RunConfig
 from fedsilo.console import dp_note, end_of_run_lines, quiet_logs, resume_line, summary_table
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.policy import SitePolicy
+from fedsilo.processes import terminate_on_signals
 from fedsilo.run_flags import Layer, add_run_flags, build, given, resume
-from fedsilo.server.run_dir import resume_config, run_complete
-from fedsilo.simulations.cluster import placement_line
+from fedsilo.server.records import RoundRecord
+from fedsilo.server.run_dir import default_run_dir, new_run_dir, resume_config, run_complete
+from fedsilo.simulations.cluster import disconnect, placement_line
 from fedsilo.simulations.engine import EngineConfig, check_engine
 from fedsilo.simulations.ledgers import rounds_allowed
 from fedsilo.simulations.runner import (
@@ -120,13 +127,15 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The RunConfig the flags describe, validated; with --dp distributed, planned: its
     dp-max-sample-rate (from the partition unless given) and its one noise multiplier."""
     sites = _sites(args)
+    # Checked and made before anything (the partition's decoded data) is written there.
+    run_dir = new_run_dir(Path(args.out or default_run_dir()).resolve())
 
     def partition_rate(cfg: RunConfig) -> float:
         check_sites(cfg, sites)  # before the data is read for the rate
         return max_sample_rate(cfg, sites)
 
     cfg = build(
-        Layer(given(args), "the command line"),
+        Layer({**given(args), "run-dir": str(run_dir)}, "the command line"),
         sites=sites,
         min_sites=1,
         sample_rate=partition_rate,
@@ -165,6 +174,8 @@ def run(args: argparse.Namespace) -> int:
     err = Console(stderr=True)
     quiet_logs(args.verbose)
     sizes, task_name = preflight(cfg, args.sites)
+    for line in batch_warnings(cfg.batch_size, sizes):
+        err.print(line, highlight=False, soft_wrap=True)
     where = f"the Ray cluster at {engine.ray_address}" if engine.ray_address else "this machine"
     err.print(
         f"[bold]fedsilo simulate[/]: {args.sites} sites on task {task_name} "
@@ -186,36 +197,43 @@ def run(args: argparse.Namespace) -> int:
     ) as progress:
         task = progress.add_task("starting engine", total=cfg.rounds)
 
-        def on_round(rec: dict[str, Any]) -> None:
+        def on_round(rec: RoundRecord) -> None:
             progress.update(
                 task,
                 advance=1,
                 description=(
-                    f"round {rec['round']}: accuracy {rec['accuracy']:.3f}, "
-                    f"max epsilon {rec['max_epsilon']:.2f}"
+                    f"round {rec.round}: accuracy {rec.accuracy:.3f}, "
+                    f"max epsilon {rec.max_epsilon:.2f}"
                 ),
             )
 
-        summary = run_simulation(
-            cfg,
-            sites=args.sites,
-            on_round=on_round,
-            verbose=args.verbose,
-            site_policies=policies,
-            engine=engine,
-        )
-    summary["wall_seconds"] = round(time.monotonic() - t0, 2)
-    if args.json:
-        sys.stdout.write(json.dumps(summary) + "\n")
+        try:
+            with terminate_on_signals(), _engine_shutdown_unlogged():
+                summary = run_simulation(
+                    cfg,
+                    sites=args.sites,
+                    on_round=on_round,
+                    verbose=args.verbose,
+                    site_policies=policies,
+                    engine=engine,
+                )
+        except (KeyboardInterrupt, SystemExit) as exc:
+            if isinstance(exc, SystemExit) and exc.code != signal.SIGTERM:  # Ray's handler
+                raise
+            progress.stop()
+            stopped(Path(cfg.run_dir), signal.SIGINT if isinstance(exc, KeyboardInterrupt) else 15)
+    wall_seconds = round(time.monotonic() - t0, 2)
+    if args.json:  # summary.json's object, and the command's own time
+        sys.stdout.write(json.dumps({**summary.to_dict(), "wall_seconds": wall_seconds}) + "\n")
     else:
         Console().print(summary_table(summary))
         for line in end_of_run_lines(summary):
             Console().print(line, highlight=False)
-        if engine.ray_address:
-            Console().print(placement_line(summary["ray"]), highlight=False)
+        if engine.ray_address and summary.ray is not None:
+            Console().print(placement_line(summary.ray), highlight=False)
         Console().print(
-            f"run directory: {summary['run_dir']}  ({summary['wall_seconds']:.1f} s); "
-            f"the sites' privacy ledgers: fedsilo audit {summary['run_dir']}",
+            f"run directory: {summary.run_dir}  ({wall_seconds:.1f} s); "
+            f"the sites' privacy ledgers: fedsilo audit {summary.run_dir}",
             highlight=False,
         )
     return 0 if run_complete(summary) else 1
@@ -309,4 +327,72 @@ def site_policies(text: str, sites: int, cfg: RunConfig) -> list[SitePolicy]:
             allow_more_rounds=1,
         )
         for b in budgets
+    ]
+
+
+def stopped(run_dir: Path, signum: int) -> NoReturn:
+    """Leave after Ctrl-C or SIGTERM: say how to go on, stop Ray, and exit at once.
+
+    Flower's engine runs the ServerApp in a thread the interpreter would wait for at
+    exit, and it would wait up to a round's timeout for replies no site sends any more.
+    What the run wrote is complete: `--resume` goes on from its last completed round.
+    """
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+    logging.disable(logging.CRITICAL)  # the engine's threads log the actors Ray stops
+    err = Console(stderr=True)
+    if (run_dir / "config.json").is_file():
+        # soft_wrap: one line, whatever the terminal's width, to copy as it is
+        err.print(
+            f"stopped; resume with: fedsilo simulate --resume {run_dir}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    else:
+        err.print(
+            f"stopped before its first round; nothing to resume in {run_dir}. Start a new run.",
+            highlight=False,
+            soft_wrap=True,
+        )
+    with contextlib.suppress(Exception):
+        disconnect()  # a private Ray instance stops with it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(128 + signum)
+
+
+@contextlib.contextmanager
+def _engine_shutdown_unlogged() -> Iterator[None]:
+    """Drop Flower's error logs while Ray is down: after Ctrl-C or SIGTERM its threads log
+    every actor the shutdown stopped, and the run has already said how it stopped. (Before
+    Ray starts, an error of the engine's also ends the run: it is raised, not only logged.)
+    Ray installs its own SIGTERM handler when it starts (it exits; `run` catches that)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        import ray  # lazy: loaded by then, and `simulate --help` does not pay for it
+
+        return bool(ray.is_initialized())
+
+    flwr = logging.getLogger("flwr")
+    flwr.addFilter(keep)
+    try:
+        yield
+    finally:
+        flwr.removeFilter(keep)
+
+
+def batch_warnings(batch_size: int, sizes: list[int]) -> list[str]:
+    """One warning line when --batch-size is above some virtual sites' examples: each
+    of their steps then samples every example (rate 1), one full-batch step per epoch."""
+    small = [(f"site-{i}", n) for i, n in enumerate(sizes) if n < batch_size]
+    if not small:
+        return []
+    named = ", ".join(f"{site} ({n} examples)" for site, n in small[:5])
+    more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+    return [
+        f"[yellow]warning:[/] --batch-size {batch_size} is above the data of {named}{more}: "
+        "each of their steps uses all of it (sampling rate 1), the most privacy a step can "
+        f"cost. Lower --batch-size below {min(sizes)} to sample."
     ]

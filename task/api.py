@@ -288,10 +288,11 @@ def load_task(ref: str) -> Task:
         raise ConfigError(f"Task {ref}: importing {module_name} failed: {exc}.") from None
     except FedsiloError:
         raise
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # a module that exits on import is no task
         log.debug("load_task: importing %s failed", module_name, exc_info=True)
         raise ConfigError(
-            f"Task {ref}: importing {module_name} failed ({type(exc).__name__}: {exc})."
+            f"Task {ref}: importing {module_name} failed ({_failure(exc)}). Fix the module: "
+            "importing it must define the task and nothing else."
         ) from None
     found = getattr(module, attr, None)
     if found is None:
@@ -309,10 +310,17 @@ def _call(fn: Callable[[], object], what: str, error: type[FedsiloError] = DataE
         return fn()
     except FedsiloError:
         raise
-    except (OSError, ValueError, KeyError, IndexError, TypeError, RuntimeError, UnicodeError) as e:
+    except (Exception, SystemExit) as e:  # any failure of the task's own code is the task's
         log.debug("%s", what, exc_info=True)
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise error(f"{what}: {type(e).__name__}: {detail}") from None
+        raise error(f"{what}: {_failure(e)}") from None
+
+
+def _failure(e: BaseException) -> str:
+    """One line for an exception raised by task code: its type and first message line."""
+    if isinstance(e, SystemExit):
+        return f"it called sys.exit({e.code!r})"
+    detail = str(e).splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {detail}" if detail else type(e).__name__
 
 
 def _tensor(value: object, what: str) -> torch.Tensor:

@@ -16,7 +16,6 @@ column; pandas or pyarrow would add a large dependency to every site for no gain
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import re
 from collections.abc import Sequence
@@ -69,36 +68,36 @@ def read_csv(
     extra = [h for h in header if h not in (*features, label)]
     if extra:
         log.info("read_csv: %s: ignoring column(s) %s", path, ", ".join(extra))
-    if len(lines) < 2:
+    # The examples with their line numbers: NumPy skips blank and comment-only lines,
+    # so its row numbers are not the file's; it is given only the lines that hold data.
+    numbered = [
+        (number, line)
+        for number, line in enumerate(lines[1:], start=2)
+        if line.split("#", 1)[0].strip()
+    ]
+    if not numbered:
         raise DataError(f"{path}: a header but no examples.")
+    for number, line in numbered:  # NumPy splits on every comma too (no quoting)
+        cells = line.split("#", 1)[0].count(",") + 1
+        if cells != len(header):
+            raise DataError(
+                f"{path}: line {number} has {cells} columns; the header has {len(header)}. "
+                "Give every row one cell per header column."
+            )
+    rows = [line for _, line in numbered]
     cols = [header.index(c) for c in features]
     try:
-        x = np.loadtxt(
-            io.StringIO(text),
-            delimiter=",",
-            skiprows=1,
-            usecols=cols,
-            dtype=np.float64,
-            ndmin=2,
-            encoding=None,
-        )
-        raw_y = np.loadtxt(
-            io.StringIO(text),
-            delimiter=",",
-            skiprows=1,
-            usecols=[header.index(label)],
-            dtype=str,
-            ndmin=1,
-            encoding=None,
-        )
+        x = np.loadtxt(rows, delimiter=",", usecols=cols, dtype=np.float64, ndmin=2)
+        raw_y = np.loadtxt(rows, delimiter=",", usecols=[header.index(label)], dtype=str, ndmin=1)
     except ValueError as exc:
-        raise DataError(f"{path}: {_where(str(exc), header)}") from None
-    y = _labels(path, raw_y, class_names, num_classes)
+        raise DataError(f"{path}: {_where(str(exc), header, numbered)}") from None
+    numbers = [number for number, _ in numbered]
+    y = _labels(path, raw_y, class_names, num_classes, numbers)
     bad = ~np.isfinite(x)
     if bad.any():
         row, col = map(int, np.argwhere(bad)[0])
         raise DataError(
-            f"{path}: line {row + 2}, column `{features[col]}` is {x[row, col]}; features "
+            f"{path}: line {numbers[row]}, column `{features[col]}` is {x[row, col]}; features "
             "must be finite numbers."
         )
     return make_dataset(x.astype(np.float32), y, num_classes, str(path))
@@ -116,38 +115,42 @@ def write_csv(
 
 
 def _labels(
-    path: Path, raw: np.ndarray, class_names: Sequence[str], num_classes: int
+    path: Path,
+    raw: np.ndarray,
+    class_names: Sequence[str],
+    num_classes: int,
+    numbers: Sequence[int],
 ) -> np.ndarray:
+    """Class indices from label cells (`numbers[i]`: the file line of cell i)."""
     names = {n: i for i, n in enumerate(class_names)}
     out = np.empty(len(raw), dtype=np.int64)
     for i, cell in enumerate(raw):
         text = str(cell).strip()
         if text in names:
-            out[i] = names[text]
+            index = names[text]
         elif re.fullmatch(r"[+-]?\d+(\.0*)?", text):
-            out[i] = int(float(text))
+            index = int(text.split(".")[0])  # a Python int: any size, checked before storing
         else:
             known = f" or one of {', '.join(class_names)}" if class_names else ""
             raise DataError(
-                f"{path}: line {i + 2}: label {text!r} is not a class index in "
+                f"{path}: line {numbers[i]}: label {text!r} is not a class index in "
                 f"[0, {num_classes}){known}."
             )
-        if not 0 <= out[i] < num_classes:
+        if not 0 <= index < num_classes:
             raise DataError(
-                f"{path}: line {i + 2}: label {out[i]} is out of range [0, {num_classes})."
+                f"{path}: line {numbers[i]}: label {index} is out of range [0, {num_classes})."
             )
+        out[i] = index
     return out
 
 
-def _where(message: str, header: Sequence[str]) -> str:
+def _where(message: str, header: Sequence[str], numbered: Sequence[tuple[int, str]]) -> str:
     """numpy.loadtxt's error with the file's line and column name instead of indices."""
     m = re.search(r"at row (\d+), column (\d+)", message)
-    if m:  # rows counted from 0 after the header
+    if m:  # the row counted from 0 among the data lines, the column from 1
         row, col = int(m.group(1)), int(m.group(2))
+        line = numbered[row][0] if 0 <= row < len(numbered) else row + 2
         name = header[col - 1] if 0 < col <= len(header) else f"#{col}"
         what = message.split(" at row")[0]
-        return f"line {row + 2}, column `{name}`: {what}; features must be numbers."
-    m = re.search(r"at row (\d+) with (\d+) columns", message)
-    if m:  # rows counted from 0 including the header
-        return f"line {int(m.group(1)) + 1} has {m.group(2)} columns; the header has {len(header)}."
+        return f"line {line}, column `{name}`: {what}; features must be numbers."
     return f"not a well-formed CSV table ({message.splitlines()[0]})."

@@ -93,6 +93,10 @@ def in_process(
             ["--dp", "distributed", "--dp-min-sites", "4"],
             "`--dp-min-sites` is 4 but the simulation has 3",
         ),
+        # Issue 26: each once gave a traceback.
+        (["--dp", "distributed", "--dp-min-sites", "-1"], "`dp-min-sites` must be an integer >= 2"),
+        (["--seed", "-1"], "`seed` must be an integer in 0..9223372036854775807. Found -1"),
+        (["--seed", str(2**64)], "`seed` must be an integer in 0.."),
     ],
 )
 def test_bad_config_one_line_no_traceback(
@@ -114,6 +118,97 @@ def test_bad_config_one_line_no_traceback(
     assert needle in err.replace("\n", " ")
     assert out == ""
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # nothing ran
+
+
+@pytest.mark.parametrize(
+    "marker", ["config.json", "metrics.jsonl", "summary.json", "progress.json", "ledgers"]
+)
+def test_simulate_never_writes_into_a_directory_that_holds_a_run(
+    tmp_path: Path, in_process: InProcess, marker: str
+) -> None:
+    # Prepare: a run directory as a finished (or stopped) run leaves it.
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    files = {
+        "config.json": '{"run-id": "old"}',
+        "metrics.jsonl": '{"round": 1}\n',
+        "summary.json": "{}",
+        "progress.json": "{}",
+        "ledgers/site-0.jsonl": "{}\n",
+        "checkpoints/round-001.pt": "x",
+    }
+    for name, text in files.items():
+        if name.split("/")[0] in (marker, "checkpoints"):
+            (run / name).parent.mkdir(exist_ok=True)
+            (run / name).write_text(text)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    # Execute
+    code, out, err = in_process("simulate", "--rounds", "1", "--out", str(run))
+    # Assert: refused in one line, nothing there changed or added.
+    assert code == 2 and out == "" and err.startswith("error:") and len(err.splitlines()) == 1
+    assert f"already holds a run ({marker})" in err and "--resume" in err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/run", "/proc/fedsilo-cannot-be-made"])
+def test_simulate_out_that_cannot_be_a_directory_is_one_line(
+    tmp_path: Path, in_process: InProcess, out: str
+) -> None:
+    if out.startswith("/proc") and not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc (no directory can be made there, even by root)")
+    (tmp_path / "afile").write_text("kept\n")
+    code, _, err = in_process("simulate", "--rounds", "1", "--out", out)
+    assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert ("is a file" if "afile" in out else "Cannot use") in err
+    assert (tmp_path / "afile").read_text() == "kept\n"
+
+
+class Exited(Exception):
+    """os._exit in a test: the code it was called with."""
+
+
+@pytest.mark.parametrize(
+    ("raised", "code"), [(SystemExit(15), 143), (KeyboardInterrupt(), 130)], ids=["term", "int"]
+)
+def test_a_stopped_simulation_says_how_to_resume_and_exits_at_once(
+    tmp_path: Path,
+    in_process: InProcess,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    raised: BaseException,
+    code: int,
+) -> None:
+    """SIGTERM reaches the engine as Ray's handler's SystemExit(15), Ctrl-C as
+    KeyboardInterrupt; either once dumped a C stack or hung on Flower's ServerApp thread."""
+    import signal
+
+    from fedsilo.simulations import command
+
+    def stop(cfg: object, **_: object) -> None:
+        (Path(cfg.run_dir) / "config.json").write_text("{}")  # type: ignore[attr-defined]
+        raise raised
+
+    def exit_now(status: int) -> None:
+        raise Exited(status)
+
+    left: list[str] = []
+    monkeypatch.setattr(command, "run_simulation", stop)
+    monkeypatch.setattr(command, "disconnect", lambda: left.append("ray"))
+    monkeypatch.setattr(command.os, "_exit", exit_now)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(Exited) as exited:
+            in_process("simulate", "--rounds", "1", "--out", "run")
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        import logging
+
+        logging.disable(logging.NOTSET)
+    err = capsys.readouterr().err
+    assert exited.value.args == (code,) and left == ["ray"]
+    assert f"stopped; resume with: fedsilo simulate --resume {tmp_path / 'run'}" in err
+    assert "Traceback" not in err
 
 
 def test_resume_takes_no_settings_and_only_a_simulation_run(
@@ -176,19 +271,25 @@ def test_simulation_needs_one_policy_per_site(tmp_path: Path) -> None:
 
 
 def test_refusals_are_summarised_per_site_and_reason() -> None:
-    from fedsilo.console import end_of_run_lines, refusal_lines
+    import dataclasses
 
-    summary = {
-        "refusals": [
-            {"site": "site-1", "round": 1, "reason": "over budget"},
-            {"site": "site-1", "round": 2, "reason": "over budget"},
+    from fedsilo.console import end_of_run_lines, refusal_lines
+    from fedsilo.server.records import Failure, Refusal, Summary
+
+    summary = Summary(
+        refusals=[
+            Refusal(site="site-1", round=1, reason="over budget"),
+            Refusal(site="site-1", round=2, reason="over budget"),
         ]
-    }
+    )
     assert refusal_lines(summary) == ["[yellow]site-1 refused round(s) 1, 2[/]: over budget"]
-    assert refusal_lines({}) == []
+    assert refusal_lines(Summary()) == []
     # A run where every site refused or failed says so, and why it stopped.
-    summary["failures"] = [{"site": "site-2", "round": 1, "reason": "invalid reply: NaN"}]
-    summary["stopped"] = "round 1: 0 usable repl(ies), fewer than min-sites=1"
+    summary = dataclasses.replace(
+        summary,
+        failures=[Failure(site="site-2", round=1, reason="invalid reply: NaN")],
+        stopped="round 1: 0 usable repl(ies), fewer than min-sites=1",
+    )
     assert end_of_run_lines(summary)[1:] == [
         "[red]site-2 failed round(s) 1[/]: invalid reply: NaN",
         "[bold red]the run stopped early[/]: round 1: 0 usable repl(ies), fewer than min-sites=1",
@@ -246,3 +347,12 @@ def test_simulate_resume_keeps_the_recorded_noise_multiplier(tmp_path: Path) -> 
     # Assert
     assert resumed.noise_multiplier == cfg.noise_multiplier * 1.5 and sites == 3
     assert resumed.resume and resumed.run_id == cfg.run_id
+
+
+def test_simulate_names_the_virtual_sites_a_batch_is_above() -> None:
+    from fedsilo.simulations.command import batch_warnings
+
+    assert batch_warnings(64, [479, 480]) == []
+    (line,) = batch_warnings(64, [100, 50, 60])
+    assert "--batch-size 64 is above the data of site-1 (50 examples), site-2 (60" in line
+    assert "below 50" in line

@@ -49,6 +49,11 @@ def bad_inputs(fed: Path) -> None:
     (fed / "cancer.csv").write_text("mean_radius,diagnosis\n12.1,benign\n")
     (fed / "managed.toml").write_text('run-id = "an-old-run"\n')
     (fed / "noise.toml").write_text('dp = "distributed"\nnoise-multiplier = 0.5\n')
+    shutil.copytree(fed / "fed/server", fed / "port70000")  # a kit an older fedsilo wrote
+    toml = (fed / "port70000/server.toml").read_text()
+    (fed / "port70000/server.toml").write_text(
+        toml.replace("fleet-port = 9092", "fleet-port = 70000")
+    )
     for name, edit in (
         ("keydir", None),
         ("infpolicy", "inf"),
@@ -138,6 +143,32 @@ def bad_inputs(fed: Path) -> None:
             "`dp-max-sample-rate` must be in (0, 1]",
         ),
         ([*SERVER, "--dp-max-sample-rate", "0.1"], "must be 0 with --dp local"),
+        # Issue 26: each once gave a traceback, or was accepted and could never work.
+        ([*SERVER, "--config", "."], ". is a directory; give the TOML file in it"),
+        ([*SERVER, "--kit", "fed/server/server.toml"], "is a file; --kit takes the server kit"),
+        ([*CLIENT, "--kit", "fed/sites/a/site.toml"], "is a file; --kit takes the site's kit"),
+        ([*CLIENT, "--connect-timeout", "nan"], "`--connect-timeout` must be a finite number"),
+        ([*CLIENT, "--connect-timeout", "-1"], "Found -1.0; e.g. 600"),
+        ([*SERVER, "--wait-sites", "5"], "`--wait-sites` is 5 but the kit authorises only 3"),
+        (
+            [
+                "provision",
+                "--out",
+                "new",
+                "--server-host",
+                "h",
+                "--sites",
+                "a",
+                "--fleet-port",
+                "70000",
+            ],
+            "`--fleet-port` must be a port number in 1..65535. Found 70000.",
+        ),
+        (["provision", "add-site", "--out", "fed", "d\n"], "Site name 'd\\n' must be"),
+        (
+            [*SERVER, "--kit", "port70000"],
+            "port70000/server.toml: [server] fleet-port must be a port number in 1..65535",
+        ),
     ],
 )
 def test_one_line_error(
@@ -161,6 +192,11 @@ def test_one_line_error(
     assert len(errors) == 1 and err.rstrip().endswith(errors[0]), err  # the last line
     assert needle in " ".join(err.split()), err
     assert not (fed / "runs").exists()  # nothing started
+    assert not (fed / "new").exists() and sorted(p.name for p in (fed / "fed/sites").iterdir()) == [
+        "a",
+        "b",
+        "c",
+    ]  # nothing written
 
 
 def test_data_split_writes_site_files(fed: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -194,18 +230,22 @@ def test_taken_port(fed: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_the_server_console_says_who_failed_or_refused_and_why() -> None:
     from fedsilo.server.command import absent_lines
+    from fedsilo.server.records import RoundRecord
 
-    record = {
-        "round": 2,
-        "refused": ["site-b"],
-        "failed": ["site-c"],
-        "reasons": {"site-b": "over budget", "site-c": "invalid reply: `w` holds NaN"},
-    }
+    record = RoundRecord(
+        round=2,
+        accuracy=0.5,
+        loss=1.0,
+        max_epsilon=1.0,
+        refused=["site-b"],
+        failed=["site-c"],
+        reasons={"site-b": "over budget", "site-c": "invalid reply: `w` holds NaN"},
+    )
     assert absent_lines(record) == [
         "site-b refused: over budget",
         "site-c failed: invalid reply: `w` holds NaN",
     ]
-    assert absent_lines({"round": 1, "sites": ["a"]}) == []
+    assert absent_lines(RoundRecord(1, 0.5, 1.0, 1.0, sites=["a"])) == []
 
 
 def test_server_start_plans_distributed_dp_once_and_resume_keeps_it(fed: Path) -> None:

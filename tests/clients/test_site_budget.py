@@ -300,3 +300,23 @@ def test_a_changed_noise_multiplier_mid_run_is_refused(tmp_path: Path) -> None:
         authorise_round(budget, louder, data, site="s", run="r", server_round=2, sites=3)
     assert len(ledger.read(budget.ledger).spends) == 1
     authorise_round(budget, cfg, data, site="s", run="r", server_round=2, sites=3)
+
+
+def test_a_batch_above_the_sites_data_is_warned_once_a_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sampling rate 1 (every step sees every example) is allowed, but never silent."""
+    budget = fresh(tmp_path)
+    small = DIGITS.subset(np.arange(50))
+    cfg = RunConfig(rounds=2, local_epochs=1, accountant="rdp", batch_size=64)
+    with caplog.at_level("WARNING", logger="fedsilo.client"):
+        for server_round in (1, 2):
+            auth = authorise_round(
+                budget, cfg, small, site="site-a", run="b", server_round=server_round
+            )
+    assert auth.event.sample_rate == 1.0
+    warned = [r.getMessage() for r in caplog.records if "batch-size" in r.getMessage()]
+    assert warned == [
+        "plan: batch-size 64 is above this site's 50 examples: every step uses all of them "
+        "(sampling rate 1)"
+    ]

@@ -155,6 +155,8 @@ def test_unwritable_plot_is_one_error(tmp_path: Path, capsys: pytest.CaptureFixt
         {"sample_rate": 2.0},
         {"noise_multiplier": float("nan")},
         {"steps": -3},
+        {"noise_multiplier": 10**400},  # no float holds it (OverflowError once)
+        {"steps": 10**30},
     ],
 )
 def test_meaningless_entries_are_violations_not_crashes(
@@ -182,6 +184,16 @@ def test_audit_of_a_junk_file_stays_readable(tmp_path: Path) -> None:
     assert report.status == "tampered"
     assert len(report.problems) <= 25 and "more problem line(s)" in report.problems[-2]
     assert main(["audit", str(junk), "--json"]) == 1
+
+
+def test_a_line_nested_too_deeply_is_tampering_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = make(tmp_path / "site-a.jsonl", budget=20, rounds=1)
+    path.write_bytes(path.read_bytes() + b"[" * 100_000 + b"\n")  # RecursionError once
+    code, (row,) = audit_json(capsys, path)
+    assert code == 1 and row["status"] == "tampered"
+    assert "line 3: not a ledger line (not JSON, or nested too deeply)" in row["problems"]
 
 
 def test_a_deployed_run_directory_is_checked_against_the_ledgers_given_beside_it(

@@ -278,6 +278,9 @@ def rewrite(path: Path, number: int, **changes: object) -> None:
         ({"clip_norm": float("inf")}, "clip_norm must be a finite number > 0"),
         ({"delta": 1.0}, "delta must be in (0, 1)"),
         ({"round": 0}, "round must be >= 1"),
+        # Integers no float holds, or past 63 bits: JSON allows them, Python parses them.
+        ({"noise_multiplier": 10**400}, "noise_multiplier must be a finite number, not an"),
+        ({"round": 10**30}, "round must be an integer of at most 63 bits, not an integer of"),
     ],
 )
 def test_hash_valid_but_meaningless_entries_are_invalid(
@@ -303,3 +306,13 @@ def test_junk_is_reported_in_a_bounded_number_of_lines(tmp_path: Path) -> None:
     contents = ledger.read(path)
     assert len(contents.problems) == ledger.MAX_PROBLEMS
     assert contents.omitted >= 5000 - ledger.MAX_PROBLEMS
+
+
+def test_a_line_nested_past_pythons_limit_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "l.jsonl"
+    write(path, rounds=2)
+    rows = lines(path)
+    path.write_bytes(b"".join([rows[0], b"[" * 100_000 + b"\n", *rows[1:]]))
+    contents = ledger.read(path)
+    assert contents.problems[0] == "line 2: not a ledger line (not JSON, or nested too deeply)"
+    assert len(contents.spends) == 2 and not contents.trusted

@@ -182,7 +182,11 @@ def test_certificate_from_another_federation(fed: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "sites,match",
-    [(["Bad Name"], "Site name 'Bad Name'"), (["../x"], "Site name")],
+    [
+        (["Bad Name"], "Site name 'Bad Name'"),
+        (["../x"], "Site name"),
+        (["a\n"], r"Site name 'a\\n'"),  # `$` matches before a final newline: fullmatch
+    ],
 )
 def test_bad_site_names(tmp_path: Path, sites: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):

@@ -97,6 +97,46 @@ def test_a_module_that_fails_to_import_is_one_line(tmp_path: Path) -> None:
         sys.path.remove(str(tmp_path))
 
 
+def test_a_module_that_exits_on_import_is_an_error_not_a_clean_exit(tmp_path: Path) -> None:
+    (tmp_path / "exiting_task_mod.py").write_text("import sys\nsys.exit(0)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        with pytest.raises(ConfigError, match=r"importing exiting_task_mod failed.*sys.exit\(0\)"):
+            load_task("exiting_task_mod:task")
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("exiting_task_mod", None)
+
+
+class BrokenForward(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.missing(x)  # type: ignore[no-any-return]
+
+
+def test_any_failure_of_task_code_is_one_line_naming_the_task(tmp_path: Path) -> None:
+    """Not only the usual exception types: AttributeError, ZeroDivisionError, sys.exit."""
+
+    def divide(*_: object) -> Dataset:
+        return 1 / 0  # type: ignore[return-value]
+
+    def exits(*_: object) -> Dataset:
+        sys.exit(3)
+
+    (tmp_path / "x").write_text("x")
+    for reader, needle in (
+        (divide, "ZeroDivisionError: division by zero"),
+        (exits, r"it called sys.exit\(3\)"),
+    ):
+        with pytest.raises(DataError, match=rf"x: cannot read site data: {needle}"):
+            small_task(read_site_data=reader).site_data(tmp_path / "x")
+        with pytest.raises(DataError, match=rf"task small: cannot load test: {needle}"):
+            small_task(public_data=reader).public("test")
+    with pytest.raises(ConfigError, match=r"model fails on a batch.*AttributeError.*'missing'"):
+        check_trainable(small_task(model=BrokenForward))
+    with pytest.raises(ConfigError, match=r"model factory failed: ZeroDivisionError"):
+        check_trainable(small_task(model=divide))
+
+
 def test_task_definitions_are_checked() -> None:
     with pytest.raises(ConfigError, match="num_classes"):
         small_task(num_classes=1)

@@ -52,6 +52,17 @@ def test_write_csv_round_trips(tmp_path: Path) -> None:
         ("age,dose,score,outcome\n1,2,nan,0\n", r"line 2, column `score` is nan"),
         ("age,dose,score,outcome\n1,2,3,maybe\n", r"line 2: label 'maybe' is not a class"),
         ("age,dose,score,outcome\n1,2,3,0\n1,2,3,2\n", r"line 3: label 2 is out of range"),
+        # Blank and comment-only lines count in the line numbers.
+        ("age,dose,score,outcome\n1,2,3,0\n\n# note\n1,2,3,x\n", r"line 5: label 'x' is not"),
+        ("age,dose,score,outcome\n1,2,3,0\n\n4,x,6,1\n", r"line 4, column `dose`.*'x'"),
+        ("age,dose,score,outcome\n\n1,2,inf,0\n", r"line 3, column `score` is inf"),
+        # Extra cells are refused, not dropped.
+        ("age,dose,score,outcome\n1,2,3,0\n1,2,3,0,9\n", "line 3 has 5 columns; the header has 4"),
+        ("age,dose,score,outcome\n1,2,3,1e22\n", r"line 2: label '1e22' is not a class"),
+        (
+            "age,dose,score,outcome\n1,2,3,10000000000000000000000\n",
+            r"line 2: label 1000.* out of range",
+        ),
     ],
 )
 def test_bad_files_give_one_line_naming_the_file(tmp_path: Path, text: str, message: str) -> None:
