@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fedsilo",
         description="Privacy-preserving federated learning across data-center sites: "
         "Flower over TLS gRPC, Opacus DP-SGD at every site, budgets the sites enforce.",
-        epilog="Start with `fedsilo simulate` (a 3-site federation on digits, ~1 minute).",
+        epilog="Start with `fedsilo simulate` (a 3-site federation on digits, 20-30 s).",
     )
     parser.add_argument("--version", action="version", version=f"fedsilo {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
