@@ -15,7 +15,7 @@ from rich.table import Table
 
 from fedsilo.config import RunConfig
 from fedsilo.server.records import Summary
-from fedsilo.server.run_dir import read_metrics, read_progress
+from fedsilo.server.run_dir import read_metrics, read_progress, resume_progress
 
 
 def refusal_lines(summary: Summary) -> list[str]:
@@ -54,18 +54,37 @@ def end_of_run_lines(summary: Summary) -> list[str]:
             f"[yellow]round(s) {lost} were lost when the server stopped[/]: the sites spent them "
             f"and the run resumed after round(s) {', '.join(map(str, summary.resumed_after))}"
         )
+    if summary.asked_again:
+        again = ", ".join(map(str, summary.asked_again))
+        lines.append(
+            f"round(s) {again} were in flight when the server stopped and were asked for "
+            "again on resume: the sites that had trained them resent their replies, at no "
+            "new spend"
+        )
     if summary.stopped:
         lines.append(f"[bold red]the run stopped early[/]: {summary.stopped}")
     return lines
 
 
-def resume_line(run_id: str, run_dir: str, rounds: int) -> str:
+def resume_line(run_id: str, run_dir: str, rounds: int, *, ask_again: bool) -> str:
     """What a resumed run continues from, as the console says it."""
     done = [r.round for r in read_metrics(run_dir)]
-    sent = read_progress(run_dir).started
-    lost = [r for r in range(1, sent + 1) if r not in done]
-    return f"resuming run {run_id} after round {done[-1] if done else 0} of {rounds}" + (
-        f"; round(s) {', '.join(map(str, lost))} lost (the sites spent them)" if lost else ""
+    completed = done[-1] if done else 0
+    plan = resume_progress(read_progress(run_dir), completed, ask_again=ask_again)
+    again = [r for r in plan.asked_again if r > completed]
+    return (
+        f"resuming run {run_id} after round {completed} of {rounds}"
+        + (
+            f"; round {', '.join(map(str, again))} was in flight and is asked for again "
+            "(a site that trained it resends its reply, at no new spend)"
+            if again
+            else ""
+        )
+        + (
+            f"; round(s) {', '.join(map(str, plan.lost))} lost (the sites spent them)"
+            if plan.lost
+            else ""
+        )
     )
 
 

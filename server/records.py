@@ -281,6 +281,7 @@ class Summary:
     run_id: str = ""
     lost_rounds: list[int] = field(default_factory=list)  # sent, never completed: a crash
     resumed_after: list[int] = field(default_factory=list)  # completed rounds at each resume
+    asked_again: list[int] = field(default_factory=list)  # in flight at a crash, asked again
     stopped: str | None = None  # why the run stopped early, if it did
     # The simulation runner's entry: the engine and the Ray node(s) each virtual site
     # ran on (fedsilo.simulations.cluster.placement_summary); None for a deployed run.
@@ -301,6 +302,7 @@ class Summary:
             "run_id": self.run_id,
             "lost_rounds": list(self.lost_rounds),
             "resumed_after": list(self.resumed_after),
+            "asked_again": list(self.asked_again),
             "stopped": self.stopped,
             **({"ray": self.ray} if self.ray is not None else {}),
         }
@@ -321,6 +323,7 @@ class Summary:
             run_id=str(d.get("run_id") or ""),
             lost_rounds=[int(r) for r in d.get("lost_rounds") or []],
             resumed_after=[int(r) for r in d.get("resumed_after") or []],
+            asked_again=[int(r) for r in d.get("asked_again") or []],
             stopped=_optional_str(d.get("stopped")) or None,
             ray=dict(d["ray"]) if isinstance(d.get("ray"), Mapping) else None,
         )
@@ -333,6 +336,8 @@ class Progress:
     started: int = 0  # the last round whose messages the server sent (or was about to)
     lost: list[int] = field(default_factory=list)  # sent, never completed: a crash
     resumed: list[int] = field(default_factory=list)  # completed rounds at each resume
+    # In flight at a crash and asked for again on resume (sites resend kept replies).
+    asked_again: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -340,6 +345,7 @@ class Progress:
             "started": self.started,
             "lost": list(self.lost),
             "resumed": list(self.resumed),
+            "asked_again": list(self.asked_again),
         }
 
     @staticmethod
@@ -349,6 +355,7 @@ class Progress:
             started=int(d["started"]),
             lost=[int(r) for r in d["lost"]],
             resumed=[int(r) for r in d["resumed"]],
+            asked_again=[int(r) for r in d.get("asked_again") or []],
         )
 
 

@@ -140,13 +140,13 @@ class RunDir:
     def checkpoint(self, server_round: int) -> Path:
         return self.path / "checkpoints" / f"round-{server_round:03d}.pt"
 
-    def resume_point(self) -> tuple[Progress, list[RoundRecord]]:
+    def resume_point(self, *, ask_again: bool) -> tuple[Progress, list[RoundRecord]]:
         """Where a resumed run goes on: its progress and the rounds it completed.
 
         A round is completed when its checkpoint and its metrics line were both written
         (in that order); a metrics line cut off by the crash is removed, so the resumed
-        server appends to whole lines. Rounds sent but not completed are lost: the sites
-        spent them (their ledgers record it) and never train them again.
+        server appends to whole lines. For the round in flight when the server stopped,
+        see `resume_progress`.
         """
         file = self.path / METRICS_FILE
         lines = _metrics_lines(file)
@@ -155,12 +155,34 @@ class RunDir:
             if file.read_text(encoding="utf-8") != whole:
                 file.write_text(whole, encoding="utf-8")
         records = [r for _, r in lines if self.checkpoint(r.round).exists()]
-        progress = read_progress(self.path)
         completed = records[-1].round if records else 0
-        started = max(progress.started, completed)
-        lost = sorted({*progress.lost, *range(completed + 1, started + 1)})
-        resumed = Progress(started=started, lost=lost, resumed=[*progress.resumed, completed])
-        return resumed, records
+        return resume_progress(read_progress(self.path), completed, ask_again=ask_again), records
+
+
+def resume_progress(progress: Progress, completed: int, *, ask_again: bool) -> Progress:
+    """The progress a run resumed after round `completed` goes on with.
+
+    The round in flight when the server stopped (sent, not completed) was spent by
+    every site that trained it. With `ask_again` (local DP) the resumed server asks for
+    it again: a site that trained it resends the reply it kept, at no new spend
+    (fedsilo.clients.kept_reply), and one that never got it trains it now. Without
+    (distributed DP, where a site never resends a masked input) it is lost.
+    """
+    started = max(progress.started, completed)
+    in_flight = list(range(completed + 1, started + 1))
+    if ask_again:
+        return Progress(
+            started=completed,
+            lost=sorted(set(progress.lost) - set(in_flight)),
+            resumed=[*progress.resumed, completed],
+            asked_again=sorted({*progress.asked_again, *in_flight}),
+        )
+    return Progress(
+        started=started,
+        lost=sorted({*progress.lost, *in_flight}),
+        resumed=[*progress.resumed, completed],
+        asked_again=list(progress.asked_again),
+    )
 
 
 METRICS_FILE = "metrics.jsonl"

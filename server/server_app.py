@@ -51,7 +51,9 @@ def main(grid: Grid, context: Context) -> None:
         check_run_noise(cfg, sample_rate=cfg.dp_max_sample_rate)
     flwr_adapter.fast_object_pulls()  # the replies' content: pulled without 1 s waits
     run_dir = RunDir(cfg.run_dir or default_run_dir())
-    progress, rounds = run_dir.resume_point() if cfg.resume else (Progress(), [])
+    progress, rounds = (
+        run_dir.resume_point(ask_again=not cfg.distributed) if cfg.resume else (Progress(), [])
+    )
     # A resumed run rewrites it too: it may have been given more rounds.
     run_dir.write_config(dataclasses.replace(cfg, resume=False).to_flwr())
     evaluate = make_evaluator(cfg, load_eval_data(cfg, cfg.eval_data))
@@ -73,6 +75,13 @@ def main(grid: Grid, context: Context) -> None:
         progress = dataclasses.replace(progress, started=server_round)
         run_dir.write_progress(progress)
         outcome = play_round(grid, server_round, arrays, rounds_of, strategy, cfg, evaluate)
+        if isinstance(outcome, str) and server_round in progress.asked_again:
+            # Too few sites kept a reply to it (one killed while training spent it and
+            # refuses it now): the round is lost as it would have been, and the run goes on.
+            log.warning("main: round %d asked again: %s; it is lost", server_round, outcome)
+            progress = dataclasses.replace(progress, lost=sorted({*progress.lost, server_round}))
+            run_dir.write_progress(progress)
+            continue
         if isinstance(outcome, str):  # never checkpoint, report or continue from it
             stopped = f"round {server_round}: {outcome}"
             log.error("main: %s; stopping", stopped)
@@ -90,6 +99,7 @@ def main(grid: Grid, context: Context) -> None:
             run_id=cfg.run_id or str(context.run_id),
             lost_rounds=progress.lost,
             resumed_after=progress.resumed,
+            asked_again=progress.asked_again,
             stopped=stopped or None,
         )
     )
@@ -122,10 +132,12 @@ def starting_model(
         state = global_model(cfg).state_dict()
     if cfg.resume:
         log.warning(
-            "main: resuming run %s after round %d; round(s) %s were sent before the server "
-            "stopped and are lost (the sites spent them and will not train them again)",
+            "main: resuming run %s after round %d; round(s) %s in flight when the server "
+            "stopped are asked for again (a site that trained one resends its kept reply, "
+            "at no new spend); round(s) %s are lost (the sites spent them)",
             cfg.run_id,
             progress.resumed[-1],
+            [r for r in progress.asked_again if r > progress.resumed[-1]] or "none",
             progress.lost or "none",
         )
     return ArrayRecord(state)

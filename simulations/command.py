@@ -185,7 +185,10 @@ def run(args: argparse.Namespace) -> int:
         highlight=False,
     )
     if cfg.resume:
-        err.print(resume_line(cfg.run_id, cfg.run_dir, cfg.rounds), highlight=False)
+        err.print(
+            resume_line(cfg.run_id, cfg.run_dir, cfg.rounds, ask_again=not cfg.distributed),
+            highlight=False,
+        )
     t0 = time.monotonic()
     with Progress(
         TextColumn("{task.description}"),

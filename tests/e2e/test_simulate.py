@@ -40,9 +40,12 @@ def resume(tmp: Path, run_dir: str, *args: str) -> dict:  # type: ignore[type-ar
 def test_a_killed_simulation_resumes_and_its_ledgers_audit(tmp_path: Path) -> None:
     """A default simulation (3 digits sites, epsilon 8), 5 rounds. SIGKILL the whole
     simulation (driver and Ray) during round 3; `--resume` goes on
-    from round 2's checkpoint with the same run id. The round in flight is lost, never
-    retrained: every site's ledger has at most one line per round, the run's epsilon
-    stays within its target and the audit passes."""
+    from round 2's checkpoint with the same run id and asks for the round in flight
+    again. Its virtual sites died with the driver: one killed while training spent the
+    round and kept no reply, so it refuses it (never trains a round twice), and with
+    too few replies the round is lost; one killed between rounds loses nothing. Every
+    site's ledger has at most one line per round, the run's epsilon stays within its
+    target and the audit passes."""
     from fedsilo.privacy import ledger
     from tests.e2e.federation import Proc, end_leftovers, fedsilo, leftovers, wait_for
 
@@ -67,7 +70,7 @@ def test_a_killed_simulation_resumes_and_its_ledgers_audit(tmp_path: Path) -> No
     assert out["run_id"] == run_id and out["resumed_after"][0] >= 2
     done = [r["round"] for r in out["rounds"]]
     assert sorted(done + out["lost_rounds"]) == [1, 2, 3, 4, 5] and done[-1] == 5
-    assert len(out["lost_rounds"]) <= 1
+    assert len(out["lost_rounds"]) <= 1 and set(out["lost_rounds"]) <= set(out["asked_again"])
     # The defaults (`make demo`'s run, 5 rounds here): 3 digits sites, epsilon 8.
     assert out["final"]["accuracy"] >= 0.70
     assert len(out["sites"]) == 3
@@ -151,3 +154,37 @@ def test_a_finished_run_resumes_with_more_rounds_where_the_sites_allow_them(
         [sys.executable, "-m", "fedsilo", "audit", "run"], cwd=tmp_path, capture_output=True
     )
     assert audit.returncode == 0, audit.stdout
+
+
+def test_a_crash_in_a_round_the_sites_answered_loses_nothing(tmp_path: Path) -> None:
+    """The server died in round 2 after every site had trained it and kept its reply
+    (made here by removing round 2's checkpoint and metrics line and the summary, as a
+    crash before the server completed the round leaves them). `--resume` asks for
+    round 2 again: each site resends the reply it kept, at no new spend, so round 2 is
+    recorded with the same model to the last bit, nothing is lost, and each ledger has
+    rounds [1, 2] once each."""
+    import torch
+
+    from fedsilo.privacy import ledger
+
+    out = simulate(tmp_path, "run", "--rounds", "2", "--seed", "5")
+    run_dir = Path(out["run_dir"])
+    first = torch.load(run_dir / "checkpoints" / "round-002.pt")
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    (run_dir / "metrics.jsonl").write_text(lines[0] + "\n")
+    (run_dir / "checkpoints" / "round-002.pt").unlink()
+    (run_dir / "summary.json").unlink()
+    (run_dir / "final_model.pt").unlink()
+
+    again = resume(tmp_path, str(run_dir))
+
+    assert [r["round"] for r in again["rounds"]] == [1, 2]
+    assert again["lost_rounds"] == [] and again["asked_again"] == [2]
+    assert again["rounds"][1] == out["rounds"][1]  # the same replies, the same evaluation
+    second = torch.load(run_dir / "checkpoints" / "round-002.pt")
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    for path in sorted((run_dir / "ledgers").glob("*.jsonl")):
+        assert [s.round for s in ledger.read(path).spends] == [1, 2], path.name
+    assert {s["site"]: s["epsilon"] for s in again["sites"]} == {
+        s["site"]: s["epsilon"] for s in out["sites"]
+    }

@@ -157,8 +157,9 @@ def test_a_round_record_round_trips(
 
 def test_a_summary_keeps_the_keys_simulate_json_prints() -> None:
     """`fedsilo simulate --json` prints summary.json's object: its keys are the ones it
-    printed before the records were typed, plus the schema version."""
-    keys = {*LEGACY_SUMMARY, "ray", "schema"}
+    printed before the records were typed, plus the schema version and
+    the rounds a resumed server asked for again."""
+    keys = {*LEGACY_SUMMARY, "ray", "schema", "asked_again"}
     assert set(summary().to_dict()) == keys
     assert Summary.from_dict(summary().to_dict()) == summary()
     # No task metrics: none written; no round: a final evaluation of nulls.
@@ -195,7 +196,8 @@ def test_files_written_before_the_schema_key_read_as_version_1(tmp_path: Path) -
         reasons={"site-1": "no reply before the round timeout"},
         seconds=3.5,
     )
-    assert old is not None and old.to_dict() == {**LEGACY_SUMMARY, "schema": SCHEMA}
+    assert old is not None
+    assert old.to_dict() == {**LEGACY_SUMMARY, "schema": SCHEMA, "asked_again": []}
     assert read_progress(tmp_path) == Progress(started=2, lost=[2], resumed=[1])
 
 
@@ -207,7 +209,7 @@ def test_an_old_run_resumes_and_its_lines_stay_as_written(tmp_path: Path) -> Non
     (tmp_path / "progress.json").write_text(json.dumps({"started": 2, "lost": [], "resumed": []}))
 
     # Execute
-    progress, records = run.resume_point()
+    progress, records = run.resume_point(ask_again=False)
     run.append_metrics(round_record(3))
 
     # Assert: resumed after round 1; the old line is kept verbatim, the new one versioned
@@ -253,7 +255,7 @@ def test_a_metrics_line_of_a_newer_version_is_refused_not_skipped(tmp_path: Path
     line = json.dumps({**json.loads(LEGACY_METRICS_LINE), "round": 2, "schema": 3})
     (tmp_path / "metrics.jsonl").write_text(LEGACY_METRICS_LINE + "\n" + line + "\n")
     with pytest.raises(DataError, match=r"metrics.jsonl, line 2 has schema version 3"):
-        RunDir(tmp_path).resume_point()
+        RunDir(tmp_path).resume_point(ask_again=True)
 
 
 def test_resuming_a_run_of_a_newer_fedsilo_says_why_without_a_traceback(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def test_resume_point_counts_only_checkpointed_rounds_and_loses_the_sent_one(
     run.write_progress(Progress(started=3))
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"round": 3, "accur')
-    progress, records = run.resume_point()
+    progress, records = run.resume_point(ask_again=False)
     assert [r.round for r in records] == [1, 2]
     assert progress == Progress(started=3, lost=[3], resumed=[2])
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") == 2
@@ -58,8 +59,34 @@ def test_resume_point_counts_only_checkpointed_rounds_and_loses_the_sent_one(
     assert read_progress(tmp_path) == progress
     # A metrics line without its checkpoint is not a completed round.
     (tmp_path / "checkpoints" / "round-002.pt").unlink()
-    progress, records = run.resume_point()
+    progress, records = run.resume_point(ask_again=False)
     assert [r.round for r in records] == [1] and progress.lost == [2, 3]
+
+
+def test_a_local_dp_resume_asks_for_the_round_in_flight_again(tmp_path: Path) -> None:
+    """Local DP: round 3 was in flight when the server died. The resumed server starts
+    at round 3 again (sites that trained it resend their kept replies) and loses
+    nothing; a second crash in the same round asks for it again once more, and a round
+    lost before (a distributed run's, or one too few sites kept) stays lost."""
+    import torch
+
+    from fedsilo.server.records import Progress
+    from fedsilo.server.run_dir import resume_progress
+
+    run = RunDir(tmp_path)
+    for r in (1, 2):
+        run.save_checkpoint(r, {"w": torch.zeros(1)})
+        run.append_metrics(RoundRecord(round=r, accuracy=0.5, loss=0.1, max_epsilon=1.0))
+    run.write_progress(Progress(started=3, lost=[1]))
+    progress, records = run.resume_point(ask_again=True)
+    assert [r.round for r in records] == [1, 2]
+    assert progress == Progress(started=2, lost=[1], resumed=[2], asked_again=[3])
+    again = resume_progress(dataclasses.replace(progress, started=3), 2, ask_again=True)
+    assert again == Progress(started=2, lost=[1], resumed=[2, 2], asked_again=[3])
+    # Nothing in flight (the crash came between rounds): nothing asked again.
+    assert resume_progress(Progress(started=2), 2, ask_again=True).asked_again == []
+    # Distributed DP never asks again: the round is lost.
+    assert resume_progress(Progress(started=3), 2, ask_again=False).lost == [3]
 
 
 def test_only_a_stopped_fedsilo_run_with_a_run_id_can_be_resumed(tmp_path: Path) -> None:
