@@ -71,6 +71,60 @@ class Partition:
         return "iid"
 
 
+AGGREGATIONS = "fedavg, median, trimmed-mean:F, krum:F or norm-bound:B"
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """How the server combines a local-DP round's site models (fedsilo.server.robust)."""
+
+    kind: str  # "fedavg" | "median" | "trimmed-mean" | "krum" | "norm-bound"
+    f: int = 0  # trimmed-mean: values cut at each end of a coordinate; krum: sites tolerated
+    bound: float = 0.0  # norm-bound: the largest L2 norm of a site's update
+
+    @staticmethod
+    def parse(text: str) -> Aggregation:
+        """Parse `fedavg`, `median`, `trimmed-mean:F`, `krum:F` or `norm-bound:B`."""
+        kind, _, arg = text.strip().partition(":")
+        if kind in ("fedavg", "median") and not arg:
+            return Aggregation(kind)
+        if kind in ("trimmed-mean", "krum"):
+            if not arg.isdigit() or int(arg) < 1:
+                raise ConfigError(
+                    f"`aggregation` {kind}:F needs F, the hostile sites to tolerate, as an "
+                    f"integer >= 1. Found {text!r}; use e.g. {kind}:1."
+                )
+            return Aggregation(kind, f=int(arg))
+        if kind == "norm-bound":
+            try:
+                bound = float(arg)
+            except ValueError:
+                bound = math.nan
+            if not (bound > 0 and math.isfinite(bound)):
+                raise ConfigError(
+                    f"`aggregation` norm-bound:B needs B, the largest L2 norm of a site's "
+                    f"update, as a finite number > 0. Found {text!r}; use e.g. norm-bound:5."
+                )
+            return Aggregation(kind, bound=bound)
+        raise ConfigError(f"Unknown `aggregation` {text!r}. Use {AGGREGATIONS}.")
+
+    @property
+    def min_replies(self) -> int:
+        """The fewest replies the rule is defined on (and, for F, robust on)."""
+        if self.kind == "trimmed-mean":
+            return 2 * self.f + 1  # something left after cutting F at each end
+        if self.kind == "krum":
+            return 2 * self.f + 3  # Krum's n > 2F + 2 (Blanchard et al., 2017)
+        return 1
+
+    def __str__(self) -> str:
+        if self.kind in ("trimmed-mean", "krum"):
+            return f"{self.kind}:{self.f}"
+        if self.kind == "norm-bound":
+            return f"norm-bound:{self.bound:g}"
+        return self.kind
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One federated run, as the server asks for it. Defaults are the `make demo` job."""
@@ -114,6 +168,9 @@ class RunConfig:
     # target-epsilon, target-delta, rounds and dp-max-sample-rate. 0 = local DP, or a run
     # not yet planned, which the server and the sites refuse.
     noise_multiplier: float = 0.0
+    # How the server combines the sites' models (local DP): fedavg, or a robust rule
+    # against hostile sites (fedsilo.server.robust). Post-processing of DP releases.
+    aggregation: str = "fedavg"
 
     @property
     def distributed(self) -> bool:
@@ -123,6 +180,10 @@ class RunConfig:
     @property
     def partition_spec(self) -> Partition:
         return Partition.parse(self.partition)
+
+    @property
+    def aggregation_rule(self) -> Aggregation:
+        return Aggregation.parse(self.aggregation)
 
     def to_flwr(self) -> dict[str, bool | int | float | str]:
         """The kebab-case Flower run config for this object."""
@@ -160,8 +221,34 @@ class RunConfig:
         self._check_training(source)
         try:
             self.partition_spec  # noqa: B018  (raises ConfigError when malformed)
+            rule = self.aggregation_rule
         except ConfigError as exc:
             raise ConfigError(f"{exc} (in {source})") from None
+        self._check_aggregation(rule, source)
+
+    def _check_aggregation(self, rule: Aggregation, source: str) -> None:
+        """A robust rule: local DP only, and enough replies for it in every round."""
+        if rule.kind != "fedavg" and self.distributed:
+            raise _bad(
+                source,
+                "aggregation",
+                "fedavg with --dp distributed",
+                self.aggregation,
+                "The server sees only the secure sum, never a site's update, so no robust "
+                "rule can apply. What bounds a hostile site there: each site clips every "
+                "example's gradient to max-grad-norm before summing, so one site moves the "
+                "sum by at most its batch times that norm, and a site's reply outside the "
+                "ring's range is refused. Use --dp local for a robust rule.",
+            )
+        if self.min_sites < rule.min_replies:
+            raise _bad(
+                source,
+                "min-sites",
+                f">= {rule.min_replies} with aggregation {rule}",
+                self.min_sites,
+                f"{rule.kind} is only defined (and robust to {rule.f} hostile sites) with at "
+                f"least {rule.min_replies} replies in a round; raise min-sites or lower F.",
+            )
 
     def _check_task(self, source: str) -> None:
         """The task (or the built-in dataset and model), the run id and the choices."""

@@ -48,6 +48,23 @@ def end_of_run_lines(summary: Summary) -> list[str]:
         f"[red]{site} failed round(s) {', '.join(map(str, rounds))}[/]: {reason}"
         for (site, reason), rounds in failed.items()
     ]
+    flagged: dict[str, list[int]] = {}
+    last: dict[str, str] = {}
+    for flag in summary.flagged:
+        flagged.setdefault(flag.site, []).append(flag.round)
+        last[flag.site] = flag.reason
+    hostile = summary.hostile or {}
+    lines += [
+        f"[yellow]{site}{' (hostile: ' + hostile[site] + ')' if site in hostile else ''} "
+        f"flagged in round(s) {', '.join(map(str, rounds))}[/]: {last[site]}"
+        for site, rounds in flagged.items()
+    ]
+    if summary.hostile:
+        lines.append(
+            f"[yellow]simulated hostile sites[/]: {', '.join(sorted(summary.hostile))} "
+            f"({', '.join(sorted(set(summary.hostile.values())))}); the run's accuracy is "
+            "under their attack"
+        )
     if summary.lost_rounds:
         lost = ", ".join(map(str, summary.lost_rounds))
         lines.append(

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsilo.config import DP_MODES, RunConfig, new_run_id
+from fedsilo.config import DP_MODES, Aggregation, RunConfig, new_run_id
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.distributed import planned
 from fedsilo.server.run_dir import default_run_dir
@@ -131,12 +131,24 @@ FLAGS: tuple[Flag, ...] = (
         "not carry the assumed noise)",
         metavar="N",
     ),
+    Flag(
+        "aggregation",
+        "robust",
+        "fedavg; or against hostile sites, with --dp local: median (coordinate-wise), "
+        "trimmed-mean:F (cut the F largest and smallest values of each coordinate), krum:F "
+        "(average the n-F updates closest to the others) or norm-bound:B (scale each site's "
+        "update to an L2 norm of at most B). The server applies it to the sites' already "
+        "noised models: post-processing, no privacy cost. min-sites defaults to what the "
+        "rule needs (2F+1, 2F+3)",
+        metavar="RULE",
+    ),
     Flag("seed", "run", "model initialisation and partitioning"),
     Flag("device", "run", "auto, cpu or cuda"),
 )
 GROUPS = {
     "task": "task",
     "dp": "differential privacy (per site, for the whole run)",
+    "robust": "robust aggregation (hostile sites)",
     "run": "run",
 }
 
@@ -215,7 +227,9 @@ def build(
     if distributed and "dp-min-sites" not in chosen:
         values["dp-min-sites"] = values["min-sites"] if "min-sites" in chosen else sites
     if "min-sites" not in chosen:
-        values["min-sites"] = values["dp-min-sites"] if distributed else min_sites
+        values["min-sites"] = (
+            values["dp-min-sites"] if distributed else max(min_sites, _rule_min(values))
+        )
     values["run-id"] = new_run_id()
     values["run-dir"] = str(Path(values["run-dir"] or default_run_dir()).resolve())
     if distributed and not values["dp-max-sample-rate"]:
@@ -269,6 +283,14 @@ def resume(recorded: RunConfig, flags: Layer, *, run_dir: Path) -> RunConfig:
             "site, for them. Drop --rounds, or start a new run."
         )
     return dataclasses.replace(recorded, rounds=rounds)
+
+
+def _rule_min(values: Mapping[str, Any]) -> int:
+    """The replies the aggregation rule needs (1 for one that does not parse: refused later)."""
+    try:
+        return Aggregation.parse(str(values["aggregation"])).min_replies
+    except ConfigError:
+        return 1
 
 
 def _field(name: str) -> dataclasses.Field[Any]:

@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from fedsilo.clients.dp_train import feature_cache_dir
 from fedsilo.clients.site_budget import SiteBudget
 from fedsilo.clients.site_data import load_site_file
@@ -57,6 +59,12 @@ CA_CERT_KEY = "ca-cert"
 IDENTITY_KEYS = (SITE_KEY_KEY, SITE_CERT_KEY, CA_CERT_KEY)  # load_identity's order
 
 
+# (the round's global model, the site's trained model, the round) -> the model it sends
+Tamper = Callable[
+    [Mapping[str, torch.Tensor], Mapping[str, torch.Tensor], int], dict[str, torch.Tensor]
+]
+
+
 @dataclass(frozen=True)
 class SiteEnvironment:
     """What differs between sites, and between simulation and deployment."""
@@ -74,6 +82,9 @@ class SiteEnvironment:
     # The key and certificate that prove this site's secure-aggregation keys to the
     # others; None for a site whose kit has no site.crt (it can still train with local DP).
     identity: SiteIdentity | None = None
+    # A hostile virtual site's attack on the model it trained (`simulate --hostile-sites`,
+    # fedsilo.simulations.attacks); None for every honest and every deployed site.
+    tamper: Tamper | None = None
 
     @property
     def simulated(self) -> bool:

@@ -10,6 +10,7 @@ masked vector). The site's own log line says its total spend, which never leaves
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Mapping
@@ -77,11 +78,13 @@ class LocalSiteRound(SiteRound):
         if again is not None:
             return again
         auth = self.authorise()
-        result = train_authorised(
-            self.cfg, self.site, auth, arrays.to_torch_state_dict(), self.server_round
-        )
+        global_state = arrays.to_torch_state_dict()
+        result = train_authorised(self.cfg, self.site, auth, global_state, self.server_round)
         if not isinstance(result, RoundResult):
             raise ConfigError("a local-DP round trained without its model")
+        if self.site.tamper is not None:  # a simulated hostile site attacks (never deployed)
+            state = self.site.tamper(global_state, result.state_dict, self.server_round)
+            result = dataclasses.replace(result, state_dict=state)
         why = _unsendable(result)
         if why:
             log.error("train: site %s round %d: %s", self.site.name, self.server_round, why)

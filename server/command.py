@@ -13,7 +13,9 @@ run directory (metrics.jsonl, checkpoints, final model, summary.json). Ctrl-C or
 SIGTERM stops the run and every process it started. A run whose server stopped
 (crash, kill, power loss) goes on with --resume RUN_DIR from its last completed
 round, with the same run identity: sites keep the noise plan they recorded and
-never train a round twice; a round in progress when it stopped is lost.
+never train a round twice. The round in progress when it stopped is asked for again:
+with local DP each site that trained it resends the reply it kept (no new spend), so
+no round is lost; with distributed DP it is lost (a site never re-masks its input).
 
 With --dp distributed the run's one noise multiplier is calibrated here, before any
 site joins, for --dp-max-sample-rate (required: batch-size / the smallest site's

@@ -96,6 +96,8 @@ class RoundRecord:
     seconds: float = 0.0  # from sending the round to its evaluation
     metrics: dict[str, float] | None = None  # the task's own metrics, where it has any
     stage_seconds: dict[str, float] | None = None  # a distributed round's time per stage
+    # sites a robust aggregation rule left out, scaled or cut, and how (by site)
+    flagged: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -112,6 +114,7 @@ class RoundRecord:
             "reasons": dict(self.reasons),
             "seconds": self.seconds,
             **({"stage_seconds": dict(self.stage_seconds)} if self.stage_seconds else {}),
+            **({"flagged": dict(self.flagged)} if self.flagged else {}),
         }
 
     @staticmethod
@@ -133,6 +136,7 @@ class RoundRecord:
             seconds=_float(d.get("seconds", 0.0)),
             metrics=_floats(d.get("metrics")),
             stage_seconds=_floats(d.get("stage_seconds")),
+            flagged={str(k): str(v) for k, v in (d.get("flagged") or {}).items()},
         )
 
     def result(self) -> RoundResult:
@@ -266,6 +270,22 @@ class Refusal:
 
 
 @dataclass(frozen=True)
+class Flagged:
+    """A site a robust aggregation rule acted on in a round (fedsilo.server.robust), and how."""
+
+    site: str
+    round: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site": self.site, "round": self.round, "reason": self.reason}
+
+    @staticmethod
+    def from_dict(d: Mapping[str, Any]) -> Flagged:
+        return Flagged(str(d["site"]), int(d["round"]), str(d["reason"]))
+
+
+@dataclass(frozen=True)
 class Summary:
     """summary.json: how a run ended (the object `fedsilo simulate --json` prints)."""
 
@@ -275,6 +295,7 @@ class Summary:
     sites: list[SiteSummary] = field(default_factory=list)  # by name
     failures: list[Failure] = field(default_factory=list)
     refusals: list[Refusal] = field(default_factory=list)
+    flagged: list[Flagged] = field(default_factory=list)  # by a robust aggregation rule
     completed_rounds: int = 0
     planned_rounds: int = 0
     run_dir: str = ""
@@ -286,6 +307,9 @@ class Summary:
     # The simulation runner's entry: the engine and the Ray node(s) each virtual site
     # ran on (fedsilo.simulations.cluster.placement_summary); None for a deployed run.
     ray: dict[str, Any] | None = None
+    # A simulation's hostile virtual sites (`simulate --hostile-sites`) and what each
+    # does: never honest sites, whatever the rounds say of them. None: no hostile site.
+    hostile: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -296,6 +320,7 @@ class Summary:
             "sites": [s.to_dict() for s in self.sites],
             "failures": [f.to_dict() for f in self.failures],
             "refusals": [r.to_dict() for r in self.refusals],
+            "flagged": [f.to_dict() for f in self.flagged],
             "completed_rounds": self.completed_rounds,
             "planned_rounds": self.planned_rounds,
             "run_dir": self.run_dir,
@@ -305,6 +330,7 @@ class Summary:
             "asked_again": list(self.asked_again),
             "stopped": self.stopped,
             **({"ray": self.ray} if self.ray is not None else {}),
+            **({"hostile": dict(self.hostile)} if self.hostile is not None else {}),
         }
 
     @staticmethod
@@ -317,6 +343,7 @@ class Summary:
             sites=[SiteSummary.from_dict(s) for s in d.get("sites") or []],
             failures=[Failure.from_dict(f) for f in d.get("failures") or []],
             refusals=[Refusal.from_dict(r) for r in d.get("refusals") or []],
+            flagged=[Flagged.from_dict(f) for f in d.get("flagged") or []],
             completed_rounds=int(d.get("completed_rounds") or 0),
             planned_rounds=int(d.get("planned_rounds") or 0),
             run_dir=str(d.get("run_dir") or ""),
@@ -326,6 +353,11 @@ class Summary:
             asked_again=[int(r) for r in d.get("asked_again") or []],
             stopped=_optional_str(d.get("stopped")) or None,
             ray=dict(d["ray"]) if isinstance(d.get("ray"), Mapping) else None,
+            hostile=(
+                {str(k): str(v) for k, v in d["hostile"].items()}
+                if isinstance(d.get("hostile"), Mapping)
+                else None
+            ),
         )
 
 

@@ -35,7 +35,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID  # the sender of errors for l
 
 from fedsilo import protocol
 from fedsilo.privacy.refusal import parse_refusal
-from fedsilo.server.records import Failure, Refusal, RoundRecord, SiteRoundReport
+from fedsilo.server.records import Failure, Flagged, Refusal, RoundRecord, SiteRoundReport
 from fedsilo.task.train import non_finite
 
 log = logging.getLogger("fedsilo.server")
@@ -86,6 +86,7 @@ class ReplyBook:
         self.reports: dict[str, SiteReport] = {}  # each site's latest accepted report
         self.failures: list[Failure] = []
         self.refusals: list[Refusal] = []
+        self.flagged: list[Flagged] = []  # what a robust aggregation rule did to a site
         self.last_round_sites: list[str] = []  # whose updates the last round aggregated
         self.committed: dict[str, int] = {}  # example counts sites committed to
 
@@ -112,6 +113,13 @@ class ReplyBook:
             reasons = rec.reasons
             self.failures += [Failure(s, r, reasons.get(s, "")) for s in rec.failed]
             self.refusals += [Refusal(s, r, reasons.get(s, "")) for s in rec.refused]
+            self.flagged += [Flagged(s, r, why) for s, why in rec.flagged.items()]
+
+    def flag(self, server_round: int, reasons: Mapping[str, str]) -> None:
+        """Record what the round's robust aggregation rule did to each site it acted on."""
+        for site, reason in sorted(reasons.items()):
+            log.warning("aggregate_train: round %d: %s: %s", server_round, site, reason)
+            self.flagged.append(Flagged(site, server_round, reason))
 
     def site_name(self, node: int) -> str:
         """The site of authenticated node `node` (`node-<id>` when sites.json lacks it)."""

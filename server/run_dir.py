@@ -296,9 +296,15 @@ def resume_config(path: str | Path, *, rounds: int | None = None) -> tuple[Path,
             "round(s); there is nothing to resume. Start a new run, or resume it with "
             "--rounds N above that where its sites allow more rounds."
         )
+    for key, then in ADDED_SINCE.items():  # a run recorded before the key existed
+        values.setdefault(key, then)
     values["run-dir"] = str(run_dir)
     values["resume"] = True
     return run_dir, values
+
+
+# Run-config keys added after runs were recorded, with the value such a run used.
+ADDED_SINCE = {"aggregation": "fedavg"}
 
 
 def run_complete(summary: Summary) -> bool:

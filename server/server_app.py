@@ -117,6 +117,7 @@ def site_reports(cfg: RunConfig, run_dir: RunDir, rounds: list[RoundRecord]) -> 
             min_available_nodes=cfg.min_sites,
         ),
         names=lambda: read_site_names(run_dir.path),
+        rule=cfg.aggregation_rule,
     )
     strategy.restore(rounds)
     return strategy
@@ -249,6 +250,7 @@ def close_round(
         return f"central evaluation is not finite (loss {loss}, accuracy {accuracy})"
     failures = [f for f in strategy.failures if f.round == server_round]
     refusals = [r for r in strategy.refusals if r.round == server_round]
+    flagged = {f.site: f.reason for f in strategy.flagged if f.round == server_round}
     record = RoundRecord(
         round=server_round,
         accuracy=accuracy,
@@ -263,6 +265,7 @@ def close_round(
             **{f.site: f.reason for f in failures},
             **{r.site: r.reason for r in refusals},
         },
+        flagged=flagged,
     )
     return new_arrays, record
 
@@ -295,6 +298,7 @@ def build_summary(
         ],
         failures=list(strategy.failures),
         refusals=list(strategy.refusals),
+        flagged=list(strategy.flagged),
         completed_rounds=len(rounds),
         planned_rounds=planned_rounds,
         run_dir=run_dir,

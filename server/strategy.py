@@ -27,9 +27,12 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from fedsilo import protocol
-from fedsilo.server.records import Failure, Refusal, RoundRecord
+from fedsilo.config import Aggregation
+from fedsilo.server import robust
+from fedsilo.server.records import Failure, Flagged, Refusal, RoundRecord
 from fedsilo.server.replies import InvalidReply, ReplyBook, SiteReport, Spec, spec_of
 
+FEDAVG = Aggregation("fedavg")
 WEIGHT_CAP_RATIO = 4.0  # no site weighs more than 4x the median site of its round
 
 
@@ -85,13 +88,19 @@ class SiteReports(Strategy):
     """Wrap a strategy: aggregate the reply book's valid replies at bounded weights."""
 
     def __init__(
-        self, inner: Strategy, names: Callable[[], Mapping[int, str]] | None = None
+        self,
+        inner: Strategy,
+        names: Callable[[], Mapping[int, str]] | None = None,
+        rule: Aggregation = FEDAVG,
     ) -> None:
-        """`names()` maps authenticated node ids to site names (re-read for unknown nodes)."""
+        """`names()` maps authenticated node ids to site names (re-read for unknown nodes);
+        `rule` combines the replies (fedavg: `inner`'s; else fedsilo.server.robust)."""
         self.inner = inner
         self.book = ReplyBook(names)
+        self.rule = rule
         self._sent: list[Message] = []  # this round's train messages (ids set on sending)
         self._spec: Spec = {}
+        self._global: ArrayRecord | None = None  # the model this round sent
 
     # The book's records, as the run's metrics lines and summary read them.
 
@@ -112,6 +121,10 @@ class SiteReports(Strategy):
         return self.book.last_round_sites
 
     @property
+    def flagged(self) -> Sequence[Flagged]:
+        return self.book.flagged
+
+    @property
     def committed(self) -> Mapping[str, int]:
         return self.book.committed
 
@@ -126,6 +139,7 @@ class SiteReports(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._spec = spec_of(arrays)
+        self._global = arrays
         self._sent = list(self.inner.configure_train(server_round, arrays, config, grid))
         return self._sent
 
@@ -137,7 +151,20 @@ class SiteReports(Strategy):
             return None, None
         weights = bounded_weights([report for report, _ in valid], self.book.committed)
         weighted = [weighed(msg, weights[report.site]) for report, msg in valid]
-        return self.inner.aggregate_train(server_round, weighted)
+        arrays, metrics = self.inner.aggregate_train(server_round, weighted)
+        if self.rule.kind == "fedavg" or arrays is None or self._global is None:
+            return arrays, metrics
+        if len(valid) < self.rule.min_replies:  # the round stops: fewer than min-sites
+            return None, None
+        models = {
+            report.site: cast(ArrayRecord, msg.content[protocol.ARRAYS]).to_torch_state_dict()
+            for report, msg in valid
+        }
+        state, flagged = robust.aggregate(
+            self.rule, self._global.to_torch_state_dict(), models, weights
+        )
+        self.book.flag(server_round, flagged)
+        return ArrayRecord(state), metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

@@ -40,6 +40,7 @@ from fedsilo.processes import terminate_on_signals
 from fedsilo.run_flags import Layer, add_run_flags, build, given, resume
 from fedsilo.server.records import RoundRecord
 from fedsilo.server.run_dir import default_run_dir, new_run_dir, resume_config, run_complete
+from fedsilo.simulations.attacks import Hostile, recorded_hostile
 from fedsilo.simulations.cluster import disconnect, placement_line
 from fedsilo.simulations.engine import EngineConfig, check_engine
 from fedsilo.simulations.ledgers import rounds_allowed
@@ -72,8 +73,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         metavar="RUN_DIR",
         default="",
         help="continue a run that was stopped (crash, kill, Ctrl-C) from its last completed "
-        "round, with its recorded settings, sites and ledgers; a round in progress when it "
-        "stopped is lost (its sites spent it). --rounds may add rounds where every site's "
+        "round, with its recorded settings, sites and ledgers; the round in progress when "
+        "it stopped is asked for again (local DP: a site that trained it resends its kept "
+        "reply at no new spend; one killed while training it refuses, having spent it). "
+        "--rounds may add rounds where every site's "
         "budget allows them, --ray-address may move it to another cluster; any other flag "
         "must repeat the recorded value",
     )
@@ -92,6 +95,16 @@ def _add_site_flags(p: argparse.ArgumentParser) -> None:
         metavar="EPS[,EPS...]",
         help="each virtual site's own budget (its policy, kept in RUN_DIR/ledgers): one value "
         "for all sites or one per site (default: the target epsilon)",
+    )
+    p.add_argument(
+        "--hostile-sites",
+        default="",
+        metavar="K:KIND",
+        help="make the last K virtual sites hostile, to measure an --aggregation rule before "
+        "you trust it (local DP): sign-flip:F (send the update times -F), noise:S (add "
+        "Gaussian noise of std S), label-flip (train on shifted labels) or free-ride (send "
+        "the global model back). They train and spend budget as every site does; the run "
+        "records them as hostile (summary.json's `hostile`). E.g. 2:sign-flip:10",
     )
     e = p.add_argument_group(
         "where the sites run (simulation only: not part of the run config sites receive)"
@@ -165,9 +178,13 @@ def run(args: argparse.Namespace) -> int:
     if args.resume_dir:
         cfg, args.sites, engine = resume_from_args(args)
         policies = None  # the sites' own, already at the head of their ledgers
+        hostile = recorded_hostile(Path(cfg.run_dir))
     else:
+        hostile = Hostile.parse(args.hostile_sites) if args.hostile_sites else None
         cfg = config_from_args(args)
         args.sites = _sites(args)
+        if hostile is not None:
+            hostile.check(args.sites, distributed=cfg.distributed)
         engine = engine_from_args(args)
         policies = site_policies(args.site_max_epsilon, args.sites, cfg)
     check_engine(engine, device=cfg.device)  # before anything is loaded or printed
@@ -181,7 +198,9 @@ def run(args: argparse.Namespace) -> int:
         f"[bold]fedsilo simulate[/]: {args.sites} sites on task {task_name} "
         f"({min(sizes)}-{max(sizes)} examples each), {cfg.rounds} rounds, "
         f"target epsilon {cfg.target_epsilon:g} at delta {cfg.target_delta:g}{dp_note(cfg)}, "
-        f"on {where}; run dir {cfg.run_dir}",
+        f"on {where}; run dir {cfg.run_dir}"
+        + (f"; hostile: the last {hostile.count} sites ({hostile.attack})" if hostile else "")
+        + (f"; aggregation {cfg.aggregation}" if cfg.aggregation != "fedavg" else ""),
         highlight=False,
     )
     if cfg.resume:
@@ -219,6 +238,7 @@ def run(args: argparse.Namespace) -> int:
                     verbose=args.verbose,
                     site_policies=policies,
                     engine=engine,
+                    hostile=hostile,
                 )
         except (KeyboardInterrupt, SystemExit) as exc:
             if isinstance(exc, SystemExit) and exc.code != signal.SIGTERM:  # Ray's handler
@@ -272,6 +292,9 @@ def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, int, EngineCo
     ]
     if args.site_max_epsilon:
         changed.append("--site-max-epsilon (the sites' policies are in their ledgers)")
+    hostile = recorded_hostile(run_dir)
+    if args.hostile_sites and str(Hostile.parse(args.hostile_sites)) != str(hostile):
+        changed.append(f"--hostile-sites {args.hostile_sites} (recorded: {hostile or 'none'})")
     if changed:
         raise ConfigError(
             f"--resume continues {run_dir} with the sites it recorded; {', '.join(changed)} "

@@ -39,6 +39,7 @@ from fedsilo.server.evaluate import load_eval_data
 from fedsilo.server.records import SCHEMA, SCHEMA_KEY, RoundRecord, Summary, check_schema
 from fedsilo.server.run_dir import RunDir, read_metrics, read_summary, write_site_names
 from fedsilo.simulations import cluster
+from fedsilo.simulations.attacks import HOSTILE_KEY, Hostile
 from fedsilo.simulations.engine import THREAD_VARS, EngineConfig, check_engine
 from fedsilo.simulations.identities import write_simulated_site_identities
 from fedsilo.simulations.ledgers import write_site_policies
@@ -64,12 +65,14 @@ def run_simulation(
     verbose: bool = False,
     site_policies: Sequence[SitePolicy] | None = None,
     engine: EngineConfig | None = None,
+    hostile: Hostile | None = None,
 ) -> Summary:
     """Simulate `sites` virtual sites for `cfg.rounds` rounds; return summary.json's record.
 
     `site_policies[i]` is virtual site i's own policy (default: a budget of the run's
     target epsilon at its delta). Ledgers already in RUN_DIR/ledgers keep their spend.
-    `engine` says where the sites run (default: a private Ray instance, one CPU each).
+    `engine` says where the sites run (default: a private Ray instance, one CPU each);
+    `hostile`, which of them attack (fedsilo.simulations.attacks; a new run records it).
     """
     flwr_adapter.check_flower_version()
     engine = engine or EngineConfig()
@@ -84,7 +87,7 @@ def run_simulation(
         cfg = dataclasses.replace(cfg, run_dir=str(Path(cfg.run_dir).resolve()))
         cluster.connect(engine, verbose=verbose)
     try:
-        return _run_engine(cfg, engine, sites, on_round, verbose, site_policies)
+        return _run_engine(cfg, engine, sites, on_round, verbose, site_policies, hostile)
     finally:
         if engine.ray_address:
             cluster.disconnect()  # Flower's engine already did, unless it never started
@@ -97,6 +100,7 @@ def _run_engine(
     on_round: ProgressFn | None,
     verbose: bool,
     site_policies: Sequence[SitePolicy] | None,
+    hostile: Hostile | None,
 ) -> Summary:
     # lazy: Flower's engine, Ray and the apps take 0.8 s, and `fedsilo --help` imports
     # this module (fedsilo.simulations.command)
@@ -105,7 +109,7 @@ def _run_engine(
     from fedsilo.server.server_app import app as server_app
 
     run_dir = Path(cfg.run_dir)
-    _prepare_sites(cfg, engine, sites, site_policies)
+    _prepare_sites(cfg, engine, sites, site_policies, hostile)
     if engine.ray_address:
         labels = cluster.check_nodes(run_dir, cfg)
         workers = engine_internals.actor_pool_size(engine.client_resources())
@@ -127,7 +131,7 @@ def _run_engine(
             engine_internals.run_simulation(
                 # The deployed ClientApp's code, with virtual sites: only this runner makes one.
                 client_app=build_client_app(
-                    SimulatedSites(str(run_dir), device=engine.site_device)
+                    SimulatedSites(str(run_dir), device=engine.site_device, hostile=hostile)
                 ),
                 server_app=server_app,
                 sites=sites,
@@ -146,7 +150,9 @@ def _run_engine(
             f"The simulation ended without a summary; see the log above and {run_dir}."
         )
     ray = cluster.placement_summary(engine, where.sites, where.addresses)
-    summary = dataclasses.replace(summary, ray=ray)
+    summary = dataclasses.replace(
+        summary, ray=ray, hostile=hostile.by_site(sites) if hostile else None
+    )
     RunDir(run_dir).write_summary(summary)
     return summary
 
@@ -156,6 +162,7 @@ def _prepare_sites(
     engine: EngineConfig,
     sites: int,
     site_policies: Sequence[SitePolicy] | None,
+    hostile: Hostile | None = None,
 ) -> None:
     """Write what the virtual sites and `--resume` read from RUN_DIR before the engine
     starts: the sites' policies and simulation.json (a new run), and with distributed
@@ -166,7 +173,9 @@ def _prepare_sites(
             default = SitePolicy(max_epsilon=cfg.target_epsilon, delta=cfg.target_delta)
             site_policies = [default] * sites
         write_site_policies(run_dir, site_policies)
-        record = {SCHEMA_KEY: SCHEMA, "sites": sites, **engine.record()}
+        record: dict[str, object] = {SCHEMA_KEY: SCHEMA, "sites": sites, **engine.record()}
+        if hostile is not None:
+            record[HOSTILE_KEY] = str(hostile)
         (run_dir / SIMULATION_FILE).write_text(json.dumps(record) + "\n", "utf-8")
     if cfg.distributed:  # a resumed run keeps its sites' identities (and CA)
         write_simulated_site_identities(run_dir, sites)

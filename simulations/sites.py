@@ -17,6 +17,8 @@ reads `partition-id`. Here one user plays every site's operator:
   (fedsilo.simulations.identities); none otherwise;
 - device: the run's `device`, or cuda when the site's actor holds a GPU
   (`--site-gpus`; Ray then shows it only that GPU);
+- hostile sites (`--hostile-sites`, fedsilo.simulations.attacks): the last K
+  partitions attack, by their data (label-flip) or the model they send;
 - randomness: reproducible from `--seed`, so the same seed gives the same metrics.
   That is for experiments: a deployed site's noise is never derived from the run
   config.
@@ -35,6 +37,7 @@ from fedsilo.clients.site_env import SiteEnvironment
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, PrivacyError
 from fedsilo.privacy import ledger
+from fedsilo.simulations.attacks import Hostile, flip_labels, tamper
 from fedsilo.simulations.identities import simulated_site_identity
 from fedsilo.simulations.ledgers import simulated_ledger
 from fedsilo.simulations.partition import partition_indices
@@ -53,6 +56,7 @@ class SimulatedSites:
 
     run_dir: str
     device: str | None = None  # None: the run's `device`; "cuda" when sites hold a GPU
+    hostile: Hostile | None = None  # `--hostile-sites`: the last K sites attack
 
     def __call__(self, cfg: RunConfig, node_config: Mapping[str, object]) -> SiteEnvironment:
         try:
@@ -73,16 +77,24 @@ class SimulatedSites:
         task = task_for(cfg)
         pool = self.pool(task, cfg.data_dir)
         parts = partition_indices(pool.y.numpy(), num, cfg.partition_spec, seed=cfg.seed)
+        data = pool.subset(parts[pid])
+        seed = cfg.seed * SEED_STRIDE + pid
+        attack = None
+        if self.hostile is not None and pid in self.hostile.partitions(num):
+            attack = tamper(self.hostile, seed)
+            if self.hostile.kind == "label-flip":
+                data = flip_labels(data)
         return SiteEnvironment(
             name=f"site-{pid}",
             task=task,
-            data=pool.subset(parts[pid]),
+            data=data,
             budget=SiteBudget(path, policy),
             cache_dir=feature_cache_dir(path),
             keep_cache=True,  # shared by the run's sites; the runner deletes it at the end
             device=self.device or cfg.device,
-            simulation_seed=cfg.seed * SEED_STRIDE + pid,
+            simulation_seed=seed,
             identity=simulated_site_identity(self.run_dir, pid),
+            tamper=attack,
         )
 
     def pool(self, task: Task, data_dir: str) -> Dataset:

@@ -97,6 +97,20 @@ def in_process(
         (["--dp", "distributed", "--dp-min-sites", "-1"], "`dp-min-sites` must be an integer >= 2"),
         (["--seed", "-1"], "`seed` must be an integer in 0..9223372036854775807. Found -1"),
         (["--seed", str(2**64)], "`seed` must be an integer in 0.."),
+        # Robust aggregation and attack simulation (issue 26).
+        (["--aggregation", "bulyan:1"], "Unknown `aggregation` 'bulyan:1'"),
+        (
+            ["--aggregation", "krum:1", "--sites", "4"],
+            "`--min-sites` is 5 but the simulation has 4",
+        ),
+        (["--aggregation", "krum:1", "--min-sites", "3"], "`min-sites` must be >= 5 with aggr"),
+        (
+            ["--aggregation", "median", "--dp", "distributed"],
+            "`aggregation` must be fedavg with --dp distributed",
+        ),
+        (["--hostile-sites", "3:free-ride"], "keep at least one honest site"),
+        (["--hostile-sites", "1:sign-flip"], "needs F, the factor"),
+        (["--hostile-sites", "1:free-ride", "--dp", "distributed"], "sees only the secure sum"),
     ],
 )
 def test_bad_config_one_line_no_traceback(

@@ -85,3 +85,30 @@ def test_a_distributed_run_config_round_trips_with_its_plan() -> None:
     assert RunConfig.from_flwr(cfg.to_flwr()) == cfg
     unplanned = RunConfig.from_flwr(raw | {"min-sites": 63, "noise-multiplier": 0.0})
     assert unplanned.noise_multiplier == 0.0  # valid, but the server and the sites refuse it
+
+
+def test_a_robust_rule_is_refused_with_distributed_dp_and_says_what_protects_it() -> None:
+    raw = manifest_config() | DISTRIBUTED | {"aggregation": "median"}
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flwr(raw, source="run.toml")
+    said = str(err.value)
+    assert "`aggregation` must be fedavg with --dp distributed" in said
+    assert "sees only the secure sum" in said and "max-grad-norm" in said and "run.toml" in said
+
+
+@pytest.mark.parametrize(
+    ("rule", "min_sites", "needle"),
+    [
+        ("krum:1", 4, "`min-sites` must be >= 5 with aggregation krum:1"),
+        ("trimmed-mean:2", 4, "`min-sites` must be >= 5 with aggregation trimmed-mean:2"),
+        ("krum:x", 5, "`aggregation` krum:F needs F"),
+    ],
+)
+def test_a_robust_rule_needs_enough_sites_in_every_round(
+    rule: str, min_sites: int, needle: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flwr(manifest_config() | {"aggregation": rule, "min-sites": min_sites})
+    assert needle in str(err.value)
+    ok = RunConfig.from_flwr(manifest_config() | {"aggregation": "krum:1", "min-sites": 5})
+    assert str(ok.aggregation_rule) == "krum:1"

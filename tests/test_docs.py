@@ -69,6 +69,10 @@ COVERED = {
     "fedsilo simulate --task breast_cancer.task:task --sites 3 --rounds 5 --target-epsilon 3": (
         f"{E2E}/test_breast_cancer.py::test_simulation_reaches_the_accuracy_target_at_epsilon_3"
     ),
+    "fedsilo simulate --sites 5 --hostile-sites 1:sign-flip:10 --aggregation krum:1": (
+        f"{E2E}/test_simulate.py::"
+        "test_krum_keeps_the_model_that_one_sign_flipping_site_steers_under_fedavg"
+    ),
     "fedsilo simulate --ray-address HEAD:6379 --sites 32 --out /shared/runs/x": (
         "tests/simulations/test_ray_cluster.py::"
         "test_sites_run_on_both_nodes_and_compute_what_a_local_run_does"

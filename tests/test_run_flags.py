@@ -173,3 +173,26 @@ def test_layers_apply_in_order_and_name_their_source(tmp_path: Path) -> None:
         build(Layer({"run-id": "x"}, "run.toml"), sites=3, min_sites=3)
     with pytest.raises(ConfigError, match="needs --dp-max-sample-rate"):
         build(Layer({"dp": "distributed"}, "the command line"), sites=3, min_sites=3)
+
+
+def test_min_sites_defaults_to_what_the_aggregation_rule_needs(tmp_path: Path) -> None:
+    cfg = simulate_command.config_from_args(
+        simulate("--aggregation", "krum:2", "--sites", "10", "--out", str(tmp_path / "a"))
+    )
+    assert (cfg.aggregation, cfg.min_sites) == ("krum:2", 7)
+    given_min = build(
+        Layer({"aggregation": "median", "min-sites": 2}, "flags"), sites=3, min_sites=3
+    )
+    assert given_min.min_sites == 2
+
+
+def test_a_run_recorded_before_aggregation_existed_resumes_as_fedavg(tmp_path: Path) -> None:
+    import json
+
+    from fedsilo.server.run_dir import resume_config
+
+    values = RunConfig(run_id="abc", run_dir=str(tmp_path)).to_flwr()
+    del values["aggregation"]
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    _, recorded = resume_config(tmp_path)
+    assert RunConfig.from_flwr(recorded).aggregation == "fedavg"

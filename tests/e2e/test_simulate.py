@@ -188,3 +188,53 @@ def test_a_crash_in_a_round_the_sites_answered_loses_nothing(tmp_path: Path) -> 
     assert {s["site"]: s["epsilon"] for s in again["sites"]} == {
         s["site"]: s["epsilon"] for s in out["sites"]
     }
+
+
+def test_krum_keeps_the_model_that_one_sign_flipping_site_steers_under_fedavg(
+    tmp_path: Path,
+) -> None:
+    """Five digits sites, the last sends its update times -10 (a real DP-SGD site that
+    attacks what it sends). Under FedAvg the model is steered to chance; under krum:1
+    the attacker is left out every round, named in the record, and the model learns.
+    The hostile site's spend is real: the audit of its ledger passes like the others'."""
+    from tests.e2e.federation import fedsilo
+
+    flags = ("--sites", "5", "--rounds", "2", "--hostile-sites", "1:sign-flip:10")
+    runs = {
+        rule: subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fedsilo",
+                "simulate",
+                "--json",
+                "--out",
+                str(tmp_path / rule.replace(":", "-")),
+                *flags,
+                "--aggregation",
+                rule,
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rule in ("fedavg", "krum:1")
+    }
+    out = {}
+    for rule, proc in runs.items():
+        stdout, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
+        out[rule] = json.loads(stdout)
+    assert out["fedavg"]["final"]["accuracy"] < 0.3  # steered: near chance (0.1)
+    assert out["krum:1"]["final"]["accuracy"] >= 0.6
+    for summary in out.values():
+        assert summary["hostile"] == {"site-4": "sign-flip:10"}
+    assert out["fedavg"]["flagged"] == []
+    flagged = out["krum:1"]["flagged"]
+    assert [(f["site"], f["round"]) for f in flagged] == [("site-4", 1), ("site-4", 2)]
+    assert all("krum:1 left its update out" in f["reason"] for f in flagged)
+    lines = (tmp_path / "krum-1" / "metrics.jsonl").read_text().splitlines()
+    assert all(set(json.loads(ln)["flagged"]) == {"site-4"} for ln in lines)
+    audit = fedsilo("audit", str(tmp_path / "krum-1"), "--json", cwd=tmp_path)
+    assert audit.returncode == 0, audit.stdout + audit.stderr

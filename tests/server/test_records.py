@@ -18,6 +18,7 @@ from fedsilo.server.records import (
     SCHEMA,
     Failure,
     FinalEvaluation,
+    Flagged,
     Progress,
     Refusal,
     RoundRecord,
@@ -104,6 +105,8 @@ def summary() -> Summary:
         resumed_after=[1],
         stopped=None,
         ray={"address": "local", "nodes": 1},
+        hostile={"site-2": "sign-flip:10"},
+        flagged=[Flagged("site-2", 1, "krum:1 left its update out")],
     )
 
 
@@ -159,7 +162,7 @@ def test_a_summary_keeps_the_keys_simulate_json_prints() -> None:
     """`fedsilo simulate --json` prints summary.json's object: its keys are the ones it
     printed before the records were typed, plus the schema version and
     the rounds a resumed server asked for again."""
-    keys = {*LEGACY_SUMMARY, "ray", "schema", "asked_again"}
+    keys = {*LEGACY_SUMMARY, "ray", "hostile", "schema", "asked_again", "flagged"}
     assert set(summary().to_dict()) == keys
     assert Summary.from_dict(summary().to_dict()) == summary()
     # No task metrics: none written; no round: a final evaluation of nulls.
@@ -197,7 +200,8 @@ def test_files_written_before_the_schema_key_read_as_version_1(tmp_path: Path) -
         seconds=3.5,
     )
     assert old is not None
-    assert old.to_dict() == {**LEGACY_SUMMARY, "schema": SCHEMA, "asked_again": []}
+    new_keys = {"schema": SCHEMA, "asked_again": [], "flagged": []}
+    assert old.to_dict() == {**LEGACY_SUMMARY, **new_keys}
     assert read_progress(tmp_path) == Progress(started=2, lost=[2], resumed=[1])
 
 

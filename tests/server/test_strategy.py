@@ -16,6 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, Re
 from flwr.serverapp.strategy import FedAvg
 
 from fedsilo import protocol
+from fedsilo.config import RunConfig
 from fedsilo.privacy.refusal import REFUSAL_CODE, refusal_reason
 from fedsilo.server.records import RoundRecord
 from fedsilo.server.server_app import build_summary
@@ -219,3 +220,45 @@ def test_a_resumed_server_keeps_commitments_reports_and_failures() -> None:
     assert [(f.site, f.round) for f in resumed.failures] == [("site-d", 1)]
     w = aggregate(resumed, [sized(11, 0.0, 10), sized(12, 0.0, 10), sized(13, 3.0, 30)], 2)
     assert torch.allclose(w, torch.full((2,), 1.0))  # still weighed 10, its commitment
+
+
+def test_a_robust_rule_aggregates_and_names_the_site_it_acted_on() -> None:
+    """trimmed-mean:1 over four sites, one sending a huge model: the global model stays
+    with the others, the site is flagged in the book, the round's record and the summary;
+    FedAvg's weighted metrics are still aggregated."""
+    from fedsilo.config import Aggregation
+    from fedsilo.server.server_app import close_round
+
+    s = SiteReports(FedAvg(), names=lambda: NAMES, rule=Aggregation.parse("trimmed-mean:1"))
+    s._global = ArrayRecord({"w": torch.zeros(2)})  # what configure_train keeps
+    s._spec = {"w": ((2,), torch.float32)}
+    honest = [
+        update(11 + i, torch.tensor(v)) for i, v in enumerate(([1.0, 3.0], [2.0, 1.0], [3.0, 2.0]))
+    ]
+    w = aggregate(s, [*honest, update(14, 1e6)])
+    assert torch.allclose(w, torch.full((2,), 2.5))  # the middle two of each coordinate
+    assert [(f.site, f.round) for f in s.flagged] == [("site-d", 1)]
+    assert "cut its values in 100% of coordinates" in s.flagged[0].reason
+
+    class Evaluated:
+        loss, accuracy, extra = 0.5, 0.9, {}
+
+    cfg = RunConfig(aggregation="trimmed-mean:1", min_sites=3)
+    out = close_round(1, ArrayRecord({"w": w}), s, cfg, lambda state: Evaluated())
+    assert not isinstance(out, str)
+    assert out[1].flagged == {"site-d": s.flagged[0].reason}
+    summary = build_summary([out[1]], s, "run", 1)
+    assert [f.site for f in summary.flagged] == ["site-d"]
+    restored = SiteReports(FedAvg(), names=lambda: NAMES)
+    restored.restore([out[1]])
+    assert restored.flagged == s.flagged
+
+
+def test_a_round_with_fewer_replies_than_the_rule_needs_gives_no_model() -> None:
+    from fedsilo.config import Aggregation
+
+    s = SiteReports(FedAvg(), names=lambda: NAMES, rule=Aggregation.parse("krum:1"))
+    s._global = ArrayRecord({"w": torch.zeros(2)})
+    s._spec = {"w": ((2,), torch.float32)}
+    arrays, _ = s.aggregate_train(1, [update(11, 1.0), update(12, 2.0)])
+    assert arrays is None and s.flagged == []
