@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import fedsilo
 from fedsilo.errors import DataError
@@ -238,51 +238,34 @@ class SiteSummary:
 
 
 @dataclass(frozen=True)
-class Failure:
+class SiteEvent:
+    """Something that happened to one site in one round, and why (summary.json lists)."""
+
+    site: str
+    round: int
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"site": self.site, "round": self.round, "reason": self.reason}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        return cls(str(d["site"]), int(d["round"]), str(d["reason"]))
+
+
+@dataclass(frozen=True)
+class Failure(SiteEvent):
     """A site that sent no usable update in a round, and why."""
 
-    site: str
-    round: int
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"site": self.site, "round": self.round, "reason": self.reason}
-
-    @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> Failure:
-        return Failure(str(d["site"]), int(d["round"]), str(d["reason"]))
-
 
 @dataclass(frozen=True)
-class Refusal:
+class Refusal(SiteEvent):
     """A site that refused to train in a round, in its own (public) words."""
 
-    site: str
-    round: int
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"site": self.site, "round": self.round, "reason": self.reason}
-
-    @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> Refusal:
-        return Refusal(str(d["site"]), int(d["round"]), str(d["reason"]))
-
 
 @dataclass(frozen=True)
-class Flagged:
+class Flagged(SiteEvent):
     """A site a robust aggregation rule acted on in a round (fedsilo.server.robust), and how."""
-
-    site: str
-    round: int
-    reason: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"site": self.site, "round": self.round, "reason": self.reason}
-
-    @staticmethod
-    def from_dict(d: Mapping[str, Any]) -> Flagged:
-        return Flagged(str(d["site"]), int(d["round"]), str(d["reason"]))
 
 
 @dataclass(frozen=True)
