@@ -88,7 +88,7 @@ def resume_line(run_id: str, run_dir: str, rounds: int, *, ask_again: bool) -> s
     done = [r.round for r in read_metrics(run_dir)]
     completed = done[-1] if done else 0
     plan = resume_progress(read_progress(run_dir), completed, ask_again=ask_again)
-    again = [r for r in plan.asked_again if r > completed]
+    again = plan.asking_again
     return (
         f"resuming run {run_id} after round {completed} of {rounds}"
         + (

@@ -354,6 +354,12 @@ class Progress:
     # In flight at a crash and asked for again on resume (sites resend kept replies).
     asked_again: list[int] = field(default_factory=list)
 
+    @property
+    def asking_again(self) -> list[int]:
+        """The rounds the latest resume asks for again (in flight at its crash)."""
+        last = self.resumed[-1] if self.resumed else 0
+        return [r for r in self.asked_again if r > last]
+
     def to_dict(self) -> dict[str, Any]:
         return {
             SCHEMA_KEY: SCHEMA,

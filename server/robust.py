@@ -34,10 +34,6 @@ import torch
 
 from fedsilo.config import Aggregation
 
-# trimmed-mean: an honest site's values are cut in about 2F/n of the coordinates (its
-# noise makes it extreme at random); one far from the others, in nearly all. A site
-# cut in more than halfway from 2F/n to all of them is flagged.
-
 State = dict[str, torch.Tensor]
 Updates = Callable[[str], torch.Tensor]  # a key's updates, stacked by site (sites x shape)
 
@@ -80,6 +76,9 @@ def aggregate(
             combined[key], counts = _coordinatewise(u, rule.kind, cut)
             cut_counts += counts
             total += u.shape[1]
+        # An honest site's values are cut in about 2F/n of the coordinates (its noise
+        # makes it extreme at random); one far from the others, in nearly all. A site cut
+        # in more than halfway from 2F/n to all of them is flagged.
         expected = 2 * cut / len(sites)
         flagged = {
             s: f"trimmed-mean:{cut} cut its values in {n / total:.0%} of coordinates "

@@ -138,7 +138,7 @@ def starting_model(
             "at no new spend); round(s) %s are lost (the sites spent them)",
             cfg.run_id,
             progress.resumed[-1],
-            [r for r in progress.asked_again if r > progress.resumed[-1]] or "none",
+            progress.asking_again or "none",
             progress.lost or "none",
         )
     return ArrayRecord(state)
