@@ -27,6 +27,7 @@ from collections.abc import Callable
 from flwr.app import ArrayRecord, ConfigRecord, Message, RecordDict
 
 from fedsilo import protocol
+from fedsilo.clients import failpoint
 from fedsilo.clients.dp_train import DistributedResult, DPPlan
 from fedsilo.clients.site_budget import check_run
 from fedsilo.clients.site_round import SiteRound, spent_reply, train_authorised
@@ -61,6 +62,8 @@ class SecureSiteRound(SiteRound):
         }
         if stage not in stages:
             raise SecAggError(f"unknown secure-aggregation stage {stage!r}")
+        if stage in (protocol.CONSISTENCY, protocol.UNMASK):
+            failpoint.reach(stage, self.server_round)
         return stages[stage](config)
 
     # ------------------------------------------------------------ the stages
@@ -132,6 +135,7 @@ class SecureSiteRound(SiteRound):
         result = train_authorised(self.cfg, self.site, auth, global_state, self.server_round)
         if not isinstance(result, DistributedResult):
             raise ConfigError("a distributed-DP round trained without its noise share")
+        failpoint.reach(protocol.MASKED_INPUT, self.server_round)  # spent, nothing masked
         masked = state.masked_input(to_ring(result.vector))
         self._save(state)
         payload = {

@@ -30,6 +30,7 @@ class LocalRounds:
     exchange: Exchange
     velocity: torch.Tensor | None = field(default=None, repr=False)  # FedAvg keeps none
     stage_seconds: dict[str, float] = field(default_factory=dict)  # one exchange: none
+    why_not: str = ""  # a local round that released nothing: its sites' failures say why
 
     def run_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> ArrayRecord | None:
         """One round; the new global model, or None when no site sent a usable update."""

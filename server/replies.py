@@ -167,12 +167,13 @@ class ReplyBook:
     # ------------------------------------------------------------ secure rounds
 
     def stage_replies(
-        self, server_round: int, sent: list[Message], replies: Iterable[Message]
+        self, server_round: int, sent: list[Message], replies: Iterable[Message], where: str = ""
     ) -> dict[int, Message]:
         """A secure-aggregation stage's replies that are not errors, by node (one each).
 
         Errors, refusals, second replies and missing replies are recorded as for a
-        plain round (fedsilo.server.secure_round).
+        plain round (fedsilo.server.secure_round), each failure's reason after `where`
+        (the stage, e.g. "unmask stage: ").
         """
         dst = destinations(sent)
         usable: dict[int, Message] = {}
@@ -182,18 +183,18 @@ class ReplyBook:
             if node not in dst.values():
                 continue  # not a site this stage asked
             if node in replied:
-                self.fail(node, server_round, "a second reply from this site in one stage")
+                self.fail(node, server_round, f"{where}a second reply from this site in one stage")
                 usable.pop(node, None)
                 continue
             replied.add(node)
             if msg.has_error():
-                self._error(self.site_name(node), server_round, msg)
+                self._error(self.site_name(node), server_round, msg, where)
             elif not msg.has_content():
-                self.fail(node, server_round, "invalid reply: no content")
+                self.fail(node, server_round, f"{where}invalid reply: no content")
             else:
                 usable[node] = msg
         for node in sorted(set(dst.values()) - replied):
-            self.fail(node, server_round, "no reply before the round timeout")
+            self.fail(node, server_round, f"{where}no reply before the round timeout")
         return usable
 
     def report_of(self, node: int, server_round: int, msg: Message) -> SiteReport:
@@ -219,7 +220,7 @@ class ReplyBook:
         """Record that node `node` sent nothing usable in `server_round`, and why."""
         self._fail(self.site_name(node), server_round, reason)
 
-    def _error(self, site: str, server_round: int, msg: Message) -> None:
+    def _error(self, site: str, server_round: int, msg: Message, where: str = "") -> None:
         refusal = parse_refusal(msg.error.code, msg.error.reason or "")
         if refusal is not None:  # the site's own name in it is ignored: we know who it is
             self.refusals.append(Refusal(site, server_round, refusal[1]))
@@ -228,7 +229,7 @@ class ReplyBook:
             )
             return
         reason = msg.error.reason.strip().splitlines()[-1] if msg.error.reason else "error"
-        self._fail(site, server_round, reason)
+        self._fail(site, server_round, where + reason)
 
     def _fail(self, site: str, server_round: int, reason: str) -> None:
         self.failures.append(Failure(site, server_round, reason))

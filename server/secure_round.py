@@ -77,11 +77,14 @@ class SecureRounds:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     # Keys sites advertised for the next round with their unmask answers: (round, by node).
     advertised: tuple[int, dict[int, Keys]] = (0, {})
+    # Why the last round released nothing (run_round returned None), for the stop reason.
+    why_not: str = ""
 
     def run_round(self, grid: Grid, server_round: int, arrays: ArrayRecord) -> ArrayRecord | None:
         """One round; the new global model, or None when it could not complete."""
         rnd = SecureRound(self, grid, server_round, arrays)
         self.stage_seconds = rnd.clock.laps
+        self.why_not = ""
         stages = (
             rnd.advertise_keys,
             rnd.share_keys,
@@ -91,11 +94,13 @@ class SecureRounds:
         )
         for stage in stages:
             if not stage():
+                self.why_not = rnd.why_not
                 return None
         try:
             grad = rnd.decoded_sum()
         except (SecAggError, PrivacyError, ValueError) as exc:
-            log.error("secure round %d: the sum cannot be used: %s", server_round, exc)
+            self.why_not = f"the sum cannot be used: {exc}; nothing was released"
+            log.error("secure round %d: %s", server_round, self.why_not)
             return None
         self.strategy.book.took_part(rnd.active)
         log.info("secure round %d: %d sites; %s", server_round, len(rnd.active), rnd.clock)
@@ -138,6 +143,7 @@ class SecureRound:
         self.dead: set[int] = set()
         self.signatures: dict[int, bytes] = {}
         self.shares: dict[int, dict[int, bytes]] = {}
+        self.why_not = ""  # why a stage ended the round
 
     # ------------------------------------------------------------ 0. advertise keys
 
@@ -154,7 +160,7 @@ class SecureRound:
         if missing:  # round 1, a resumed run, a site that missed the last unmask stage
             replies = self._stage(protocol.ADVERTISE_KEYS, {n: {} for n in missing})
             for node, rec in replies.items():
-                keys = self._signed_keys(node, rec, self.server_round)
+                keys = self._signed_keys(node, rec, self.server_round, protocol.ADVERTISE_KEYS)
                 if keys is not None:
                     self.keys[node] = keys
         if not self._enough(self.keys, protocol.ADVERTISE_KEYS):
@@ -162,25 +168,25 @@ class SecureRound:
         self.graph = neighbours(list(self.keys), seed=self.server_round)
         return True
 
-    def _signed_keys(self, node: int, rec: ConfigRecord, server_round: int) -> Keys | None:
+    def _signed_keys(
+        self, node: int, rec: ConfigRecord, server_round: int, stage: str
+    ) -> Keys | None:
         """A site's keys for `server_round` when it signed them as its own site, else None
-        (recorded as the site's failure in this round)."""
+        (recorded as the site's failure in this round, at `stage`)."""
         c, s = _bytes(rec, protocol.KEY_C), _bytes(rec, protocol.KEY_S)
         sig, cert = _bytes(rec, protocol.SIGNATURE), _bytes(rec, protocol.CERT)
         if not (len(c) == len(s) == KEY_BYTES and sig and cert):
-            self.book.fail(node, self.server_round, "invalid reply: no signed 32-byte keys")
+            self._fail(node, stage, "invalid reply: no signed 32-byte keys")
             return None
         tag = round_tag(self.rounds.run, server_round)
         try:
             name = self.rounds.verify(cert, keys_message(tag, node, c, s), sig)
         except PrivacyError as exc:
-            self.book.fail(node, self.server_round, f"invalid reply: keys not signed: {exc}")
+            self._fail(node, stage, f"invalid reply: keys not signed: {exc}")
             return None
         if name != self.book.site_name(node):
-            self.book.fail(
-                node,
-                self.server_round,
-                f"invalid reply: keys signed as site {name!r}, not this node's site",
+            self._fail(
+                node, stage, f"invalid reply: keys signed as site {name!r}, not this node's site"
             )
             return None
         return c, s, sig, cert
@@ -203,8 +209,8 @@ class SecureRound:
         for node, rec in replies.items():
             dsts, blobs = _list(rec, protocol.DESTINATIONS), _list(rec, protocol.CIPHERTEXTS)
             if len(dsts) != len(blobs) or set(dsts) != set(self.graph[node]) - {node}:
-                self.book.fail(
-                    node, self.server_round, "invalid reply: shares not for its neighbours"
+                self._fail(
+                    node, protocol.SHARE_KEYS, "invalid reply: shares not for its neighbours"
                 )
                 continue
             self.threshold[node] = threshold_for(len(self.graph[node]))
@@ -228,14 +234,14 @@ class SecureRound:
             try:
                 report, vec, partners = self._masked_input(node, msg, asks[node])
             except (InvalidReply, SecAggError) as exc:
-                self.book.fail(node, self.server_round, f"invalid reply: {exc}")
+                self._fail(node, protocol.MASKED_INPUT, f"invalid reply: {exc}")
                 continue
             self.book.accept(report)
             self.masked[node] = vec
             self.partners[node] = partners
         self.active = survivors(self.masked, self.partners, self.graph)
         for node in sorted(set(self.masked) - self.active):
-            self.book.fail(node, self.server_round, "its shares did not open at another site")
+            self._fail(node, protocol.MASKED_INPUT, "its shares did not open at another site")
         return self._enough(self.active, protocol.MASKED_INPUT)
 
     def _masked_input(
@@ -269,7 +275,7 @@ class SecureRound:
             try:
                 self.rounds.verify(self.keys[node][3], message, sig)
             except PrivacyError as exc:
-                self.book.fail(node, self.server_round, f"invalid reply: view not signed: {exc}")
+                self._fail(node, protocol.CONSISTENCY, f"invalid reply: view not signed: {exc}")
                 continue
             self.signatures[node] = sig
         return self._enough(self.signatures, protocol.CONSISTENCY)
@@ -286,10 +292,10 @@ class SecureRound:
             if owners and len(owners) == len(blobs):
                 self.shares[node] = {int(o): bytes(b) for o, b in zip(owners, blobs, strict=True)}
             else:
-                self.book.fail(node, self.server_round, "invalid reply: no shares")
+                self._fail(node, protocol.UNMASK, "invalid reply: no shares")
                 continue
             if self.server_round < self.cfg.rounds and protocol.KEY_C in rec:
-                keys = self._signed_keys(node, rec, self.server_round + 1)
+                keys = self._signed_keys(node, rec, self.server_round + 1, protocol.UNMASK)
                 if keys is not None:  # the next round asks this site for no keys
                     early[node] = keys
         self.rounds.advertised = (self.server_round + 1, early)
@@ -321,16 +327,18 @@ class SecureRound:
 
     # ------------------------------------------------------------ messages
 
+    def _fail(self, node: int, stage: str, reason: str) -> None:
+        """Record node `node`'s failure in this round at `stage`, and why."""
+        self.book.fail(node, self.server_round, _where(stage) + reason)
+
     def _enough(self, got: Iterable[int], stage: str) -> bool:
         n = len(list(got))
         if n < self.need:
-            log.error(
-                "secure round %d: %d site(s) after the %s stage, fewer than %d",
-                self.server_round,
-                n,
-                stage,
-                self.need,
+            self.why_not = (
+                f"{n} site(s) left after the {stage} stage, fewer than {self.need} (the sites "
+                "the noise assumes, and min-sites); nothing was released"
             )
+            log.error("secure round %d: %s", self.server_round, self.why_not)
             return False
         return True
 
@@ -352,7 +360,7 @@ class SecureRound:
                 content[protocol.ARRAYS] = arrays
             out.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
         replies = self.rounds.exchange(self.grid, out)
-        usable = self.book.stage_replies(self.server_round, out, replies)
+        usable = self.book.stage_replies(self.server_round, out, replies, _where(stage))
         self.clock.laps[stage] = time.monotonic() - t0
         self.clock.last = time.monotonic()
         return usable
@@ -365,7 +373,7 @@ class SecureRound:
             if isinstance(rec, ConfigRecord):
                 records[node] = rec
             else:
-                self.book.fail(node, self.server_round, f"invalid reply: no `{protocol.SECAGG}`")
+                self._fail(node, stage, f"invalid reply: no `{protocol.SECAGG}`")
         return records
 
 
@@ -383,6 +391,14 @@ class _Clock:
 
     def __str__(self) -> str:
         return ", ".join(f"{k} {v:.2f} s" for k, v in self.laps.items())
+
+
+def _where(stage: str) -> str:
+    """How a failure's reason begins: its stage, and whether the site's masked input was
+    in by then (it then stays in the sum: its self-mask is removed with the others'
+    shares, and the round's `sites` name it)."""
+    after = stage in (protocol.CONSISTENCY, protocol.UNMASK)
+    return f"{stage} stage{', after its masked input arrived' if after else ''}: "
 
 
 def check_sum(grad: torch.Tensor, bound: float) -> None:

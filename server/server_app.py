@@ -159,7 +159,7 @@ def play_round(
     """
     t0 = time.monotonic()
     new_arrays = rounds_of.run_round(grid, server_round, arrays)
-    outcome = close_round(server_round, new_arrays, strategy, cfg, evaluate)
+    outcome = close_round(server_round, new_arrays, strategy, cfg, evaluate, rounds_of.why_not)
     if isinstance(outcome, str):
         return outcome
     new_arrays, record = outcome
@@ -230,8 +230,15 @@ def close_round(
     strategy: SiteReports,
     cfg: RunConfig,
     evaluate: Evaluator,
+    why_not: str = "",
 ) -> tuple[ArrayRecord, RoundRecord] | str:
-    """The round's new global model and metrics record, or why the run must stop."""
+    """The round's new global model and metrics record, or why the run must stop.
+
+    `why_not`: why the round protocol released nothing (a secure round that ended at a
+    stage says which, and how many sites it had left), when it returned no model.
+    """
+    if new_arrays is None and why_not:
+        return why_not
     participants = strategy.last_round_sites
     if len(participants) < cfg.min_sites:
         return f"{len(participants)} usable repl(ies), fewer than min-sites={cfg.min_sites}"

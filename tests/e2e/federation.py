@@ -9,6 +9,7 @@ dir, so tests can assert none is left behind and teardown can end them by PID.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -46,8 +47,16 @@ def env_for(tmp: Path, name: str) -> dict[str, str]:
 class Proc:
     """A `fedsilo ...` process in its own group, output to a file."""
 
-    def __init__(self, tmp: Path, name: str, *args: str, prefix: list[str] | None = None) -> None:
-        """`prefix`: what runs the command, e.g. `ip netns exec NS`."""
+    def __init__(
+        self,
+        tmp: Path,
+        name: str,
+        *args: str,
+        prefix: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        """`prefix`: what runs the command, e.g. `ip netns exec NS`; `env`: added to its
+        environment (e.g. fedsilo.clients.failpoint's)."""
         self.name = name
         self.log = tmp / f"{name}.log"
         self._out = open(self.log, "wb")  # noqa: SIM115
@@ -57,7 +66,7 @@ class Proc:
             stdout=self._out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env=env_for(tmp, name),
+            env={**env_for(tmp, name), **(env or {})},
             start_new_session=True,
         )
 
@@ -171,3 +180,54 @@ class TLSSniffer:
     def close(self) -> None:
         self._stop.set()
         self.sock.close()
+
+
+def server(tmp: Path, fleet: int, *args: str) -> Proc:
+    """`fedsilo server start` with kit fed/server on 127.0.0.1:`fleet`."""
+    return Proc(
+        tmp,
+        "server",
+        "server",
+        "start",
+        "--kit",
+        "fed/server",
+        "--listen",
+        "127.0.0.1",
+        "--fleet-port",
+        str(fleet),
+        "--control-port",
+        str(free_port()),
+        *args,
+    )
+
+
+def client(
+    tmp: Path, site: str, data: int, address: str, *args: str, env: dict[str, str] | None = None
+) -> Proc:
+    """`fedsilo client start` for site kit fed/sites/SITE on data/site-DATA.npz."""
+    return Proc(
+        tmp,
+        f"client-{site}",
+        "client",
+        "start",
+        "--kit",
+        f"fed/sites/{site}",
+        "--data",
+        f"data/site-{data}.npz",
+        "--server",
+        address,
+        "--device",
+        "cpu",
+        "--threads",
+        "1",  # the sites share this machine's cores
+        *args,
+        env=env,
+    )
+
+
+def rounds(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
+    """The run's metrics.jsonl records so far."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -23,9 +23,12 @@ from fedsilo.cli import main
 from tests.e2e.federation import (
     Proc,
     TLSSniffer,
+    client,
     end_leftovers,
     free_port,
     leftovers,
+    rounds,
+    server,
     wait_for,
 )
 
@@ -43,51 +46,6 @@ def fed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     left = leftovers(tmp_path)
     end_leftovers(tmp_path)
     assert not left, f"processes left behind: {left}"
-
-
-def server(tmp: Path, fleet: int, *args: str) -> Proc:
-    return Proc(
-        tmp,
-        "server",
-        "server",
-        "start",
-        "--kit",
-        "fed/server",
-        "--listen",
-        "127.0.0.1",
-        "--fleet-port",
-        str(fleet),
-        "--control-port",
-        str(free_port()),
-        *args,
-    )
-
-
-def client(tmp: Path, site: str, data: int, address: str, *args: str) -> Proc:
-    return Proc(
-        tmp,
-        f"client-{site}",
-        "client",
-        "start",
-        "--kit",
-        f"fed/sites/{site}",
-        "--data",
-        f"data/site-{data}.npz",
-        "--server",
-        address,
-        "--device",
-        "cpu",
-        "--threads",
-        "1",  # three sites share this machine's cores
-        *args,
-    )
-
-
-def rounds(run_dir: Path) -> list[dict]:  # type: ignore[type-arg]
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_three_sites_over_tls_then_one_is_lost(fed: Path) -> None:

@@ -19,6 +19,7 @@ from fedsilo.privacy.distributed import Quantizer
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.privacy.secagg_site import SecAggSite
 from fedsilo.server.evaluate import global_model
+from fedsilo.server.server_app import close_round
 from fedsilo.simulations.ledgers import simulated_ledger
 from tests.server.secure_harness import (
     SITES,
@@ -85,7 +86,29 @@ def test_a_site_dropping_after_its_masked_vector_is_computed_is_left_out(
     survivors = [contributions[n] for n in (100, 101, 103)]
     assert np.array_equal(seen["total"], np.sum(survivors, axis=0))
     assert rounds.strategy.last_round_sites == ["site-0", "site-1", "site-3"]
-    assert [f.site for f in rounds.strategy.failures] == ["site-2"]
+    assert [(f.site, f.reason) for f in rounds.strategy.failures] == [
+        ("site-2", "masked-input stage: no reply before the round timeout")
+    ]
+
+
+def test_a_site_dropping_after_its_masked_vector_arrived_stays_in_the_sum(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its masked vector is in; the others' shares of its self-mask take it out of the
+    masks, so the released sum holds its input: the round's sites name it, and its
+    failure says at which stage it dropped and that its input was in by then."""
+    cfg = distributed_cfg(tmp_path)
+    federation(cfg)
+    contributions, seen = spy(monkeypatch)
+    rounds = rounds_for(cfg)
+    grid = SiteGrid(cfg, drop=lambda node, stage: node == 102 and stage == "consistency")
+    assert rounds.run_round(grid, 1, ArrayRecord(global_model(cfg).state_dict())) is not None
+    assert np.array_equal(seen["total"], np.sum(list(contributions.values()), axis=0))
+    assert rounds.strategy.last_round_sites == [f"site-{p}" for p in range(SITES)]
+    assert [(f.site, f.reason) for f in rounds.strategy.failures] == [
+        ("site-2", "consistency stage, after its masked input arrived: no reply before the "
+         "round timeout")
+    ]  # fmt: skip
 
 
 def test_fewer_sites_than_the_noise_assumes_release_nothing(
@@ -95,8 +118,14 @@ def test_fewer_sites_than_the_noise_assumes_release_nothing(
     federation(cfg)
     _, seen = spy(monkeypatch)
     grid = SiteGrid(cfg, drop=lambda node, stage: node == 101 and stage == "masked-input")
-    assert rounds_for(cfg).run_round(grid, 1, ArrayRecord(global_model(cfg).state_dict())) is None
+    rounds = rounds_for(cfg)
+    assert rounds.run_round(grid, 1, ArrayRecord(global_model(cfg).state_dict())) is None
     assert "total" not in seen  # never unmasked
+    assert rounds.why_not == (
+        "3 site(s) left after the masked-input stage, fewer than 4 (the sites the noise "
+        "assumes, and min-sites); nothing was released"
+    )  # the run's stop reason (close_round), not the previous round's count of sites
+    assert close_round(1, None, rounds.strategy, cfg, _never, rounds.why_not) == rounds.why_not
 
 
 def test_sites_refuse_distributed_dp_unless_their_policy_allows_it(tmp_path: Path) -> None:
@@ -154,3 +183,7 @@ def test_later_rounds_take_the_keys_sites_advertised_with_their_unmask_answers(
     assert rounds.run_round(grid, 3, new) is not None
     assert [m.metadata.dst_node_id for m in wire.sent["advertise-keys"][SITES:]] == [103]
     assert rounds.strategy.last_round_sites == [f"site-{p}" for p in range(SITES)]
+
+
+def _never(state: object) -> object:
+    raise AssertionError("a round that released nothing is not evaluated")

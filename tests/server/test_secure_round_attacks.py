@@ -285,3 +285,29 @@ def test_a_site_claiming_a_billion_examples_cannot_widen_the_norm_bound(
     rounds = rounds_for(cfg)
     assert rounds.run_round(SiteGrid(cfg, hostile=claim), 1, start(cfg)) is None
     assert "exceeds what clipped, noised sites can send" in caplog.text
+
+
+# ---------------------------------------------------------------- a round asked twice
+
+
+def test_a_server_asking_a_spent_round_again_gets_no_second_masking_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A (restarted or curious) server runs round 1 again with fresh keys: a site that
+    masked its round-1 input for one set of neighbours would, masking it again for
+    another, let the server difference the masks away. Every site refuses the round
+    it already spent before it trains or masks anything, and nothing more is spent:
+    with distributed DP the round in flight at a crash is lost, by design."""
+    cfg = distributed_cfg(tmp_path)
+    federation(cfg)
+    contributions, _ = spy(monkeypatch)
+    assert rounds_for(cfg).run_round(SiteGrid(cfg), 1, start(cfg)) is not None
+    assert spends(cfg) == [1, 1, 1, 1] and len(contributions) == 4
+    contributions.clear()
+    wire = Wire()
+    again = rounds_for(cfg, wire)  # a new server object: the crash forgot everything
+    assert again.run_round(SiteGrid(cfg), 1, start(cfg)) is None
+    refused_everywhere(wire, "masked-input", 4, "already trained")
+    assert contributions == {}  # no site masked anything a second time
+    assert spends(cfg) == [1, 1, 1, 1]
+    assert "nothing was released" in again.why_not
