@@ -24,7 +24,7 @@ from typing import cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedsilo import protocol
 from fedsilo.config import Aggregation
@@ -89,12 +89,13 @@ class SiteReports(Strategy):
 
     def __init__(
         self,
-        inner: Strategy,
+        inner: FedAvg,
         names: Callable[[], Mapping[int, str]] | None = None,
         rule: Aggregation = FEDAVG,
     ) -> None:
         """`names()` maps authenticated node ids to site names (re-read for unknown nodes);
-        `rule` combines the replies (fedavg: `inner`'s; else fedsilo.server.robust)."""
+        `rule` combines the replies (fedavg: `inner`'s; else fedsilo.server.robust, with
+        `inner`'s weighted mean of the metrics)."""
         self.inner = inner
         self.book = ReplyBook(names)
         self.rule = rule
@@ -151,11 +152,14 @@ class SiteReports(Strategy):
             return None, None
         weights = bounded_weights([report for report, _ in valid], self.book.committed)
         weighted = [weighed(msg, weights[report.site]) for report, msg in valid]
-        arrays, metrics = self.inner.aggregate_train(server_round, weighted)
-        if self.rule.kind == "fedavg" or arrays is None or self._global is None:
-            return arrays, metrics
+        if self.rule.kind == "fedavg" or self._global is None:
+            return self.inner.aggregate_train(server_round, weighted)
         if len(valid) < self.rule.min_replies:  # the round stops: fewer than min-sites
             return None, None
+        # The rule combines the models; FedAvg's weighted mean is kept for the metrics only.
+        metrics = self.inner.train_metrics_aggr_fn(
+            [msg.content for msg in weighted], self.inner.weighted_by_key
+        )
         models = {
             report.site: cast(ArrayRecord, msg.content[protocol.ARRAYS]).to_torch_state_dict()
             for report, msg in valid

@@ -19,10 +19,8 @@ server sees each site's model and a robust rule (fedsilo.server.robust) can act.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -130,13 +128,3 @@ def flip_labels(data: Dataset) -> Dataset:
     """`data` with every label y replaced by (y + 1) mod its classes (label-flip)."""
     flipped = (data.y + 1) % data.num_classes
     return Dataset(data.x, flipped, data.num_classes, f"{data.source} (labels flipped)")
-
-
-def recorded_hostile(run_dir: Path) -> Hostile | None:
-    """The hostile sites a simulation in `run_dir` recorded in simulation.json, if any."""
-    try:
-        record = json.loads((run_dir / "simulation.json").read_text("utf-8"))
-        text = record.get(HOSTILE_KEY)
-    except (OSError, ValueError, AttributeError):
-        return None
-    return Hostile.parse(str(text)) if text else None

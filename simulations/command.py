@@ -40,11 +40,12 @@ from fedsilo.processes import terminate_on_signals
 from fedsilo.run_flags import Layer, add_run_flags, build, given, resume
 from fedsilo.server.records import RoundRecord
 from fedsilo.server.run_dir import default_run_dir, new_run_dir, resume_config, run_complete
-from fedsilo.simulations.attacks import Hostile, recorded_hostile
+from fedsilo.simulations.attacks import Hostile
 from fedsilo.simulations.cluster import disconnect, placement_line
 from fedsilo.simulations.engine import EngineConfig, check_engine
 from fedsilo.simulations.ledgers import rounds_allowed
 from fedsilo.simulations.runner import (
+    RecordedSimulation,
     max_sample_rate,
     preflight,
     recorded_simulation,
@@ -176,9 +177,9 @@ def check_sites(cfg: RunConfig, sites: int) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.resume_dir:
-        cfg, args.sites, engine = resume_from_args(args)
+        cfg, recorded = resume_from_args(args)
+        args.sites, engine, hostile = recorded.sites, recorded.engine, recorded.hostile
         policies = None  # the sites' own, already at the head of their ledgers
-        hostile = recorded_hostile(Path(cfg.run_dir))
     else:
         hostile = Hostile.parse(args.hostile_sites) if args.hostile_sites else None
         cfg = config_from_args(args)
@@ -271,15 +272,17 @@ def engine_from_args(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, int, EngineConfig]:
-    """The recorded config, site count and site resources of the run `--resume` names.
+def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, RecordedSimulation]:
+    """The recorded config and simulation (sites, their resources, the hostile ones) of
+    the run `--resume` names.
 
     The run may go on on another Ray cluster (`--ray-address`) and with more rounds
     where every virtual site's policy and budget allow them; any other flag must repeat
     what was recorded (run_flags.resume).
     """
     run_dir, values = resume_config(args.resume_dir, rounds=args.rounds)
-    sites, engine = recorded_simulation(run_dir, ray_address=args.ray_address.strip())
+    sim = recorded_simulation(run_dir, ray_address=args.ray_address.strip())
+    sites, engine, hostile = sim.sites, sim.engine, sim.hostile
     recorded = RunConfig.from_flwr(values, source=f"{run_dir}/config.json")
     changed = [
         f"--{flag} {now:g} (recorded: {then:g})"
@@ -292,7 +295,6 @@ def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, int, EngineCo
     ]
     if args.site_max_epsilon:
         changed.append("--site-max-epsilon (the sites' policies are in their ledgers)")
-    hostile = recorded_hostile(run_dir)
     if args.hostile_sites and str(Hostile.parse(args.hostile_sites)) != str(hostile):
         changed.append(f"--hostile-sites {args.hostile_sites} (recorded: {hostile or 'none'})")
     if changed:
@@ -303,7 +305,7 @@ def resume_from_args(args: argparse.Namespace) -> tuple[RunConfig, int, EngineCo
     cfg = resume(recorded, Layer(given(args), "the command line"), run_dir=run_dir)
     if cfg.rounds > recorded.rounds:
         check_more_rounds(cfg, run_dir, sites)
-    return cfg, sites, engine
+    return cfg, sim
 
 
 def check_more_rounds(cfg: RunConfig, run_dir: Path, sites: int) -> None:

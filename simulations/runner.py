@@ -244,8 +244,18 @@ def _surface_fedsilo_errors() -> Iterator[None]:
         raise
 
 
-def recorded_simulation(run_dir: Path, *, ray_address: str = "") -> tuple[int, EngineConfig]:
-    """How many virtual sites the simulation in `run_dir` had, and the engine it used.
+@dataclasses.dataclass(frozen=True)
+class RecordedSimulation:
+    """What simulation.json recorded of a run: its virtual sites, their resources, and
+    which of them attack (`--hostile-sites`), all that `--resume` must keep."""
+
+    sites: int
+    engine: EngineConfig
+    hostile: Hostile | None = None
+
+
+def recorded_simulation(run_dir: Path, *, ray_address: str = "") -> RecordedSimulation:
+    """The simulation `run_dir` recorded (simulation.json, read once).
 
     A resumed run keeps the sites' resources, but may run on another Ray cluster
     (`ray_address`, "" for a private instance).
@@ -256,12 +266,13 @@ def recorded_simulation(run_dir: Path, *, ray_address: str = "") -> tuple[int, E
         check_schema(record, file)
         sites = int(record["sites"])
         engine = EngineConfig.from_record(record, ray_address=ray_address)
+        hostile = record.get(HOSTILE_KEY)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         raise ConfigError(
             f"{run_dir} is not a run directory of `fedsilo simulate` (no {SIMULATION_FILE}); "
             "a deployed run resumes with `fedsilo server start --resume`."
         ) from None
-    return sites, engine
+    return RecordedSimulation(sites, engine, Hostile.parse(str(hostile)) if hostile else None)
 
 
 def _watch(run_dir: Path, on_round: ProgressFn | None, stop: threading.Event) -> None:

@@ -357,9 +357,9 @@ def test_simulate_resume_keeps_the_recorded_noise_multiplier(tmp_path: Path) -> 
     (tmp_path / "config.json").write_text(json.dumps(recorded))
     (tmp_path / "simulation.json").write_text(json.dumps({"sites": 3}))
     # Execute
-    resumed, sites, _ = resume_from_args(simulate_args("--resume", str(tmp_path)))
+    resumed, sim = resume_from_args(simulate_args("--resume", str(tmp_path)))
     # Assert
-    assert resumed.noise_multiplier == cfg.noise_multiplier * 1.5 and sites == 3
+    assert resumed.noise_multiplier == cfg.noise_multiplier * 1.5 and sim.sites == 3
     assert resumed.resume and resumed.run_id == cfg.run_id
 
 

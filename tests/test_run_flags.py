@@ -50,8 +50,8 @@ def test_resume_refuses_every_flag_that_changes_the_recorded_run(tmp_path: Path)
         simulate_command.resume_from_args(simulate("--resume", str(run), "--rounds", "3"))
     # Repeating what was recorded is no change; the result is the recorded run.
     same = ("--rounds", "6", "--target-epsilon", "4", "--sites", "2", "--out", str(run))
-    cfg, sites, _ = simulate_command.resume_from_args(simulate("--resume", str(run), *same))
-    assert (cfg.rounds, cfg.target_epsilon, cfg.run_id, cfg.resume, sites) == (
+    cfg, sim = simulate_command.resume_from_args(simulate("--resume", str(run), *same))
+    assert (cfg.rounds, cfg.target_epsilon, cfg.run_id, cfg.resume, sim.sites) == (
         6,
         4.0,
         "abc",
@@ -90,7 +90,7 @@ def test_more_rounds_on_resume_only_where_every_site_allows_them(
     spent_rounds(run, [SitePolicy(max_epsilon=100.0, allow_more_rounds=1), policy], rounds=1)
     argv = ("--resume", str(run), "--rounds", "8")
     if most == 8:
-        cfg, _, _ = simulate_command.resume_from_args(simulate(*argv))
+        cfg, _ = simulate_command.resume_from_args(simulate(*argv))
         assert (cfg.rounds, cfg.run_id) == (8, "abc")
     else:
         with pytest.raises(ConfigError, match=f"site-1 allows this run at most {most} round"):

@@ -235,8 +235,11 @@ def test_a_robust_rule_aggregates_and_names_the_site_it_acted_on() -> None:
     honest = [
         update(11 + i, torch.tensor(v)) for i, v in enumerate(([1.0, 3.0], [2.0, 1.0], [3.0, 2.0]))
     ]
-    w = aggregate(s, [*honest, update(14, 1e6)])
+    arrays, metrics = s.aggregate_train(1, [*honest, update(14, 1e6, **{protocol.EPSILON: 3.0})])
+    assert arrays is not None and metrics is not None
+    w = arrays.to_torch_state_dict()["w"]
     assert torch.allclose(w, torch.full((2,), 2.5))  # the middle two of each coordinate
+    assert metrics[protocol.EPSILON] == pytest.approx(1.5)  # (1 + 1 + 1 + 3) / 4, equal weights
     assert [(f.site, f.round) for f in s.flagged] == [("site-d", 1)]
     assert "cut its values in 100% of coordinates" in s.flagged[0].reason
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fedsilo.errors import ConfigError
-from fedsilo.simulations.attacks import Hostile, flip_labels, recorded_hostile, tamper
+from fedsilo.simulations.attacks import Hostile, flip_labels, tamper
+from fedsilo.simulations.runner import recorded_simulation
 from fedsilo.task.data import Dataset
 
 GLOBAL = {"w": torch.tensor([1.0, 1.0]), "steps": torch.tensor(3)}
@@ -49,9 +50,10 @@ def test_the_last_k_sites_attack_and_the_record_names_them(tmp_path: Path) -> No
     assert list(hostile.partitions(10)) == [8, 9]
     assert hostile.by_site(10) == {"site-8": "sign-flip:10", "site-9": "sign-flip:10"}
     assert str(hostile) == "2:sign-flip:10"
-    assert recorded_hostile(tmp_path) is None
+    (tmp_path / "simulation.json").write_text(json.dumps({"sites": 10}))
+    assert recorded_simulation(tmp_path).hostile is None
     (tmp_path / "simulation.json").write_text(json.dumps({"sites": 10, "hostile": str(hostile)}))
-    assert recorded_hostile(tmp_path) == hostile
+    assert recorded_simulation(tmp_path).hostile == hostile
 
 
 @pytest.mark.parametrize(

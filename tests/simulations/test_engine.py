@@ -110,7 +110,8 @@ def resume(*argv: str) -> tuple[RunConfig, int, EngineConfig]:
     from fedsilo.cli import build_parser
     from fedsilo.simulations.command import resume_from_args
 
-    return resume_from_args(build_parser().parse_args(["simulate", *argv]))
+    cfg, sim = resume_from_args(build_parser().parse_args(["simulate", *argv]))
+    return cfg, sim.sites, sim.engine
 
 
 def test_a_resumed_run_keeps_its_site_resources_and_may_change_cluster(tmp_path: Path) -> None:

@@ -71,7 +71,7 @@ def test_simulation_json_carries_its_schema_and_a_newer_one_is_refused(
     with pytest.raises(EngineStarted):
         run_simulation(RunConfig(run_dir=str(run_dir)), sites=2)
     record = json.loads((run_dir / SIMULATION_FILE).read_text())
-    assert record["schema"] == 1 and recorded_simulation(run_dir)[0] == 2
+    assert record["schema"] == 1 and recorded_simulation(run_dir).sites == 2
     (run_dir / SIMULATION_FILE).write_text(json.dumps({**record, "schema": 2}))
     with pytest.raises(DataError, match=r"simulation\.json has schema version 2.*newer fedsilo"):
         recorded_simulation(run_dir)
