@@ -19,8 +19,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedsilo import flwr_adapter
+from fedsilo import exporter, flwr_adapter
 from fedsilo.clients.launcher import ClientOptions, start_client
+from fedsilo.clients.prometheus import SiteCollector
 from fedsilo.config import DEVICES
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.provision import read_site_kit
@@ -84,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         action="store_true",
         help="NO TLS and NO authentication (only if the server runs --insecure too)",
     )
+    exporter.add_flags(s, "this site's own ledger: epsilon spent, budget left, rounds")
     s.set_defaults(func=run)
 
 
@@ -101,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
             "`--connect-timeout` must be a finite number of seconds >= 0. "
             f"Found {args.connect_timeout}; e.g. 600 (ten minutes)."
         )
+    if args.metrics_port is not None:
+        exporter.check_address(args.metrics_host, args.metrics_port)
     kit = read_site_kit(args.kit)
     server = args.server or kit.server
     split_address(server)
@@ -121,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
         f"max epsilon {kit.policy.max_epsilon:g} at delta {kit.policy.delta:g}",
         highlight=False,
     )
-    with terminate_on_signals():
+    with terminate_on_signals(), exporter.serving(lambda: SiteCollector(kit.ledger), args):
         try:
             start_client(kit, opts, on_event=lambda text: err.print(text, highlight=False))
         except KeyboardInterrupt:

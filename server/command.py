@@ -32,7 +32,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from fedsilo import flwr_adapter
+from fedsilo import exporter, flwr_adapter
 from fedsilo.config import RunConfig, check_port
 from fedsilo.console import dp_note, end_of_run_lines, quiet_logs, resume_line, summary_table
 from fedsilo.errors import ConfigError
@@ -75,6 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     )
     add_run_flags(s, simulation=False)
     s.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
+    exporter.add_flags(s, "the run's rounds, replies, sites online and reported epsilon")
     s.add_argument(
         "--resume",
         type=Path,
@@ -134,6 +135,14 @@ def checked(cfg: RunConfig, sites: int) -> RunConfig:
     return cfg
 
 
+def metrics_address(args: argparse.Namespace) -> tuple[str, int] | None:
+    """(host, port) of --metrics-host/--metrics-port, checked; None when not asked for."""
+    if args.metrics_port is None:
+        return None
+    exporter.check_address(args.metrics_host, args.metrics_port)
+    return args.metrics_host, args.metrics_port
+
+
 def run(args: argparse.Namespace) -> int:
     flwr_adapter.check_flower_version()  # the launcher drives Flower 1.39's CLI and processes
     err = Console(stderr=True)
@@ -156,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         control_port=check_port(args.control_port, flag="--control-port"),
         wait_sites=wait,
         insecure=args.insecure,
+        metrics=metrics_address(args),
     )
     if args.insecure:
         err.print(INSECURE_WARNING, highlight=False)

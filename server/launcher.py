@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import fedsilo
+from fedsilo import exporter
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, FedsiloError
 from fedsilo.flwr_adapter.control import list_nodes, register_node
@@ -42,6 +43,7 @@ from fedsilo.processes import (
     spawn,
     stop,
 )
+from fedsilo.server.prometheus import RunCollector
 from fedsilo.server.records import RoundRecord, Summary
 from fedsilo.server.run_dir import (
     FEDERATION_CA,
@@ -74,6 +76,7 @@ class ServerOptions:
     fleet_port: int = 9092
     control_port: int = CONTROL_PORT
     wait_sites: int = 1  # start the run once this many sites are online
+    metrics: tuple[str, int] | None = None  # (host, port) serving Prometheus metrics
     wait_timeout_s: float = 3600.0  # ... or give up after this long
     insecure: bool = False
 
@@ -221,6 +224,11 @@ class Server:
         this process: `flwr supernode ls` cost 1.5 s of CPU a call)."""
         return list_nodes(self.home, CONNECTION)
 
+    def online(self) -> int | None:
+        """Sites connected now, or None while the SuperLink does not answer."""
+        nodes = self._nodes()
+        return None if nodes is None else sum(n.get("status") == "online" for n in nodes)
+
     def register_sites(self) -> dict[str, str]:
         """Allow-list every site key of the kit; return site name -> node id (asked in this
         process: `flwr supernode register` cost 1.5 s of CPU a site)."""
@@ -237,8 +245,7 @@ class Server:
         last = -1
         while True:
             self._check_superlink()
-            nodes = self._nodes() or []
-            online = sum(1 for n in nodes if n.get("status") == "online")
+            online = self.online() or 0
             if online != last:
                 on_event("sites", {"online": online, "wanted": self.opts.wait_sites})
                 last = online
@@ -312,6 +319,11 @@ def start_server(
     else:
         new_run_dir(server.run_dir)  # refuses a directory that holds a run
     server.run_dir.mkdir(parents=True, exist_ok=True)
+    stop_metrics = (
+        None
+        if opts.metrics is None
+        else exporter.serve(RunCollector(server.run_dir, online=server.online), *opts.metrics)
+    )
     try:
         ids = server.start()
         # Who each authenticated node is: the ServerApp names sites from this, never
@@ -324,6 +336,8 @@ def start_server(
         return server.run(on_event)
     finally:
         server.stop_all()
+        if stop_metrics is not None:
+            stop_metrics()
 
 
 def tail(path: Path, lines: int = 15) -> str:

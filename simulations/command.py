@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -32,12 +33,14 @@ from typing import NoReturn
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from fedsilo import exporter
 from fedsilo.config import RunConfig
 from fedsilo.console import dp_note, end_of_run_lines, quiet_logs, resume_line, summary_table
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.processes import terminate_on_signals
 from fedsilo.run_flags import Layer, add_run_flags, build, given, resume
+from fedsilo.server.prometheus import RunCollector
 from fedsilo.server.records import RoundRecord
 from fedsilo.server.run_dir import default_run_dir, new_run_dir, resume_config, run_complete
 from fedsilo.simulations.attacks import Hostile
@@ -85,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)"
     )
     o.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    exporter.add_flags(o, "the run's rounds, replies and the sites' reported epsilon")
     p.set_defaults(func=run)
 
 
@@ -176,6 +180,8 @@ def check_sites(cfg: RunConfig, sites: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.metrics_port is not None:
+        exporter.check_address(args.metrics_host, args.metrics_port)
     if args.resume_dir:
         cfg, recorded = resume_from_args(args)
         args.sites, engine, hostile = recorded.sites, recorded.engine, recorded.hostile
@@ -231,7 +237,13 @@ def run(args: argparse.Namespace) -> int:
             )
 
         try:
-            with terminate_on_signals(), _engine_shutdown_unlogged():
+            sites = args.sites  # every virtual site is online for the whole run
+            metrics = functools.partial(RunCollector, cfg.run_dir, online=lambda: sites)
+            with (
+                exporter.serving(metrics, args),
+                terminate_on_signals(),
+                _engine_shutdown_unlogged(),
+            ):
                 summary = run_simulation(
                     cfg,
                     sites=args.sites,

@@ -87,6 +87,14 @@ COVERED = {
         ),
         f"{E2E}/test_deploy.py::test_three_sites_over_tls_then_one_is_lost",
     ),
+    **dict.fromkeys(
+        (
+            "fedsilo server start --kit fed/server --rounds 20 --metrics-port 9400",
+            "fedsilo client start --kit fed/sites/site-a --data data/site-1.npz "
+            "--metrics-port 9401",
+        ),
+        f"{E2E}/test_deploy_faults.py::test_sites_killed_in_each_stage_of_a_distributed_round",
+    ),
     "fedsilo server start --kit fed/server --resume runs/exp1": (
         f"{E2E}/test_deploy.py::test_a_killed_server_resumes_and_the_sites_ledgers_audit"
     ),

@@ -2,7 +2,8 @@
 
 Layers, lowest first (a module may import its own layer and the ones below):
 
-  0 foundation   errors, protocol (the wire keys), config (the run config); flwr_adapter/
+  0 foundation   errors, protocol (the wire keys), config (the run config), exporter
+                 (serves a Prometheus collector); flwr_adapter/
                  (the only home of Flower internals, behind a version check: it imports
                  nothing of fedsilo but errors, so the ServerApp and the runners may use it)
   1 task         task/: models, data, DP-SGD training; no Flower
@@ -49,7 +50,7 @@ def layer(module: str) -> tuple[int, str]:
         return 2, "privacy"
     if top == "task":
         return 1, "task"
-    if top in ("errors", "protocol", "config", "__init__", "flwr_adapter"):
+    if top in ("errors", "protocol", "config", "__init__", "flwr_adapter", "exporter"):
         return 0, "foundation"
     raise AssertionError(f"{module} is in no layer: add it to tests/test_layers.py")
 

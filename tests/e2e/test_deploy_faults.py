@@ -36,6 +36,7 @@ from tests.e2e.federation import (
     free_port,
     leftovers,
     rounds,
+    scrape,
     server,
     wait_for,
 )
@@ -87,14 +88,17 @@ def test_sites_killed_in_each_stage_of_a_distributed_round(fed: Path) -> None:
         *("--rounds", "5", "--min-sites", "3", "--wait-sites", "6", "--out", "run"),
         *("--dp", "distributed", "--dp-min-sites", "3", "--batch-size", "32"),
         *("--dp-max-sample-rate", f"{32 / smallest:.4f}", "--target-epsilon", "8"),
+        *("--metrics-port", str(server_metrics := free_port())),
     )
     markers = {name: fed / f"failpoint-{name}" for name in KILLS}
+    site_metrics = free_port()
     sites = {
         name: client(
             fed,
             name,
             i,
             address,
+            *(("--metrics-port", str(site_metrics)) if name == "a" else ()),
             env={"FEDSILO_FAILPOINT": f"{KILLS[name][0]}:{KILLS[name][1]}:{markers[name]}"}
             if name in KILLS
             else None,
@@ -104,6 +108,8 @@ def test_sites_killed_in_each_stage_of_a_distributed_round(fed: Path) -> None:
     try:
         for name in ("f", "e", "d", "c"):  # in round order
             wait_for(markers[name].exists, 400, f"site {name}'s failpoint", [srv, sites[name]])
+            if name == "e":  # round 2 waits on e's signature: what Prometheus sees
+                watch_round_2(server_metrics, site_metrics, fed)
             sites[name].kill_group()
             kill_site(fed, name)
         code = srv.wait(timeout=300)
@@ -150,3 +156,23 @@ def test_sites_killed_in_each_stage_of_a_distributed_round(fed: Path) -> None:
     rows = {row["site"]: row for row in json.loads(res.stdout)["sites"]}
     assert {n: rows[n]["distributed_events"] for n in SITES} == spent
     assert all(rows[n]["status"] == "ok" for n in SITES), rows
+
+
+def watch_round_2(server_port: int, site_port: int, fed: Path) -> None:
+    """Round 1 is done without f; every live site spent round 2; e stands at its failpoint."""
+    from fedsilo.privacy.audit import audit
+
+    got = scrape(server_port)
+    assert got["fedsilo_server_round", ()] == 1 and got["fedsilo_server_round_started", ()] == 2
+    assert got["fedsilo_server_sites_online", ()] == 5  # f's death was noticed in round 1
+    assert got["fedsilo_server_replies_total", (("outcome", "failed"), ("site", "f"))] == 1
+    for name in "abcde":
+        assert got["fedsilo_server_replies_total", (("outcome", "accepted"), ("site", name))] == 1
+    first = rounds(fed / "run")[0]
+    assert got["fedsilo_server_accuracy", ()] == first["accuracy"]
+    site = scrape(site_port)  # site a's own ledger: its total spend, which stays on site a
+    found = audit(fed / "fed" / "sites" / "a" / "ledger.jsonl")
+    assert site["fedsilo_site_rounds_trained_total", ()] == found.events == 2
+    assert site["fedsilo_site_epsilon", (("accountant", "budget"),)] == found.epsilon
+    assert site["fedsilo_site_budget_left_epsilon", ()] == found.remaining
+    assert site["fedsilo_site_ledger_ok", ()] == 1

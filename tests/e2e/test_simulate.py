@@ -47,10 +47,22 @@ def test_a_killed_simulation_resumes_and_its_ledgers_audit(tmp_path: Path) -> No
     site's ledger has at most one line per round, the run's epsilon stays within its
     target and the audit passes."""
     from fedsilo.privacy import ledger
-    from tests.e2e.federation import Proc, end_leftovers, fedsilo, leftovers, wait_for
+    from tests.e2e.federation import (
+        Proc,
+        end_leftovers,
+        fedsilo,
+        free_port,
+        leftovers,
+        scrape,
+        wait_for,
+    )
 
     run_dir = tmp_path / "run"
-    first = Proc(tmp_path, "sim", "simulate", "--rounds", "5", "--out", str(run_dir))
+    port = free_port()
+    first = Proc(
+        tmp_path, "sim", "simulate", "--rounds", "5", "--out", str(run_dir),
+        "--metrics-port", str(port),
+    )  # fmt: skip
     try:
         wait_for(
             lambda: (
@@ -61,6 +73,18 @@ def test_a_killed_simulation_resumes_and_its_ledgers_audit(tmp_path: Path) -> No
             "round 2",
             [first],
         )
+        # Prometheus sees the running simulation as its run directory records it.
+        got = scrape(port)
+        lines = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        seen = int(got["fedsilo_server_round", ()])
+        assert seen >= 2 and got["fedsilo_server_rounds_planned", ()] == 5
+        assert got["fedsilo_server_accuracy", ()] == lines[seen - 1]["accuracy"]
+        assert got["fedsilo_server_sites_online", ()] == 3
+        for site in ("site-0", "site-1", "site-2"):
+            assert (
+                got["fedsilo_server_replies_total", (("outcome", "accepted"), ("site", site))] >= 2
+            )
+            assert got["fedsilo_server_site_epsilon", (("site", site),)] > 0
         first.kill_group()
     finally:
         end_leftovers(tmp_path)  # Ray's processes are in groups of their own

@@ -1,0 +1,81 @@
+"""A site's Prometheus metrics, read from its own ledger at each scrape.
+
+`SiteCollector(ledger)` is what `fedsilo client start --metrics-port` serves
+(fedsilo.exporter), on the site's own machine. Everything comes from the site's ledger,
+audited as `fedsilo audit` does (fedsilo.privacy.audit, recomputed only when the file
+changed): the site's *total* spend over every run and its budget, which the site keeps
+to itself and never sends to the server. Bind it where only the site's own monitoring
+can reach it (127.0.0.1 by default). Names start with `fedsilo_site_`:
+
+  epsilon{accountant}     spent in total: `budget` (what the site enforces, min of PRV
+                          and RDP) and `rdp`                                 (gauge)
+  budget_epsilon          its policy's max-epsilon                          (gauge)
+  budget_left_epsilon     budget minus spent                                (gauge)
+  rounds_trained_total    spends on its ledger                              (counter)
+  dp_steps_total          DP-SGD steps on its ledger                        (counter)
+  ledger_ok               1 while the audit passes (ok or exhausted)        (gauge)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from fedsilo.privacy.audit import PASSING, SiteAudit, audit
+
+PREFIX = "fedsilo_site_"
+
+
+class SiteCollector:
+    """A prometheus-client collector over one site's ledger."""
+
+    def __init__(self, ledger: str | Path) -> None:
+        self.ledger = Path(ledger)
+        self._cache: tuple[tuple[int, int], SiteAudit] | None = None
+
+    def current(self) -> SiteAudit | None:
+        """The ledger's audit, recomputed only when the file changed; None without one."""
+        try:
+            st = self.ledger.stat()
+        except OSError:
+            return None
+        key = (st.st_mtime_ns, st.st_size)
+        if self._cache is None or self._cache[0] != key:
+            self._cache = (key, audit(self.ledger))
+        return self._cache[1]
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        found = self.current()
+        if found is None:
+            return
+        eps = GaugeMetricFamily(
+            PREFIX + "epsilon",
+            "Epsilon spent in total on this site's ledger, by accountant.",
+            labels=["accountant"],
+        )
+        eps.add_metric(["budget"], found.epsilon)
+        eps.add_metric(["rdp"], found.epsilon_rdp)
+        yield eps
+        if found.budget is not None and found.remaining is not None:
+            yield GaugeMetricFamily(
+                PREFIX + "budget_epsilon", "The site policy's max-epsilon.", value=found.budget
+            )
+            yield GaugeMetricFamily(
+                PREFIX + "budget_left_epsilon",
+                "The budget minus what the ledger spent.",
+                value=found.remaining,
+            )
+        yield CounterMetricFamily(
+            PREFIX + "rounds_trained", "Spends on the site's ledger.", value=found.events
+        )
+        yield CounterMetricFamily(
+            PREFIX + "dp_steps", "DP-SGD steps on the site's ledger.", value=found.steps
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "ledger_ok",
+            "1 while the ledger's audit passes (ok or exhausted), else 0.",
+            value=1.0 if found.status in PASSING else 0.0,
+        )
