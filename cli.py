@@ -34,6 +34,7 @@ COMMANDS = (
     "fedsilo.privacy.provision_command",
     "fedsilo.server.command",
     "fedsilo.clients.command",
+    "fedsilo.server.export_command",
 )
 
 

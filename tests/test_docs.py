@@ -95,6 +95,15 @@ COVERED = {
         ),
         f"{E2E}/test_deploy_faults.py::test_sites_killed_in_each_stage_of_a_distributed_round",
     ),
+    "fedsilo simulate --rounds 5 --out runs/exp1 --metrics-port 9400": (
+        f"{E2E}/test_simulate.py::test_a_killed_simulation_resumes_and_its_ledgers_audit"
+    ),
+    "fedsilo export runs/exp1 --tensorboard tb/exp1": (
+        "tests/server/test_trackers.py::test_tensorboard_reads_back_every_round"
+    ),
+    "fedsilo export runs/exp1 --mlflow file:./mlruns": (
+        "tests/server/test_trackers.py::test_mlflow_reads_back_the_params_and_metrics"
+    ),
     "fedsilo server start --kit fed/server --resume runs/exp1": (
         f"{E2E}/test_deploy.py::test_a_killed_server_resumes_and_the_sites_ledgers_audit"
     ),
@@ -114,7 +123,7 @@ COVERED = {
         f"{E2E}/test_breast_cancer.py::test_deployed_sites_train_the_task_on_their_own_csv_files",
     ),
 }
-EXPENSIVE = {("simulate",), ("server", "start"), ("client", "start")}
+EXPENSIVE = {("simulate",), ("server", "start"), ("client", "start"), ("export",)}
 RUN_HERE = {("provision",), ("provision", "add-site"), ("provision", "renew-server")}
 RUN_HERE |= {("provision", "certify-site"), ("data", "split"), ("audit",)}
 # Flags whose value is a path, host or address: a test uses its own.

@@ -119,6 +119,16 @@ def test_a_killed_simulation_resumes_and_its_ledgers_audit(tmp_path: Path) -> No
         assert len({s.event.noise_multiplier for s in spends}) == 1  # the plan kept
     audit = fedsilo("audit", str(run_dir), "--json", cwd=tmp_path)
     assert audit.returncode == 0, audit.stdout + audit.stderr
+    # The resumed run's rounds, as TensorBoard reads them back.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    export = fedsilo("export", str(run_dir), "--tensorboard", str(tmp_path / "tb"), cwd=tmp_path)
+    assert export.returncode == 0, export.stdout + export.stderr
+    board = EventAccumulator(str(tmp_path / "tb"))
+    board.Reload()
+    assert [(e.step, e.value) for e in board.Scalars("accuracy")] == [
+        (r["round"], pytest.approx(r["accuracy"])) for r in out["rounds"]
+    ]
     again = fedsilo("simulate", "--resume", str(run_dir), cwd=tmp_path)
     assert again.returncode == 2 and "already finished its 5 round(s)" in again.stderr
 
