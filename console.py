@@ -9,12 +9,18 @@ console unless --verbose.
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, TextIO
 
 from rich.table import Table
 
 from fedsilo.config import RunConfig
-from fedsilo.server.records import Summary
+from fedsilo.server.records import RoundRecord, Summary
 from fedsilo.server.run_dir import read_metrics, read_progress, resume_progress
 
 
@@ -121,3 +127,80 @@ def dp_note(cfg: RunConfig) -> str:
     if not cfg.distributed:
         return ""
     return f", distributed DP (secure aggregation, noise shares for {cfg.dp_min_sites} sites)"
+
+
+# ---------------------------------------------------------------- --log-format json
+
+
+def add_log_format(parser: argparse.ArgumentParser) -> None:
+    """`--log-format text|json`: how a long-running command reports on stderr."""
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text (default) for people; json: one event object per line on stderr "
+        "(time, event, and its fields) for a log shipper",
+    )
+
+
+def emit(event: str, fields: Mapping[str, Any] | None = None, stream: TextIO | None = None) -> None:
+    """Write one JSON event line: {"time": ISO 8601 UTC, "event": event, **fields}."""
+    now = time.time()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z"
+    out = stream or sys.stderr
+    out.write(json.dumps({"time": stamp, "event": event, **(fields or {})}) + "\n")
+    out.flush()
+
+
+def round_events(record: RoundRecord) -> list[tuple[str, dict[str, Any]]]:
+    """A completed round as events: the round, then each site's reply, refusal, failure
+    and what a robust rule did to it, each with the round and the site's reason."""
+    r = record.round
+    events: list[tuple[str, dict[str, Any]]] = [
+        (
+            "round",
+            {
+                "round": r,
+                "accuracy": record.accuracy,
+                "loss": record.loss,
+                "max_epsilon": record.max_epsilon,
+                "seconds": record.seconds,
+                "sites": list(record.sites),
+            },
+        )
+    ]
+    for site in record.sites:
+        report = record.reports.get(site)
+        epsilon = report.epsilon if report is not None else None
+        events.append(("reply", {"round": r, "site": site, "epsilon": epsilon}))
+    for kind, sites in (("refusal", record.refused), ("failure", record.failed)):
+        for site in sites:
+            why = record.reasons.get(site, "")
+            events.append((kind, {"round": r, "site": site, "reason": why}))
+    for site, reason in record.flagged.items():
+        events.append(("flagged", {"round": r, "site": site, "reason": reason}))
+    return events
+
+
+def stopped_round_events(summary: Summary) -> list[tuple[str, dict[str, Any]]]:
+    """The failures and refusals of rounds that never completed (a stopped run's last),
+    which no round record holds."""
+    done = {r.round for r in summary.rounds}
+    return [
+        (kind, {"round": e.round, "site": e.site, "reason": e.reason})
+        for kind, found in (("refusal", summary.refusals), ("failure", summary.failures))
+        for e in found
+        if e.round not in done
+    ]
+
+
+def end_event(summary: Summary) -> dict[str, Any]:
+    """How the run ended, for the last event line."""
+    return {
+        "completed_rounds": summary.completed_rounds,
+        "planned_rounds": summary.planned_rounds,
+        "accuracy": summary.final.accuracy,
+        "stopped": summary.stopped,
+        "lost_rounds": list(summary.lost_rounds),
+        "run_dir": summary.run_dir,
+    }

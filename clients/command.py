@@ -15,14 +15,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import threading
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from fedsilo import exporter, flwr_adapter
 from fedsilo.clients.launcher import ClientOptions, start_client
-from fedsilo.clients.prometheus import SiteCollector
+from fedsilo.clients.prometheus import SiteCollector, watch_spends
 from fedsilo.config import DEVICES
+from fedsilo.console import add_log_format, emit
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.provision import read_site_kit
 from fedsilo.processes import split_address, terminate_on_signals
@@ -86,6 +89,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="NO TLS and NO authentication (only if the server runs --insecure too)",
     )
     exporter.add_flags(s, "this site's own ledger: epsilon spent, budget left, rounds")
+    add_log_format(s)
     s.set_defaults(func=run)
 
 
@@ -118,16 +122,33 @@ def run(args: argparse.Namespace) -> int:
         keep_feature_cache=args.keep_feature_cache,
         task=args.task,
     )
+    json_log = args.log_format == "json"
+
+    def on_event(text: str) -> None:
+        if json_log:
+            emit("status", {"site": kit.name, "message": Text.from_markup(text).plain})
+        else:
+            err.print(text, highlight=False)
+
     if args.insecure:
-        err.print(INSECURE_WARNING, highlight=False)
-    err.print(
+        on_event(INSECURE_WARNING)
+    on_event(
         f"[bold]fedsilo client[/]: site {kit.name}, data {args.data}, server {server}, policy "
-        f"max epsilon {kit.policy.max_epsilon:g} at delta {kit.policy.delta:g}",
-        highlight=False,
+        f"max epsilon {kit.policy.max_epsilon:g} at delta {kit.policy.delta:g}"
     )
+
+    stop = threading.Event()
+    if json_log:  # each new spend on the site's own ledger, with its total after it
+        threading.Thread(
+            target=watch_spends,
+            args=(kit.ledger, lambda fields: emit("spend", fields), stop),
+            daemon=True,
+        ).start()
     with terminate_on_signals(), exporter.serving(lambda: SiteCollector(kit.ledger), args):
         try:
-            start_client(kit, opts, on_event=lambda text: err.print(text, highlight=False))
+            start_client(kit, opts, on_event=on_event)
         except KeyboardInterrupt:
-            err.print(f"site {kit.name} stopped")
+            on_event(f"site {kit.name} stopped")
+        finally:
+            stop.set()
     return 0

@@ -18,10 +18,12 @@ can reach it (127.0.0.1 by default). Names start with `fedsilo_site_`:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from fedsilo.privacy import ledger
 from fedsilo.privacy.audit import PASSING, SiteAudit, audit
 
 PREFIX = "fedsilo_site_"
@@ -79,3 +81,28 @@ class SiteCollector:
             "1 while the ledger's audit passes (ok or exhausted), else 0.",
             value=1.0 if found.status in PASSING else 0.0,
         )
+
+
+def watch_spends(
+    path: Path, on_spend: Callable[[dict[str, Any]], None], stop: threading.Event
+) -> None:
+    """Call `on_spend` for each spend the ledger at `path` gains until `stop` is set (a
+    site's `--log-format json` events): its run, round, mode and the total spent after it."""
+    collector = SiteCollector(path)
+    seen = len(ledger.read(path).spends) if path.exists() else 0
+    while not stop.wait(1.0):
+        found = collector.current()
+        if found is None or found.events <= seen:
+            continue
+        for spend in ledger.read(path).spends[seen:]:
+            on_spend(
+                {
+                    "site": spend.site,
+                    "run": spend.run,
+                    "round": spend.round,
+                    "mode": spend.mode,
+                    "epsilon_total": found.epsilon,
+                    "budget_left": found.remaining,
+                }
+            )
+        seen = found.events

@@ -31,10 +31,22 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.text import Text
 
 from fedsilo import exporter, flwr_adapter
 from fedsilo.config import RunConfig, check_port
-from fedsilo.console import dp_note, end_of_run_lines, quiet_logs, resume_line, summary_table
+from fedsilo.console import (
+    add_log_format,
+    dp_note,
+    emit,
+    end_event,
+    end_of_run_lines,
+    quiet_logs,
+    resume_line,
+    round_events,
+    stopped_round_events,
+    summary_table,
+)
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.provision import read_server_kit, read_toml
 from fedsilo.processes import CONTROL_PORT, terminate_on_signals
@@ -76,6 +88,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_run_flags(s, simulation=False)
     s.add_argument("--out", type=Path, help="run directory (default runs/<timestamp>)")
     exporter.add_flags(s, "the run's rounds, replies, sites online and reported epsilon")
+    add_log_format(s)
     s.add_argument(
         "--resume",
         type=Path,
@@ -167,24 +180,28 @@ def run(args: argparse.Namespace) -> int:
         insecure=args.insecure,
         metrics=metrics_address(args),
     )
+    json_log = args.log_format == "json"
+
+    def say(text: str) -> None:
+        if json_log:
+            emit("message", {"message": Text.from_markup(text).plain})
+        else:
+            err.print(text, highlight=False)
+
     if args.insecure:
-        err.print(INSECURE_WARNING, highlight=False)
+        say(INSECURE_WARNING)
     quiet_logs(False)
     who = (
         "ANY site may join (--insecure)"
         if args.insecure
         else f"{len(kit.sites)} authorised site(s) ({', '.join(kit.sites)})"
     )
-    err.print(
+    say(
         f"[bold]fedsilo server[/]: {who}, {cfg.rounds} rounds of task {task_for(cfg).name}, "
-        f"min-sites {cfg.min_sites}{dp_note(cfg)}; run dir {cfg.run_dir}",
-        highlight=False,
+        f"min-sites {cfg.min_sites}{dp_note(cfg)}; run dir {cfg.run_dir}"
     )
     if cfg.resume:
-        err.print(
-            resume_line(cfg.run_id, cfg.run_dir, cfg.rounds, ask_again=not cfg.distributed),
-            highlight=False,
-        )
+        say(resume_line(cfg.run_id, cfg.run_dir, cfg.rounds, ask_again=not cfg.distributed))
     t0 = time.monotonic()
 
     def on_event(kind: str, info: Event) -> None:
@@ -208,8 +225,20 @@ def run(args: argparse.Namespace) -> int:
                 highlight=False,
             )
 
+    def on_json_event(kind: str, info: Event) -> None:
+        if isinstance(info, RoundRecord):
+            for event, fields in round_events(info):
+                emit(event, fields)
+        else:
+            emit({"superlink": "listening", "sites": "sites_online"}.get(kind, kind), info)
+
     with terminate_on_signals():
-        summary = start_server(kit, cfg, opts, on_event=on_event)
+        summary = start_server(kit, cfg, opts, on_event=on_json_event if json_log else on_event)
+    if json_log:
+        for event, fields in stopped_round_events(summary):
+            emit(event, fields)
+        emit("end", end_event(summary))
+        return 0 if run_complete(summary) else 1
     Console().print(summary_table(summary))
     for line in end_of_run_lines(summary):
         Console().print(line, highlight=False)

@@ -49,6 +49,7 @@ from fedsilo.server.run_dir import (
     FEDERATION_CA,
     new_run_dir,
     read_metrics,
+    read_progress,
     read_summary,
     write_site_names,
 )
@@ -284,8 +285,13 @@ class Server:
         )
         self.children.append(proc)
         seen = len(read_metrics(self.run_dir)) if self.cfg.resume else 0
+        started = read_progress(self.run_dir).started
         while True:
             done = proc.poll() is not None
+            now = read_progress(self.run_dir).started
+            if now > started:  # progress.json is written before a round is sent
+                on_event("round_start", {"round": now})
+                started = now
             for record in read_metrics(self.run_dir)[seen:]:
                 on_event("round", record)
                 seen += 1
