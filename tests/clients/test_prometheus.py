@@ -6,8 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from fedsilo.clients.prometheus import SiteCollector
 from fedsilo.clients.site_budget import SiteBudget, authorise_round
@@ -17,17 +15,7 @@ from fedsilo.privacy.audit import audit
 from fedsilo.privacy.ledger import ensure_policy
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.task.data import load_dataset
-
-
-def scrape(collector: SiteCollector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    text = generate_latest(registry).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+from tests.metrics import scrape
 
 
 def site(path: Path) -> SiteBudget:

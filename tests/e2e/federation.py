@@ -237,11 +237,7 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """A Prometheus scrape of http://127.0.0.1:PORT/metrics: (name, labels) -> value."""
     import urllib.request
 
-    from prometheus_client.parser import text_string_to_metric_families
+    from tests.metrics import samples
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text.decode())
-        for s in family.samples
-    }
+    return samples(text.decode())

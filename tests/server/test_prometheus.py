@@ -6,8 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.parser import text_string_to_metric_families
 
 from fedsilo.server.prometheus import RunCollector
 from fedsilo.server.records import (
@@ -19,18 +17,7 @@ from fedsilo.server.records import (
     Summary,
 )
 from fedsilo.server.run_dir import RunDir
-
-
-def scrape(collector: RunCollector) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    """Every sample of one scrape: (name, sorted labels) -> value, from the text format."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(collector)
-    text = generate_latest(registry).decode()
-    return {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
+from tests.metrics import scrape
 
 
 def report(eps: float) -> SiteRoundReport:
