@@ -1,8 +1,9 @@
 """Serve a Prometheus collector over HTTP: what `--metrics-port` starts.
 
 `add_flags(parser, what)` declares `--metrics-port` and `--metrics-host` once for
-`fedsilo simulate`, `server start` and `client start`; `serving(collector, args)` serves
-while a `with` block runs, where the user asked for it. `serve(collector, host, port)`
+`fedsilo simulate`, `server start` and `client start`; `address(args)` checks them before
+anything starts, and `serving(collector, address)` serves while a `with` block runs,
+where the user asked for it. `serve(collector, host, port)`
 starts prometheus-client's threaded HTTP server on `host:port` (127.0.0.1 unless the
 operator names another address, never every address) with a registry that holds
 `collector` alone: no process or platform metrics, only what the collector reads from
@@ -86,13 +87,23 @@ def add_flags(parser: argparse.ArgumentParser, what: str) -> None:
     )
 
 
-@contextlib.contextmanager
-def serving(collector: Callable[[], Any], args: argparse.Namespace) -> Iterator[None]:
-    """Serve `collector()` while the block runs, where `args.metrics_port` asks for it."""
+def address(args: argparse.Namespace) -> tuple[str, int] | None:
+    """The checked (host, port) of --metrics-host/--metrics-port, or None when no
+    --metrics-port was given: called before the command starts anything, so a bad
+    address fails first (`serve` checks it again, the guarantee's own home)."""
     if args.metrics_port is None:
+        return None
+    check_address(args.metrics_host, args.metrics_port)
+    return args.metrics_host, args.metrics_port
+
+
+@contextlib.contextmanager
+def serving(collector: Callable[[], Any], where: tuple[str, int] | None) -> Iterator[None]:
+    """Serve `collector()` at `where` (from `address`) while the block runs; nothing when None."""
+    if where is None:
         yield
         return
-    stop = serve(collector(), args.metrics_host, args.metrics_port)
+    stop = serve(collector(), *where)
     try:
         yield
     finally:

@@ -107,8 +107,7 @@ def run(args: argparse.Namespace) -> int:
             "`--connect-timeout` must be a finite number of seconds >= 0. "
             f"Found {args.connect_timeout}; e.g. 600 (ten minutes)."
         )
-    if args.metrics_port is not None:
-        exporter.check_address(args.metrics_host, args.metrics_port)
+    metrics = exporter.address(args)
     kit = read_site_kit(args.kit)
     server = args.server or kit.server
     split_address(server)
@@ -144,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             args=(kit.ledger, lambda fields: emit("spend", fields), stop),
             daemon=True,
         ).start()
-    with terminate_on_signals(), exporter.serving(lambda: SiteCollector(kit.ledger), args):
+    with terminate_on_signals(), exporter.serving(lambda: SiteCollector(kit.ledger), metrics):
         try:
             start_client(kit, opts, on_event=on_event)
         except KeyboardInterrupt:

@@ -148,14 +148,6 @@ def checked(cfg: RunConfig, sites: int) -> RunConfig:
     return cfg
 
 
-def metrics_address(args: argparse.Namespace) -> tuple[str, int] | None:
-    """(host, port) of --metrics-host/--metrics-port, checked; None when not asked for."""
-    if args.metrics_port is None:
-        return None
-    exporter.check_address(args.metrics_host, args.metrics_port)
-    return args.metrics_host, args.metrics_port
-
-
 def run(args: argparse.Namespace) -> int:
     flwr_adapter.check_flower_version()  # the launcher drives Flower 1.39's CLI and processes
     err = Console(stderr=True)
@@ -178,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         control_port=check_port(args.control_port, flag="--control-port"),
         wait_sites=wait,
         insecure=args.insecure,
-        metrics=metrics_address(args),
+        metrics=exporter.address(args),
     )
     json_log = args.log_format == "json"
 

@@ -180,8 +180,7 @@ def check_sites(cfg: RunConfig, sites: int) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.metrics_port is not None:
-        exporter.check_address(args.metrics_host, args.metrics_port)
+    metrics_at = exporter.address(args)
     if args.resume_dir:
         cfg, recorded = resume_from_args(args)
         args.sites, engine, hostile = recorded.sites, recorded.engine, recorded.hostile
@@ -240,7 +239,7 @@ def run(args: argparse.Namespace) -> int:
             sites = args.sites  # every virtual site is online for the whole run
             metrics = functools.partial(RunCollector, cfg.run_dir, online=lambda: sites)
             with (
-                exporter.serving(metrics, args),
+                exporter.serving(metrics, metrics_at),
                 terminate_on_signals(),
                 _engine_shutdown_unlogged(),
             ):

@@ -67,12 +67,12 @@ def test_serving_only_where_the_flags_ask() -> None:
         made.append(1)
         return One()
 
-    with exporter.serving(collector, parser.parse_args([])):
+    with exporter.serving(collector, exporter.address(parser.parse_args([]))):
         pass
     assert made == []  # no --metrics-port: nothing built or bound
     args = parser.parse_args(["--metrics-port", str(free_port())])
-    assert args.metrics_host == "127.0.0.1"
-    with exporter.serving(collector, args):
+    assert exporter.address(args) == ("127.0.0.1", args.metrics_port)
+    with exporter.serving(collector, exporter.address(args)):
         url = f"http://127.0.0.1:{args.metrics_port}/metrics"
         assert b"fedsilo_test_value 42.0" in urllib.request.urlopen(url, timeout=10).read()
     assert made == [1]
