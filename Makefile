@@ -29,7 +29,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fedsilo simulate
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -n 3 --dist load  # order: tests/conftest.py
+	$(PY) -m pytest -q -p no:cacheprovider -n 3 --dist load --maxschedchunk 1  # order: tests/conftest.py
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
