@@ -35,6 +35,7 @@ COMMANDS = (
     "fedsilo.server.command",
     "fedsilo.clients.command",
     "fedsilo.server.export_command",
+    "fedsilo.server.dashboard_command",
 )
 
 
