@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fedsilo.clients.prometheus import watch_spends
 from fedsilo.clients.site_budget import SiteBudget, authorise_round
@@ -97,3 +98,48 @@ def test_a_sites_new_spends_become_events_with_its_total(tmp_path: Path) -> None
     ]
     assert got[-1]["epsilon_total"] == audit(path).epsilon  # the total after round 3
     assert got[-1]["budget_left"] == audit(path).remaining
+
+
+def test_a_spend_written_between_the_audit_and_the_read_is_told_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The audit counted 1 new spend but the ledger held 2 when read: the second waits
+    for the audit that counts it (before, it was told twice)."""
+    from fedsilo.clients import prometheus
+
+    path = tmp_path / "ledger.jsonl"
+    policy = SitePolicy(max_epsilon=10.0)
+    ensure_policy(path, "a", policy)
+    budget = SiteBudget(path, policy)
+    cfg = RunConfig(rounds=3, target_epsilon=8.0, run_id="r1")
+    data = load_dataset("digits", "train").subset(np.arange(300))
+    # The watcher's audits: none until both spends are written, then the stale one
+    # (one spend), then the real ones.
+    go = threading.Event()
+    answers: list[object] = []
+    real = prometheus.SiteCollector.current
+    monkeypatch.setattr(
+        prometheus.SiteCollector,
+        "current",
+        lambda self: (answers.pop(0) if answers else real(self)) if go.is_set() else None,
+    )
+    got: list[dict[str, object]] = []
+    stop = threading.Event()
+    watcher = threading.Thread(target=watch_spends, args=(path, got.append, stop))
+    watcher.start()  # it has seen no spend
+    try:
+        authorise_round(budget, cfg, data, site="a", run="r1", server_round=1)
+        stale = audit(path)
+        authorise_round(budget, cfg, data, site="a", run="r1", server_round=2)
+        answers.append(stale)
+        go.set()
+        for _ in range(100):
+            if len(got) >= 2:
+                break
+            stop.wait(0.1)
+        stop.wait(1.5)  # time for a duplicate to show, if there were one
+    finally:
+        stop.set()
+        watcher.join(timeout=10)
+    assert [e["round"] for e in got] == [1, 2]
+    assert got[0]["epsilon_total"] == stale.epsilon < got[1]["epsilon_total"]

@@ -102,8 +102,18 @@ def wait_for(cond: Callable[[], bool], timeout: float, what: str, procs: list[Pr
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{logs}")
 
 
-def leftovers(tmp: Path) -> list[tuple[int, str]]:
-    """Live processes whose command line or environment mentions `tmp`."""
+def leftovers(tmp: Path, grace_s: float = 0.0) -> list[tuple[int, str]]:
+    """Live processes whose command line or environment mentions `tmp`; with `grace_s`,
+    those still alive after up to that many seconds (a stopped SuperNode's SuperExec
+    exits on its own once it sees its parent gone: Flower checks every 0.2 s, later on
+    a loaded machine)."""
+    deadline = time.monotonic() + grace_s
+    while (found := _live(tmp)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return found
+
+
+def _live(tmp: Path) -> list[tuple[int, str]]:
     needle = str(tmp).encode()
     found = []
     for entry in Path("/proc").iterdir():

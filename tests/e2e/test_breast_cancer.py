@@ -48,7 +48,7 @@ def fed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     make_sites(["data", "--sites", "2"])
     assert main(["data", "split", "--dataset", "digits", "--sites", "1", "--out", "digits"]) == 0
     yield tmp_path
-    left = leftovers(tmp_path)
+    left = leftovers(tmp_path, grace_s=10)
     end_leftovers(tmp_path)
     assert not left, f"processes left behind: {left}"
 

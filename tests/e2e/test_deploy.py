@@ -43,7 +43,7 @@ def fed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     assert main(["provision", "--out", "fed", *hosts, "--sites", "a,b,c"]) == 0
     assert main(["data", "split", "--dataset", "digits", "--sites", "3", "--out", "data"]) == 0
     yield tmp_path
-    left = leftovers(tmp_path)
+    left = leftovers(tmp_path, grace_s=10)
     end_leftovers(tmp_path)
     assert not left, f"processes left behind: {left}"
 

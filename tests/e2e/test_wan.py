@@ -27,7 +27,7 @@ def net(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[wan.Wan]:
     monkeypatch.chdir(tmp_path)
     with wan.Wan(2) as network:
         yield network
-    left = leftovers(tmp_path)
+    left = leftovers(tmp_path, grace_s=10)
     end_leftovers(tmp_path)
     assert not left, f"processes left behind: {left}"
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
