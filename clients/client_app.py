@@ -16,16 +16,20 @@ without disclosing its spend elsewhere.
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Error, Message
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord
 from flwr.clientapp import ClientApp
 
 from fedsilo import protocol
+from fedsilo.clients import site_status
 from fedsilo.clients.secure_round import SecureSiteRound
 from fedsilo.clients.site_env import NAME_KEY, SiteResolver, deployed_site
 from fedsilo.clients.site_round import LocalSiteRound
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, DataError, FedsiloError, PrivacyError
+from fedsilo.privacy.policy import LEDGER_KEY
 from fedsilo.privacy.refusal import REFUSAL_CODE, public_reason, refusal_reason
 
 log = logging.getLogger("fedsilo.client")
@@ -37,24 +41,58 @@ SITE_ROUNDS: dict[str, type[LocalSiteRound] | type[SecureSiteRound]] = {
 
 
 def train(msg: Message, context: Context, resolve_site: SiteResolver) -> Message:
-    """Answer the server's train message with the run's round protocol (or refuse)."""
+    """Answer the server's train message with the run's round protocol (or refuse), and
+    note how it went in the site's own status file (fedsilo.clients.site_status)."""
+    start = time.perf_counter()
     cfg = RunConfig.from_flwr(context.run_config)
     server_round = _server_round(msg)
     config = msg.content[protocol.CONFIG]
     assert isinstance(config, ConfigRecord)  # _server_round checked it
     name = str(context.node_config.get(NAME_KEY, "site"))
+    ledger_path = context.node_config.get(LEDGER_KEY)
+    ledger = Path(str(ledger_path)).expanduser() if ledger_path else None
+
+    def note(outcome: str, reply: Message | None = None, error: str | None = None) -> None:
+        if ledger is None:
+            return
+        try:
+            steps = _steps(reply) if reply is not None else 0
+            site_status.record(
+                ledger, name, server_round=server_round, outcome=outcome, error=error,
+                seconds=time.perf_counter() - start, received=site_status.message_bytes(msg),
+                sent=site_status.message_bytes(reply) if reply is not None else 0, steps=steps,
+            )  # fmt: skip
+        except Exception:  # a round never fails over the site's statistics
+            log.exception("train: site %s could not note round %d's status", name, server_round)
+
     # The ledger, not context.state, holds the spend: it survives SuperNode restarts
     # and separate runs on the same data.
     try:
         site = resolve_site(cfg, context.node_config)
-        name = site.name
+        name, ledger = site.name, site.budget.ledger
         kind = SITE_ROUNDS[cfg.dp]  # the run's DP mode picks its protocol, here only
-        return kind(msg, context, cfg, site, server_round, run_identity(cfg, context)).answer(
+        reply = kind(msg, context, cfg, site, server_round, run_identity(cfg, context)).answer(
             config
         )
     except (PrivacyError, ConfigError, DataError) as exc:  # a round the site will not train
         log.warning("train: site %s refuses round %d: %s", name, server_round, exc)
-        return Message(Error(REFUSAL_CODE, refusal_reason(name, _public(exc, cfg))), reply_to=msg)
+        reply = Message(Error(REFUSAL_CODE, refusal_reason(name, _public(exc, cfg))), reply_to=msg)
+        note("refused", reply, error=f"refused: {exc}")
+        return reply
+    except Exception as exc:
+        note("error", error=f"{type(exc).__name__}: {exc}")
+        raise
+    note("answered", reply)
+    return reply
+
+
+def _steps(reply: Message) -> int:
+    """The DP-SGD steps a reply reports (0 for a stage that did not train)."""
+    if not reply.has_content():
+        return 0
+    metrics = reply.content.get(protocol.METRICS)
+    steps = metrics.get(protocol.STEPS) if isinstance(metrics, MetricRecord) else None
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else 0
 
 
 def run_identity(cfg: RunConfig, context: Context) -> str:

@@ -14,6 +14,15 @@ can reach it (127.0.0.1 by default). Names start with `fedsilo_site_`:
   rounds_trained_total    spends on its ledger                              (counter)
   dp_steps_total          DP-SGD steps on its ledger                        (counter)
   ledger_ok               1 while the audit passes (ok or exhausted)        (gauge)
+
+and from the site's own status file beside the ledger (fedsilo.clients.site_status):
+
+  messages_total{outcome}         messages answered, refused, or that raised  (counter)
+  train_seconds_total             seconds spent answering them                (counter)
+  dp_step_seconds                 the last trained round's seconds per step   (gauge)
+  bytes_received_total, bytes_sent_total   message bytes in and out           (counter)
+  last_error_round                the round of the last refusal or error      (gauge)
+  last_error_info{error}          its text (one series: the latest)           (gauge, 1)
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from fedsilo.clients import site_status
 from fedsilo.privacy import ledger
 from fedsilo.privacy.audit import PASSING, SiteAudit, audit
 
@@ -81,6 +91,52 @@ class SiteCollector:
             "1 while the ledger's audit passes (ok or exhausted), else 0.",
             value=1.0 if found.status in PASSING else 0.0,
         )
+        yield from _status(site_status.read(self.ledger))
+
+
+def _status(status: site_status.SiteStatus | None) -> Iterator[Any]:
+    """The metrics of the site's status file (fedsilo.clients.site_status)."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    if status is None:
+        return
+    messages = CounterMetricFamily(
+        PREFIX + "messages",
+        "Messages from the server by how the site answered: answered, refused, error.",
+        labels=["outcome"],
+    )
+    for outcome, n in sorted(status.messages.items()):
+        messages.add_metric([outcome], n)
+    yield messages
+    yield CounterMetricFamily(
+        PREFIX + "train_seconds", "Seconds spent answering.", value=status.train_seconds_total
+    )
+    if status.last_step_seconds is not None:
+        yield GaugeMetricFamily(
+            PREFIX + "dp_step_seconds",
+            "The last trained round's seconds per DP-SGD step (its whole answer).",
+            value=status.last_step_seconds,
+        )
+    yield CounterMetricFamily(
+        PREFIX + "bytes_received", "Bytes of the messages received.",
+        value=status.bytes_received_total,
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        PREFIX + "bytes_sent", "Bytes of the replies sent.", value=status.bytes_sent_total
+    )
+    if status.last_error is not None and status.last_error_round is not None:
+        yield GaugeMetricFamily(
+            PREFIX + "last_error_round",
+            "The round of the site's last refusal or error.",
+            value=status.last_error_round,
+        )
+        info = GaugeMetricFamily(
+            PREFIX + "last_error_info",
+            "The site's last refusal or error (its text as label; always 1).",
+            labels=["error"],
+        )
+        info.add_metric([status.last_error[:300]], 1.0)
+        yield info
 
 
 def watch_spends(
@@ -94,7 +150,8 @@ def watch_spends(
         found = collector.current()
         if found is None or found.events <= seen:
             continue
-        for spend in ledger.read(path).spends[seen:]:
+        # The spends the audit counted, no more: the file may have grown since.
+        for spend in ledger.read(path).spends[seen : found.events]:
             on_spend(
                 {
                     "site": spend.site,

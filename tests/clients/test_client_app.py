@@ -363,3 +363,58 @@ def test_data_of_another_task_is_refused_without_naming_the_sites_files(tmp_path
     reason = refusal_of(site_train(train_message(cfg, 1), ctx))["refused"]
     assert "does not fit this run's task (fashion-mnist)" in reason
     assert str(tmp_path) not in reason
+
+
+def test_a_site_keeps_its_step_time_bytes_and_last_error_beside_its_ledger(
+    tmp_path: Path,
+) -> None:
+    from fedsilo.clients import site_status
+
+    node_config = deployed_node_config(tmp_path)
+    path = Path(str(node_config["ledger-path"]))
+    cfg = RunConfig(rounds=2, local_epochs=1, accountant="rdp")
+    msg = train_message(cfg, 1)
+    reply = site_train(msg, Context(7, 1, node_config, RecordDict(), cfg.to_flwr()))  # type: ignore[arg-type]
+    steps = int(metrics_of(reply)["steps"])
+    status = site_status.read(path)
+    assert status is not None and status.site == "hospital-a"
+    assert status.messages == {"answered": 1, "refused": 0, "error": 0}
+    assert status.dp_steps_total == steps > 0
+    assert status.last_step_seconds == pytest.approx(status.train_seconds_total / steps)
+    model = sum(t.numel() * t.element_size() for t in global_model(cfg).state_dict().values())
+    # In: the global model and the config; out: the DP update, metrics and ledger head
+    # (each with its keys, shapes and dtypes: a few hundred bytes).
+    assert model < status.bytes_received_total == site_status.message_bytes(msg) < model + 1000
+    assert model < status.bytes_sent_total == site_status.message_bytes(reply) < model + 1500
+    assert status.last_error is None
+    # A run asking more than the site's policy allows: a refusal, kept with its text.
+    greedy = RunConfig(rounds=2, local_epochs=1, accountant="rdp", target_epsilon=500.0)
+    ctx = Context(8, 1, node_config, RecordDict(), greedy.to_flwr())  # type: ignore[arg-type]
+    refusal_of(site_train(train_message(greedy, 1), ctx))
+    status = site_status.read(path)
+    assert status is not None and status.messages["refused"] == 1
+    assert status.last_error_round == 1 and "refused: " in str(status.last_error)
+    assert status.dp_steps_total == steps  # a refusal trains nothing
+
+
+def test_a_damaged_status_file_starts_the_counters_again(tmp_path: Path) -> None:
+    from fedsilo.clients import site_status
+
+    ledger_path = tmp_path / "ledger.jsonl"
+    site_status.status_path(ledger_path).write_text("{not json")
+    assert site_status.read(ledger_path) is None
+    site_status.record(
+        ledger_path, "a", server_round=3, outcome="answered", seconds=2.0,
+        received=10, sent=20, steps=4,
+    )  # fmt: skip
+    status = site_status.read(ledger_path)
+    assert status is not None and status.last_step_seconds == 0.5
+    assert (status.bytes_received_total, status.bytes_sent_total) == (10, 20)
+
+
+def test_a_secure_stages_empty_lists_are_counted_not_fatal() -> None:
+    from fedsilo.clients import site_status
+
+    content = RecordDict({"secagg": ConfigRecord({"shares": [], "keys": [b"ab", b"cd"]})})
+    msg = Message(content=content, dst_node_id=1, message_type="train")
+    assert site_status.message_bytes(msg) == len("shares") + len("keys") + 4

@@ -62,3 +62,26 @@ def test_a_tampered_ledger_scrapes_as_not_ok(tmp_path: Path) -> None:
     assert '"round":1' in text
     path.write_text(text.replace('"round":1', '"round":7', 1))
     assert scrape(SiteCollector(path))["fedsilo_site_ledger_ok", ()] == 0
+
+
+def test_the_scrape_adds_the_sites_status_file(tmp_path: Path) -> None:
+    from fedsilo.clients import site_status
+
+    path = tmp_path / "ledger.jsonl"
+    site(path)
+    collector = SiteCollector(path)
+    assert not any(k[0] == "fedsilo_site_messages_total" for k in scrape(collector))
+    args = {"seconds": 3.0, "received": 1000, "sent": 900}
+    site_status.record(path, "a", server_round=1, outcome="answered", steps=6, **args)
+    refused = {"outcome": "refused", "error": "refused: budget"}
+    site_status.record(path, "a", server_round=2, **refused, **args)
+    got = scrape(collector)
+    assert got["fedsilo_site_messages_total", (("outcome", "answered"),)] == 1
+    assert got["fedsilo_site_messages_total", (("outcome", "refused"),)] == 1
+    assert got["fedsilo_site_messages_total", (("outcome", "error"),)] == 0
+    assert got["fedsilo_site_train_seconds_total", ()] == 6.0
+    assert got["fedsilo_site_dp_step_seconds", ()] == 0.5  # the trained round's, kept
+    assert got["fedsilo_site_bytes_received_total", ()] == 2000
+    assert got["fedsilo_site_bytes_sent_total", ()] == 1800
+    assert got["fedsilo_site_last_error_round", ()] == 2
+    assert got["fedsilo_site_last_error_info", (("error", "refused: budget"),)] == 1
