@@ -202,7 +202,11 @@ def test_deployed_site_without_a_budget_refuses(tmp_path: Path) -> None:
         ({"data-path": str(data)}, "no privacy budget"),
         ({"data-path": str(data), "policy-max-epsilon": 8.0}, "no privacy ledger"),
         (
-            {"data-path": str(data), "policy-max-epsilon": "lots", "ledger-path": "x"},
+            {
+                "data-path": str(data),
+                "policy-max-epsilon": "lots",
+                "ledger-path": str(tmp_path / "x"),
+            },
             "must be a number",
         ),
     ):
