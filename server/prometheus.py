@@ -15,6 +15,8 @@ sites) is the one live value. Names start with `fedsilo_server_`:
   max_site_epsilon           largest epsilon a site reported   (gauge)
   site_epsilon{site}         each site's reported run epsilon  (gauge)
   replies_total{site,outcome}  accepted, failed, refused, flagged (counter)
+  reply_problems_total{outcome,reason,stage}  failed and refused replies by
+                             kind (fedsilo.server.replies.reason_kind)   (counter)
   rounds_lost_total          rounds lost to crashes            (counter)
   sites_online               sites connected now               (gauge)
   finished                   1 once summary.json is written    (gauge)
@@ -32,6 +34,7 @@ from typing import Any
 
 from fedsilo.errors import FedsiloError
 from fedsilo.server.records import RoundRecord
+from fedsilo.server.replies import reason_kind
 from fedsilo.server.run_dir import read_metrics, read_progress, read_summary
 
 PREFIX = "fedsilo_server_"
@@ -96,6 +99,15 @@ class RunCollector:
         for (site, outcome), n in sorted(_outcomes(rounds, summary).items()):
             replies.add_metric([site, outcome], n)
         yield replies
+        problems = CounterMetricFamily(
+            PREFIX + "reply_problems",
+            "Failed and refused replies by kind: failed (timeout, lost, invalid, duplicate, "
+            "error) and refused (budget, policy, setup, other), and a secure round's stage.",
+            labels=["outcome", "reason", "stage"],
+        )
+        for key, n in sorted(_problems(rounds, summary).items()):
+            problems.add_metric(list(key), n)
+        yield problems
         lost = len(progress.lost) if progress is not None else 0
         yield CounterMetricFamily(PREFIX + "rounds_lost", "Rounds lost to crashes.", value=lost)
         if self.online is not None:
@@ -126,6 +138,31 @@ def _latest_epsilons(rounds: list[RoundRecord]) -> dict[str, float]:
     for record in rounds:
         out.update({site: report.epsilon for site, report in record.reports.items()})
     return out
+
+
+def _problems(rounds: list[RoundRecord], summary: Any) -> dict[tuple[str, str, str], int]:
+    """(outcome, kind, stage) -> count of the failed and refused replies, as _outcomes
+    counts them."""
+    counts: dict[tuple[str, str, str], int] = {}
+
+    def add(outcome: str, reason: str) -> None:
+        key = (outcome, *reason_kind(outcome, reason))
+        counts[key] = counts.get(key, 0) + 1
+
+    done = {r.round for r in rounds}
+    for record in rounds:
+        for site in record.failed:
+            add("failed", record.reasons.get(site, ""))
+        for site in record.refused:
+            add("refused", record.reasons.get(site, ""))
+    if summary is not None:
+        for failure in summary.failures:
+            if failure.round not in done:
+                add("failed", failure.reason)
+        for refusal in summary.refusals:
+            if refusal.round not in done:
+                add("refused", refusal.reason)
+    return counts
 
 
 def _outcomes(rounds: list[RoundRecord], summary: Any) -> dict[tuple[str, str], int]:

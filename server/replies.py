@@ -40,6 +40,19 @@ from fedsilo.task.train import non_finite
 
 log = logging.getLogger("fedsilo.server")
 HEAD = re.compile(r"[0-9a-f]{64}")
+# How a failure's reason reads (after a secure round's "STAGE stage[, ...]: " prefix).
+NO_REPLY = "no reply before the round timeout"
+INVALID = "invalid reply: "
+SECOND_REPLY = "a second reply from this site"
+NODE_LOST = "Error: Node Unavailable"  # how Flower's SuperLink reports a node it lost
+STAGE = re.compile(r"^([a-z-]+) stage(?:, [^:]*)?: ")
+# A refusal's kind, from words of the site's public reason (fedsilo.privacy.refusal):
+# the first that matches, else "other". A label for monitoring, never a decision.
+REFUSAL_WORDS = (
+    ("budget", ("budget", "epsilon", "spent")),
+    ("policy", ("policy", "allow", "noise multiplier", "clip", "rounds")),
+    ("setup", ("ledger", "certificate", "data", "sites take part", "site(s) take part")),
+)
 INTEGER_METRICS = (protocol.NUM_EXAMPLES, protocol.STEPS)
 
 
@@ -144,7 +157,7 @@ class ReplyBook:
             node = replying_node(msg, dst)
             site = self.site_name(node)
             if node in replied:
-                self._fail(site, server_round, "a second reply from this site in one round")
+                self._fail(site, server_round, f"{SECOND_REPLY} in one round")
                 continue
             replied.add(node)
             if msg.has_error():
@@ -153,12 +166,12 @@ class ReplyBook:
             try:
                 report = self._validate(site, server_round, msg, spec)
             except InvalidReply as exc:
-                self._fail(site, server_round, f"invalid reply: {exc}")
+                self._fail(site, server_round, f"{INVALID}{exc}")
                 continue
             self.accept(report)
             usable.append((report, msg))
         for node in sorted(set(dst.values()) - replied):
-            self._fail(self.site_name(node), server_round, "no reply before the round timeout")
+            self._fail(self.site_name(node), server_round, NO_REPLY)
         usable.sort(key=lambda pair: pair[0].site)
         self.last_round_sites = [report.site for report, _ in usable]
         log.info("aggregate_train: round %d: %d results", server_round, len(usable))
@@ -183,18 +196,18 @@ class ReplyBook:
             if node not in dst.values():
                 continue  # not a site this stage asked
             if node in replied:
-                self.fail(node, server_round, f"{where}a second reply from this site in one stage")
+                self.fail(node, server_round, f"{where}{SECOND_REPLY} in one stage")
                 usable.pop(node, None)
                 continue
             replied.add(node)
             if msg.has_error():
                 self._error(self.site_name(node), server_round, msg, where)
             elif not msg.has_content():
-                self.fail(node, server_round, f"{where}invalid reply: no content")
+                self.fail(node, server_round, f"{where}{INVALID}no content")
             else:
                 usable[node] = msg
         for node in sorted(set(dst.values()) - replied):
-            self.fail(node, server_round, f"{where}no reply before the round timeout")
+            self.fail(node, server_round, f"{where}{NO_REPLY}")
         return usable
 
     def report_of(self, node: int, server_round: int, msg: Message) -> SiteReport:
@@ -325,3 +338,27 @@ def check_metrics(metrics: MetricRecord) -> dict[str, float]:
     if not 0 < out[protocol.DELTA] < 1:
         raise InvalidReply(f"metric `{protocol.DELTA}` must be in (0, 1)")
     return out
+
+
+def reason_kind(outcome: str, reason: str) -> tuple[str, str]:
+    """(kind, stage) of a failure's or refusal's reason, for monitoring: a failure is
+    `timeout`, `lost` (Flower lost the node), `invalid`, `duplicate` or `error` (the site
+    raised); a refusal is `budget`, `policy`, `setup` or `other` (REFUSAL_WORDS). The
+    stage is a secure round's, or "" for a plain round. Few values: a hostile site's text
+    cannot grow a metric's labels."""
+    stage = ""
+    if outcome == "failed" and (match := STAGE.match(reason)):
+        stage, reason = match.group(1), reason[match.end() :]
+    if outcome == "refused":
+        low = reason.lower()
+        kind = next((k for k, words in REFUSAL_WORDS if any(w in low for w in words)), "other")
+        return kind, stage
+    if reason.startswith(NO_REPLY):
+        return "timeout", stage
+    if reason.startswith(NODE_LOST):
+        return "lost", stage
+    if reason.startswith(INVALID):
+        return "invalid", stage
+    if reason.startswith(SECOND_REPLY):
+        return "duplicate", stage
+    return "error", stage

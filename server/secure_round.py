@@ -56,7 +56,7 @@ from fedsilo.privacy.secagg import (
     view_message,
 )
 from fedsilo.server.local_round import Exchange
-from fedsilo.server.replies import InvalidReply, SiteReport
+from fedsilo.server.replies import INVALID, InvalidReply, SiteReport
 from fedsilo.server.strategy import SiteReports
 
 log = logging.getLogger("fedsilo.server")
@@ -176,18 +176,16 @@ class SecureRound:
         c, s = _bytes(rec, protocol.KEY_C), _bytes(rec, protocol.KEY_S)
         sig, cert = _bytes(rec, protocol.SIGNATURE), _bytes(rec, protocol.CERT)
         if not (len(c) == len(s) == KEY_BYTES and sig and cert):
-            self._fail(node, stage, "invalid reply: no signed 32-byte keys")
+            self._fail(node, stage, INVALID + "no signed 32-byte keys")
             return None
         tag = round_tag(self.rounds.run, server_round)
         try:
             name = self.rounds.verify(cert, keys_message(tag, node, c, s), sig)
         except PrivacyError as exc:
-            self._fail(node, stage, f"invalid reply: keys not signed: {exc}")
+            self._fail(node, stage, f"{INVALID}keys not signed: {exc}")
             return None
         if name != self.book.site_name(node):
-            self._fail(
-                node, stage, f"invalid reply: keys signed as site {name!r}, not this node's site"
-            )
+            self._fail(node, stage, f"{INVALID}keys signed as site {name!r}, not this node's site")
             return None
         return c, s, sig, cert
 
@@ -209,9 +207,7 @@ class SecureRound:
         for node, rec in replies.items():
             dsts, blobs = _list(rec, protocol.DESTINATIONS), _list(rec, protocol.CIPHERTEXTS)
             if len(dsts) != len(blobs) or set(dsts) != set(self.graph[node]) - {node}:
-                self._fail(
-                    node, protocol.SHARE_KEYS, "invalid reply: shares not for its neighbours"
-                )
+                self._fail(node, protocol.SHARE_KEYS, INVALID + "shares not for its neighbours")
                 continue
             self.threshold[node] = threshold_for(len(self.graph[node]))
             for dst, blob in zip(dsts, blobs, strict=True):
@@ -234,7 +230,7 @@ class SecureRound:
             try:
                 report, vec, partners = self._masked_input(node, msg, asks[node])
             except (InvalidReply, SecAggError) as exc:
-                self._fail(node, protocol.MASKED_INPUT, f"invalid reply: {exc}")
+                self._fail(node, protocol.MASKED_INPUT, f"{INVALID}{exc}")
                 continue
             self.book.accept(report)
             self.masked[node] = vec
@@ -275,7 +271,7 @@ class SecureRound:
             try:
                 self.rounds.verify(self.keys[node][3], message, sig)
             except PrivacyError as exc:
-                self._fail(node, protocol.CONSISTENCY, f"invalid reply: view not signed: {exc}")
+                self._fail(node, protocol.CONSISTENCY, f"{INVALID}view not signed: {exc}")
                 continue
             self.signatures[node] = sig
         return self._enough(self.signatures, protocol.CONSISTENCY)
@@ -292,7 +288,7 @@ class SecureRound:
             if owners and len(owners) == len(blobs):
                 self.shares[node] = {int(o): bytes(b) for o, b in zip(owners, blobs, strict=True)}
             else:
-                self._fail(node, protocol.UNMASK, "invalid reply: no shares")
+                self._fail(node, protocol.UNMASK, INVALID + "no shares")
                 continue
             if self.server_round < self.cfg.rounds and protocol.KEY_C in rec:
                 keys = self._signed_keys(node, rec, self.server_round + 1, protocol.UNMASK)
@@ -373,7 +369,7 @@ class SecureRound:
             if isinstance(rec, ConfigRecord):
                 records[node] = rec
             else:
-                self._fail(node, stage, f"invalid reply: no `{protocol.SECAGG}`")
+                self._fail(node, stage, f"{INVALID}no `{protocol.SECAGG}`")
         return records
 
 

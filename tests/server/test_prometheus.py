@@ -30,7 +30,7 @@ def test_a_scrape_reads_the_rounds_replies_and_progress(tmp_path: Path) -> None:
     r1 = RoundRecord(
         round=1, accuracy=0.5, loss=1.2, max_epsilon=2.0,
         reports={"a": report(2.0), "b": report(1.5)}, sites=["a", "b"], failed=["c"],
-        reasons={"c": "no reply"}, seconds=1.5,
+        reasons={"c": "no reply before the round timeout"}, seconds=1.5,
     )  # fmt: skip
     r2 = RoundRecord(
         round=2, accuracy=0.7, loss=0.9, max_epsilon=3.0, reports={"a": report(3.0)},
@@ -58,6 +58,11 @@ def test_a_scrape_reads_the_rounds_replies_and_progress(tmp_path: Path) -> None:
         (("outcome", "flagged"), ("site", "a")): 1,
     }
     assert got["fedsilo_server_round_seconds_count", ()] == 2
+    problems = {k[1]: v for k, v in got.items() if k[0] == "fedsilo_server_reply_problems_total"}
+    assert problems == {
+        (("outcome", "failed"), ("reason", "timeout"), ("stage", "")): 1,
+        (("outcome", "refused"), ("reason", "budget"), ("stage", "")): 1,
+    }
     assert got["fedsilo_server_round_seconds_sum", ()] == 41.5
     assert got["fedsilo_server_round_seconds_bucket", (("le", "2.0"),)] == 1
     assert got["fedsilo_server_round_seconds_bucket", (("le", "60.0"),)] == 2

@@ -128,3 +128,28 @@ def test_took_part_names_the_aggregated_sites_in_order() -> None:
     book = ReplyBook(lambda: NAMES)
     book.took_part({13, 11, 99})
     assert book.last_round_sites == ["node-99", "site-a", "site-c"]
+
+
+AFTER = "after its masked input arrived"
+KINDS = [
+    ("failed", "no reply before the round timeout", ("timeout", "")),
+    ("failed", "masked-input stage: no reply before the round timeout", ("timeout", "masked-input")),  # noqa: E501
+    ("failed", f"unmask stage, {AFTER}: Error: Node Unavailable - x", ("lost", "unmask")),
+    ("failed", "invalid reply: update has NaN", ("invalid", "")),
+    ("failed", f"consistency stage, {AFTER}: invalid reply: no view", ("invalid", "consistency")),
+    ("failed", "a second reply from this site in one round", ("duplicate", "")),
+    ("failed", "ValueError: boom", ("error", "")),
+    ("refused", "epsilon 9.1 would exceed the site's budget 8", ("budget", "")),
+    ("refused", "the run asks clip norm 5, above the policy's max-clip-norm 2", ("policy", "")),
+    ("refused", "the site's data does not fit this run's task (digits)", ("setup", "")),
+    ("refused", "masked-input stage: <script>what a hostile site says</script>", ("other", "")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("outcome", "reason", "expected"), KINDS)
+def test_a_reason_has_one_of_a_few_kinds(
+    outcome: str, reason: str, expected: tuple[str, str]
+) -> None:
+    from fedsilo.server.replies import reason_kind
+
+    assert reason_kind(outcome, reason) == expected
