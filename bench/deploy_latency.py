@@ -86,12 +86,17 @@ def deployed(
     net: Any = None,
     data: Path | None = None,
     distributed: float | None = None,
+    metrics_ports: list[int] | None = None,
 ) -> list[float]:
     """Round times of a deployed run on loopback, or across `net` (a tests.e2e.wan.Wan).
 
     `data`: site data split beforehand (default: split here). `distributed`: run
     distributed DP at this --dp-max-sample-rate, every site a noise-share holder.
+    `metrics_ports`: serve Prometheus metrics, the server on the first port and each
+    site on the next (bench.metrics_cost scrapes them).
     """
+    ports = metrics_ports or []
+    server_metrics = ["--metrics-port", str(ports[0])] if ports else []
     from fedsilo.processes import child_env, free_port, spawn, stop
 
     names = [f"s{i + 1}" for i in range(sites)]
@@ -141,6 +146,7 @@ def deployed(
             "--eval-data",
             str(data / "server-eval.npz"),
             *dp,
+            *server_metrics,
             "--out",
             "dep",
         ],
@@ -157,7 +163,8 @@ def deployed(
                     (net.exec_prefix(net.site_ns[i]) if net is not None else [])
                     + [sys.executable, "-m", "bench.deploy_latency", "--site", name]
                     + ["--data", str(data / f"site-{i + 1}.npz"), "--server", addresses[i]]
-                    + (["--stock"] if stock else []),
+                    + (["--stock"] if stock else [])
+                    + (["--site-metrics-port", str(ports[i + 1])] if ports else []),
                     log_file=tmp / f"site-{name}.log",
                     env=site_env,
                     cwd=tmp,
@@ -178,7 +185,7 @@ def deployed(
     return round_seconds(tmp / "dep")
 
 
-def run_site(name: str, data: str, server: str, *, stock: bool) -> None:
+def run_site(name: str, data: str, server: str, *, stock: bool, metrics: int | None) -> None:
     """One site, as `fedsilo client start` runs it (optionally on Flower's own SuperNode)."""
     from fedsilo.cli import main
     from fedsilo.clients import launcher
@@ -200,6 +207,7 @@ def run_site(name: str, data: str, server: str, *, stock: bool) -> None:
             "cpu",
             "--threads",
             "1",
+            *(["--metrics-port", str(metrics)] if metrics else []),
         ]
     )
 
@@ -222,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--site", help=argparse.SUPPRESS)  # internal: run one site
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--server", help=argparse.SUPPRESS)
+    p.add_argument("--site-metrics-port", type=int, help=argparse.SUPPRESS)
     p.add_argument(
         "--wan", action="store_true", help="also across a 25 ms, 100 Mbit/s path (needs root)"
     )
@@ -233,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", type=Path, help="keep the run directories and logs here")
     args = p.parse_args(argv)
     if args.site:
-        run_site(args.site, args.data, args.server, stock=args.stock)
+        run_site(
+            args.site, args.data, args.server, stock=args.stock, metrics=args.site_metrics_port
+        )
         return 0
     rows = []
     compare: dict[str, Any] = {}

@@ -35,11 +35,14 @@ from typing import Any
 
 from fedsilo.errors import ConfigError, FedsiloError
 from fedsilo.server.records import RoundRecord, Summary
+from fedsilo.server.replies import reason_kind
 from fedsilo.server.run_dir import (
     METRICS_FILE,
+    ONLINE_FILE,
     PROGRESS_FILE,
     SUMMARY_FILE,
     read_metrics,
+    read_online,
     read_progress,
     read_summary,
 )
@@ -76,7 +79,7 @@ class Source:
         if self.ledger is not None:
             return [self.ledger]
         assert self.run_dir is not None
-        names = (METRICS_FILE, PROGRESS_FILE, SUMMARY_FILE, CONFIG_FILE)
+        names = (METRICS_FILE, PROGRESS_FILE, SUMMARY_FILE, CONFIG_FILE, ONLINE_FILE)
         return [self.run_dir / name for name in names]
 
     def check(self) -> None:
@@ -143,6 +146,7 @@ def run_view(run_dir: Path) -> dict[str, Any]:
     else:
         status = "waiting"
     updated = _last_write(run_dir)
+    online = read_online(run_dir)
     quiet = status in ("running", "waiting") and time.time() - updated > QUIET_S
     return {
         "kind": "run",
@@ -156,6 +160,7 @@ def run_view(run_dir: Path) -> dict[str, Any]:
         "started": started,
         "completed": len(rounds),
         "lost": list(progress.lost) if progress is not None else [],
+        "online": online[0] if online is not None and status != "finished" else None,
         "config": {
             key: config.get(key)
             for key in ("task", "dataset", "dp", "aggregation", "target-epsilon", "run-id")
@@ -224,7 +229,11 @@ def _events(rounds: list[RoundRecord], summary: Summary | None) -> list[dict[str
     def add(round_: int, site: str, kind: str, reason: str) -> None:
         if (round_, site, kind) not in seen:
             seen.add((round_, site, kind))
-            out.append({"round": round_, "site": site, "kind": kind, "reason": reason})
+            why, stage = reason_kind(kind, reason) if kind != "flagged" else ("rule", "")
+            out.append(
+                {"round": round_, "site": site, "kind": kind, "why": why, "stage": stage,
+                 "reason": reason}
+            )  # fmt: skip
 
     for record in rounds:
         for site in record.failed:

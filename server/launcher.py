@@ -51,12 +51,14 @@ from fedsilo.server.run_dir import (
     read_metrics,
     read_progress,
     read_summary,
+    write_online,
     write_site_names,
 )
 
 log = logging.getLogger("fedsilo.server")
 CONNECTION = "fedsilo"  # the SuperLink connection name in the private FLWR_HOME
 STARTUP_TIMEOUT_S = 60.0
+ONLINE_EVERY_S = 2.0  # how often a running server asks the SuperLink who is online
 # What a run reports as it goes: ("round", its metrics record) or a step of starting it
 # ("superlink", "registered", "sites") with what the console shows of it.
 Event = dict[str, Any] | RoundRecord
@@ -286,8 +288,13 @@ class Server:
         self.children.append(proc)
         seen = len(read_metrics(self.run_dir)) if self.cfg.resume else 0
         started = read_progress(self.run_dir).started
+        online, asked = -1, 0.0
         while True:
             done = proc.poll() is not None
+            if time.monotonic() - asked >= ONLINE_EVERY_S:  # for the dashboard
+                asked, now_online = time.monotonic(), self.online()
+                if now_online is not None and now_online != online:
+                    write_online(self.run_dir, online := now_online)
             now = read_progress(self.run_dir).started
             if now > started:  # progress.json is written before a round is sent
                 on_event("round_start", {"round": now})

@@ -13,6 +13,9 @@ RUN_DIR/
                         by the launcher (from the keys it registered) or the simulation
                         runner (from the engine's partitions); the ServerApp names sites
                         from it, never from their messages
+  sites-online.json     {"online": N, "time": UNIX}: the sites connected now, written by
+                        the launcher when the count changes (a simulation: once, all of
+                        them); what the dashboard shows as sites online
   federation-ca.crt     the federation CA's certificate (public), with --dp distributed:
                         the server checks the sites' signed secure-aggregation keys
                         against it. Copied from the server kit by `fedsilo server start`;
@@ -315,6 +318,21 @@ def run_complete(summary: Summary) -> bool:
 
 SITES_FILE = "sites.json"
 FEDERATION_CA = "federation-ca.crt"
+ONLINE_FILE = "sites-online.json"
+
+
+def write_online(run_dir: str | Path, online: int) -> None:
+    """Record how many sites are connected now."""
+    _write_json_atomic(Path(run_dir) / ONLINE_FILE, {"online": online, "time": time.time()})
+
+
+def read_online(run_dir: str | Path) -> tuple[int, float] | None:
+    """(sites connected, when that was recorded), or None when nothing is recorded."""
+    try:
+        raw = json.loads((Path(run_dir) / ONLINE_FILE).read_text(encoding="utf-8"))
+        return int(raw["online"]), float(raw["time"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def write_site_names(run_dir: str | Path, names: dict[int, str]) -> None:

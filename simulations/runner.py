@@ -37,7 +37,13 @@ from fedsilo.errors import ConfigError, FedsiloError
 from fedsilo.privacy.policy import SitePolicy
 from fedsilo.server.evaluate import load_eval_data
 from fedsilo.server.records import SCHEMA, SCHEMA_KEY, RoundRecord, Summary, check_schema
-from fedsilo.server.run_dir import RunDir, read_metrics, read_summary, write_site_names
+from fedsilo.server.run_dir import (
+    RunDir,
+    read_metrics,
+    read_summary,
+    write_online,
+    write_site_names,
+)
 from fedsilo.simulations import cluster
 from fedsilo.simulations.attacks import HOSTILE_KEY, Hostile
 from fedsilo.simulations.engine import THREAD_VARS, EngineConfig, check_engine
@@ -119,6 +125,7 @@ def _run_engine(
         # A virtual site's name is its partition's, as the engine assigned it: the
         # ServerApp reads it from here, never from what a site's messages say.
         write_site_names(run_dir, {node: f"site-{pid}" for node, pid in partitions.items()})
+        write_online(run_dir, len(partitions))  # every virtual site, for the whole run
 
     try:
         with (

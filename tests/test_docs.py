@@ -98,6 +98,9 @@ COVERED = {
     "fedsilo simulate --rounds 5 --out runs/exp1 --metrics-port 9400": (
         f"{E2E}/test_simulate.py::test_a_killed_simulation_resumes_and_its_ledgers_audit"
     ),
+    "fedsilo dashboard runs/exp1": (
+        f"{E2E}/test_dashboard.py::test_the_dashboard_of_a_3_site_run_in_chromium"
+    ),
     "fedsilo export runs/exp1 --tensorboard tb/exp1": (
         "tests/server/test_trackers.py::test_tensorboard_reads_back_every_round"
     ),
@@ -124,10 +127,12 @@ COVERED = {
     ),
 }
 EXPENSIVE = {("simulate",), ("server", "start"), ("client", "start"), ("export",)}
+EXPENSIVE |= {("dashboard",)}  # serves until stopped
 RUN_HERE = {("provision",), ("provision", "add-site"), ("provision", "renew-server")}
 RUN_HERE |= {("provision", "certify-site"), ("data", "split"), ("audit",)}
 # Flags whose value is a path, host or address: a test uses its own.
 PLACE_FLAGS = {"--kit", "--data", "--out", "--eval-data", "--resume", "--config", "--plot"}
+PLACE_FLAGS |= {"--ledger"}
 PLACE_FLAGS |= {"--data-dir", "--server-host", "--server", "--listen", "--ray-address"}
 RUN_MODULES = {"breast_cancer.make_sites"}  # `python -m` modules cheap enough to run
 PROGRAMS = {"fedsilo": "fedsilo", "python": "python", "python3": "python", "pip": "pip"}

@@ -72,6 +72,7 @@ function renderRun(v) {
   text($("card-loss"), last ? fmt(last.loss) : "–");
   text($("card-epsilon"), last ? fmt(last.max_epsilon, 3) : "–");
   text($("card-sites"), last ? String(last.sites.length) : "–");
+  text($("card-online"), v.online === null ? "–" : String(v.online));
 
   const x = v.rounds.map((r) => r.round);
   chart("accuracy", $("chart-accuracy"), [
@@ -152,7 +153,7 @@ function renderEvents(events) {
     const row = body.insertRow();
     cell(row, String(e.round));
     cell(row, e.site);
-    cell(row, e.kind);
+    cell(row, `${e.kind} (${e.why}${e.stage ? `, ${e.stage} stage` : ""})`);
     cell(row, e.reason, "reason");
   }
   if (!events.length) cell(body.insertRow(), "none");

@@ -95,7 +95,7 @@ def test_the_dashboard_of_a_3_site_run_in_chromium(tmp_path: Path) -> None:
     finally:
         for proc in procs:
             assert proc.terminate(timeout=20) == 0, proc.text()[-2000:]
-        left = leftovers(tmp_path)
+        left = leftovers(tmp_path, grace_s=10)
         end_leftovers(tmp_path)
     assert not left, f"processes left behind: {left}"
 

@@ -64,7 +64,7 @@ def fed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         text = toml.read_text()
         toml.write_text(text.replace("distributed-min-sites = 0", "distributed-min-sites = 3"))
     yield tmp_path
-    left = leftovers(tmp_path)
+    left = leftovers(tmp_path, grace_s=10)
     end_leftovers(tmp_path)
     assert not left, f"processes left behind: {left}"
 
@@ -186,6 +186,10 @@ def watch_round_2(server_port: int, site_port: int, fed: Path) -> None:
     got = scrape(server_port)
     assert got["fedsilo_server_round", ()] == 1 and got["fedsilo_server_round_started", ()] == 2
     assert got["fedsilo_server_sites_online", ()] == 5  # f's death was noticed in round 1
+    from fedsilo.server.run_dir import read_online  # what the dashboard shows
+
+    online = read_online(fed / "run")
+    assert online is not None and online[0] == 5, online
     assert got["fedsilo_server_replies_total", (("outcome", "failed"), ("site", "f"))] == 1
     for name in "abcde":
         assert got["fedsilo_server_replies_total", (("outcome", "accepted"), ("site", name))] == 1

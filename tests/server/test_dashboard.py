@@ -49,8 +49,12 @@ def a_run(path: Path) -> RunDir:
 
 
 def test_a_running_runs_view_holds_its_rounds_sites_and_events(tmp_path: Path) -> None:
+    from fedsilo.server.run_dir import write_online
+
     a_run(tmp_path)
+    write_online(tmp_path, 2)
     view = run_view(tmp_path)
+    assert view["online"] == 2
     assert view["status"] == "running" and view["planned"] == 3 and view["started"] == 3
     assert [r["round"] for r in view["rounds"]] == [1, 2]
     assert [r["accuracy"] for r in view["rounds"]] == [0.5, 0.7]
@@ -79,7 +83,8 @@ def test_a_stopped_runs_view_shows_why_and_the_failures_only_summary_holds(
     view = run_view(tmp_path)
     assert view["status"] == "stopped" and view["stopped"].startswith("2 site(s) left")
     assert view["events"][-1] == {
-        "round": 3, "site": "d", "kind": "failed", "reason": "masked-input stage: lost"
+        "round": 3, "site": "d", "kind": "failed", "why": "error", "stage": "masked-input",
+        "reason": "masked-input stage: lost",
     }  # fmt: skip
 
 
