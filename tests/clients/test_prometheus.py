@@ -85,3 +85,26 @@ def test_the_scrape_adds_the_sites_status_file(tmp_path: Path) -> None:
     assert got["fedsilo_site_bytes_sent_total", ()] == 1800
     assert got["fedsilo_site_last_error_round", ()] == 2
     assert got["fedsilo_site_last_error_info", (("error", "refused: budget"),)] == 1
+
+
+def test_an_audit_off_the_main_thread_runs_at_the_lowest_priority(tmp_path: Path) -> None:
+    import os
+    import sys
+    import threading
+
+    path = tmp_path / "ledger.jsonl"
+    site(path)
+    seen: list[int] = []
+
+    def scrape_thread() -> None:
+        SiteCollector(path).current()
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=scrape_thread)
+    thread.start()
+    thread.join()
+    before = os.getpriority(os.PRIO_PROCESS, 0)  # the main thread's (its id is the pid's)
+    SiteCollector(path).current()
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before
+    if sys.platform == "linux":
+        assert seen == [19]
