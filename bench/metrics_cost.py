@@ -106,7 +106,7 @@ def scrape_cost(run_dir: Path, reps: int = 20) -> dict[str, float]:
     ledger = sorted((run_dir / "ledgers").glob("*.jsonl"))[0]
     out = {}
     for name, collector in (
-        ("server_scrape_ms", RunCollector(run_dir, online=lambda: 10)),
+        ("server_scrape_ms", RunCollector(run_dir)),
         ("site_scrape_ms", SiteCollector(ledger)),
     ):
         registry = CollectorRegistry(auto_describe=False)

@@ -251,7 +251,7 @@ class Server:
             online = self.online() or 0
             if online != last:
                 on_event("sites", {"online": online, "wanted": self.opts.wait_sites})
-                last = online
+                write_online(self.run_dir, last := online)
             if online >= self.opts.wait_sites:
                 return
             if time.monotonic() > deadline:
@@ -335,7 +335,7 @@ def start_server(
     stop_metrics = (
         None
         if opts.metrics is None
-        else exporter.serve(RunCollector(server.run_dir, online=server.online), *opts.metrics)
+        else exporter.serve(RunCollector(server.run_dir), *opts.metrics)
     )
     try:
         ids = server.start()

@@ -1,11 +1,12 @@
 """The server's Prometheus metrics, read from its run directory at each scrape.
 
-`RunCollector(run_dir, online)` is what `--metrics-port` serves for `fedsilo server
-start` and `fedsilo simulate` (fedsilo.exporter). Everything comes from the records the
-server already writes (metrics.jsonl, progress.json, summary.json, config.json), so a
-scrape shows exactly what the run directory holds, and a scrape of a finished or
-restarted run shows the same history; `online` (the launcher's count of connected
-sites) is the one live value. Names start with `fedsilo_server_`:
+`RunCollector(run_dir)` is what `--metrics-port` serves for `fedsilo server start` and
+`fedsilo simulate` (fedsilo.exporter). Everything comes from the records the server
+already writes (metrics.jsonl, progress.json, summary.json, config.json, and
+sites-online.json, which the launcher rewrites when the count of connected sites
+changes), so a scrape shows exactly what the run directory holds, costs a few file
+reads (never a call to the SuperLink), and a scrape of a finished or restarted run
+shows the same history. Names start with `fedsilo_server_`:
 
   round                      the last completed round          (gauge)
   rounds_planned             the rounds the run plans          (gauge)
@@ -28,14 +29,14 @@ discloses by design); its total spend and budget never reach the server.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fedsilo.errors import FedsiloError
 from fedsilo.server.records import RoundRecord
 from fedsilo.server.replies import reason_kind
-from fedsilo.server.run_dir import read_metrics, read_progress, read_summary
+from fedsilo.server.run_dir import read_metrics, read_online, read_progress, read_summary
 
 PREFIX = "fedsilo_server_"
 # Seconds a round takes: a simulated digits round ~1 s, a deployed one ~1-4 s, a large
@@ -46,9 +47,8 @@ BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 class RunCollector:
     """A prometheus-client collector over one run directory."""
 
-    def __init__(self, run_dir: str | Path, online: Callable[[], int | None] | None = None):
+    def __init__(self, run_dir: str | Path):
         self.run_dir = Path(run_dir)
-        self.online = online
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
@@ -110,8 +110,9 @@ class RunCollector:
         yield problems
         lost = len(progress.lost) if progress is not None else 0
         yield CounterMetricFamily(PREFIX + "rounds_lost", "Rounds lost to crashes.", value=lost)
-        if self.online is not None:
-            yield from gauge("sites_online", "Sites connected now.", self.online())
+        online = read_online(self.run_dir)
+        if online is not None and not summary:
+            yield from gauge("sites_online", "Sites connected now.", online[0])
         yield from gauge("finished", "1 once the run ended.", 1.0 if summary else 0.0)
 
     def _planned(self) -> int | None:

@@ -236,8 +236,7 @@ def run(args: argparse.Namespace) -> int:
             )
 
         try:
-            sites = args.sites  # every virtual site is online for the whole run
-            metrics = functools.partial(RunCollector, cfg.run_dir, online=lambda: sites)
+            metrics = functools.partial(RunCollector, cfg.run_dir)
             with (
                 exporter.serving(metrics, metrics_at),
                 terminate_on_signals(),

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
-
 from fedsilo.server.prometheus import RunCollector
 from fedsilo.server.records import (
     Failure,
@@ -16,7 +14,7 @@ from fedsilo.server.records import (
     SiteRoundReport,
     Summary,
 )
-from fedsilo.server.run_dir import RunDir
+from fedsilo.server.run_dir import RunDir, write_online
 from tests.metrics import scrape
 
 
@@ -40,7 +38,8 @@ def test_a_scrape_reads_the_rounds_replies_and_progress(tmp_path: Path) -> None:
     run.append_metrics(r1)
     run.append_metrics(r2)
     run.write_progress(Progress(started=3, lost=[]))
-    got = scrape(RunCollector(tmp_path, online=lambda: 2))
+    write_online(tmp_path, 2)
+    got = scrape(RunCollector(tmp_path))
     assert got["fedsilo_server_round", ()] == 2
     assert got["fedsilo_server_rounds_planned", ()] == 5
     assert got["fedsilo_server_round_started", ()] == 3
@@ -91,9 +90,12 @@ def test_an_empty_or_damaged_run_directory_scrapes_without_error(tmp_path: Path)
     assert scrape(RunCollector(tmp_path))["fedsilo_server_round", ()] == 0
 
 
-@pytest.mark.parametrize("online", [None, 3])
-def test_a_superlink_that_does_not_answer_leaves_sites_online_out(
-    tmp_path: Path, online: int | None
+def test_sites_online_is_what_the_launcher_last_recorded_until_the_run_ends(
+    tmp_path: Path,
 ) -> None:
-    got = scrape(RunCollector(tmp_path, online=lambda: online))
-    assert got.get(("fedsilo_server_sites_online", ())) == online
+    run = RunDir(tmp_path)
+    assert ("fedsilo_server_sites_online", ()) not in scrape(RunCollector(tmp_path))
+    write_online(tmp_path, 3)
+    assert scrape(RunCollector(tmp_path))["fedsilo_server_sites_online", ()] == 3
+    run.write_summary(Summary(completed_rounds=1))
+    assert ("fedsilo_server_sites_online", ()) not in scrape(RunCollector(tmp_path))
