@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -34,13 +33,15 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.errors import ConfigError, FedsiloError
-from fedsilo.server.records import RoundRecord, Summary
+from fedsilo.server.records import OUTCOMES, RoundRecord, Summary, site_events
 from fedsilo.server.replies import reason_kind
 from fedsilo.server.run_dir import (
+    CONFIG_FILE,
     METRICS_FILE,
     ONLINE_FILE,
     PROGRESS_FILE,
     SUMMARY_FILE,
+    read_config,
     read_metrics,
     read_online,
     read_progress,
@@ -56,7 +57,6 @@ ASSETS = {
     "uPlot.min.css": "text/css",
 }
 COOKIE = "fedsilo_dashboard_token"
-CONFIG_FILE = "config.json"
 # A run whose files have not changed for this long, with no summary.json, is shown as
 # quiet: its server may have died (a deployed round can take minutes, so only a hint).
 QUIET_S = 300.0
@@ -136,7 +136,7 @@ def run_view(run_dir: Path) -> dict[str, Any]:
         problem = None
     except (FedsiloError, OSError) as exc:
         rounds, progress, summary, problem = [], None, None, str(exc)
-    config = _config(run_dir)
+    config = read_config(run_dir)
     planned = _int(config.get("rounds"))
     started = progress.started if progress is not None else 0
     if summary is not None:
@@ -222,31 +222,15 @@ def _sites(rounds: list[RoundRecord]) -> list[dict[str, Any]]:
 
 
 def _events(rounds: list[RoundRecord], summary: Summary | None) -> list[dict[str, Any]]:
-    """Every failure, refusal and flag, with its reason, in round order."""
-    seen: set[tuple[int, str, str]] = set()
-    out: list[dict[str, Any]] = []
-
-    def add(round_: int, site: str, kind: str, reason: str) -> None:
-        if (round_, site, kind) not in seen:
-            seen.add((round_, site, kind))
-            why, stage = reason_kind(kind, reason) if kind != "flagged" else ("rule", "")
-            out.append(
-                {"round": round_, "site": site, "kind": kind, "why": why, "stage": stage,
-                 "reason": reason}
-            )  # fmt: skip
-
-    for record in rounds:
-        for site in record.failed:
-            add(record.round, site, "failed", record.reasons.get(site, ""))
-        for site in record.refused:
-            add(record.round, site, "refused", record.reasons.get(site, ""))
-        for site, reason in sorted(record.flagged.items()):
-            add(record.round, site, "flagged", reason)
-    if summary is not None:
-        for failure in summary.failures:
-            add(failure.round, failure.site, "failed", failure.reason)
-        for refusal in summary.refusals:
-            add(refusal.round, refusal.site, "refused", refusal.reason)
+    """Every failure, refusal and flag, with its reason and kind, in round order."""
+    out = []
+    for event in site_events(rounds, summary):
+        kind = OUTCOMES[type(event)]
+        why, stage = reason_kind(kind, event.reason) if kind != "flagged" else ("rule", "")
+        out.append(
+            {"round": event.round, "site": event.site, "kind": kind, "why": why,
+             "stage": stage, "reason": event.reason}
+        )  # fmt: skip
     return sorted(out, key=lambda e: (e["round"], e["kind"], e["site"]))
 
 
@@ -300,14 +284,6 @@ def ledger_view(path: Path) -> dict[str, Any]:
         "spends": spends,
         "updated": _mtime(path),
     }
-
-
-def _config(run_dir: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return raw if isinstance(raw, dict) else {}
 
 
 def _last_write(run_dir: Path) -> float:

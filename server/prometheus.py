@@ -28,15 +28,20 @@ discloses by design); its total spend and budget never reach the server.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from fedsilo.errors import FedsiloError
-from fedsilo.server.records import RoundRecord
+from fedsilo.server.records import OUTCOMES, RoundRecord, site_events
 from fedsilo.server.replies import reason_kind
-from fedsilo.server.run_dir import read_metrics, read_online, read_progress, read_summary
+from fedsilo.server.run_dir import (
+    read_config,
+    read_metrics,
+    read_online,
+    read_progress,
+    read_summary,
+)
 
 PREFIX = "fedsilo_server_"
 # Seconds a round takes: a simulated digits round ~1 s, a deployed one ~1-4 s, a large
@@ -117,8 +122,8 @@ class RunCollector:
 
     def _planned(self) -> int | None:
         try:
-            return int(json.loads((self.run_dir / "config.json").read_text())["rounds"])
-        except (OSError, ValueError, KeyError, TypeError):
+            return int(read_config(self.run_dir)["rounds"])
+        except (ValueError, KeyError, TypeError):
             return None
 
 
@@ -142,27 +147,13 @@ def _latest_epsilons(rounds: list[RoundRecord]) -> dict[str, float]:
 
 
 def _problems(rounds: list[RoundRecord], summary: Any) -> dict[tuple[str, str, str], int]:
-    """(outcome, kind, stage) -> count of the failed and refused replies, as _outcomes
-    counts them."""
+    """(outcome, kind, stage) -> count of the failed and refused replies."""
     counts: dict[tuple[str, str, str], int] = {}
-
-    def add(outcome: str, reason: str) -> None:
-        key = (outcome, *reason_kind(outcome, reason))
-        counts[key] = counts.get(key, 0) + 1
-
-    done = {r.round for r in rounds}
-    for record in rounds:
-        for site in record.failed:
-            add("failed", record.reasons.get(site, ""))
-        for site in record.refused:
-            add("refused", record.reasons.get(site, ""))
-    if summary is not None:
-        for failure in summary.failures:
-            if failure.round not in done:
-                add("failed", failure.reason)
-        for refusal in summary.refusals:
-            if refusal.round not in done:
-                add("refused", refusal.reason)
+    for event in site_events(rounds, summary):
+        outcome = OUTCOMES[type(event)]
+        if outcome != "flagged":
+            key = (outcome, *reason_kind(outcome, event.reason))
+            counts[key] = counts.get(key, 0) + 1
     return counts
 
 
@@ -170,25 +161,8 @@ def _outcomes(rounds: list[RoundRecord], summary: Any) -> dict[tuple[str, str], 
     """(site, outcome) -> count over the completed rounds, and a stopped round's
     failures and refusals that only summary.json holds."""
     counts: dict[tuple[str, str], int] = {}
-
-    def add(site: str, outcome: str) -> None:
-        counts[site, outcome] = counts.get((site, outcome), 0) + 1
-
-    done = {r.round for r in rounds}
-    for record in rounds:
-        for site in record.sites:
-            add(site, "accepted")
-        for site in record.failed:
-            add(site, "failed")
-        for site in record.refused:
-            add(site, "refused")
-        for site in record.flagged:
-            add(site, "flagged")
-    if summary is not None:
-        for failure in summary.failures:
-            if failure.round not in done:
-                add(failure.site, "failed")
-        for refusal in summary.refusals:
-            if refusal.round not in done:
-                add(refusal.site, "refused")
+    pairs = [(site, "accepted") for record in rounds for site in record.sites]
+    pairs += [(e.site, OUTCOMES[type(e)]) for e in site_events(rounds, summary)]
+    for pair in pairs:
+        counts[pair] = counts.get(pair, 0) + 1
     return counts

@@ -380,6 +380,24 @@ class Progress:
         )
 
 
+OUTCOMES = {Failure: "failed", Refusal: "refused", Flagged: "flagged"}
+
+
+def site_events(rounds: list[RoundRecord], summary: Summary | None) -> list[SiteEvent]:
+    """Every failure, refusal and flag of a run, by round: the completed rounds' from
+    their records, then a stopped round's failures and refusals that only summary.json
+    holds. `OUTCOMES[type(event)]` names each (failed, refused, flagged)."""
+    out: list[SiteEvent] = []
+    for record in rounds:
+        out += [Failure(s, record.round, record.reasons.get(s, "")) for s in record.failed]
+        out += [Refusal(s, record.round, record.reasons.get(s, "")) for s in record.refused]
+        out += [Flagged(s, record.round, why) for s, why in sorted(record.flagged.items())]
+    if summary is not None:
+        done = {r.round for r in rounds}
+        out += [e for e in (*summary.failures, *summary.refusals) if e.round not in done]
+    return out
+
+
 def _float(value: Any) -> float:
     """A number as written (a non-finite one is written as null: read back as NaN)."""
     return math.nan if value is None else float(value)

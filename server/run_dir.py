@@ -316,9 +316,20 @@ def run_complete(summary: Summary) -> bool:
     return not summary.stopped and done >= summary.planned_rounds
 
 
+CONFIG_FILE = "config.json"
 SITES_FILE = "sites.json"
 FEDERATION_CA = "federation-ca.crt"
 ONLINE_FILE = "sites-online.json"
+
+
+def read_config(run_dir: str | Path) -> dict[str, Any]:
+    """RUN_DIR/config.json as recorded ({} when absent or unreadable): for showing a run,
+    never for resuming one (fedsilo.server.run_dir's resume check refuses a bad one)."""
+    try:
+        raw = json.loads((Path(run_dir) / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def write_online(run_dir: str | Path, online: int) -> None:

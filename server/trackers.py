@@ -13,16 +13,14 @@ tensorboard, mlflow-skinny); a missing one is a ConfigError that says what to in
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 from fedsilo.errors import ConfigError
 from fedsilo.server.records import RoundRecord
-from fedsilo.server.run_dir import read_metrics
+from fedsilo.server.run_dir import read_config, read_metrics
 
 Scalar = tuple[int, str, float]  # (step = round, tag, value)
 INSTALL = "pip install 'fedsilo[trackers]'"
@@ -87,7 +85,7 @@ def to_mlflow(run_dir: str | Path, uri: str, experiment: str = "fedsilo") -> str
     except ImportError:
         raise ConfigError(f"`--mlflow` needs MLflow: {INSTALL}.") from None
     rounds = completed_rounds(run_dir)
-    config = _config(Path(run_dir))
+    config = read_config(Path(run_dir))
     if uri.startswith("file:") or "://" not in uri:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     client = MlflowClient(tracking_uri=uri)
@@ -107,14 +105,6 @@ def to_mlflow(run_dir: str | Path, uri: str, experiment: str = "fedsilo") -> str
     client.log_batch(run.info.run_id, tags=[RunTag("fedsilo.rounds", str(len(rounds)))])
     client.set_terminated(run.info.run_id)
     return str(run.info.run_id)
-
-
-def _config(run_dir: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads((run_dir / "config.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return raw if isinstance(raw, dict) else {}
 
 
 def _mlflow_key(tag: str) -> str:

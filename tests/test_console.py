@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -70,21 +71,30 @@ def test_a_stopped_rounds_failures_come_from_the_summary() -> None:
     assert end["stopped"] == "round 2: too few"
 
 
-def test_a_sites_new_spends_become_events_with_its_total(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.jsonl"
+def a_site(path: Path) -> Callable[[int], object]:
+    """Site a's ledger at `path` (budget 10); the returned function spends a round of
+    run r1 on it."""
     policy = SitePolicy(max_epsilon=10.0)
     ensure_policy(path, "a", policy)
     budget = SiteBudget(path, policy)
     cfg = RunConfig(rounds=3, target_epsilon=8.0, run_id="r1")
     data = load_dataset("digits", "train").subset(np.arange(300))
-    authorise_round(budget, cfg, data, site="a", run="r1", server_round=1)  # before watching
+    return lambda server_round: authorise_round(
+        budget, cfg, data, site="a", run="r1", server_round=server_round
+    )
+
+
+def test_a_sites_new_spends_become_events_with_its_total(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.jsonl"
+    spend = a_site(path)
+    spend(1)  # before watching
     got: list[dict[str, object]] = []
     stop = threading.Event()
     watcher = threading.Thread(target=watch_spends, args=(path, got.append, stop))
     watcher.start()
     try:
-        authorise_round(budget, cfg, data, site="a", run="r1", server_round=2)
-        authorise_round(budget, cfg, data, site="a", run="r1", server_round=3)
+        spend(2)
+        spend(3)
         for _ in range(100):
             if len(got) == 2:
                 break
@@ -108,11 +118,7 @@ def test_a_spend_written_between_the_audit_and_the_read_is_told_once(
     from fedsilo.clients import prometheus
 
     path = tmp_path / "ledger.jsonl"
-    policy = SitePolicy(max_epsilon=10.0)
-    ensure_policy(path, "a", policy)
-    budget = SiteBudget(path, policy)
-    cfg = RunConfig(rounds=3, target_epsilon=8.0, run_id="r1")
-    data = load_dataset("digits", "train").subset(np.arange(300))
+    spend = a_site(path)
     # The watcher's audits: none until both spends are written, then the stale one
     # (one spend), then the real ones.
     go = threading.Event()
@@ -128,9 +134,9 @@ def test_a_spend_written_between_the_audit_and_the_read_is_told_once(
     watcher = threading.Thread(target=watch_spends, args=(path, got.append, stop))
     watcher.start()  # it has seen no spend
     try:
-        authorise_round(budget, cfg, data, site="a", run="r1", server_round=1)
+        spend(1)
         stale = audit(path)
-        authorise_round(budget, cfg, data, site="a", run="r1", server_round=2)
+        spend(2)
         answers.append(stale)
         go.set()
         for _ in range(100):
