@@ -72,6 +72,12 @@ REJOIN_RETRY_S = 5.0  # after a refusal; after a clean exit: RECONNECT_S
 # A SuperNode that said it terminated exits ~5 s later (Flower's force-exit timer);
 # one still there after EXIT_GRACE_S is hung and is stopped.
 EXIT_GRACE_S = 15.0
+# While its SuperNode runs, a site probes the server (one TLS handshake) this often. A
+# server unreachable for two probes in a row that then answers again has restarted: a
+# SuperNode that neither exits nor says it reconnected within EXIT_GRACE_S is stuck on
+# the old session (Flower 1.39 can lose its connection to a CANCELLED RPC and wait for
+# ever), and is stopped so the site rejoins.
+PROBE_EVERY_S = 5.0
 RECONNECT_S = 1.0  # then check_server waits for the server, probing with backoff
 NODE_AUTH_REFUSED = 305  # flower-supernode: SUPERNODE_CONNECTION_ERROR (key not allow-listed)
 EventFn = Callable[[str], None]
@@ -203,6 +209,16 @@ def start_client(kit: SiteKit, opts: ClientOptions, *, on_event: EventFn) -> int
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(opts.threads)
     log_file = kit.path / "supernode.log"
     refused_since: float | None = None
+
+    def reachable() -> bool:
+        try:
+            check_server(kit, opts)
+        except Unreachable:
+            return False
+        except FedsiloError:
+            return True  # it answers (a TLS problem is the SuperNode's to report)
+        return True
+
     try:
         while True:
             wait_with_backoff(
@@ -217,7 +233,7 @@ def start_client(kit: SiteKit, opts: ClientOptions, *, on_event: EventFn) -> int
             proc = spawn(supernode_command(kit, opts, free_port()), log_file=log_file, env=env)
             on_event(f"site {kit.name} started (pid {proc.pid}); log {log_file}")
             try:
-                code = watch(proc, log_file, on_event, offset=offset)
+                code = watch(proc, log_file, on_event, offset=offset, probe=reachable)
             except SiteRefused:
                 refused_since = refused_since or time.monotonic()
                 if time.monotonic() - refused_since > REJOIN_WINDOW_S:
@@ -243,12 +259,20 @@ def start_client(kit: SiteKit, opts: ClientOptions, *, on_event: EventFn) -> int
 
 
 def watch(
-    proc: subprocess.Popen[bytes], log_file: Path, on_event: EventFn, *, offset: int = 0
+    proc: subprocess.Popen[bytes],
+    log_file: Path,
+    on_event: EventFn,
+    *,
+    offset: int = 0,
+    probe: Callable[[], bool] | None = None,
 ) -> int:
-    """Follow the SuperNode (its log from `offset`) until it exits; translate failures."""
+    """Follow the SuperNode (its log from `offset`) until it exits; translate failures.
+    With `probe` (is the server reachable?), a SuperNode stuck across a server restart
+    is stopped (PROBE_EVERY_S); 0 means: reconnect."""
     start = offset
     joined = False
     ended_at: float | None = None  # when the SuperNode said it terminated
+    server = _ServerWatch(probe)
     while True:
         code = proc.poll()
         text = _read_from(log_file, offset)
@@ -265,6 +289,13 @@ def watch(
             # time makes its clean-up raise, and the process waits on its threads.
             stop(proc)
             return 0
+        if server.stuck(text):
+            on_event(
+                "the server restarted but this site's SuperNode neither reconnected nor "
+                f"exited in {EXIT_GRACE_S:.0f} s; restarting it"
+            )
+            stop(proc)
+            return 0
         time.sleep(0.5)
     if code == NODE_AUTH_REFUSED or "Failed to activate SuperNode" in _read_from(log_file, start):
         raise SiteRefused(
@@ -278,6 +309,43 @@ def watch(
             + "\n".join(_read_from(log_file, start).splitlines()[-10:])
         )
     return code
+
+
+class _ServerWatch:
+    """Whether a live SuperNode missed a server restart: the server unreachable for two
+    probes in a row, then reachable, and EXIT_GRACE_S later the SuperNode neither exited
+    nor logged, since the server was lost, that it reconnected (Flower's retry:
+    "Connection successful after ...")."""
+
+    def __init__(self, probe: Callable[[], bool] | None) -> None:
+        self.probe = probe
+        self.last = time.monotonic()
+        self.misses = 0
+        self.lost_at: float | None = None  # the first failed probe of this outage
+        self.back_at: float | None = None  # when the lost server answered again
+        self.reconnected_at = -math.inf  # the SuperNode's last "Connection successful"
+
+    def stuck(self, new_log: str) -> bool:
+        now = time.monotonic()
+        if "Connection successful" in new_log:
+            self.reconnected_at = now
+        if self.probe is not None and now - self.last >= PROBE_EVERY_S:
+            self.last = now
+            if not self.probe():
+                if self.misses == 0 and self.back_at is None:
+                    self.lost_at = now
+                self.misses += 1
+            elif self.misses >= 2:
+                self.back_at = now
+                self.misses = 0
+            else:
+                self.misses = 0
+        if self.back_at is None or self.lost_at is None:
+            return False
+        if self.reconnected_at >= self.lost_at:  # it found the server by itself
+            self.back_at = self.lost_at = None
+            return False
+        return now - self.back_at > EXIT_GRACE_S
 
 
 def _read_from(path: Path, offset: int) -> str:

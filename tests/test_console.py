@@ -84,15 +84,28 @@ def a_site(path: Path) -> Callable[[int], object]:
     )
 
 
-def test_a_sites_new_spends_become_events_with_its_total(tmp_path: Path) -> None:
+def test_a_sites_new_spends_become_events_with_its_total(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedsilo.clients import prometheus
+
     path = tmp_path / "ledger.jsonl"
     spend = a_site(path)
     spend(1)  # before watching
+    asked = threading.Event()
+    real = prometheus.SiteCollector.current
+
+    def current(self: prometheus.SiteCollector) -> object:
+        asked.set()
+        return real(self)
+
+    monkeypatch.setattr(prometheus.SiteCollector, "current", current)
     got: list[dict[str, object]] = []
     stop = threading.Event()
     watcher = threading.Thread(target=watch_spends, args=(path, got.append, stop))
     watcher.start()
     try:
+        assert asked.wait(10)  # it counted the spends before its first audit: round 1
         spend(2)
         spend(3)
         for _ in range(100):
@@ -121,19 +134,21 @@ def test_a_spend_written_between_the_audit_and_the_read_is_told_once(
     spend = a_site(path)
     # The watcher's audits: none until both spends are written, then the stale one
     # (one spend), then the real ones.
-    go = threading.Event()
+    go, asked = threading.Event(), threading.Event()
     answers: list[object] = []
     real = prometheus.SiteCollector.current
-    monkeypatch.setattr(
-        prometheus.SiteCollector,
-        "current",
-        lambda self: (answers.pop(0) if answers else real(self)) if go.is_set() else None,
-    )
+
+    def current(self: prometheus.SiteCollector) -> object:
+        asked.set()
+        return (answers.pop(0) if answers else real(self)) if go.is_set() else None
+
+    monkeypatch.setattr(prometheus.SiteCollector, "current", current)
     got: list[dict[str, object]] = []
     stop = threading.Event()
     watcher = threading.Thread(target=watch_spends, args=(path, got.append, stop))
-    watcher.start()  # it has seen no spend
+    watcher.start()
     try:
+        assert asked.wait(10)  # it counted the spends before its first audit: none
         spend(1)
         stale = audit(path)
         spend(2)

@@ -92,3 +92,69 @@ def test_each_clientapp_process_starts_with_the_manifests_clientapp_imported() -
     cmd = site_runtime.superexec_command(preload, ["--appio-api-address", "y"])
     assert cmd[1:] == ["-m", site_runtime.SELF, "superexec", *flags, "--appio-api-address", "y"]
     assert site_runtime.split_preload(cmd[4:]) == (preload, ["--appio-api-address", "y"])
+
+
+# Stands in for a SuperNode that lost its connection when the server stopped and waits
+# for ever (Flower 1.39 after a CANCELLED RPC); with RECONNECT, one that retried and
+# found the server again (then exits by itself).
+SILENT = """
+import sys, time
+with open(sys.argv[1], "a") as log:
+    log.write("INFO: SuperNode ID: 42\\n")
+time.sleep(float(sys.argv[2]))
+if len(sys.argv) > 3:
+    with open(sys.argv[1], "a") as log:
+        log.write("INFO: Connection successful after 3.10 seconds and 4 tries.\\n")
+    time.sleep(3)
+"""
+
+
+def server_answers(*answers: bool) -> object:
+    """A probe answering `answers` in turn, then True (the server is up)."""
+    left = list(answers)
+    return lambda: left.pop(0) if left else True
+
+
+def watched(
+    tmp_path: Path, args: list[str], probe: object
+) -> tuple[int, float, list[str], int | None]:
+    """watch() over SILENT: (its answer, seconds, events, the process's own code)."""
+    log = tmp_path / "supernode.log"
+    proc = subprocess.Popen([sys.executable, "-c", SILENT, str(log), *args], start_new_session=True)
+    events: list[str] = []
+    t0 = time.monotonic()
+    try:
+        code = launcher.watch(proc, log, events.append, probe=probe)  # type: ignore[arg-type]
+        return code, time.monotonic() - t0, events, proc.poll()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def quick(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(launcher, "PROBE_EVERY_S", 0.2)
+    monkeypatch.setattr(launcher, "EXIT_GRACE_S", 1.5)
+
+
+@pytest.mark.usefixtures("quick")
+def test_a_supernode_stuck_across_a_server_restart_is_restarted(tmp_path: Path) -> None:
+    code, seconds, events, own = watched(tmp_path, ["600"], server_answers(False, False))
+    assert code == 0 and seconds < 10  # reconnect
+    assert own == -15  # stopped, not left behind
+    assert "restarted but this site's SuperNode neither reconnected nor exited" in events[-1]
+
+
+@pytest.mark.usefixtures("quick")
+def test_a_supernode_that_reconnects_by_itself_is_left_alone(tmp_path: Path) -> None:
+    code, _, events, own = watched(tmp_path, ["1", "then reconnect"], server_answers(False, False))
+    assert code == 0 and own == 0  # its own exit 3 s after it reconnected: never stopped
+    assert not any("restarting it" in e for e in events)
+
+
+@pytest.mark.usefixtures("quick")
+def test_one_missed_probe_is_not_a_restart(tmp_path: Path) -> None:
+    code, _, events, own = watched(tmp_path, ["4"], server_answers(True, False, True))
+    assert code == 0 and own == 0  # ran its 4 s and exited by itself
+    assert not any("restarting it" in e for e in events)

@@ -27,7 +27,7 @@ def site(path: Path) -> SiteBudget:
 
 def test_the_scrape_is_the_ledgers_audit_and_follows_new_spends(tmp_path: Path) -> None:
     path = tmp_path / "ledger.jsonl"
-    collector = SiteCollector(path)
+    collector = SiteCollector(path, audit_every_s=0.0)
     assert scrape(collector) == {}  # no ledger yet: nothing to say
     budget = site(path)
     cfg = RunConfig(rounds=3, target_epsilon=8.0, run_id="r1")
@@ -49,6 +49,44 @@ def test_the_scrape_is_the_ledgers_audit_and_follows_new_spends(tmp_path: Path) 
     assert got["fedsilo_site_budget_epsilon", ()] == 10.0
     assert got["fedsilo_site_budget_left_epsilon", ()] == pytest.approx(10.0 - found.epsilon)
     assert got["fedsilo_site_ledger_ok", ()] == 1
+
+
+def test_a_new_spend_is_audited_once_the_last_audit_is_old_enough(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scraper asking each second gets one audit per AUDIT_EVERY_S, not one per spend:
+    the audit's CPU is the site's training time."""
+    from fedsilo.clients import prometheus
+
+    clock = [1000.0]
+    monkeypatch.setattr(prometheus, "_now", lambda: clock[0])
+    path = tmp_path / "ledger.jsonl"
+    budget = site(path)
+    cfg = RunConfig(rounds=3, target_epsilon=8.0, run_id="r1")
+    data = load_dataset("digits", "train").subset(np.arange(300))
+    authorise_round(budget, cfg, data, site="a", run="r1", server_round=1)
+    collector = SiteCollector(path)
+    assert collector.audit_every_s == prometheus.AUDIT_EVERY_S == 15.0
+    first = scrape(collector)
+    assert first["fedsilo_site_rounds_trained_total", ()] == 1
+    stamp = first["fedsilo_site_audit_timestamp_seconds", ()]
+    authorise_round(budget, cfg, data, site="a", run="r1", server_round=2)
+    clock[0] += 14.0
+    held = scrape(collector)  # changed, but the last audit is 14 s old: shown as it was
+    assert held["fedsilo_site_rounds_trained_total", ()] == 1
+    assert held["fedsilo_site_audit_timestamp_seconds", ()] == stamp
+    clock[0] += 1.0
+    got = scrape(collector)
+    assert got["fedsilo_site_rounds_trained_total", ()] == 2
+    assert got["fedsilo_site_audit_timestamp_seconds", ()] >= stamp
+    assert got["fedsilo_site_epsilon", (("accountant", "budget"),)] == pytest.approx(
+        audit(path).epsilon
+    )
+    clock[0] += 100.0
+    calls: list[Path] = []
+    monkeypatch.setattr(prometheus, "audit", lambda p: calls.append(p))
+    scrape(collector)  # unchanged: no audit however old the last one
+    assert calls == []
 
 
 def test_a_tampered_ledger_scrapes_as_not_ok(tmp_path: Path) -> None:
