@@ -17,7 +17,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
@@ -84,6 +84,10 @@ class Proc:
             os.kill(self.popen.pid, signal.SIGTERM)
         return self.wait(timeout)
 
+    def send(self, sig: int = signal.SIGTERM) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.popen.pid, sig)
+
     def kill_group(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGKILL)
@@ -111,6 +115,16 @@ def leftovers(tmp: Path, grace_s: float = 0.0) -> list[tuple[int, str]]:
     while (found := _live(tmp)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return found
+
+
+def terminate_all(procs: Iterable[Proc | None], timeout: float = 60) -> None:
+    """SIGTERM every live one at once (each site's stop waits ~5 s on Flower's SuperNode
+    shutdown: one after another, they add up), then assert each stopped cleanly."""
+    live = [p for p in procs if p is not None and p.popen.poll() is None]
+    for proc in live:
+        proc.send()
+    for proc in live:
+        assert proc.wait(timeout) == 0, proc.text()[-3000:]
 
 
 def _live(tmp: Path) -> list[tuple[int, str]]:

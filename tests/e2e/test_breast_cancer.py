@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 
 from fedsilo.cli import main
-from tests.e2e.federation import Proc, end_leftovers, fedsilo, free_port, leftovers, wait_for
+from tests.e2e.federation import (
+    Proc,
+    end_leftovers,
+    fedsilo,
+    free_port,
+    leftovers,
+    terminate_all,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 TASK = "breast_cancer.task:task"
@@ -90,6 +98,4 @@ def test_deployed_sites_train_the_task_on_their_own_csv_files(fed: Path) -> None
         assert all("trains fedsilo's built-in tasks" in r["reason"] for r in summary["refusals"])
         assert "c refused" in srv.text()  # the console says so as it happens
     finally:
-        for proc in sites:
-            if proc.popen.poll() is None:
-                assert proc.terminate() == 0, proc.text()[-3000:]
+        terminate_all(sites)

@@ -29,6 +29,7 @@ from tests.e2e.federation import (
     leftovers,
     rounds,
     server,
+    terminate_all,
     wait_for,
 )
 
@@ -118,9 +119,7 @@ def test_three_sites_over_tls_then_one_is_lost(fed: Path) -> None:
         installed = {p.name for p in app.rglob("*") if p.is_file()}
         assert "pyproject.toml" in installed and not any(n.endswith(".py") for n in installed)
     finally:
-        for name in ("a", "b"):
-            if sites[name].popen.poll() is None:
-                assert sites[name].terminate() == 0, sites[name].text()[-3000:]  # clean stop
+        terminate_all([sites["a"], sites["b"]])  # each a clean stop
         sniffer.close()
     for name in ("a", "b"):
         assert "stopped" in sites[name].text()
@@ -189,9 +188,7 @@ def test_slow_but_live_sites_are_not_taken_for_dead(fed: Path) -> None:
         assert done["seconds"] > 20, f"the round took {done['seconds']:.1f} s: not slow enough"
         assert done["sites"] == ["a"] and done["failed"] == []
     finally:
-        for proc in sites:
-            if proc.popen.poll() is None:
-                assert proc.terminate() == 0, proc.text()[-3000:]
+        terminate_all(sites)
 
 
 def test_a_killed_site_started_again_rejoins_and_its_ledger_counts_once(fed: Path) -> None:
@@ -234,9 +231,7 @@ def test_a_killed_site_started_again_rejoins_and_its_ledger_counts_once(fed: Pat
         # was killed in, recorded before its training started.
         assert set(with_b) <= set(trained) and len(set(trained) - set(with_b)) <= 1
     finally:
-        for proc in (site_a, again):
-            if proc is not None and proc.popen.poll() is None:
-                assert proc.terminate() == 0, proc.text()[-3000:]
+        terminate_all([site_a, again])
 
 
 def test_live_sites_keep_serving_across_a_server_restart(fed: Path) -> None:
@@ -290,9 +285,7 @@ def test_live_sites_keep_serving_across_a_server_restart(fed: Path) -> None:
             assert (row["assumed_sites"], row["distributed_events"], row["events"]) == (2, 2, 3)
             assert row["epsilon_own_noise"] > row["epsilon"] > 0
     finally:
-        for proc in sites:
-            if proc.popen.poll() is None:
-                assert proc.terminate() == 0, proc.text()[-3000:]
+        terminate_all(sites)
         if second is not None and second.popen.poll() is None:
             second.terminate()
 
@@ -346,9 +339,7 @@ def test_a_killed_server_resumes_and_the_sites_ledgers_audit(fed: Path) -> None:
         res = fedsilo_cli(fed, "audit", "run", *heads.values())
         assert res.returncode == 0, res.stdout + res.stderr
     finally:
-        for proc in sites:
-            if proc.popen.poll() is None:
-                assert proc.terminate() == 0, proc.text()[-3000:]
+        terminate_all(sites)
         if resumed is not None and resumed.popen.poll() is None:
             resumed.terminate()
 

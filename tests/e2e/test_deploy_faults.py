@@ -38,6 +38,7 @@ from tests.e2e.federation import (
     rounds,
     scrape,
     server,
+    terminate_all,
     wait_for,
 )
 
@@ -117,9 +118,7 @@ def test_sites_killed_in_each_stage_of_a_distributed_round(fed: Path) -> None:
         code = srv.wait(timeout=300)
         assert code != 0, srv.text()[-3000:]
     finally:
-        for name in "ab":
-            if sites[name].popen.poll() is None:
-                assert sites[name].terminate() == 0, sites[name].text()[-3000:]
+        terminate_all([sites["a"], sites["b"]])
 
     # The run record: whose inputs each released sum holds, who dropped where.
     done = rounds(fed / "run")

@@ -14,7 +14,7 @@ import pytest
 
 from fedsilo.cli import main
 from tests.e2e import wan
-from tests.e2e.federation import Proc, end_leftovers, free_port, leftovers
+from tests.e2e.federation import Proc, end_leftovers, free_port, leftovers, terminate_all
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +85,4 @@ def test_two_sites_over_a_25ms_100mbit_wan(net: wan.Wan, tmp_path: Path) -> None
         assert later >= 2 * wan.DELAY_MS / 1000
         print(f"WAN round time: round 1 {records[0]['seconds']:.2f} s, later {later:.2f} s")
     finally:
-        for proc in sites:
-            if proc.popen.poll() is None:
-                assert proc.terminate() == 0, proc.text()[-3000:]
+        terminate_all(sites)
