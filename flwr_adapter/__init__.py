@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 from fedsilo.errors import ConfigError
 
@@ -89,3 +90,31 @@ def fast_object_pulls() -> None:
                 "keyword defaults; fedsilo/flwr_adapter/ needs updating."
             )
         defaults.update(initial_backoff=PULL_BACKOFF_S, backoff_cap=PULL_BACKOFF_CAP_S)
+
+
+def in_simulation_actor() -> bool:
+    """Whether this process is a Ray actor of Flower's simulation engine: where `flwr run`
+    (and `fedsilo simulate`) run ClientApps. A deployed SuperNode's `flwr-clientapp`
+    never is: it does not start Ray."""
+    ray = sys.modules.get("ray")  # never imported here: only a Ray worker has it loaded
+    if ray is None:
+        return False
+    try:
+        return bool(ray.is_initialized()) and ray.get_runtime_context().get_actor_id() is not None
+    except Exception:  # another Ray, or none usable: not an actor we know
+        return False
+
+
+def flwr_home() -> Path:
+    """Flower's user folder: $FLWR_HOME, else ~/.flwr (as flwr.supercore.utils says)."""
+    home = os.environ.get("FLWR_HOME")
+    return Path(home).expanduser() if home else Path.home() / ".flwr"
+
+
+def is_simulation_grid(grid: object) -> bool:
+    """Whether a ServerApp's grid is the simulation engine's (in memory), not a
+    deployed SuperLink's."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    check_flower_version()
+    return isinstance(grid, InMemoryGrid)

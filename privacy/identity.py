@@ -223,7 +223,7 @@ def simulated_identity(directory: Path, name: str) -> SiteIdentity:
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 __all__ = [

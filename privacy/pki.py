@@ -44,7 +44,7 @@ class PKIError(ConfigError):
 
 
 def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def validate_site_name(name: str) -> str:

@@ -17,7 +17,7 @@ Kits made before site certificates existed get theirs, same key, from
 
 from __future__ import annotations
 
-import sys
+import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,11 +31,6 @@ from fedsilo.errors import ConfigError, PrivacyError
 from fedsilo.privacy import identity, pki
 from fedsilo.privacy.pki import validate_site_name
 from fedsilo.privacy.policy import SitePolicy
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 FLEET_PORT = 9092  # Flower's Fleet API (gRPC-rere) default: what sites dial
 

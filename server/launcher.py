@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 import time
@@ -89,11 +90,27 @@ def manifest() -> Path:
     return Path(fedsilo.__file__).resolve().parent / "pyproject.toml"
 
 
+# What a deployed federation runs. The package's own manifest names the apps of `flwr
+# run .` (fedsilo.simulations.flwr_run: the same apps with virtual sites); the FAB this
+# server sends names these instead.
+DEPLOYED_APPS = {
+    "serverapp": "fedsilo.server.server_app:app",
+    "clientapp": "fedsilo.clients.client_app:app",
+}
+
+
 def write_app_dir(root: Path) -> Path:
-    """A Flower app directory holding only the manifest: the FAB carries no code."""
+    """A Flower app directory holding only the manifest, naming the deployed apps: the
+    FAB carries no code."""
     app = root / "fedsilo"
     app.mkdir(parents=True, exist_ok=True)
-    (app / "pyproject.toml").write_bytes(manifest().read_bytes())
+    text = manifest().read_text("utf-8")
+    for key, value in DEPLOYED_APPS.items():
+        line = re.compile(rf'^{key} = "[^"]*"$', flags=re.M)
+        text, found = line.subn(f'{key} = "{value}"', text, count=1)
+        if not found:
+            raise ConfigError(f"The installed fedsilo's manifest ({manifest()}) names no {key}.")
+    (app / "pyproject.toml").write_text(text, "utf-8")
     return app
 
 

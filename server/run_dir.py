@@ -352,6 +352,19 @@ def write_site_names(run_dir: str | Path, names: dict[int, str]) -> None:
     _write_json_atomic(Path(run_dir) / SITES_FILE, {str(k): v for k, v in names.items()})
 
 
+def add_site_name(run_dir: str | Path, node: int, name: str) -> None:
+    """Add node -> name to the run's map, under a lock: `flwr run`'s virtual sites each
+    record their own, from processes that run at once (fedsilo.simulations.flwr_run)."""
+    import fcntl  # POSIX; only that simulation's sites call this
+
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    with open(Path(run_dir) / (SITES_FILE + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        names = read_site_names(run_dir)
+        if names.get(node) != name:
+            write_site_names(run_dir, {**names, node: name})
+
+
 def read_site_names(run_dir: str | Path) -> dict[int, str]:
     """The node id -> site name map of a run ({} when none was written or it is unreadable)."""
     try:

@@ -115,7 +115,7 @@ def _run_engine(
     from fedsilo.server.server_app import app as server_app
 
     run_dir = Path(cfg.run_dir)
-    _prepare_sites(cfg, engine, sites, site_policies, hostile)
+    prepare_sites(cfg, engine, sites, site_policies, hostile)
     if engine.ray_address:
         labels = cluster.check_nodes(run_dir, cfg)
         workers = engine_internals.actor_pool_size(engine.client_resources())
@@ -164,7 +164,7 @@ def _run_engine(
     return summary
 
 
-def _prepare_sites(
+def prepare_sites(
     cfg: RunConfig,
     engine: EngineConfig,
     sites: int,

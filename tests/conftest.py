@@ -58,6 +58,7 @@ LONGEST_FIRST = (
     "test_calibration_never_overshoots",
     "test_a_crash_in_a_round_the_sites_answered_loses_nothing",
     "test_two_sites_over_a_25ms_100mbit_wan",
+    "test_flwr_run_dot_simulates_and_the_sites_ledgers_audit",
     "test_the_dashboard_of_a_3_site_run_in_chromium",
     "test_simulation_reaches_the_accuracy_target_at_epsilon_3",
     "test_distributed_dp_simulation_records_both_epsilons",

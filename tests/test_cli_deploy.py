@@ -26,7 +26,7 @@ def fed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def expire_server_cert(fed: Path) -> None:
     ca_key = pki.load_ca_key(fed / "fed/ca/ca.key")
     ca = pki.load_cert(fed / "fed/ca/ca.crt")
-    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
     _, cert = pki.server_cert(ca_key, ca, ["localhost", "127.0.0.1"], not_after=past)
     (fed / "fed/server/server.crt").write_bytes(pki.pem_cert(cert))
 

@@ -177,3 +177,48 @@ def test_control_api_calls_fail_with_a_reason_not_an_exit(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="not a NIST elliptic-curve public key"):
         register_node(tmp_path, "fedsilo", bad, "a")
     assert list_nodes(tmp_path / "no-config", "fedsilo") is None
+
+
+# A parent that starts a child which asks to die with it, then sleeps; the child's pid
+# is printed for the test.
+ORPHAN = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c",
+    "from fedsilo.flwr_adapter.site_runtime import die_with_parent; import time; "
+    "die_with_parent(); print('armed', flush=True); time.sleep(600)"],
+    stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "armed"
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_a_site_runtime_process_dies_with_its_parent() -> None:
+    """A SuperNode killed outright leaves no SuperExec, zygote or ClientApp behind
+    (Linux's parent-death signal: these machines and the sites' servers)."""
+    import subprocess
+    import sys
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", ORPHAN], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        assert alive(child)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and alive(child):
+            time.sleep(0.05)
+        assert not alive(child), "the child outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()

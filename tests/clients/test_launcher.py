@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -79,11 +80,14 @@ def test_each_clientapp_process_starts_with_the_manifests_clientapp_imported() -
     lower layer, names none), and the SuperNode passes it on to the SuperExec's zygote."""
     import tomllib
 
-    import fedsilo
     from fedsilo.flwr_adapter import site_runtime
+    from fedsilo.server.launcher import DEPLOYED_APPS, write_app_dir
 
-    manifest = Path(fedsilo.__file__).parent / "pyproject.toml"
-    components = tomllib.loads(manifest.read_text("utf-8"))["tool"]["flwr"]["app"]["components"]
+    with tempfile.TemporaryDirectory() as tmp:  # the manifest the server sends its sites
+        manifest = write_app_dir(Path(tmp)) / "pyproject.toml"
+        components = tomllib.loads(manifest.read_text("utf-8"))["tool"]["flwr"]["app"]
+        components = components["components"]
+    assert components == DEPLOYED_APPS
     flags = list(launcher.WARM_SUPERNODE[4:])
     assert flags == ["--preload", components["clientapp"].partition(":")[0]]
 

@@ -145,7 +145,7 @@ def test_the_servers_own_certificate_is_not_a_site_certificate(fed: Federation) 
 
 
 def test_an_expired_or_future_certificate_is_refused(fed: Federation) -> None:
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     expired = fed.site("a", not_after=now - dt.timedelta(days=1))
     with pytest.raises(IdentityError, match=r"expired on"):
         verify_signed(fed.ca, expired.cert, MESSAGE, expired.sign(MESSAGE))

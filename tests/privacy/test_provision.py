@@ -118,7 +118,7 @@ def test_add_site_without_federation_never_creates_a_ca(tmp_path: Path) -> None:
 def test_expired_server_certificate(fed: Path) -> None:
     ca_key = pki.load_ca_key(fed / "ca/ca.key")
     ca = pki.load_cert(fed / "ca/ca.crt")
-    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
     _, cert = pki.server_cert(ca_key, ca, ["fl.example.org"], not_after=past)
     (fed / "server/server.crt").write_bytes(pki.pem_cert(cert))
     with pytest.raises(ConfigError, match=r"server certificate expired on .* renew-server"):
@@ -228,7 +228,7 @@ def check_site_cert(fed: Path, name: str) -> x509.Certificate:
     assert not ext.get_extension_for_class(x509.BasicConstraints).value.ca
     eku = ext.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     assert cert.not_valid_before_utc < now < cert.not_valid_after_utc
     assert cert.not_valid_after_utc <= ca.not_valid_after_utc
     assert mode(kit / "site.crt") == 0o644
@@ -309,7 +309,7 @@ def test_a_kit_with_a_bad_certificate_is_refused_at_start(fed: Path, tmp_path: P
         read_site_kit(fed / "sites/a")
     # Expired: certify-site renews it, same key.
     kit = fed / "sites/a"
-    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
     cert = pki.site_cert(
         pki.load_ca_key(fed / "ca/ca.key"),
         pki.load_cert(fed / "ca/ca.crt"),
