@@ -209,6 +209,11 @@ def run(args: argparse.Namespace) -> int:
                 err.print(f"{elapsed}   {line}", highlight=False)
         elif kind == "superlink":
             err.print(f"{elapsed} listening for sites on {info['fleet']}", highlight=False)
+            err.print(
+                f"{elapsed} Flower's commands on this run: FLWR_HOME={cfg.run_dir}/flwr-home "
+                "flwr ls (then flwr log RUN_ID, flwr stop RUN_ID)",
+                highlight=False,
+            )
         elif kind == "registered":
             err.print(f"{elapsed} authorised: {', '.join(info['sites'])}", highlight=False)
         elif kind == "sites":

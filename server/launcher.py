@@ -72,6 +72,12 @@ class RunFailed(FedsiloError):
     exit_code = 1
 
 
+class RunStopped(RunFailed):
+    """An operator stopped the run with Flower's `flwr stop`: resumable, nothing lost."""
+
+    exit_code = 130  # as Ctrl-C or SIGTERM stop it
+
+
 @dataclass(frozen=True)
 class ServerOptions:
     """How the SuperLink listens and whom it waits for."""
@@ -105,6 +111,9 @@ def write_app_dir(root: Path) -> Path:
     app = root / "fedsilo"
     app.mkdir(parents=True, exist_ok=True)
     text = manifest().read_text("utf-8")
+    # `flwr run .`'s file list: this directory has the manifest alone (Flower refuses a
+    # pattern that matches nothing).
+    text = re.sub(r"^fab-include = .*\n", "", text, flags=re.M)
     for key, value in DEPLOYED_APPS.items():
         line = re.compile(rf'^{key} = "[^"]*"$', flags=re.M)
         text, found = line.subn(f'{key} = "{value}"', text, count=1)
@@ -324,12 +333,38 @@ class Server:
             self._check_superlink()
             time.sleep(0.5)
         summary = read_summary(self.run_dir)
+        if summary is None and (flower_run := self.stopped_run()) is not None:
+            completed = len(read_metrics(self.run_dir))
+            raise RunStopped(
+                f"The run was stopped (`flwr stop {flower_run}`) after round {completed} of "
+                f"{self.cfg.rounds}; nothing is lost. Go on with `fedsilo server start --kit "
+                f"{self.kit.path} --resume {self.run_dir}`."
+            )
         if summary is None:
             raise RunFailed(
                 f"The run ended without a summary (flwr run exit code {proc.returncode}):\n"
                 + tail(self.run_dir / "run.log")
             )
         return summary
+
+    def stopped_run(self) -> str | None:
+        """The Flower run id of this run when Flower says it was stopped (`flwr stop`),
+        else None: asked once, when `flwr run` ended without a summary."""
+        try:
+            with open(self.run_dir / "run.log", encoding="utf-8", errors="replace") as log:
+                head = log.read(20_000)  # `flwr run` says it first
+        except OSError:
+            return None
+        found = re.search(r"Successfully started run (\d+)", head)
+        if found is None:
+            return None
+        res = self.flwr("ls", "--run-id", found[1], "--format", "json", timeout=60)
+        try:
+            runs = json.loads(res.stdout)["runs"]
+        except (ValueError, KeyError, TypeError):
+            return None
+        status = " ".join(str(run.get("status", "")) for run in runs if isinstance(run, dict))
+        return found[1] if "stopped" in status else None
 
     def stop_all(self) -> None:
         for proc in reversed(self.children):

@@ -126,6 +126,28 @@ COVERED = {
         f"{E2E}/test_breast_cancer.py::test_deployed_sites_train_the_task_on_their_own_csv_files",
     ),
 }
+# Flower's own CLI (`flwr ...`) and the variables a page exports for it -> the test that
+# runs it: with every argument the page shows (RUN_ID aside), and every variable's name
+# (and value, unless a path).
+FLWR_TESTS = f"{E2E}/test_flwr_run.py"
+FLWR_COVERED = {
+    "flwr run . --stream --run-config rounds=2 target-epsilon=3 "
+    "--federation-config num-supernodes=3": (
+        f"{FLWR_TESTS}::test_flwr_run_dot_simulates_and_the_sites_ledgers_audit"
+    ),
+    "export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1": (
+        f"{FLWR_TESTS}::test_flwr_run_dot_simulates_and_the_sites_ledgers_audit"
+    ),
+    **dict.fromkeys(
+        (
+            "export FLWR_HOME=runs/exp1/flwr-home",
+            "flwr ls",
+            "flwr log RUN_ID --stream",
+            "flwr stop RUN_ID",
+        ),
+        f"{FLWR_TESTS}::test_flower_operator_commands_on_a_deployed_federation",
+    ),
+}
 EXPENSIVE = {("simulate",), ("server", "start"), ("client", "start"), ("export",)}
 EXPENSIVE |= {("dashboard",)}  # serves until stopped
 RUN_HERE = {("provision",), ("provision", "add-site"), ("provision", "renew-server")}
@@ -238,6 +260,7 @@ PYTEST = of("python", "-m", "pytest")
 MODULES = [c for c in of("python", "-m") if c.argv[2] in RUN_MODULES]
 PIP = of("pip", "install", "-e")
 RAY = of("ray", "start")
+FLWR = [*of("flwr"), *of("export")]
 
 
 def ids(cmds: list[Command]) -> list[str]:
@@ -248,7 +271,7 @@ PAGES = [str(d.relative_to(ROOT)) for d in DOCS]
 
 
 def test_every_command_is_of_a_kind_this_file_checks() -> None:
-    known = {*FEDSILO, *MAKE, *BENCH, *PYTEST, *MODULES, *PIP, *RAY}
+    known = {*FEDSILO, *MAKE, *BENCH, *PYTEST, *MODULES, *PIP, *RAY, *FLWR}
     unknown = [str(c) for c in ALL if c not in known]
     assert not unknown, f"commands in the docs that no test checks (add a checker): {unknown}"
     assert len(ALL) >= 30, "the docs' commands were not found"  # the extractor works
@@ -415,9 +438,25 @@ def test_long_commands_are_run_by_a_named_test(cmd: Command, tmp_path: Path) -> 
         config_from_args(args)
 
 
+@pytest.mark.parametrize("cmd", FLWR, ids=ids(FLWR))
+def test_flower_commands_are_run_by_a_named_test(cmd: Command) -> None:
+    assert cmd.text in FLWR_COVERED, f"{cmd}\n  add it to FLWR_COVERED with the test that runs it"
+    node_id = FLWR_COVERED[cmd.text]
+    file, name = node_id.split("::")
+    assert name in module_info(ROOT / file)[0], f"{cmd}: {node_id} does not exist"
+    strings = strings_run_by(node_id)
+    if cmd.argv[0] == "export":
+        var, _, value = cmd.argv[1].partition("=")
+        needed = [var] if "/" in value else [var, value]
+    else:
+        needed = [a for a in cmd.argv[1:] if a != "RUN_ID"]
+    missing = [n for n in needed if n not in strings]
+    assert not missing, f"{cmd}\n  {node_id} never passes {missing}"
+
+
 def test_covered_has_no_stale_entries() -> None:
     shown = {c.text for c in EXPENSIVE_CMDS} | {"fedsilo simulate"}  # `make demo`'s
-    stale = sorted(set(COVERED) - shown)
+    stale = sorted(set(COVERED) - shown) + sorted(set(FLWR_COVERED) - {c.text for c in FLWR})
     assert not stale, f"COVERED names commands no page shows: {stale}"
 
 

@@ -84,10 +84,10 @@ def test_each_clientapp_process_starts_with_the_manifests_clientapp_imported() -
     from fedsilo.server.launcher import DEPLOYED_APPS, write_app_dir
 
     with tempfile.TemporaryDirectory() as tmp:  # the manifest the server sends its sites
-        manifest = write_app_dir(Path(tmp)) / "pyproject.toml"
-        components = tomllib.loads(manifest.read_text("utf-8"))["tool"]["flwr"]["app"]
-        components = components["components"]
+        text = (write_app_dir(Path(tmp)) / "pyproject.toml").read_text("utf-8")
+    components = tomllib.loads(text)["tool"]["flwr"]["app"]["components"]
     assert components == DEPLOYED_APPS
+    assert "fab-include" not in text  # it lists files of `flwr run .`
     flags = list(launcher.WARM_SUPERNODE[4:])
     assert flags == ["--preload", components["clientapp"].partition(":")[0]]
 

@@ -83,3 +83,67 @@ def test_flwr_run_dot_simulates_and_the_sites_ledgers_audit(
     listed = flwr(flwr_env, "ls", "--format", "json", timeout=120)
     assert listed.returncode == 0, listed.stdout + listed.stderr
     assert run_dir.name in listed.stdout and "finished" in listed.stdout.lower(), listed.stdout
+
+
+def test_flower_operator_commands_on_a_deployed_federation(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`flwr ls`, `flwr log` and `flwr stop` with the server's FLWR_HOME (its run
+    directory's flwr-home: the kit's CA, the Control API on loopback); a stopped run
+    says how to go on, and `--resume` finishes it with every round spent once."""
+    from fedsilo.cli import main
+    from fedsilo.privacy import ledger
+    from tests.e2e.federation import client, end_leftovers, rounds, server, terminate_all, wait_for
+
+    monkeypatch.chdir(tmp_path)
+    hosts = ["--server-host", "localhost", "--server-host", "127.0.0.1"]
+    assert main(["provision", "--out", "fed", *hosts, "--sites", "a,b"]) == 0
+    assert main(["data", "split", "--dataset", "digits", "--sites", "2", "--out", "data"]) == 0
+    fleet = free_port()
+    address = f"127.0.0.1:{fleet}"
+    # Rounds of 300 local epochs (seconds each): the run still goes on when it is stopped.
+    run = ("--rounds", "3", "--local-epochs", "300", "--min-sites", "2", "--out", "run")
+    srv = server(tmp_path, fleet, *run)
+    sites = [client(tmp_path, name, i, address) for i, name in ((1, "a"), (2, "b"))]
+    operator = {**os.environ, "FLWR_HOME": str(tmp_path / "run" / "flwr-home")}
+    resumed = None
+    try:
+        progress = tmp_path / "run" / "progress.json"
+        wait_for(progress.exists, 300, "round 1 sent", [srv, *sites])
+        listed = flwr(operator, "ls", "--format", "json", timeout=120)
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        runs = json.loads(listed.stdout)["runs"]
+        assert [r["status"] for r in runs] == ["running"], runs
+        flower_run = str(runs[0]["run-id"])
+        streaming = subprocess.Popen(
+            [FLWR, "log", flower_run, "--stream"], cwd=tmp_path, env=operator,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        shown = flwr(operator, "log", flower_run, "--show", timeout=120)
+        assert "configure_train" in shown.stdout, shown.stdout + shown.stderr
+        stopped = flwr(operator, "stop", flower_run, timeout=120)
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+        assert srv.wait(timeout=120) == 130, srv.text()[-3000:]
+        try:  # the stream ends with the run
+            streamed, _ = streaming.communicate(timeout=60)
+        finally:
+            streaming.kill()
+        assert "configure_train" in streamed, streamed
+        said = " ".join(srv.text().split())
+        assert f"The run was stopped (`flwr stop {flower_run}`) after round" in said, said
+        assert "--resume" in said
+        resumed = server(tmp_path, fleet, "--resume", "run")
+        assert resumed.wait(timeout=400) == 0, resumed.text()[-3000:]
+        assert [r["round"] for r in rounds(tmp_path / "run")] == [1, 2, 3]
+        run_id = json.loads((tmp_path / "run" / "config.json").read_text())["run-id"]
+        for name in ("a", "b"):
+            spends = ledger.read(tmp_path / "fed" / "sites" / name / "ledger.jsonl").spends
+            assert sorted(s.round for s in spends if s.run == run_id) == [1, 2, 3]
+    finally:
+        terminate_all(sites)
+        for proc in (srv, resumed):
+            if proc is not None and proc.popen.poll() is None:
+                proc.terminate()
+        left = leftovers(tmp_path, grace_s=10)
+        end_leftovers(tmp_path)
+        assert not left, f"processes left behind: {left}"
