@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 
 from fedsilo import protocol
-from fedsilo.clients import kept_reply
+from fedsilo.clients import failpoint, kept_reply
 from fedsilo.clients.dp_train import DistributedResult, RoundResult, train_round
 from fedsilo.clients.kept_reply import KeptReply
 from fedsilo.clients.site_budget import Authorisation, authorise_round
@@ -77,6 +77,7 @@ class LocalSiteRound(SiteRound):
         again = self.resend()
         if again is not None:
             return again
+        failpoint.reach("train", self.server_round)  # tests only: nothing spent yet
         auth = self.authorise()
         global_state = arrays.to_torch_state_dict()
         result = train_authorised(self.cfg, self.site, auth, global_state, self.server_round)

@@ -13,7 +13,8 @@ and flwr again (about 4.5 s), and every object pull waits 1 s after a miss. Here
 - object pulls retry quickly (`fedsilo.flwr_adapter.fast_object_pulls`) in the
   SuperNode, the SuperExec and every ClientApp;
 - the SuperNode announces a heartbeat interval of HEARTBEAT_S (Flower: 30 s), so the
-  SuperLink notices a dead site after at most 20 s instead of 60 s;
+  SuperLink notices a dead site after at most 20 s instead of 60 s, and retries a lost
+  server at most RETRY_CAP_S apart (Flower: 20 s), so it finds a restarted one soon;
 - the SuperNode starts this module's SuperExec instead of `flower-superexec`: Flower's
   own `run_superexec`, polling every POLL_S, whose executor hands each task to a
   *zygote*: a process forked once, after torch, opacus, flwr and the --preload modules
@@ -38,12 +39,14 @@ import time
 import traceback
 from typing import Any
 
+from fedsilo.errors import ConfigError
 from fedsilo.flwr_adapter import check_flower_version, disable_telemetry, fast_object_pulls
 
 POLL_S = 0.1  # the SuperNode's idle pull and the SuperExec's task poll, instead of 3 s and 1 s
 # A dead site is noticed after 2 x 10 s (Flower: 2 x 30 s); it beats every 4 s. 10 s is
 # the smallest interval the SuperLink accepts (message_handler: HEARTBEAT_MIN_INTERVAL).
 HEARTBEAT_S = 10
+RETRY_CAP_S = 2.0  # the SuperNode's longest wait between tries of a lost server (Flower: 20 s)
 # What the zygote imports once, with the --preload modules (the app's ClientApp: 55-67 ms
 # a message): everything else a ClientApp child imported that its zygote had not (listed
 # from sys.modules in a child). Among them Flower's flwr-clientapp
@@ -97,6 +100,7 @@ def supernode_main(argv: list[str]) -> None:
     # it runs, and `fedsilo client start` imports this module (0.3-0.6 s each)
     from flwr.client.grpc_rere_client import connection
     from flwr.supercore import heartbeat
+    from flwr.supercore.retry import grpc_retry
     from flwr.supernode import start_client_internal as sci
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
@@ -109,6 +113,11 @@ def supernode_main(argv: list[str]) -> None:
     # is computing, so a slow but live site is never taken for dead.
     vars(connection)["HEARTBEAT_DEFAULT_INTERVAL"] = HEARTBEAT_S
     vars(heartbeat)["HEARTBEAT_DEFAULT_INTERVAL"] = HEARTBEAT_S
+    # A lost server is retried at most RETRY_CAP_S apart (Flower: up to 20 s): a
+    # restarted one is found, and the site rejoins it, seconds after it is back.
+    if not hasattr(grpc_retry, "MAX_RETRY_DELAY"):
+        raise ConfigError("flwr's grpc_retry has no MAX_RETRY_DELAY; flwr_adapter needs updating.")
+    vars(grpc_retry)["MAX_RETRY_DELAY"] = RETRY_CAP_S
 
     preload, flower_args = split_preload(argv)
     real_popen = subprocess.Popen

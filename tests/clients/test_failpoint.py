@@ -24,7 +24,7 @@ def test_unset_or_elsewhere_goes_on(monkeypatch: pytest.MonkeyPatch, tmp_path: P
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("spec", ["unmask", "unmask:x:/tmp/m", "unmask:2:", "train:1:/tmp/m"])
+@pytest.mark.parametrize("spec", ["unmask", "unmask:x:/tmp/m", "unmask:2:", "fit:1:/tmp/m"])
 def test_a_malformed_failpoint_names_the_expected_form(
     monkeypatch: pytest.MonkeyPatch, spec: str
 ) -> None:
@@ -49,3 +49,12 @@ def test_the_point_writes_its_marker_and_stops_until_killed(tmp_path: Path) -> N
         proc.send_signal(signal.SIGKILL)
         out, _ = proc.communicate(timeout=30)
     assert out == b""
+
+
+def test_a_failpoint_stops_a_site_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Its marker written, the point is passed: the round asked again after a resume."""
+    marker = tmp_path / "stopped"
+    marker.write_text("123\n")
+    monkeypatch.setenv(failpoint.ENV, f"train:1:{marker}")
+    failpoint.reach("train", 1)  # returns
+    assert marker.read_text() == "123\n"

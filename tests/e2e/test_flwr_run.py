@@ -101,15 +101,17 @@ def test_flower_operator_commands_on_a_deployed_federation(
     assert main(["data", "split", "--dataset", "digits", "--sites", "2", "--out", "data"]) == 0
     fleet = free_port()
     address = f"127.0.0.1:{fleet}"
-    # Rounds of 300 local epochs (seconds each): the run still goes on when it is stopped.
-    run = ("--rounds", "3", "--local-epochs", "300", "--min-sites", "2", "--out", "run")
-    srv = server(tmp_path, fleet, *run)
-    sites = [client(tmp_path, name, i, address) for i, name in ((1, "a"), (2, "b"))]
+    srv = server(tmp_path, fleet, "--rounds", "3", "--min-sites", "2", "--out", "run")
+    # Site b stops in round 1 before it trains (once): the run waits on it until stopped.
+    held = tmp_path / "b-held"
+    sites = [
+        client(tmp_path, "a", 1, address),
+        client(tmp_path, "b", 2, address, env={"FEDSILO_FAILPOINT": f"train:1:{held}"}),
+    ]
     operator = {**os.environ, "FLWR_HOME": str(tmp_path / "run" / "flwr-home")}
     resumed = None
     try:
-        progress = tmp_path / "run" / "progress.json"
-        wait_for(progress.exists, 300, "round 1 sent", [srv, *sites])
+        wait_for(held.exists, 300, "site b in round 1", [srv, *sites])
         listed = flwr(operator, "ls", "--format", "json", timeout=120)
         assert listed.returncode == 0, listed.stdout + listed.stderr
         runs = json.loads(listed.stdout)["runs"]
