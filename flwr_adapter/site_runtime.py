@@ -8,8 +8,10 @@ of a round outside training: the SuperNode sleeps 3 s whenever a pull finds no m
 (`supernode/start_client_internal.py`), its SuperExec polls for tasks every second and
 starts a fresh `flwr-clientapp` process for every message, which imports torch, opacus
 and flwr again (about 4.5 s), and every object pull waits 1 s after a miss. Here:
-- the SuperNode's idle pull waits POLL_S instead of 3 s (its module's `time` is
-  replaced by one whose `sleep` is capped; nothing else in Flower is touched);
+- the SuperNode's idle pull waits POLL_S instead of 3 s while the site was busy in the
+  last FAST_FOR_S, IDLE_POLL_S after that (its module's `time` is replaced by one whose
+  `sleep` is capped, told of each pull that found a message; nothing else in Flower is
+  touched);
 - object pulls retry quickly (`fedsilo.flwr_adapter.fast_object_pulls`) in the
   SuperNode, the SuperExec and every ClientApp;
 - the SuperNode announces a heartbeat interval of HEARTBEAT_S (Flower: 30 s), so the
@@ -46,6 +48,9 @@ POLL_S = 0.1  # the SuperNode's idle pull and the SuperExec's task poll, instead
 # A dead site is noticed after 2 x 10 s (Flower: 2 x 30 s); it beats every 4 s. 10 s is
 # the smallest interval the SuperLink accepts (message_handler: HEARTBEAT_MIN_INTERVAL).
 HEARTBEAT_S = 10
+IDLE_PULL_S = 3.0  # what Flower's SuperNode sleeps after a pull that found nothing
+FAST_FOR_S = 30.0  # after a message, idle pulls come POLL_S apart this long ...
+IDLE_POLL_S = 1.0  # ... and then IDLE_POLL_S apart
 RETRY_CAP_S = 2.0  # the SuperNode's longest wait between tries of a lost server (Flower: 20 s)
 # What the zygote imports once, with the --preload modules (the app's ClientApp: 55-67 ms
 # a message): everything else a ClientApp child imported that its zygote had not (listed
@@ -84,14 +89,31 @@ def superexec_command(preload: list[str], flower_args: list[str]) -> list[str]:
 
 
 class _CappedTime:
-    """A `time` module whose sleep() is at most POLL_S (the SuperNode's idle waits)."""
+    """A `time` module for the SuperNode's loop. Its sleep(3) after a pull that found no
+    message waits POLL_S while the site was busy in the last FAST_FOR_S (a run's next
+    round or stage is soon), else IDLE_POLL_S: an idle site asks the SuperLink once a
+    second, not ten times (each pull is a TLS RPC the SuperLink serves: 2 idle sites cost
+    it 10% of a core at POLL_S). Its other sleeps (waits on the site's own state) are
+    capped at POLL_S."""
+
+    def __init__(self) -> None:
+        self.busy_at = time.monotonic()  # the last pull that found a message (or the start)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
-    @staticmethod
-    def sleep(seconds: float) -> None:
-        time.sleep(min(seconds, POLL_S))
+    def sleep(self, seconds: float) -> None:
+        if seconds < IDLE_PULL_S:
+            time.sleep(min(seconds, POLL_S))
+            return
+        idle = time.monotonic() - self.busy_at
+        time.sleep(POLL_S if idle < FAST_FOR_S else IDLE_POLL_S)
+
+    def pulled(self, found: Any) -> Any:
+        """Note a pull's outcome (a run id when it found a message) and return it."""
+        if found is not None:
+            self.busy_at = time.monotonic()
+        return found
 
 
 def supernode_main(argv: list[str]) -> None:
@@ -106,7 +128,14 @@ def supernode_main(argv: list[str]) -> None:
 
     check_flower_version()
     fast_object_pulls()
-    vars(sci)["time"] = _CappedTime()
+    clock = _CappedTime()
+    vars(sci)["time"] = clock
+    pull = getattr(sci, "_pull_and_store_message", None)
+    if pull is None:
+        raise ConfigError(
+            "flwr's SuperNode has no _pull_and_store_message; flwr_adapter needs updating."
+        )
+    vars(sci)["_pull_and_store_message"] = lambda *a, **k: clock.pulled(pull(*a, **k))
     # The interval the SuperNode announces (the SuperLink declares it dead after 2 of
     # them) and the one its heartbeat thread keeps: 30 s in Flower, a dead site found
     # after about 60 s. The thread beats every (interval - 5 s) x 0.8, whatever the site

@@ -35,6 +35,31 @@ def test_the_warm_supernode_waits_briefly_where_flower_sleeps_3_s() -> None:
     assert capped.monotonic is time.monotonic  # everything else is the real module
 
 
+def test_an_idle_supernode_asks_the_superlink_once_a_second(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Busy in the last FAST_FOR_S (a message pulled): idle pulls POLL_S apart; idle
+    longer: IDLE_POLL_S apart. A site's own-state waits stay short either way."""
+
+    from fedsilo.flwr_adapter import site_runtime as rt
+
+    slept: list[float] = []
+    clock = [1000.0]
+    monkeypatch.setattr(rt.time, "sleep", slept.append)
+    monkeypatch.setattr(rt.time, "monotonic", lambda: clock[0])
+    capped = rt._CappedTime()
+    capped.sleep(3)  # just started: as busy
+    clock[0] += rt.FAST_FOR_S + 1
+    capped.sleep(3)  # idle since
+    capped.sleep(0.5)  # waiting on its own ClientApp's reply
+    assert capped.pulled(None) is None  # a pull that found nothing changes nothing
+    capped.sleep(3)
+    assert capped.pulled(42) == 42  # a message: busy again
+    capped.sleep(3)
+    assert slept == [rt.POLL_S, rt.IDLE_POLL_S, rt.POLL_S, rt.IDLE_POLL_S, rt.POLL_S]
+    assert rt.IDLE_POLL_S == 1.0 and rt.POLL_S == 0.1
+
+
 ZYGOTE_SCRIPT = """
 import json, os, sys, time
 from fedsilo.flwr_adapter import site_runtime
