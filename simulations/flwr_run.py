@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -41,10 +40,11 @@ from fedsilo.clients.client_app import train
 from fedsilo.clients.site_env import SiteEnvironment
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
+from fedsilo.server.records import RoundRecord
 from fedsilo.server.run_dir import add_site_name, read_metrics, write_online
 from fedsilo.server.server_app import main as server_main
 from fedsilo.simulations.engine import EngineConfig
-from fedsilo.simulations.runner import preflight, prepare_sites
+from fedsilo.simulations.runner import preflight, prepare_sites, watching
 from fedsilo.simulations.sites import SimulatedSites, simulated_cache_dir
 from fedsilo.task.features import drop_cache
 
@@ -92,34 +92,25 @@ def _serve(grid: Grid, context: Context) -> None:
         "`fedsilo audit %s`)", sites, cfg.rounds, run_dir, run_dir,
     )  # fmt: skip
     context.run_config["run-dir"] = str(run_dir)
-    stop = threading.Event()
-    reporter = threading.Thread(target=_report_rounds, args=(run_dir, stop), daemon=True)
-    reporter.start()
-    try:
-        server_main(grid, context)
-    finally:
-        stop.set()
-        reporter.join()
-        # Derived from a public dataset the run can re-read: not left behind (~100 MB a site).
-        drop_cache(simulated_cache_dir(run_dir))
+    # A resumed run's earlier rounds were told before.
+    with watching(run_dir, _log_round, seen=len(read_metrics(run_dir))):
+        try:
+            server_main(grid, context)
+        finally:
+            # Derived from a public dataset the run can re-read: not left behind (~100 MB
+            # a site).
+            drop_cache(simulated_cache_dir(run_dir))
 
 
-def _report_rounds(run_dir: Path, stop: threading.Event) -> None:
-    """Log each round of RUN_DIR/metrics.jsonl as it lands (and the last ones at the end)."""
-    seen = len(read_metrics(run_dir))  # a resumed run's earlier rounds were told before
-    while True:
-        finished = stop.wait(0.5)
-        for record in read_metrics(run_dir)[seen:]:
-            absent = record.failed + record.refused
-            log.info(
-                "fedsilo: round %d: accuracy %.4f, loss %.4f, max site epsilon %.3f, sites %s%s",
-                record.round, record.accuracy, record.loss, record.max_epsilon,
-                ", ".join(record.sites) or "none",
-                f" (absent: {', '.join(absent)})" if absent else "",
-            )  # fmt: skip
-            seen += 1
-        if finished:
-            return
+def _log_round(record: RoundRecord) -> None:
+    """One log line per round, as it lands in RUN_DIR/metrics.jsonl."""
+    absent = record.failed + record.refused
+    log.info(
+        "fedsilo: round %d: accuracy %.4f, loss %.4f, max site epsilon %.3f, sites %s%s",
+        record.round, record.accuracy, record.loss, record.max_epsilon,
+        ", ".join(record.sites) or "none",
+        f" (absent: {', '.join(absent)})" if absent else "",
+    )  # fmt: skip
 
 
 def train_virtual_site(msg: Message, context: Context) -> Message:

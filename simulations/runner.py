@@ -129,7 +129,7 @@ def _run_engine(
 
     try:
         with (
-            _watching(run_dir, on_round),
+            watching(run_dir, on_round),
             _worker_env(engine),
             _surface_fedsilo_errors(),
             engine_internals.node_partitions(name_sites),
@@ -204,10 +204,11 @@ def _backend_config(engine: EngineConfig, *, verbose: bool) -> dict[str, Any]:
 
 
 @contextmanager
-def _watching(run_dir: Path, on_round: ProgressFn | None) -> Iterator[None]:
-    """Report each round's metrics record while the engine runs (and the last ones after)."""
+def watching(run_dir: Path, on_round: ProgressFn | None, *, seen: int = 0) -> Iterator[None]:
+    """Report each round's metrics record after the first `seen` while the block runs
+    (and the last ones after)."""
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch, args=(run_dir, on_round, stop), daemon=True)
+    watcher = threading.Thread(target=_watch, args=(run_dir, on_round, stop, seen), daemon=True)
     watcher.start()
     try:
         yield
@@ -282,8 +283,7 @@ def recorded_simulation(run_dir: Path, *, ray_address: str = "") -> RecordedSimu
     return RecordedSimulation(sites, engine, Hostile.parse(str(hostile)) if hostile else None)
 
 
-def _watch(run_dir: Path, on_round: ProgressFn | None, stop: threading.Event) -> None:
-    seen = 0
+def _watch(run_dir: Path, on_round: ProgressFn | None, stop: threading.Event, seen: int) -> None:
     while True:
         done = stop.wait(0.5)
         if on_round is not None:
