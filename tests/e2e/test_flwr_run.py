@@ -7,9 +7,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,27 +25,39 @@ ROOT = Path(__file__).resolve().parents[2]  # the repository: its pyproject.toml
 FLWR = str(Path(sys.executable).parent / "flwr")
 # The one setting the README names: Flower would install the app's dependencies per run.
 NO_INSTALL = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
+# ~40 s alone, ~75 s beside two more: a run that never ends fails here, with its evidence.
+RUN_LIMIT_S = 360
+ERROR_WORDS = ("Error", "error", "Killing", "OOM", "infeasible", "died")
 
 
 @pytest.fixture
 def flwr_env(tmp_path: Path) -> Iterator[dict[str, str]]:
-    """A private FLWR_HOME and free ports for the local SuperLink `flwr` starts; that
-    SuperLink (and its simulation) stopped by PID afterwards."""
+    """A private FLWR_HOME, Ray temp folder and free ports for the local SuperLink `flwr`
+    starts; that SuperLink (and its simulation) stopped by PID afterwards."""
     home = tmp_path / "flwr-home"
+    # Short: Ray's socket paths under it must fit in 107 characters. Private: its logs tell
+    # what the simulation's Ray did, and no other Ray instance is found through it.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="fedsilo-flwr-ray-", dir="/tmp"))
     env = {
         **os.environ,
         **NO_INSTALL,
         "FLWR_HOME": str(home),
+        "RAY_TMPDIR": str(ray_tmp),
         # The virtual environment active, as a user has it: `flwr` starts `flower-superlink`.
         "PATH": f"{Path(FLWR).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
     }
-    yield env
-    for pid, _ in leftovers(home):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    assert not leftovers(home, grace_s=10)
+    try:
+        yield env
+    finally:
+        for where in (home, ray_tmp):
+            for pid, _ in leftovers(where):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        left = dict(leftovers(home, grace_s=10) + leftovers(ray_tmp, grace_s=10))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+        assert not left, left
 
 
 def flwr(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -52,16 +66,67 @@ def flwr(env: dict[str, str], *args: str, timeout: float = 600) -> subprocess.Co
     )
 
 
+def flwr_run(env: dict[str, str], out: Path, *args: str, timeout: float) -> str:
+    """`flwr run ARGS` to its end; what it said (streamed to `out` meanwhile). A run that
+    does not end in `timeout` fails the test with what the SuperLink, the run and Ray said."""
+    with out.open("w") as sink:
+        proc = subprocess.Popen(
+            [FLWR, "run", *args], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT
+        )
+        try:
+            returncode = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"`flwr run` did not end in {timeout:g} s.\n{hung_run_report(env, out)}")
+    said = out.read_text(errors="replace")
+    assert returncode == 0, said[-4000:]
+    return said
+
+
+def hung_run_report(env: dict[str, str], out: Path) -> str:
+    """What a run that never ended left: its output, the SuperLink's log, the run
+    directory, the live processes (state, kernel wait channel), Ray's logs' errors."""
+    home, ray_tmp = Path(env["FLWR_HOME"]), Path(env["RAY_TMPDIR"])
+    runs = home / "fedsilo-runs"
+    parts = [
+        f"--- flwr run said:\n{tail(out, 60)}",
+        f"--- the SuperLink's log:\n{tail(home / 'local-superlink' / 'superlink.log', 30)}",
+        "--- run directories:\n" + "\n".join(str(p.relative_to(home)) for p in runs.glob("*/*")),
+        *(f"--- {m.relative_to(home)}:\n{tail(m, 5)}" for m in runs.glob("*/metrics.jsonl")),
+    ]
+    rows = []
+    for pid, cmd in sorted(dict(leftovers(home) + leftovers(ray_tmp)).items()):
+        with contextlib.suppress(OSError):
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            rows.append(f"{pid} {stat} {Path(f'/proc/{pid}/wchan').read_text()} {cmd[:160]}")
+    parts.append("--- live processes (pid, state, wait channel, command):\n" + "\n".join(rows))
+    noted = []
+    for log in sorted(ray_tmp.glob("ray/session_*/logs/*")):
+        if log.is_file() and log.suffix in (".out", ".err", ".log"):
+            lines = log.read_text(errors="replace").splitlines()
+            hits = [line for line in lines if any(w in line for w in ERROR_WORDS)]
+            noted += [f"{log.name}: {line[:240]}" for line in hits[-8:]]
+    parts.append("--- Ray's logs, lines naming errors:\n" + "\n".join(noted[-60:]))
+    return "\n".join(parts)
+
+
+def tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"({exc})"
+
+
 def test_flwr_run_dot_simulates_and_the_sites_ledgers_audit(
     tmp_path: Path, flwr_env: dict[str, str]
 ) -> None:
-    res = flwr(
-        flwr_env,
-        *("run", ".", "--stream", "--run-config", "rounds=2 target-epsilon=3"),
+    said = flwr_run(
+        flwr_env, tmp_path / "flwr-run.out",
+        *(".", "--stream", "--run-config", "rounds=2 target-epsilon=3"),
         *("--federation-config", "num-supernodes=3"),
-    )
-    said = res.stdout + res.stderr
-    assert res.returncode == 0, said[-4000:]
+        timeout=RUN_LIMIT_S,
+    )  # fmt: skip
     runs = list((Path(flwr_env["FLWR_HOME"]) / "fedsilo-runs").iterdir())
     assert len(runs) == 1, runs
     run_dir = runs[0]
