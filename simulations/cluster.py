@@ -14,6 +14,7 @@ and every site maps it from there (fedsilo.simulations.sites).
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Callable, Mapping
@@ -24,7 +25,7 @@ import fedsilo
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
 from fedsilo.flwr_adapter import TELEMETRY_OFF
-from fedsilo.simulations.engine import EngineConfig
+from fedsilo.simulations.engine import EngineConfig, parse_address
 from fedsilo.simulations.ledgers import LEDGER_DIR
 
 # ray.init against a port that accepts connections but is no Ray head retries for
@@ -49,6 +50,9 @@ def connect(engine: EngineConfig, *, verbose: bool, timeout_s: float = RAY_INIT_
     import ray  # lazy, here and below: `fedsilo --help` imports this module; ray takes 0.19 s
 
     address = engine.ray_address
+    hostport = parse_address(address)
+    if hostport is not None and not _speaks_grpc(hostport, timeout_s):
+        raise _no_ray_answered(address, timeout_s)
     # Workers on other machines do not inherit this process's environment: send it.
     env = {**engine.worker_env(), **TELEMETRY_OFF}
     outcome: list[BaseException | None] = []
@@ -70,11 +74,7 @@ def connect(engine: EngineConfig, *, verbose: bool, timeout_s: float = RAY_INIT_
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
-        raise ConfigError(
-            f"`--ray-address` {address} accepts connections, but no Ray cluster answered within "
-            f"{timeout_s:g} s. Give the port of the head's GCS (`ray start --head` prints it; "
-            "6379 by default)."
-        )
+        raise _no_ray_answered(address, timeout_s)
     failed = outcome[0]
     if failed is not None:
         if address == "auto" and isinstance(failed, ConnectionError):
@@ -85,6 +85,39 @@ def connect(engine: EngineConfig, *, verbose: bool, timeout_s: float = RAY_INIT_
         raise ConfigError(
             f"Could not join the Ray cluster at `--ray-address` {address}: {one_line(failed)}"
         ) from None
+
+
+def _speaks_grpc(hostport: tuple[str, int], timeout_s: float) -> bool:
+    """Whether the server at `hostport` completes a gRPC (HTTP/2) handshake in time.
+
+    A Ray head's GCS port does at once. Anything else (a web server, a port that accepts
+    connections and never answers) is found here, before ray.init, whose own retries
+    would leave a thread inside Ray's C++ client when this process exits (seen to end
+    the process with SIGSEGV). With Ray's own TLS on (RAY_USE_TLS), a plaintext
+    handshake cannot tell: ray.init alone decides.
+    """
+    import grpc  # lazy: see connect
+
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return True
+    host, port = hostport
+    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=timeout_s)
+        return True
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
+
+
+def _no_ray_answered(address: str, timeout_s: float) -> ConfigError:
+    return ConfigError(
+        f"`--ray-address` {address} accepts connections, but no Ray cluster answered within "
+        f"{timeout_s:g} s. Give the port of the head's GCS (`ray start --head` prints it; "
+        "6379 by default)."
+    )
 
 
 def disconnect() -> None:
