@@ -69,6 +69,21 @@ def disable_telemetry() -> None:
         vars(loaded)["FLWR_TELEMETRY_ENABLED"] = "0"
 
 
+# Polls for what another process will send (a SuperNode's pulls of its next message, its
+# SuperExec's of a task, the ServerApp's of replies): a tenth of the time waited so far
+# since something last came, between POLL_S and POLL_CAP_S. What comes is noticed at
+# most 10% (and at most 1 s) late, and a wait of t seconds costs about 10 + 10 ln(t/1 s)
+# polls instead of 10 t: a site waiting 20 s for a dead one to be noticed asks ~40 times,
+# not 200 (each ask is an RPC that costs the asker and the SuperLink a few ms of CPU).
+POLL_S = 0.1
+POLL_CAP_S = 1.0
+
+
+def poll_wait(waited_s: float) -> float:
+    """Seconds to wait before the next poll, `waited_s` after something last came."""
+    return min(POLL_CAP_S, max(POLL_S, 0.1 * waited_s))
+
+
 PULL_BACKOFF_S = 0.05  # an object pull's first retry (Flower: 1 s) ...
 PULL_BACKOFF_CAP_S = 0.5  # ... and its longest wait between retries (Flower: 10 s)
 

@@ -8,17 +8,18 @@ of a round outside training: the SuperNode sleeps 3 s whenever a pull finds no m
 (`supernode/start_client_internal.py`), its SuperExec polls for tasks every second and
 starts a fresh `flwr-clientapp` process for every message, which imports torch, opacus
 and flwr again (about 4.5 s), and every object pull waits 1 s after a miss. Here:
-- the SuperNode's idle pull waits POLL_S instead of 3 s while the site was busy in the
-  last FAST_FOR_S, IDLE_POLL_S after that (its module's `time` is replaced by one whose
-  `sleep` is capped, told of each pull that found a message; nothing else in Flower is
-  touched);
+- the SuperNode's idle pull waits `poll_wait` of the time since its last message (0.1 s
+  while a run's next stage is near, up to 1 s when idle) instead of 3 s (its module's
+  `time` is replaced by one whose `sleep` is capped, told of each pull that found a
+  message; nothing else in Flower is touched), and so does its SuperExec's task poll
+  (Flower: every second) since its last task;
 - object pulls retry quickly (`fedsilo.flwr_adapter.fast_object_pulls`) in the
   SuperNode, the SuperExec and every ClientApp;
 - the SuperNode announces a heartbeat interval of HEARTBEAT_S (Flower: 30 s), so the
   SuperLink notices a dead site after at most 20 s instead of 60 s, and retries a lost
   server at most RETRY_CAP_S apart (Flower: 20 s), so it finds a restarted one soon;
 - the SuperNode starts this module's SuperExec instead of `flower-superexec`: Flower's
-  own `run_superexec`, polling every POLL_S, whose executor hands each task to a
+  own `run_superexec`, whose executor hands each task to a
   *zygote*: a process forked once, after torch, opacus, flwr and the --preload modules
   were imported and before any thread or connection exists, which forks one child per
   message to run Flower's `flwr-clientapp` main. Each message still gets a fresh
@@ -42,15 +43,18 @@ import traceback
 from typing import Any
 
 from fedsilo.errors import ConfigError
-from fedsilo.flwr_adapter import check_flower_version, disable_telemetry, fast_object_pulls
+from fedsilo.flwr_adapter import (
+    POLL_S,
+    check_flower_version,
+    disable_telemetry,
+    fast_object_pulls,
+    poll_wait,
+)
 
-POLL_S = 0.1  # the SuperNode's idle pull and the SuperExec's task poll, instead of 3 s and 1 s
 # A dead site is noticed after 2 x 10 s (Flower: 2 x 30 s); it beats every 4 s. 10 s is
 # the smallest interval the SuperLink accepts (message_handler: HEARTBEAT_MIN_INTERVAL).
 HEARTBEAT_S = 10
 IDLE_PULL_S = 3.0  # what Flower's SuperNode sleeps after a pull that found nothing
-FAST_FOR_S = 30.0  # after a message, idle pulls come POLL_S apart this long ...
-IDLE_POLL_S = 1.0  # ... and then IDLE_POLL_S apart
 RETRY_CAP_S = 2.0  # the SuperNode's longest wait between tries of a lost server (Flower: 20 s)
 # What the zygote imports once, with the --preload modules (the app's ClientApp: 55-67 ms
 # a message): everything else a ClientApp child imported that its zygote had not (listed
@@ -90,11 +94,10 @@ def superexec_command(preload: list[str], flower_args: list[str]) -> list[str]:
 
 class _CappedTime:
     """A `time` module for the SuperNode's loop. Its sleep(3) after a pull that found no
-    message waits POLL_S while the site was busy in the last FAST_FOR_S (a run's next
-    round or stage is soon), else IDLE_POLL_S: an idle site asks the SuperLink once a
-    second, not ten times (each pull is a TLS RPC the SuperLink serves: 2 idle sites cost
-    it 10% of a core at POLL_S). Its other sleeps (waits on the site's own state) are
-    capped at POLL_S."""
+    message waits `poll_wait` of the time since the last one: POLL_S while a run's next
+    round or stage is near, up to once a second for an idle site (each pull is a TLS RPC
+    the SuperLink serves: 2 idle sites cost it 10% of a core at POLL_S). Its other sleeps
+    (waits on the site's own state) are capped at POLL_S."""
 
     def __init__(self) -> None:
         self.busy_at = time.monotonic()  # the last pull that found a message (or the start)
@@ -106,8 +109,7 @@ class _CappedTime:
         if seconds < IDLE_PULL_S:
             time.sleep(min(seconds, POLL_S))
             return
-        idle = time.monotonic() - self.busy_at
-        time.sleep(POLL_S if idle < FAST_FOR_S else IDLE_POLL_S)
+        time.sleep(poll_wait(time.monotonic() - self.busy_at))
 
     def pulled(self, found: Any) -> Any:
         """Note a pull's outcome (a run id when it found a message) and return it."""
@@ -206,10 +208,13 @@ def superexec_main(argv: list[str]) -> None:
     from flwr.supercore.superexec import run_superexec as rs
     from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
 
+    clock = _CappedTime()  # Flower's loop sleeps its task poll interval between polls
+
     class ZygoteExecutor(SubprocessExecutor):
         """Flower's subprocess executor, with the process forked from the zygote."""
 
         def launch(self, spec: Any) -> Any:
+            clock.pulled(spec)  # a task: the next ones (the run's next stages) are near
             captured: list[list[str]] = []
             real = subprocess.Popen
             subprocess.Popen = lambda args, *a, **k: captured.append(list(args))  # type: ignore[assignment,misc]
@@ -222,7 +227,11 @@ def superexec_main(argv: list[str]) -> None:
             return result
 
     vars(rs)["get_executor"] = lambda *a, **k: ZygoteExecutor()
-    os.environ.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(POLL_S))
+    if not hasattr(rs, "time"):
+        raise ConfigError("flwr's run_superexec has no `time`; flwr_adapter needs updating.")
+    vars(rs)["time"] = clock
+    # Flower sleeps this (1 s by default) between task polls; the clock shortens it
+    os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(IDLE_PULL_S)
     sys.argv = ["flower-superexec", *flower_args]
     flower_superexec()
 

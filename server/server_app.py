@@ -37,7 +37,6 @@ from fedsilo.task.train import non_finite
 log = logging.getLogger("fedsilo.server")
 app = ServerApp()
 ROUND_TIMEOUT_S = 3600.0  # a site that has not replied within this is counted as failed
-PULL_INTERVAL_S = 0.1  # between pulls for replies
 
 
 @app.main()
@@ -205,22 +204,28 @@ def round_protocol(
 
 
 def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list[Message]:
-    """Push `messages` and pull their replies every PULL_INTERVAL_S until all came or `timeout`.
+    """Push `messages` and pull their replies until all came or `timeout`.
 
+    Pulls come `poll_wait` of the time since the push or the last reply apart: 0.1 s
+    while replies are near, up to 1 s while the round waits on a slow or dead site.
     `Grid.send_and_receive` does the same but sleeps 3 s between pulls (flwr 1.39's
     GrpcGrid), which a deployed round would wait for up to 3 s; a pull is one small
     request to the local SuperLink.
     """
     pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
+    last = time.monotonic()
+    deadline = last + timeout
     replies: list[Message] = []
     while pending:
         got = list(grid.pull_messages(pending))
-        replies.extend(got)
-        pending.difference_update(m.metadata.reply_to_message_id for m in got)
-        if not pending or time.monotonic() >= deadline:
+        now = time.monotonic()
+        if got:
+            replies.extend(got)
+            pending.difference_update(m.metadata.reply_to_message_id for m in got)
+            last = now
+        if not pending or now >= deadline:
             break
-        time.sleep(PULL_INTERVAL_S)
+        time.sleep(min(flwr_adapter.poll_wait(now - last), max(0.0, deadline - now)))
     return replies
 
 

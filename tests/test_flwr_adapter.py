@@ -26,7 +26,8 @@ def test_another_flower_fails_in_one_place_with_a_clear_message(version: str) ->
 def test_the_warm_supernode_waits_briefly_where_flower_sleeps_3_s() -> None:
     import time
 
-    from fedsilo.flwr_adapter.site_runtime import POLL_S, _CappedTime
+    from fedsilo.flwr_adapter import POLL_S
+    from fedsilo.flwr_adapter.site_runtime import _CappedTime
 
     capped = _CappedTime()
     t0 = time.monotonic()
@@ -35,11 +36,25 @@ def test_the_warm_supernode_waits_briefly_where_flower_sleeps_3_s() -> None:
     assert capped.monotonic is time.monotonic  # everything else is the real module
 
 
-def test_an_idle_supernode_asks_the_superlink_once_a_second(
+def test_polls_wait_a_tenth_of_the_wait_so_far_between_100_ms_and_1_s() -> None:
+    from fedsilo.flwr_adapter import poll_wait
+
+    assert [poll_wait(t) for t in (0, 0.5, 1, 2.5, 5, 10, 20, 3600)] == pytest.approx(
+        [0.1, 0.1, 0.1, 0.25, 0.5, 1.0, 1.0, 1.0]
+    )
+    # a 20 s wait (a dead site being noticed) takes ~40 polls instead of 200 at 0.1 s
+    t, polls = 0.0, 0
+    while t < 20:
+        t += poll_wait(t)
+        polls += 1
+    assert 35 <= polls <= 45, polls
+
+
+def test_an_idle_supernode_asks_the_superlink_at_most_once_a_second(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Busy in the last FAST_FOR_S (a message pulled): idle pulls POLL_S apart; idle
-    longer: IDLE_POLL_S apart. A site's own-state waits stay short either way."""
+    """Idle pulls wait a tenth of the time since the last message (at least 0.1 s, at
+    most 1 s). A site's own-state waits stay short either way."""
 
     from fedsilo.flwr_adapter import site_runtime as rt
 
@@ -49,15 +64,27 @@ def test_an_idle_supernode_asks_the_superlink_once_a_second(
     monkeypatch.setattr(rt.time, "monotonic", lambda: clock[0])
     capped = rt._CappedTime()
     capped.sleep(3)  # just started: as busy
-    clock[0] += rt.FAST_FOR_S + 1
-    capped.sleep(3)  # idle since
+    clock[0] += 5
+    capped.sleep(3)  # idle 5 s
+    clock[0] += 25
+    capped.sleep(3)  # idle 30 s
     capped.sleep(0.5)  # waiting on its own ClientApp's reply
     assert capped.pulled(None) is None  # a pull that found nothing changes nothing
     capped.sleep(3)
     assert capped.pulled(42) == 42  # a message: busy again
     capped.sleep(3)
-    assert slept == [rt.POLL_S, rt.IDLE_POLL_S, rt.POLL_S, rt.IDLE_POLL_S, rt.POLL_S]
-    assert rt.IDLE_POLL_S == 1.0 and rt.POLL_S == 0.1
+    assert slept == pytest.approx([0.1, 0.5, 1.0, 0.1, 1.0, 0.1])
+
+
+def test_the_superexec_poll_interval_is_the_one_flower_reads() -> None:
+    """site_runtime sets it to IDLE_PULL_S (the clock's backoff branch) and replaces the
+    loop's `time` with the clock that a launched task makes busy again."""
+    from flwr.supercore.superexec import run_superexec as rs
+
+    from fedsilo.flwr_adapter import site_runtime as rt
+
+    assert rs._TASK_POLL_INTERVAL_ENV == "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+    assert rs.time is __import__("time") and rt.IDLE_PULL_S >= 1.0
 
 
 ZYGOTE_SCRIPT = """
@@ -114,7 +141,8 @@ def test_the_server_pulls_replies_until_all_came_or_the_timeout() -> None:
     import time
     from types import SimpleNamespace
 
-    from fedsilo.server.server_app import PULL_INTERVAL_S, exchange
+    from fedsilo.flwr_adapter import POLL_S
+    from fedsilo.server.server_app import exchange
 
     def reply(to: str) -> object:
         return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=to))
@@ -135,7 +163,7 @@ def test_the_server_pulls_replies_until_all_came_or_the_timeout() -> None:
     t0 = time.monotonic()
     got = exchange(grid, [], timeout=30)  # type: ignore[arg-type]
     assert [m.metadata.reply_to_message_id for m in got] == ["m2", "m1"]
-    assert grid.pulls == 4 and time.monotonic() - t0 < 3 * PULL_INTERVAL_S + 1
+    assert grid.pulls == 4 and time.monotonic() - t0 < 3 * POLL_S + 1
     slow = Grid([["m1"]])
     assert len(exchange(slow, [], timeout=0.3)) == 1  # m2 never replies: partial, on time
 

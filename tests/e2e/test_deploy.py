@@ -178,7 +178,7 @@ def test_slow_but_live_sites_are_not_taken_for_dead(fed: Path) -> None:
     """A round longer than the 20 s in which a silent site is declared dead: the site's
     heartbeats go on while it trains (one thread, all of a core), so it finishes the
     round and is not failed. One site: a second would only burn the other core."""
-    (fed / "slow.toml").write_text("rounds = 1\nlocal-epochs = 4000\n")
+    (fed / "slow.toml").write_text("rounds = 1\nlocal-epochs = 6000\n")
     fleet = free_port()
     srv = server(fed, fleet, "--config", "slow.toml", "--min-sites", "1", "--out", "run")
     sites = [client(fed, "a", 1, f"127.0.0.1:{fleet}")]
