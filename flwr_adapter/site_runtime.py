@@ -93,8 +93,9 @@ def superexec_command(preload: list[str], flower_args: list[str]) -> list[str]:
 
 
 class _CappedTime:
-    """A `time` module for the SuperNode's loop. Its sleep(3) after a pull that found no
-    message waits `poll_wait` of the time since the last one: POLL_S while a run's next
+    """A `time` module for the SuperNode's loop (and its SuperExec's, told of each task
+    it launches). Its sleep(3) after a pull that found no message waits `poll_wait` of
+    the time since the last one: POLL_S while a run's next
     round or stage is near, up to once a second for an idle site (each pull is a TLS RPC
     the SuperLink serves: 2 idle sites cost it 10% of a core at POLL_S). Its other sleeps
     (waits on the site's own state) are capped at POLL_S."""

@@ -25,6 +25,7 @@ import fedsilo
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
 from fedsilo.flwr_adapter import TELEMETRY_OFF
+from fedsilo.privacy import provision
 from fedsilo.simulations.engine import EngineConfig, parse_address
 from fedsilo.simulations.ledgers import LEDGER_DIR
 
@@ -100,9 +101,7 @@ def _speaks_grpc(hostport: tuple[str, int], timeout_s: float) -> bool:
 
     if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
         return True
-    host, port = hostport
-    target = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    channel = grpc.insecure_channel(target)
+    channel = grpc.insecure_channel(provision.address(*hostport))
     try:
         grpc.channel_ready_future(channel).result(timeout=timeout_s)
         return True
