@@ -2,13 +2,14 @@
 
 `run_simulation` starts the in-process engine with ClientApp and ServerApp objects
 built by fedsilo and a Run it describes, and sets the task identity a ServerApp
-process sets. `node_partitions` reports the engine's mapping of node ids to
-partitions (fedsilo names a virtual site by its partition, never by what its messages
-say). `actor_pool_size` and `site_nodes` read the Ray backend's actor pool: how many
-actors it makes on a cluster, and which actor, so which Ray node, ran each virtual
-site. Flower's Ray backend calls `ray.init` only when this process is not connected
-yet, and ends a run with `ray.shutdown()`: a cluster fedsilo joined (`fedsilo simulate
---ray-address`) is left running, only disconnected.
+process sets. It reports the engine's mapping of node ids to partitions (fedsilo
+names a virtual site by its partition, never by what its messages say), and starts
+the ServerApp's work only once every node is registered. `actor_pool_size` and
+`site_nodes` read the Ray backend's actor pool: how many actors it makes on a
+cluster, and which actor, so which Ray node, ran each virtual site. Flower's Ray
+backend calls `ray.init` only when this process is not connected yet, and ends a run
+with `ray.shutdown()`: a cluster fedsilo joined (`fedsilo simulate --ray-address`) is
+left running, only disconnected.
 
 This module imports Flower's simulation engine and Ray (about 0.8 s): the simulation
 runner imports it only when it runs one, after `check_flower_version` (another Flower
@@ -30,6 +31,7 @@ from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NU
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+from flwr.serverapp import Grid, ServerApp
 from flwr.simulation.ray_transport.ray_actor import BasicActorPool, pool_size_from_resources
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION_ID
@@ -38,24 +40,6 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
 from fedsilo.flwr_adapter import check_flower_version
-
-
-@contextlib.contextmanager
-def node_partitions(on_register: Callable[[dict[int, int]], None]) -> Iterator[None]:
-    """Call `on_register({node id: partition id})` when the simulation engine makes its nodes."""
-    check_flower_version()
-    real = vce_api._register_nodes
-
-    def register(*args: Any, **kwargs: Any) -> dict[int, int]:
-        mapping: dict[int, int] = real(*args, **kwargs)
-        on_register(dict(mapping))
-        return mapping
-
-    vce_api._register_nodes = register
-    try:
-        yield
-    finally:
-        vce_api._register_nodes = real
 
 
 def actor_pool_size(client_resources: dict[str, float]) -> int:
@@ -162,14 +146,44 @@ def run_simulation(
     backend_config: dict[str, Any],
     app_dir: str,
     verbose: bool,
+    on_register: Callable[[dict[int, int]], None] = lambda _: None,
 ) -> None:
     """Run a ServerApp and ClientApp on Flower's simulation engine, in this process.
 
     Does what flwr 1.39's own `run_simulation` does for the in-process engine, plus
     what `flwr run` does for an app: the run config reaches sites fused with the
-    manifest in `app_dir` (without `is_app` they would get none).
+    manifest in `app_dir` (without `is_app` they would get none). `on_register({node
+    id: partition id})` is called once the engine has made its nodes, before
+    `server_app` starts.
+
+    flwr 1.39's `_main_loop` starts the ServerApp's thread first and registers the
+    nodes after it (`vce_api._register_nodes` in `start_vce`). A strategy that
+    sampled before then would see fewer sites for the whole round: FedAvg sizes its
+    sample from the nodes it first sees (at least `min_train_nodes`), then waits
+    for that many. Here the ServerApp waits for the registration to end.
     """
     check_flower_version()
+    registered = threading.Event()
+    made: list[dict[int, int]] = []  # the mapping, once the nodes are made and reported
+    real_register = vce_api._register_nodes
+
+    def register(*args: Any, **kwargs: Any) -> dict[int, int]:
+        try:
+            mapping: dict[int, int] = real_register(*args, **kwargs)
+            on_register(dict(mapping))
+            made.append(mapping)
+            return mapping
+        finally:
+            registered.set()  # also on failure: the engine's error is the one to report
+
+    gated = ServerApp()
+
+    @gated.main()
+    def _after_registration(grid: Grid, context: Context) -> None:
+        registered.wait()
+        if made:  # else the engine failed to make its nodes and says why
+            server_app(grid=grid, context=context)
+
     run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
     run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
     run.override_config = dict(run_config)
@@ -184,16 +198,21 @@ def run_simulation(
         state=RecordDict(),
         run_config=dict(run_config),
     )
-    _run_simulation(
-        num_supernodes=sites,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        client_app=client_app,
-        server_app=server_app,
-        backend_name="ray",
-        backend_config=backend_config,
-        server_app_context=context,
-        app_dir=app_dir,
-        run=run,
-        is_app=True,
-        verbose_logging=verbose,
-    )
+    vce_api._register_nodes = register
+    try:
+        _run_simulation(
+            num_supernodes=sites,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=gated,
+            backend_name="ray",
+            backend_config=backend_config,
+            server_app_context=context,
+            app_dir=app_dir,
+            run=run,
+            is_app=True,
+            verbose_logging=verbose,
+        )
+    finally:
+        vce_api._register_nodes = real_register
+        registered.set()  # a ServerApp thread still waiting (the engine never got there)

@@ -132,7 +132,6 @@ def _run_engine(
             watching(run_dir, on_round),
             _worker_env(engine),
             _surface_fedsilo_errors(),
-            engine_internals.node_partitions(name_sites),
             engine_internals.site_nodes() as where,
         ):
             engine_internals.run_simulation(
@@ -146,6 +145,7 @@ def _run_engine(
                 backend_config=_backend_config(engine, verbose=verbose),
                 app_dir=str(APP_DIR),
                 verbose=verbose,
+                on_register=name_sites,
             )
     finally:
         # The virtual sites' cached features and decoded data shares are derived from a

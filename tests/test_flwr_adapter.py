@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Any
 
 import flwr
 import pytest
+from flwr.app import Context
 
 from fedsilo.errors import ConfigError
 from fedsilo.flwr_adapter import check_flower_version
@@ -275,3 +278,49 @@ def test_a_site_runtime_process_dies_with_its_parent() -> None:
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def test_the_serverapp_starts_once_every_simulated_node_is_registered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Flower starts the ServerApp's thread before it registers the nodes: a round that
+    sampled then would leave sites out (FedAvg sized its sample from the nodes it saw)."""
+    # Prepare: the engine registers its 3 nodes 1 s late, as a loaded machine might.
+    from flwr.clientapp import ClientApp
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.serverapp import Grid, ServerApp
+
+    from fedsilo.flwr_adapter import engine
+    from fedsilo.simulations.engine import EngineConfig
+    from fedsilo.simulations.runner import APP_DIR, _backend_config
+
+    real = vce_api._register_nodes
+
+    def late(*args: Any, **kwargs: Any) -> dict[int, int]:
+        time.sleep(1.0)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vce_api, "_register_nodes", late)
+    seen: list[list[int]] = []
+    reported: list[dict[int, int]] = []
+    server = ServerApp()
+
+    @server.main()
+    def first_look(grid: Grid, context: Context) -> None:
+        seen.append(sorted(grid.get_node_ids()))
+
+    # Execute
+    engine.run_simulation(
+        client_app=ClientApp(),
+        server_app=server,
+        sites=3,
+        run_config={},
+        backend_config=_backend_config(EngineConfig(), verbose=False),
+        app_dir=str(APP_DIR),
+        verbose=False,
+        on_register=reported.append,
+    )
+    # Assert: the ServerApp's first look found every node, after they were reported.
+    assert len(reported) == 1 and sorted(reported[0].values()) == [0, 1, 2]
+    assert seen == [sorted(reported[0])]
+    assert vce_api._register_nodes is late  # the engine's own is back
