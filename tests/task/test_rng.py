@@ -153,3 +153,21 @@ def test_the_noise_added_is_the_sites_draw() -> None:
 
 def test_mlp_without_buffers_is_accepted() -> None:
     assert not list(MLP().buffers())
+
+
+def test_secure_words_are_the_chacha20_keystream_continued_across_draws(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the in-place keystream gives is exactly ChaCha20's output under the key and
+    nonce from os.urandom, each draw taking up where the last one stopped."""
+    import os
+
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    key_nonce = [bytes(range(32)), bytes(range(100, 116))]
+    drawn = list(key_nonce)
+    monkeypatch.setattr(os, "urandom", lambda n: drawn.pop(0))
+    rng = SecureRandom()
+    words = [rng._words(n, torch.int32) for n in (3, 0, 1000, 7)]
+    stream = Cipher(algorithms.ChaCha20(*key_nonce), None).encryptor().update(bytes(4 * 1010))
+    assert torch.equal(torch.cat(words), torch.frombuffer(bytearray(stream), dtype=torch.int32))
