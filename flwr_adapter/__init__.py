@@ -11,6 +11,9 @@ and nowhere else:
 - `site_runtime`: a deployed site's warm runtime (`python -m
   fedsilo.flwr_adapter.site_runtime supernode ARGS...`, what `fedsilo client start`
   runs instead of `flower-supernode ARGS...`);
+- `superlink`: the server's SuperLink with message contents in memory and its link
+  state in `--database` (`python -m fedsilo.flwr_adapter.superlink ARGS...`, what
+  `fedsilo server start` runs instead of `flower-superlink ARGS...`);
 - `control`: the SuperLink's node list asked in-process through the Control API (what
   `flwr supernode ls` does in a new process each time).
 

@@ -3,7 +3,8 @@
 `start_server` does, in order:
   1. check the kit (certificates valid, CA-signed, SANs) and that the ports are free;
   2. start `flower-superlink` (TLS on the Fleet, Control and Runtime APIs,
-     `--enable-supernode-auth`, runtime dependency installation off);
+     `--enable-supernode-auth`, runtime dependency installation off; message
+     contents kept in memory: fedsilo.flwr_adapter.superlink);
   3. allow-list every site public key of the kit (`flwr supernode register`);
   4. wait until `wait_sites` sites are online;
   5. start the run (`flwr run APP fedsilo --stream`) of the same ServerApp that
@@ -22,6 +23,7 @@ import logging
 import re
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -154,11 +156,16 @@ def write_run_config(path: Path, cfg: RunConfig) -> None:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+# flower-superlink with message contents in memory, link state in --database
+# (fedsilo.flwr_adapter.superlink)
+SUPERLINK = (sys.executable, "-m", "fedsilo.flwr_adapter.superlink")
+
+
 def superlink_command(
     kit: ServerKit, opts: ServerOptions, *, fleet: str, database: Path
 ) -> list[str]:
     cmd = [
-        flower_bin("flower-superlink"),
+        *SUPERLINK,
         "--fleet-api-address",
         fleet,
         "--database",

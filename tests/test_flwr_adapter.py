@@ -324,3 +324,25 @@ def test_the_serverapp_starts_once_every_simulated_node_is_registered(
     assert len(reported) == 1 and sorted(reported[0].values()) == [0, 1, 2]
     assert seen == [sorted(reported[0])]
     assert vce_api._register_nodes is late  # the engine's own is back
+
+
+def test_the_superlink_keeps_contents_in_memory_and_its_link_state_in_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Models and updates never go through SQLite; registered sites stay in --database
+    (the staging SuperLink's registrations are reopened by the real one)."""
+    from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
+    from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+    from flwr.superlink import config_loader
+    from flwr.superlink.federation import NoOpFederationManager
+
+    from fedsilo.flwr_adapter.superlink import in_memory_object_store
+
+    monkeypatch.setattr(config_loader, "ObjectStoreFactory", config_loader.ObjectStoreFactory)
+    in_memory_object_store()
+    db = tmp_path / "superlink.db"
+    objects, links = config_loader.get_objectstore_linkstate_factories(
+        str(db), NoOpFederationManager()
+    )
+    assert isinstance(objects.store(), InMemoryObjectStore)
+    assert isinstance(links.state(), SqlLinkState) and db.exists()
