@@ -87,16 +87,19 @@ def deployed(
     data: Path | None = None,
     distributed: float | None = None,
     metrics_ports: list[int] | None = None,
+    task: str | None = None,
 ) -> list[float]:
     """Round times of a deployed run on loopback, or across `net` (a tests.e2e.wan.Wan).
 
     `data`: site data split beforehand (default: split here). `distributed`: run
     distributed DP at this --dp-max-sample-rate, every site a noise-share holder.
     `metrics_ports`: serve Prometheus metrics, the server on the first port and each
-    site on the next (bench.metrics_cost scrapes them).
+    site on the next (bench.metrics_cost scrapes them). `task`: `--task` of the server
+    and every site (default: digits).
     """
     ports = metrics_ports or []
     server_metrics = ["--metrics-port", str(ports[0])] if ports else []
+    task_args = ["--task", task] if task else []
     from fedsilo.processes import child_env, free_port, spawn, stop
 
     names = [f"s{i + 1}" for i in range(sites)]
@@ -147,6 +150,7 @@ def deployed(
             str(data / "server-eval.npz"),
             *dp,
             *server_metrics,
+            *task_args,
             "--out",
             "dep",
         ],
@@ -164,6 +168,7 @@ def deployed(
                     + [sys.executable, "-m", "bench.deploy_latency", "--site", name]
                     + ["--data", str(data / f"site-{i + 1}.npz"), "--server", addresses[i]]
                     + (["--stock"] if stock else [])
+                    + task_args
                     + (["--site-metrics-port", str(ports[i + 1])] if ports else []),
                     log_file=tmp / f"site-{name}.log",
                     env=site_env,
@@ -185,7 +190,9 @@ def deployed(
     return round_seconds(tmp / "dep")
 
 
-def run_site(name: str, data: str, server: str, *, stock: bool, metrics: int | None) -> None:
+def run_site(
+    name: str, data: str, server: str, *, stock: bool, metrics: int | None, task: str | None
+) -> None:
     """One site, as `fedsilo client start` runs it (optionally on Flower's own SuperNode)."""
     from fedsilo.cli import main
     from fedsilo.clients import launcher
@@ -208,6 +215,7 @@ def run_site(name: str, data: str, server: str, *, stock: bool, metrics: int | N
             "--threads",
             "1",
             *(["--metrics-port", str(metrics)] if metrics else []),
+            *(["--task", task] if task else []),
         ]
     )
 
@@ -231,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--server", help=argparse.SUPPRESS)
     p.add_argument("--site-metrics-port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--task", help=argparse.SUPPRESS)
     p.add_argument(
         "--wan", action="store_true", help="also across a 25 ms, 100 Mbit/s path (needs root)"
     )
@@ -243,7 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.site:
         run_site(
-            args.site, args.data, args.server, stock=args.stock, metrics=args.site_metrics_port
+            args.site,
+            args.data,
+            args.server,
+            stock=args.stock,
+            metrics=args.site_metrics_port,
+            task=args.task,
         )
         return 0
     rows = []

@@ -41,7 +41,7 @@ def in_memory_object_store() -> None:
     def in_memory(database: str) -> ObjectStoreFactory:
         return ObjectStoreFactory(FLWR_IN_MEMORY_DB_NAME)
 
-    config_loader.ObjectStoreFactory = in_memory  # type: ignore[assignment,misc]
+    config_loader.ObjectStoreFactory = in_memory  # type: ignore[attr-defined,assignment]
 
 
 def main() -> None:
