@@ -22,6 +22,8 @@ MODELS = ("auto", "mlp", "cnn", "scatnet")
 DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("prv", "rdp")
 DP_MODES = ("local", "distributed")
+# How a local-DP site's update crosses the wire (fedsilo.task.codec)
+UPDATE_CODECS = ("float32", "bf16", "int8")
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # The most noise shares distributed DP may assume: the largest SecAgg+ neighbourhood a
 # sparse graph guarantees (fedsilo.privacy.secagg); a larger dp-min-sites could never be met.
@@ -171,6 +173,9 @@ class RunConfig:
     # How the server combines the sites' models (local DP): fedavg, or a robust rule
     # against hostile sites (fedsilo.server.robust). Post-processing of DP releases.
     aggregation: str = "fedavg"
+    # How a local-DP site sends its model (fedsilo.task.codec): float32, the model; bf16 or
+    # int8 (stochastic rounding), its update compressed. Post-processing of DP releases.
+    update_codec: str = "float32"
 
     @property
     def distributed(self) -> bool:
@@ -227,7 +232,17 @@ class RunConfig:
         self._check_aggregation(rule, source)
 
     def _check_aggregation(self, rule: Aggregation, source: str) -> None:
-        """A robust rule: local DP only, and enough replies for it in every round."""
+        """A robust rule or an update codec: local DP only; enough replies for the rule."""
+        if self.update_codec != "float32" and self.distributed:
+            raise _bad(
+                source,
+                "update-codec",
+                "float32 with --dp distributed",
+                self.update_codec,
+                "A distributed-DP site sends its noised gradient sum as integers of the secure "
+                "sum's ring, never its model; the codecs compress local-DP updates. Drop "
+                "--update-codec, or use --dp local.",
+            )
         if rule.kind != "fedavg" and self.distributed:
             raise _bad(
                 source,
@@ -274,6 +289,7 @@ class RunConfig:
             ("model", self.model, MODELS),
             ("device", self.device, DEVICES),
             ("accountant", self.accountant, ACCOUNTANTS),
+            ("update-codec", self.update_codec, UPDATE_CODECS),
         ):
             if value not in allowed:
                 raise _bad(source, key, f"one of {', '.join(allowed)}", value)

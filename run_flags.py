@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsilo.config import DP_MODES, Aggregation, RunConfig, new_run_id
+from fedsilo.config import DP_MODES, UPDATE_CODECS, Aggregation, RunConfig, new_run_id
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.distributed import planned
 from fedsilo.server.run_dir import default_run_dir
@@ -141,6 +141,15 @@ FLAGS: tuple[Flag, ...] = (
         "noised models: post-processing, no privacy cost. min-sites defaults to what the "
         "rule needs (2F+1, 2F+3)",
         metavar="RULE",
+    ),
+    Flag(
+        "update-codec",
+        "run",
+        "how a site sends its model, with --dp local: float32 (the model itself), bf16 (its "
+        "update, half the bytes) or int8 (its update per tensor: a scale and stochastically "
+        "rounded 8-bit values, unbiased; a quarter of the bytes). The site compresses its "
+        "already-noised model: post-processing, no privacy cost",
+        choices=UPDATE_CODECS,
     ),
     Flag("seed", "run", "model initialisation and partitioning"),
     Flag("device", "run", "auto, cpu or cuda"),

@@ -25,6 +25,7 @@ by whoever runs it, and the resolver alone turns the node config into a
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,15 @@ class SiteEnvironment:
         if self.simulation_seed is None:
             return SecureRandom()
         return SeededRandom(self.simulation_seed * 10_007 + server_round)
+
+    def rounding(self, server_round: int) -> SiteRandom:
+        """The source of this round's update-codec rounding (fedsilo.task.codec): a
+        stream apart from training's, so a simulated site's rounding never replays its
+        sampling draws."""
+        if self.simulation_seed is None:
+            return SecureRandom()
+        tag = f"codec:{self.simulation_seed}:{server_round}".encode()
+        return SeededRandom(int.from_bytes(hashlib.sha256(tag).digest()[:8], "big") >> 1)
 
 
 SiteResolver = Callable[[RunConfig, Mapping[str, object]], SiteEnvironment]

@@ -28,6 +28,7 @@ from fedsilo.clients.site_env import SiteEnvironment
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
 from fedsilo.privacy import ledger
+from fedsilo.task import codec
 from fedsilo.task.features import drop_cache
 from fedsilo.task.train import non_finite
 
@@ -90,7 +91,14 @@ class LocalSiteRound(SiteRound):
         if why:
             log.error("train: site %s round %d: %s", self.site.name, self.server_round, why)
             return Message(Error(protocol.SITE_FAILURE_CODE, why), reply_to=self.msg)
-        payload = {protocol.ARRAYS: ArrayRecord(result.state_dict)}
+        # Post-processing of the DP release (fedsilo.task.codec): no privacy cost.
+        wire = codec.encode(
+            self.cfg.update_codec,
+            result.state_dict,
+            global_state,
+            self.site.rounding(self.server_round).uniform,
+        )
+        payload = {protocol.ARRAYS: ArrayRecord(wire)}
         reply = spent_reply(self.msg, self.cfg, self.site, auth, self.server_round, result, payload)
         metrics = reply.content[protocol.METRICS]
         assert isinstance(metrics, MetricRecord)
@@ -99,7 +107,7 @@ class LocalSiteRound(SiteRound):
             KeptReply(
                 run=self.run,
                 round=self.server_round,
-                arrays=result.state_dict,
+                arrays=wire,  # what was sent: a resent reply is the same one
                 metrics={k: v for k, v in metrics.items() if isinstance(v, int | float)},
                 ledger_head=auth.head,
             ),

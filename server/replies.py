@@ -36,6 +36,7 @@ from flwr.common.constant import SUPERLINK_NODE_ID  # the sender of errors for l
 from fedsilo import protocol
 from fedsilo.privacy.refusal import parse_refusal
 from fedsilo.server.records import Failure, Flagged, Refusal, RoundRecord, SiteRoundReport
+from fedsilo.task import codec
 from fedsilo.task.train import non_finite
 
 log = logging.getLogger("fedsilo.server")
@@ -143,12 +144,19 @@ class ReplyBook:
     # ------------------------------------------------------------ local-DP rounds
 
     def train_replies(
-        self, server_round: int, sent: list[Message], replies: Iterable[Message], spec: Spec
+        self,
+        server_round: int,
+        sent: list[Message],
+        replies: Iterable[Message],
+        spec: Spec,
+        codec: Codec | None = None,
     ) -> list[tuple[SiteReport, Message]]:
         """A local-DP round's valid replies with their accepted reports, ordered by site.
 
         Each is checked against `spec` (the global model's arrays); errors, refusals,
-        second replies, invalid and missing replies are recorded and left out.
+        second replies, invalid and missing replies are recorded and left out. With a
+        `codec` (run config update-codec, not float32) each reply's arrays are decoded
+        to a model first, in place: the reply then carries the model it stands for.
         """
         dst = destinations(sent)
         usable: list[tuple[SiteReport, Message]] = []
@@ -164,7 +172,7 @@ class ReplyBook:
                 self._error(site, server_round, msg)
                 continue
             try:
-                report = self._validate(site, server_round, msg, spec)
+                report = self._validate(site, server_round, msg, spec, codec)
             except InvalidReply as exc:
                 self._fail(site, server_round, f"{INVALID}{exc}")
                 continue
@@ -250,7 +258,9 @@ class ReplyBook:
 
     # ------------------------------------------------------------ validation
 
-    def _validate(self, site: str, server_round: int, msg: Message, spec: Spec) -> SiteReport:
+    def _validate(
+        self, site: str, server_round: int, msg: Message, spec: Spec, codec: Codec | None
+    ) -> SiteReport:
         if not msg.has_content():
             raise InvalidReply("no content")
         arrays = msg.content.get(protocol.ARRAYS)
@@ -258,6 +268,9 @@ class ReplyBook:
             raise InvalidReply(f"no `{protocol.ARRAYS}` record of model arrays")
         if not isinstance(msg.content.get(protocol.METRICS), MetricRecord):
             raise InvalidReply(f"no `{protocol.METRICS}` record")
+        if codec is not None:
+            arrays = codec.decoded(arrays)
+            msg.content[protocol.ARRAYS] = arrays
         check_arrays(arrays, spec)
         return self._report(site, server_round, msg)
 
@@ -296,6 +309,25 @@ def replying_node(msg: Message, dst: Mapping[str, int]) -> int:
     if src == SUPERLINK_NODE_ID:
         return dst.get(msg.metadata.reply_to_message_id, src)
     return src
+
+
+@dataclass(frozen=True)
+class Codec:
+    """A round's update codec (fedsilo.task.codec) and the global model it decodes against."""
+
+    name: str
+    global_state: Mapping[str, torch.Tensor]
+
+    def decoded(self, arrays: ArrayRecord) -> ArrayRecord:
+        """The model a reply's arrays stand for; InvalidReply when they do not fit."""
+        try:
+            wire = arrays.to_torch_state_dict()
+        except Exception as exc:  # whatever a malformed record raises in deserialisation
+            raise InvalidReply(f"model arrays do not deserialise ({type(exc).__name__})") from None
+        try:
+            return ArrayRecord(codec.decode(self.name, wire, self.global_state))
+        except codec.CodecError as exc:
+            raise InvalidReply(str(exc)) from None
 
 
 def spec_of(arrays: ArrayRecord) -> Spec:

@@ -117,6 +117,7 @@ def site_reports(cfg: RunConfig, run_dir: RunDir, rounds: list[RoundRecord]) -> 
         ),
         names=lambda: read_site_names(run_dir.path),
         rule=cfg.aggregation_rule,
+        update_codec=cfg.update_codec,
     )
     strategy.restore(rounds)
     return strategy

@@ -30,7 +30,7 @@ from fedsilo import protocol
 from fedsilo.config import Aggregation
 from fedsilo.server import robust
 from fedsilo.server.records import Failure, Flagged, Refusal, RoundRecord
-from fedsilo.server.replies import InvalidReply, ReplyBook, SiteReport, Spec, spec_of
+from fedsilo.server.replies import Codec, InvalidReply, ReplyBook, SiteReport, Spec, spec_of
 
 FEDAVG = Aggregation("fedavg")
 WEIGHT_CAP_RATIO = 4.0  # no site weighs more than 4x the median site of its round
@@ -92,13 +92,16 @@ class SiteReports(Strategy):
         inner: FedAvg,
         names: Callable[[], Mapping[int, str]] | None = None,
         rule: Aggregation = FEDAVG,
+        update_codec: str = "float32",
     ) -> None:
         """`names()` maps authenticated node ids to site names (re-read for unknown nodes);
         `rule` combines the replies (fedavg: `inner`'s; else fedsilo.server.robust, with
-        `inner`'s weighted mean of the metrics)."""
+        `inner`'s weighted mean of the metrics); `update_codec` is how sites send their
+        models (fedsilo.task.codec): replies are decoded before anything reads them."""
         self.inner = inner
         self.book = ReplyBook(names)
         self.rule = rule
+        self.update_codec = update_codec
         self._sent: list[Message] = []  # this round's train messages (ids set on sending)
         self._spec: Spec = {}
         self._global: ArrayRecord | None = None  # the model this round sent
@@ -147,7 +150,10 @@ class SiteReports(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        valid = self.book.train_replies(server_round, self._sent, replies, self._spec)
+        codec = None
+        if self.update_codec != "float32" and self._global is not None:
+            codec = Codec(self.update_codec, self._global.to_torch_state_dict())
+        valid = self.book.train_replies(server_round, self._sent, replies, self._spec, codec)
         if not valid:
             return None, None
         weights = bounded_weights([report for report, _ in valid], self.book.committed)

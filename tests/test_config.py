@@ -37,6 +37,7 @@ def test_roundtrip() -> None:
         ("partition", "dirichlet:0", "alpha must be a number > 0"),
         ("max-grad-norm", 0.0, "`max-grad-norm`"),
         ("rounds", "three", "must be of type int"),
+        ("update-codec", "fp8", "`update-codec` must be one of float32, bf16, int8"),
     ],
 )
 def test_invalid_values(key: str, value: object, needle: str) -> None:
@@ -94,6 +95,16 @@ def test_a_robust_rule_is_refused_with_distributed_dp_and_says_what_protects_it(
     said = str(err.value)
     assert "`aggregation` must be fedavg with --dp distributed" in said
     assert "sees only the secure sum" in said and "max-grad-norm" in said and "run.toml" in said
+
+
+def test_an_update_codec_is_refused_with_distributed_dp_and_says_why() -> None:
+    raw = manifest_config() | DISTRIBUTED | {"update-codec": "int8"}
+    with pytest.raises(ConfigError) as err:
+        RunConfig.from_flwr(raw, source="run.toml")
+    said = str(err.value)
+    assert "`update-codec` must be float32 with --dp distributed" in said
+    assert "secure sum's ring" in said and "--dp local" in said and "run.toml" in said
+    assert RunConfig.from_flwr(manifest_config() | {"update-codec": "int8"}).update_codec == "int8"
 
 
 @pytest.mark.parametrize(

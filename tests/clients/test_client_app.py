@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from fedsilo import protocol
@@ -422,3 +423,35 @@ def test_a_secure_stages_empty_lists_are_counted_not_fatal() -> None:
     content = RecordDict({"secagg": ConfigRecord({"shares": [], "keys": [b"ab", b"cd"]})})
     msg = Message(content=content, dst_node_id=1, message_type="train")
     assert site_status.message_bytes(msg) == len("shares") + len("keys") + 4
+
+
+def test_a_codec_compresses_the_dp_release_at_no_privacy_cost(tmp_path: Path) -> None:
+    """The same virtual site trains the same round under each codec: its ledger records
+    the same spend and its reply the same epsilon, since the codec only post-processes
+    the noised model (what it sends decodes to that model, within the codec's rounding)."""
+    from fedsilo.task.codec import SCALE, decode
+
+    sent: dict[str, dict[str, torch.Tensor]] = {}
+    spends = {}
+    epsilons = {}
+    glob = global_model(RunConfig()).state_dict()
+    for codec in ("float32", "bf16", "int8"):
+        run = tmp_path / codec
+        cfg = RunConfig(rounds=2, accountant="rdp", run_dir=str(run), update_codec=codec)
+        write_site_policies(run, [SitePolicy(max_epsilon=8.0)])
+        reply = sim_train(train_message(cfg, 1), sim_context(cfg))
+        epsilons[codec] = float(metrics_of(reply)["epsilon"])
+        spends[codec] = [s.event for s in ledger.read(simulated_ledger(run, 0)).spends]
+        wire = reply.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+        sent[codec] = wire
+    assert spends["bf16"] == spends["int8"] == spends["float32"] and len(spends["int8"]) == 1
+    assert epsilons["bf16"] == epsilons["int8"] == epsilons["float32"]
+    # Same seed, same training: the compressed updates stand for the float32 model.
+    model = sent["float32"]
+    assert all(t.dtype == torch.int8 for k, t in sent["int8"].items() if not k.endswith(SCALE))
+    for codec in ("bf16", "int8"):
+        out = decode(codec, sent[codec], glob)
+        for key, tensor in model.items():
+            update = tensor - glob[key]
+            step = float(update.abs().max()) / (127 if codec == "int8" else 128)
+            assert float((out[key] - tensor).abs().max()) <= step * 1.01, (codec, key)

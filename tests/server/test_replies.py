@@ -153,3 +153,33 @@ def test_a_reason_has_one_of_a_few_kinds(
     from fedsilo.server.replies import reason_kind
 
     assert reason_kind(outcome, reason) == expected
+
+
+def test_a_codec_reply_is_decoded_to_its_model_and_a_misfit_is_a_failure_saying_why() -> None:
+    """The server turns each int8 update back into the model it stands for before anything
+    reads it; a reply that does not fit the run's codec is left out, its reason recorded."""
+    from fedsilo.server.replies import Codec
+    from fedsilo.task.codec import SCALE, encode
+    from fedsilo.task.rng import SeededRandom
+
+    book = ReplyBook(lambda: NAMES)
+    sent = [sent_to(n, f"m{n}") for n in (11, 12)]
+    glob = {"w": torch.tensor([1.0, 2.0])}
+    trained = {"w": torch.tensor([2.0, 1.0])}
+    good, bad = reply(sent[0]), reply(sent[1])
+    good.content[protocol.ARRAYS] = ArrayRecord(
+        encode("int8", trained, glob, SeededRandom(0).uniform)
+    )
+    bad.content[protocol.ARRAYS] = ArrayRecord({"w": torch.zeros(2, dtype=torch.int8)})
+    # Execute
+    valid = book.train_replies(
+        2, sent, [good, bad], {"w": ((2,), torch.float32)}, Codec("int8", glob)
+    )
+    # Assert: site-a's reply now carries its model (update +-1 = +-scale: exact in int8).
+    assert [r.site for r, _ in valid] == ["site-a"]
+    model = valid[0][1].content[protocol.ARRAYS].to_torch_state_dict()  # type: ignore[union-attr]
+    assert torch.equal(model["w"], trained["w"])
+    assert book.failures == [
+        Failure("site-b", 2, f"invalid reply: int8 update keys differ (missing ['w{SCALE}'], "
+                "unexpected [])")
+    ]  # fmt: skip

@@ -1,0 +1,130 @@
+"""Update codecs: how a local-DP site's update crosses the wire (run config `update-codec`).
+
+- `float32` (default): the site sends its trained model itself, as it always has.
+- `bf16`: the site sends its update u = trained - global, rounded to bfloat16 (round to
+  nearest even), as the tensors' 16-bit patterns (int16): half the bytes.
+- `int8`: the site sends u per tensor as a scale s = max |u| (float32) and q =
+  floor(127 u / s + U), U uniform on [0, 1) drawn afresh for each value (stochastic
+  rounding): q is in [-127, 127] and E[q s / 127] = u, so the update is unbiased and
+  FedAvg's mean of many sites' updates averages the rounding out. A quarter of the bytes.
+
+Only floating-point tensors are compressed; any other tensor of the model (an integer
+buffer) goes as it is. The server decodes each reply back to a model, global + decoded
+u, before it validates and aggregates it (fedsilo.server.replies), so every aggregation
+rule sees models as before. A reply that does not fit the run's codec (a missing or
+extra key, a dtype or shape that is not the codec's, a scale that is negative or not
+finite, an int8 value of -128) is invalid: the server leaves it out and says why.
+
+Privacy: the codec runs on the site's DP release. The update is a function of the
+site's noised model and the global model, which the server sent; the rounding draws
+randomness independent of the data. So a codec is post-processing and costs no privacy:
+the site's accounting and ledger are the same for every codec (a test checks it).
+Distributed DP (`--dp distributed`) has an integer encoding of its own, the secure sum's
+ring (fedsilo.privacy.distributed); the run config refuses a codec other than float32
+there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import torch
+
+# The suffix of an int8 tensor's scale: never part of a PyTorch state-dict key
+# (attribute names joined by ".").
+SCALE = "@scale"
+INT8_MAX = 127
+
+Uniform = Callable[[int], torch.Tensor]  # n uniforms in [0, 1) (fedsilo.task.rng.SiteRandom)
+
+
+class CodecError(ValueError):
+    """A reply that does not fit the run's codec; the message says what does not."""
+
+
+def encode(
+    codec: str,
+    trained: Mapping[str, torch.Tensor],
+    global_state: Mapping[str, torch.Tensor],
+    uniform: Uniform,
+) -> dict[str, torch.Tensor]:
+    """The tensors a site sends for its `trained` model under `codec` (see the module)."""
+    if codec == "float32":
+        return dict(trained)
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in trained.items():
+        if not tensor.is_floating_point():
+            out[key] = tensor
+            continue
+        update = tensor.detach().to(torch.float32) - global_state[key].to(torch.float32)
+        if codec == "bf16":
+            out[key] = update.to(torch.bfloat16).view(torch.int16)
+        elif codec == "int8":
+            out[key], out[key + SCALE] = _int8(update, uniform)
+        else:
+            raise ValueError(f"unknown codec {codec!r}")
+    return out
+
+
+def _int8(update: torch.Tensor, uniform: Uniform) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = update.abs().max() if update.numel() else torch.tensor(0.0)
+    if not float(scale) > 0.0:  # all zeros (or empty): nothing to round
+        return torch.zeros_like(update, dtype=torch.int8), torch.tensor(0.0)
+    scaled = update * (INT8_MAX / scale)
+    noise = uniform(update.numel()).to(torch.float32).view(update.shape)
+    q = torch.floor(scaled.add_(noise)).clamp_(-INT8_MAX, INT8_MAX)
+    return q.to(torch.int8), scale.to(torch.float32).reshape(())
+
+
+def decode(
+    codec: str, wire: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The model a site's `wire` tensors stand for, in the global model's dtypes.
+
+    Raises:
+        CodecError: `wire` does not fit `codec` for this global model.
+    """
+    if codec == "float32":
+        return dict(wire)
+    expected = set(global_state)
+    if codec == "int8":
+        expected |= {k + SCALE for k, t in global_state.items() if t.is_floating_point()}
+    if set(wire) != expected:
+        missing, extra = sorted(expected - set(wire)), sorted(set(wire) - expected)
+        raise CodecError(
+            f"{codec} update keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for key, ref in global_state.items():
+        got = wire[key]
+        if not ref.is_floating_point():
+            out[key] = got
+            continue
+        dtype = torch.int16 if codec == "bf16" else torch.int8
+        if got.dtype != dtype or tuple(got.shape) != tuple(ref.shape):
+            raise CodecError(
+                f"`{key}` is {tuple(got.shape)} {got.dtype}; the {codec} codec sends "
+                f"{tuple(ref.shape)} {dtype}"
+            )
+        if codec == "bf16":
+            update = got.view(torch.bfloat16).to(torch.float32)
+        else:
+            update = _from_int8(key, got, wire[key + SCALE])
+        out[key] = (ref.to(torch.float32) + update).to(ref.dtype)
+    return out
+
+
+def _from_int8(key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if scale.dtype != torch.float32 or scale.numel() != 1:
+        raise CodecError(f"`{key}{SCALE}` is {tuple(scale.shape)} {scale.dtype}, not a float32")
+    s = float(scale.reshape(()))
+    if not (s >= 0.0 and s < float("inf")):
+        raise CodecError(f"`{key}{SCALE}` is {s}: a scale is finite and >= 0")
+    if q.numel() and int(q.min()) < -INT8_MAX:
+        raise CodecError(f"`{key}` holds -128: int8 values are in [-127, 127]")
+    return q.to(torch.float32) * (s / INT8_MAX)
+
+
+def wire_bytes(wire: Mapping[str, torch.Tensor]) -> int:
+    """The tensors' bytes (what a reply's arrays carry, framing aside)."""
+    return sum(t.numel() * t.element_size() for t in wire.values())
