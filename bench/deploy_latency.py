@@ -88,6 +88,7 @@ def deployed(
     distributed: float | None = None,
     metrics_ports: list[int] | None = None,
     task: str | None = None,
+    update_codec: str = "float32",
 ) -> list[float]:
     """Round times of a deployed run on loopback, or across `net` (a tests.e2e.wan.Wan).
 
@@ -95,7 +96,7 @@ def deployed(
     distributed DP at this --dp-max-sample-rate, every site a noise-share holder.
     `metrics_ports`: serve Prometheus metrics, the server on the first port and each
     site on the next (bench.metrics_cost scrapes them). `task`: `--task` of the server
-    and every site (default: digits).
+    and every site (default: digits); `update_codec`: the server's `--update-codec`.
     """
     ports = metrics_ports or []
     server_metrics = ["--metrics-port", str(ports[0])] if ports else []
@@ -151,6 +152,7 @@ def deployed(
             *dp,
             *server_metrics,
             *task_args,
+            *("--update-codec", update_codec),
             "--out",
             "dep",
         ],

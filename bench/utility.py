@@ -1,6 +1,8 @@
 """Accuracy at a given epsilon: Fashion-MNIST, 10 sites, IID and Dirichlet(0.5).
 
 Run: `python -m bench.utility [--epsilons 3] [--partitions iid] [--rounds 10] ...`
+(`--update-codecs float32,bf16,int8`: each DP cell once per update codec, with the MB a
+site sent a round.)
 
 Each DP cell is a real `fedsilo simulate --json` run (the product: Flower engine,
 ClientApp, ServerApp, accountant) with the Fashion-MNIST settings below; it reports
@@ -28,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from bench.common import machine, markdown, write_json
@@ -61,10 +64,15 @@ NODP_LR = 0.05  # plain SGD on unclipped gradients wants a smaller step (validat
 VALIDATION_FRACTION = 0.1
 
 
-def simulate(partition: str, eps: float, hp: dict[str, Any], dp: str = "local") -> dict[str, Any]:
-    """One `fedsilo simulate` run (the product), timed from outside."""
+def simulate(
+    partition: str, eps: float, hp: dict[str, Any], dp: str = "local", codec: str = "float32"
+) -> dict[str, Any]:
+    """One `fedsilo simulate` run (the product), timed from outside; with the MB a site
+    sent a round (its status file: fedsilo.clients.site_status)."""
     with tempfile.TemporaryDirectory(prefix="fedsilo-utility-") as out:
         cmd = [sys.executable, "-m", "fedsilo", "simulate", "--json", "--out", out, "--dp", dp]
+        if codec != "float32":
+            cmd += ["--update-codec", codec]
         cmd += ["--dataset", "fashion-mnist", "--sites", str(hp["sites"])]
         cmd += ["--partition", partition, "--target-epsilon", str(eps)]
         cmd += ["--max-grad-norm", str(hp["max_grad_norm"])]
@@ -75,11 +83,18 @@ def simulate(partition: str, eps: float, hp: dict[str, Any], dp: str = "local") 
         t0 = time.monotonic()
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         wall = time.monotonic() - t0
+        sent = [
+            json.loads(f.read_text()) for f in sorted((Path(out) / "ledgers").glob("*.status.json"))
+        ]
     if done.returncode != 0:
         raise SystemExit(f"simulate failed: {done.stderr.strip().splitlines()[-1:]}")
     summary = json.loads(done.stdout.strip().splitlines()[-1])
+    answers = max(1, sum(s["messages"]["answered"] for s in sent))
+    mb_sent = sum(s["bytes_sent_total"] for s in sent) / answers / 2**20
     return {
         "dp": dp,
+        "update_codec": codec,
+        "mb_sent_per_site_round": mb_sent,
         "completed_rounds": len(summary["rounds"]),
         "accuracy": summary["final"]["accuracy"],
         "epsilon": max(s["epsilon"] for s in summary["sites"]),
@@ -288,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("local", "distributed"),
         help="the DP mode of the DP cells; distributed uses DIST's settings (one step per round)",
     )
+    p.add_argument(
+        "--update-codecs",
+        default="float32",
+        help="comma list of --update-codec values for the DP cells (local DP): float32, bf16, "
+        "int8; each row also gives the MB a site sent a round",
+    )
     args = p.parse_args(argv)
     if args.dp == "distributed":  # its own regime: flags left at FM's defaults take DIST's
         for key, value in DIST.items():
@@ -298,8 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     hp["dp_max_sample_rate"] = args.dp_max_sample_rate
     rows = []
     for partition in args.partitions.split(","):
-        for e in args.epsilons.split(","):
+        for e, codec in [
+            (e, c) for e in args.epsilons.split(",") for c in args.update_codecs.split(",")
+        ]:
             eps = None if e == "none" else float(e)
+            if codec != "float32" and (eps is None or args.validate):
+                continue  # a codec is the product's: simulate cells only
             if args.validate and args.dp == "distributed" and eps is not None:
                 res = distributed_in_process(partition, eps, hp)
                 how = "in-process central step (validation)"
@@ -307,8 +332,8 @@ def main(argv: list[str] | None = None) -> int:
                 res = fedavg_in_process(partition, eps, hp, validate=args.validate)
                 how = "in-process FedAvg" + (" (validation)" if args.validate else "")
             else:
-                res = simulate(partition, eps, hp, dp=args.dp)
-                how = f"fedsilo simulate --dp {args.dp}"
+                res = simulate(partition, eps, hp, dp=args.dp, codec=codec)
+                how = f"fedsilo simulate --dp {args.dp} --update-codec {codec}"
             row = {"partition": partition, "target_epsilon": e, **res, "how": how, **hp}
             rows.append(row)
             print(
@@ -318,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     cols = ["partition", "target_epsilon", "accuracy", "epsilon", "min_epsilon", "rounds"]
-    cols += ["wall_s", "how"]
+    cols += ["mb_sent_per_site_round", "wall_s", "how"]
     print(markdown(rows, cols))
     path = write_json(args.name, {"rows": rows, "machine": machine(), "pid": os.getpid()})
     print(f"\nwrote {path}")

@@ -346,3 +346,18 @@ def test_the_superlink_keeps_contents_in_memory_and_its_link_state_in_the_file(
     )
     assert isinstance(objects.store(), InMemoryObjectStore)
     assert isinstance(links.state(), SqlLinkState) and db.exists()
+
+
+def test_a_models_arrays_cross_the_wire_in_chunks_of_at_most_5_mb() -> None:
+    """Flower 1.39 sends every array as 5 MB objects, pushed and pulled one by one: no
+    message or gRPC limit caps a model's size (a 2.2 GB tensor made 420 such objects)."""
+    import torch
+    from flwr.app import ArrayRecord
+    from flwr.common.constant import FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    record = ArrayRecord({"w": torch.rand(3_300_000)})  # 13.2 MB
+    sizes = [len(obj.deflate()) for obj in get_all_nested_objects(record).values()]
+    assert FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE == 5 * 2**20
+    assert len(sizes) == 5  # three chunks, the array, the record
+    assert max(sizes) <= FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE + 64  # a chunk and its header
