@@ -51,14 +51,15 @@ def fed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def test_three_sites_over_tls_then_one_is_lost(fed: Path) -> None:
     """Rounds 1-2: three sites over TLS. Then site c's machine dies; round 3 completes
-    with a and b (min-sites 2) and the run directory records c's failure."""
+    with a and b (min-sites 2) and the run directory records c's failure. The sites send
+    their updates in int8 (--update-codec), a quarter of the model's bytes."""
     fleet = free_port()
     sniffer = TLSSniffer(fleet)  # site a dials through it: we see the bytes on the wire
     srv = server(
         fed,
         fleet,
         *("--rounds", "3", "--min-sites", "2", "--wait-sites", "3", "--out", "run"),
-        *("--eval-data", "data/server-eval.npz"),
+        *("--eval-data", "data/server-eval.npz", "--update-codec", "int8"),
     )
     sites = {
         "a": client(fed, "a", 1, f"127.0.0.1:{sniffer.port}"),
@@ -105,6 +106,9 @@ def test_three_sites_over_tls_then_one_is_lost(fed: Path) -> None:
         assert sorted(s["site"] for s in summary["sites"]) == ["a", "b", "c"]
         assert all(0 < s["epsilon"] <= 8.0 for s in summary["sites"])
         assert (fed / "run" / "final_model.pt").is_file()
+        # int8 updates: each site sent about a quarter of what it received (the model).
+        status = json.loads((fed / "fed" / "sites" / "a" / "ledger.status.json").read_text())
+        assert status["bytes_sent_total"] < status["bytes_received_total"] / 3
         assert json.loads((fed / "run" / "config.json").read_text())["eval-data"] == str(
             (fed / "data" / "server-eval.npz").resolve()
         )
