@@ -5,7 +5,8 @@ Run: `python -m bench.big_model [--widths 1024,4096] [--update-codecs float32,in
 1024,4096,8192` adds the 67 M-parameter model, about 8 minutes a cell).
 
 For each model (bench.big_tasks: the digits task with a 64 -> W -> W -> 10 tanh MLP;
-W = 4096 is 17.1 M parameters, 68 MB; W = 8192 is 67.7 M, 271 MB) it runs, in this
+W = 4096 is 17.1 M parameters, 65 MiB; W = 8192 is 67.7 M, 258 MiB; MB in the tables
+is MiB) it runs, in this
 process tree:
 - simulated: `fedsilo simulate --task ...` with SITES sites, ROUNDS rounds;
 - deployed: the README's one-machine recipe (bench.deploy_latency.deployed): `fedsilo

@@ -1,7 +1,7 @@
 """Big-model tasks for bench.big_model: the digits task with a wide tanh MLP.
 
-`mlp_17m`: 64 -> 4096 -> 4096 -> 10 (17.1 M parameters, 68 MB in float32), the model
-of issue 25's report; `mlp_67m`: 64 -> 8192 -> 8192 -> 10 (67.7 M, 271 MB). Each is
+`mlp_17m`: 64 -> 4096 -> 4096 -> 10 (17.1 M parameters, 65 MiB in float32), the model
+of issue 25's report; `mlp_67m`: 64 -> 8192 -> 8192 -> 10 (67.7 M, 258 MiB). Each is
 `bench.big_tasks:NAME` for `--task` (the bench puts the repository on PYTHONPATH).
 """
 
