@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from fedsilo.errors import ConfigError
 
@@ -136,3 +138,34 @@ def is_simulation_grid(grid: object) -> bool:
 
     check_flower_version()
     return isinstance(grid, InMemoryGrid)
+
+
+SETTLE_S = 0.5  # how long a simulation's node count must hold still to be taken as final
+
+
+def settled_node_ids(
+    grid: Any, *, settle_s: float = SETTLE_S, timeout_s: float = 60.0
+) -> list[int]:
+    """A simulation grid's node ids once the engine has registered them all.
+
+    flwr 1.39 starts the ServerApp's thread before its simulation engine registers the
+    nodes (`_main_loop`: the thread, then `vce_api._register_nodes`, one node at a
+    time), so a ServerApp that counts the nodes first may see fewer, or none. Under
+    `fedsilo simulate` the ServerApp starts only after the registration
+    (fedsilo.flwr_adapter.engine); under `flwr run`, which fedsilo does not start, this
+    waits until the count is above 0 and unchanged for `settle_s` (the registration is
+    one loop, done in milliseconds). Raises TimeoutError after `timeout_s` with no nodes.
+    """
+    deadline = time.monotonic() + timeout_s
+    seen = sorted(grid.get_node_ids())
+    since = time.monotonic()
+    while True:
+        time.sleep(0.05)
+        now_seen = sorted(grid.get_node_ids())
+        now = time.monotonic()
+        if now_seen != seen:
+            seen, since = now_seen, now
+        elif seen and now - since >= settle_s:
+            return seen
+        if now > deadline:
+            raise TimeoutError(f"the simulation engine registered no node in {timeout_s:.0f} s")

@@ -79,7 +79,7 @@ def _serve(grid: Grid, context: Context) -> None:
         raise ConfigError(NOT_DEPLOYED)
     cfg = RunConfig.from_flwr(context.run_config)
     run_dir = flwr_run_dir(cfg, context.run_id)
-    sites = len(list(grid.get_node_ids()))
+    sites = len(flwr_adapter.settled_node_ids(grid))  # the engine registers them after we start
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)
     if not cfg.resume:

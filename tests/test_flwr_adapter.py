@@ -361,3 +361,26 @@ def test_a_models_arrays_cross_the_wire_in_chunks_of_at_most_5_mb() -> None:
     assert FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE == 5 * 2**20
     assert len(sizes) == 5  # three chunks, the array, the record
     assert max(sizes) <= FLWR_PRIVATE_MAX_ARRAY_CHUNK_SIZE + 64  # a chunk and its header
+
+
+def test_a_flwr_run_serverapp_counts_the_nodes_once_the_engine_registered_them() -> None:
+    """Under `flwr run` the engine registers its nodes after the ServerApp has started:
+    the count is taken once it is above 0 and holds still."""
+    from fedsilo.flwr_adapter import settled_node_ids
+
+    class Registering:  # nodes appear one at a time, as vce_api._register_nodes makes them
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def get_node_ids(self) -> list[int]:
+            self.calls += 1
+            return list(range(min(max(self.calls - 3, 0), 4)))
+
+    assert settled_node_ids(Registering(), settle_s=0.2) == [0, 1, 2, 3]
+
+    class Empty:
+        def get_node_ids(self) -> list[int]:
+            return []
+
+    with pytest.raises(TimeoutError, match="registered no node"):
+        settled_node_ids(Empty(), settle_s=0.1, timeout_s=0.3)

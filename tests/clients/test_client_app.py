@@ -97,17 +97,17 @@ def test_spend_accumulates_across_rounds_and_restarts(tmp_path: Path) -> None:
     assert contents.spends[1].event == one
 
 
+@pytest.mark.parametrize("codec", ["float32", "int8"])
 def test_a_resumed_server_asking_again_gets_the_same_reply_at_no_new_spend(
-    tmp_path: Path,
+    tmp_path: Path, codec: str
 ) -> None:
     """The server crashed in round 1 after the site answered; resumed, it asks for round
     1 again. The site resends the reply it kept (a DP release: no new spend) instead of
-    refusing a round it already spent; only its last reply is kept, readable by it alone."""
-    import torch
-
+    refusing a round it already spent; only its last reply is kept, readable by it alone.
+    With an update codec it resends the very arrays it sent (not rounded again)."""
     from fedsilo.clients.kept_reply import reply_path
 
-    cfg = RunConfig(rounds=2, accountant="rdp", run_dir=str(tmp_path))
+    cfg = RunConfig(rounds=2, accountant="rdp", run_dir=str(tmp_path), update_codec=codec)
     write_site_policies(tmp_path, [SitePolicy(max_epsilon=8.0)])
     path = simulated_ledger(tmp_path, 0)
     first = sim_train(train_message(cfg, 1), sim_context(cfg))
