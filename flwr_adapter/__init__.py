@@ -140,6 +140,19 @@ def is_simulation_grid(grid: object) -> bool:
     return isinstance(grid, InMemoryGrid)
 
 
+def node_sessions(grid: Any) -> dict[int, str]:
+    """When each node's current session began, by node id: the SuperLink's
+    `last_activated_at` of every node it knows (`Grid.get_nodes`, flwr 1.39's NodeInfo).
+
+    A node whose value changed was restarted. Flower never delivers a message again, so
+    a message its previous session pulled is never answered, and the SuperLink reports
+    it unavailable only while the node is offline, which a quick restart may end before
+    the next pull.
+    """
+    check_flower_version()
+    return {int(node.node_id): str(node.last_activated_at) for node in grid.get_nodes()}
+
+
 SETTLE_S = 0.5  # how long a simulation's node count must hold still to be taken as final
 
 

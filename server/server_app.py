@@ -17,7 +17,8 @@ import time
 from collections.abc import Iterable
 
 import torch
-from flwr.app import ArrayRecord, Context, Message
+from flwr.app import ArrayRecord, Context, Error, Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
@@ -204,6 +205,13 @@ def round_protocol(
     return LocalRounds(strategy=strategy, exchange=exchange)
 
 
+RESTART_CHECK_S = 1.0  # while replies are pending: how often to look for restarted sites
+RESTARTED = (
+    "the site restarted during the round, so its reply to this round cannot come (Flower "
+    "does not deliver a message again); it takes part again from the next round"
+)
+
+
 def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list[Message]:
     """Push `messages` and pull their replies until all came or `timeout`.
 
@@ -211,15 +219,24 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list
     while replies are near, up to 1 s while the round waits on a slow or dead site.
     `Grid.send_and_receive` does the same but sleeps 3 s between pulls (flwr 1.39's
     GrpcGrid), which a deployed round would wait for up to 3 s; a pull is one small
-    request to the local SuperLink.
+    request to the local SuperLink. A message whose site restarted since the push (a new
+    session: `flwr_adapter.node_sessions`) gets an error reply saying so at once,
+    instead of a wait for the timeout.
     """
-    pending = set(grid.push_messages(messages))
+    sent = list(messages)
+    pending = set(grid.push_messages(sent))
+    by_id = {m.metadata.message_id: m for m in sent}
+    sessions = flwr_adapter.node_sessions(grid)
     last = time.monotonic()
     deadline = last + timeout
+    next_check = last + RESTART_CHECK_S
     replies: list[Message] = []
     while pending:
         got = list(grid.pull_messages(pending))
         now = time.monotonic()
+        if now >= next_check:
+            got += restarted(pending, by_id, sessions, flwr_adapter.node_sessions(grid))
+            next_check = now + RESTART_CHECK_S
         if got:
             replies.extend(got)
             pending.difference_update(m.metadata.reply_to_message_id for m in got)
@@ -228,6 +245,23 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list
             break
         time.sleep(min(flwr_adapter.poll_wait(now - last), max(0.0, deadline - now)))
     return replies
+
+
+def restarted(
+    pending: Iterable[str],
+    sent: dict[str, Message],
+    before: dict[int, str],
+    now: dict[int, str],
+) -> list[Message]:
+    """An error reply (RESTARTED) to each pending message whose site began a new session."""
+    lost = []
+    for message_id in sorted(pending):
+        msg = sent.get(message_id)
+        node = msg.metadata.dst_node_id if msg is not None else None
+        if msg is None or node not in before or node not in now or now[node] == before[node]:
+            continue  # a node that is offline now is the SuperLink's to report
+        lost.append(Message(Error(ErrorCode.NODE_UNAVAILABLE, RESTARTED), reply_to=msg))
+    return lost
 
 
 def close_round(

@@ -162,6 +162,9 @@ def test_the_server_pulls_replies_until_all_came_or_the_timeout() -> None:
             batch = self.batches.pop(0) if self.batches else []
             return [reply(i) for i in batch if i in ids]
 
+        def get_nodes(self) -> list[object]:
+            return []
+
     grid = Grid([[], ["m2"], [], ["m1"]])
     t0 = time.monotonic()
     got = exchange(grid, [], timeout=30)  # type: ignore[arg-type]
@@ -384,3 +387,61 @@ def test_a_flwr_run_serverapp_counts_the_nodes_once_the_engine_registered_them()
 
     with pytest.raises(TimeoutError, match="registered no node"):
         settled_node_ids(Empty(), settle_s=0.1, timeout_s=0.3)
+
+
+def test_a_site_that_restarts_mid_round_is_reported_at_once_not_waited_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Site b's machine died after pulling the round's message and its operator started
+    it again: the SuperLink sees it online again (a new session), never answers the
+    message for it, and may never have seen it offline. The server notices the new
+    session within RESTART_CHECK_S and records b's failure, not an hour-long wait."""
+    import time
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedsilo.server import server_app
+    from fedsilo.server.replies import ReplyBook
+
+    for attr, value in (("_task_id", 1), ("_run_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)
+    monkeypatch.setattr(server_app, "RESTART_CHECK_S", 0.2)
+
+    def sent_to(node: int, message_id: str) -> Message:
+        msg = Message(
+            RecordDict({"config": ConfigRecord({})}), dst_node_id=node, message_type="train"
+        )
+        msg.metadata.__dict__["_message_id"] = message_id
+        return msg
+
+    class Grid:  # node 12 (b) starts a new session 0.5 s after the push; a answers at once
+        def __init__(self) -> None:
+            self.t0 = time.monotonic()
+
+        def push_messages(self, messages: list[Message]) -> list[str]:
+            return [m.metadata.message_id for m in messages]
+
+        def pull_messages(self, ids: set[str]) -> list[Message]:
+            return [
+                Message(RecordDict(), reply_to=a)
+                for a in sent
+                if a.metadata.message_id in ids and a.metadata.dst_node_id == 11
+            ]
+
+        def get_nodes(self) -> list[object]:
+            b = "t1" if time.monotonic() - self.t0 > 0.5 else "t0"
+            return [
+                SimpleNamespace(node_id=11, last_activated_at="t0"),
+                SimpleNamespace(node_id=12, last_activated_at=b),
+            ]
+
+    sent = [sent_to(11, "ma"), sent_to(12, "mb")]
+    t0 = time.monotonic()
+    replies = server_app.exchange(Grid(), sent, timeout=3600)
+    assert time.monotonic() - t0 < 3
+    book = ReplyBook(lambda: {11: "a", 12: "b"})
+    book.train_replies(2, sent, replies, {})
+    (failure,) = [f for f in book.failures if f.site == "b"]
+    assert failure.round == 2 and "restarted during the round" in failure.reason
