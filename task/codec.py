@@ -123,8 +123,3 @@ def _from_int8(key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if q.numel() and int(q.min()) < -INT8_MAX:
         raise CodecError(f"`{key}` holds -128: int8 values are in [-127, 127]")
     return q.to(torch.float32) * (s / INT8_MAX)
-
-
-def wire_bytes(wire: Mapping[str, torch.Tensor]) -> int:
-    """The tensors' bytes (what a reply's arrays carry, framing aside)."""
-    return sum(t.numel() * t.element_size() for t in wire.values())
