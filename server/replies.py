@@ -149,13 +149,13 @@ class ReplyBook:
         sent: list[Message],
         replies: Iterable[Message],
         spec: Spec,
-        codec: Codec | None = None,
+        decoder: Codec | None = None,
     ) -> list[tuple[SiteReport, Message]]:
         """A local-DP round's valid replies with their accepted reports, ordered by site.
 
         Each is checked against `spec` (the global model's arrays); errors, refusals,
         second replies, invalid and missing replies are recorded and left out. With a
-        `codec` (run config update-codec, not float32) each reply's arrays are decoded
+        `decoder` (run config update-codec, not float32) each reply's arrays are decoded
         to a model first, in place: the reply then carries the model it stands for.
         """
         dst = destinations(sent)
@@ -172,7 +172,7 @@ class ReplyBook:
                 self._error(site, server_round, msg)
                 continue
             try:
-                report = self._validate(site, server_round, msg, spec, codec)
+                report = self._validate(site, server_round, msg, spec, decoder)
             except InvalidReply as exc:
                 self._fail(site, server_round, f"{INVALID}{exc}")
                 continue
@@ -259,7 +259,7 @@ class ReplyBook:
     # ------------------------------------------------------------ validation
 
     def _validate(
-        self, site: str, server_round: int, msg: Message, spec: Spec, codec: Codec | None
+        self, site: str, server_round: int, msg: Message, spec: Spec, decoder: Codec | None
     ) -> SiteReport:
         if not msg.has_content():
             raise InvalidReply("no content")
@@ -268,10 +268,12 @@ class ReplyBook:
             raise InvalidReply(f"no `{protocol.ARRAYS}` record of model arrays")
         if not isinstance(msg.content.get(protocol.METRICS), MetricRecord):
             raise InvalidReply(f"no `{protocol.METRICS}` record")
-        if codec is not None:
-            arrays = codec.decoded(arrays)
-            msg.content[protocol.ARRAYS] = arrays
-        check_arrays(arrays, spec)
+        state = deserialised(arrays)
+        if decoder is not None:
+            state = decoder.decoded(state)
+        check_state(state, spec)
+        if decoder is not None:  # the reply now carries the model it stands for
+            msg.content[protocol.ARRAYS] = ArrayRecord(state)
         return self._report(site, server_round, msg)
 
     def _report(self, site: str, server_round: int, msg: Message) -> SiteReport:
@@ -318,14 +320,10 @@ class Codec:
     name: str
     global_state: Mapping[str, torch.Tensor]
 
-    def decoded(self, arrays: ArrayRecord) -> ArrayRecord:
-        """The model a reply's arrays stand for; InvalidReply when they do not fit."""
+    def decoded(self, wire: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model a reply's tensors stand for; InvalidReply when they do not fit."""
         try:
-            wire = arrays.to_torch_state_dict()
-        except Exception as exc:  # whatever a malformed record raises in deserialisation
-            raise InvalidReply(f"model arrays do not deserialise ({type(exc).__name__})") from None
-        try:
-            return ArrayRecord(codec.decode(self.name, wire, self.global_state))
+            return codec.decode(self.name, wire, self.global_state)
         except codec.CodecError as exc:
             raise InvalidReply(str(exc)) from None
 
@@ -335,12 +333,16 @@ def spec_of(arrays: ArrayRecord) -> Spec:
     return {k: (tuple(v.shape), v.dtype) for k, v in arrays.to_torch_state_dict().items()}
 
 
-def check_arrays(arrays: ArrayRecord, spec: Spec) -> None:
-    """Raise InvalidReply unless `arrays` has exactly `spec`'s keys, shapes and dtypes, finite."""
+def deserialised(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+    """A reply's arrays as tensors; InvalidReply when they do not deserialise."""
     try:
-        state = arrays.to_torch_state_dict()
+        return arrays.to_torch_state_dict()
     except Exception as exc:  # whatever a malformed record raises in deserialisation
         raise InvalidReply(f"model arrays do not deserialise ({type(exc).__name__})") from None
+
+
+def check_state(state: Mapping[str, torch.Tensor], spec: Spec) -> None:
+    """Raise InvalidReply unless `state` has exactly `spec`'s keys, shapes and dtypes, finite."""
     if spec and set(state) != set(spec):
         missing, extra = sorted(set(spec) - set(state)), sorted(set(state) - set(spec))
         raise InvalidReply(f"model keys differ (missing {missing[:3]}, unexpected {extra[:3]})")

@@ -150,15 +150,23 @@ class SiteReports(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        codec = None
-        if self.update_codec != "float32" and self._global is not None:
-            codec = Codec(self.update_codec, self._global.to_torch_state_dict())
-        valid = self.book.train_replies(server_round, self._sent, replies, self._spec, codec)
+        # The global model as tensors, once: what a codec decodes against, a rule's start.
+        coded = self.update_codec != "float32"
+        robust_rule = self.rule.kind != "fedavg"
+        global_state = (
+            self._global.to_torch_state_dict()
+            if self._global is not None and (coded or robust_rule)
+            else None
+        )
+        decoder = None
+        if coded and global_state is not None:
+            decoder = Codec(self.update_codec, global_state)
+        valid = self.book.train_replies(server_round, self._sent, replies, self._spec, decoder)
         if not valid:
             return None, None
         weights = bounded_weights([report for report, _ in valid], self.book.committed)
         weighted = [weighed(msg, weights[report.site]) for report, msg in valid]
-        if self.rule.kind == "fedavg" or self._global is None:
+        if not robust_rule or global_state is None:
             return self.inner.aggregate_train(server_round, weighted)
         if len(valid) < self.rule.min_replies:  # the round stops: fewer than min-sites
             return None, None
@@ -170,9 +178,7 @@ class SiteReports(Strategy):
             report.site: cast(ArrayRecord, msg.content[protocol.ARRAYS]).to_torch_state_dict()
             for report, msg in valid
         }
-        state, flagged = robust.aggregate(
-            self.rule, self._global.to_torch_state_dict(), models, weights
-        )
+        state, flagged = robust.aggregate(self.rule, global_state, models, weights)
         self.book.flag(server_round, flagged)
         return ArrayRecord(state), metrics
 
