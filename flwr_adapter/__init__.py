@@ -153,6 +153,33 @@ def node_sessions(grid: Any) -> dict[int, str]:
     return {int(node.node_id): str(node.last_activated_at) for node in grid.get_nodes()}
 
 
+ENGINE_START_S = 120.0  # the longest a `flwr run` ServerApp waits for Ray to start
+
+
+def wait_for_simulation_engine(timeout_s: float = ENGINE_START_S) -> bool:
+    """Wait until this process's simulation engine is up (Ray initialised); False when
+    it is not within `timeout_s`, or this process runs none.
+
+    flwr 1.39's `flwr-simulation` starts the ServerApp's thread, then registers the
+    nodes, then starts Ray on its main thread: `ray.init` forks its daemons with Python
+    code run in each child before its exec (Ray's `preexec_fn`). A ServerApp that loaded
+    data, wrote files and calibrated noise meanwhile hung once (CI, 2026-12-07: `flwr
+    run .` stuck before its first round, between writing its data cache and its sites'
+    policies; the cause was not pinned down). That began when its work moved into
+    Ray's start (it used to run first); its work now waits until Ray is up. Ray is never
+    imported here: Flower's backend imports it.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        ray = sys.modules.get("ray")
+        is_initialized = getattr(ray, "is_initialized", None)
+        if is_initialized is not None and is_initialized():
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 SETTLE_S = 0.5  # how long a simulation's node count must hold still to be taken as final
 
 

@@ -79,6 +79,11 @@ def _serve(grid: Grid, context: Context) -> None:
         raise ConfigError(NOT_DEPLOYED)
     cfg = RunConfig.from_flwr(context.run_config)
     run_dir = flwr_run_dir(cfg, context.run_id)
+    if not flwr_adapter.wait_for_simulation_engine():
+        log.warning(
+            "fedsilo: Ray had not started after %.0f s; starting anyway",
+            flwr_adapter.ENGINE_START_S,
+        )
     sites = len(flwr_adapter.settled_node_ids(grid))  # the engine registers them after we start
     cfg = dataclasses.replace(cfg, run_dir=str(run_dir))
     run_dir.mkdir(parents=True, exist_ok=True)

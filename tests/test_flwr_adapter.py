@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -387,6 +388,26 @@ def test_a_flwr_run_serverapp_counts_the_nodes_once_the_engine_registered_them()
 
     with pytest.raises(TimeoutError, match="registered no node"):
         settled_node_ids(Empty(), settle_s=0.1, timeout_s=0.3)
+
+
+def test_a_flwr_run_serverapp_waits_for_ray_to_start_and_never_imports_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its work begins once Flower's backend has initialised Ray in the process."""
+    import types
+
+    from fedsilo.flwr_adapter import wait_for_simulation_engine
+
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    assert wait_for_simulation_engine(timeout_s=0.2) is False  # no engine in this process
+    assert "ray" not in sys.modules
+
+    calls = []
+    ray = types.ModuleType("ray")
+    ray.is_initialized = lambda: calls.append(1) or len(calls) > 3  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "ray", ray)
+    assert wait_for_simulation_engine(timeout_s=5) is True
+    assert len(calls) == 4  # it waited while Ray was starting
 
 
 def test_a_site_that_restarts_mid_round_is_reported_at_once_not_waited_for(

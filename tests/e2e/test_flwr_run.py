@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +29,17 @@ NO_INSTALL = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
 # ~40 s alone, ~75 s beside two more: a run that never ends fails here, with its evidence.
 RUN_LIMIT_S = 360
 ERROR_WORDS = ("Error", "error", "Killing", "OOM", "infeasible", "died")
+# Put first on the runtime's PYTHONPATH, so that every Python process `flwr` starts writes
+# all its threads' stacks to STACKS_DIR/<pid>.txt on SIGUSR1: a hung run's report shows
+# where each process waits. Processes whose command line names neither Flower nor Ray
+# (none here) are left alone.
+STACKS_HOOK = """\
+import faulthandler, os, signal
+_cmd = open("/proc/self/cmdline", "rb").read()
+if b"flwr" in _cmd or b"flower" in _cmd or b"ray" in _cmd:
+    _out = open(os.path.join({folder!r}, "%d.txt" % os.getpid()), "w")
+    faulthandler.register(signal.SIGUSR1, file=_out, all_threads=True)
+"""
 
 
 @pytest.fixture
@@ -38,6 +50,10 @@ def flwr_env(tmp_path: Path) -> Iterator[dict[str, str]]:
     # Short: Ray's socket paths under it must fit in 107 characters. Private: its logs tell
     # what the simulation's Ray did, and no other Ray instance is found through it.
     ray_tmp = Path(tempfile.mkdtemp(prefix="fedsilo-flwr-ray-", dir="/tmp"))
+    hooks, stacks = ray_tmp / "hooks", ray_tmp / "stacks"
+    hooks.mkdir()
+    stacks.mkdir()
+    (hooks / "sitecustomize.py").write_text(STACKS_HOOK.format(folder=str(stacks)))
     env = {
         **os.environ,
         **NO_INSTALL,
@@ -47,6 +63,7 @@ def flwr_env(tmp_path: Path) -> Iterator[dict[str, str]]:
         "PATH": f"{Path(FLWR).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])),
     }
     try:
         yield env
@@ -101,6 +118,7 @@ def hung_run_report(env: dict[str, str], out: Path) -> str:
             stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
             rows.append(f"{pid} {stat} {Path(f'/proc/{pid}/wchan').read_text()} {cmd[:160]}")
     parts.append("--- live processes (pid, state, wait channel, command):\n" + "\n".join(rows))
+    parts.append("--- their Python threads' stacks:\n" + thread_stacks(ray_tmp / "stacks"))
     noted = []
     for log in sorted(ray_tmp.glob("ray/session_*/logs/*")):
         if log.is_file() and log.suffix in (".out", ".err", ".log"):
@@ -109,6 +127,17 @@ def hung_run_report(env: dict[str, str], out: Path) -> str:
             noted += [f"{log.name}: {line[:240]}" for line in hits[-8:]]
     parts.append("--- Ray's logs, lines naming errors:\n" + "\n".join(noted[-60:]))
     return "\n".join(parts)
+
+
+def thread_stacks(folder: Path) -> str:
+    """Every thread's stack in each live process that registered STACKS_HOOK's dump."""
+    dumped = []
+    for path in sorted(folder.glob("*.txt")):
+        with contextlib.suppress(ProcessLookupError, ValueError):
+            os.kill(int(path.stem), signal.SIGUSR1)
+            dumped.append(path)
+    time.sleep(1.0)  # each process writes its own dump
+    return "\n".join(f"pid {p.stem}:\n{tail(p, 80)}" for p in dumped if p.stat().st_size)
 
 
 def tail(path: Path, lines: int) -> str:
