@@ -24,9 +24,11 @@ messages whose CONFIG names the stage (SECAGG_STAGE) beside SERVER_ROUND:
                   THRESHOLD
                   -> SECAGG record: DESTINATIONS, CIPHERTEXTS (Shamir shares of the site's
                   mask secrets, each AES-GCM-encrypted to its neighbour: opaque to the server)
-  masked-input    ARRAYS (the global model), SOURCES, CIPHERTEXTS (shares sent to this site)
-                  -> SECAGG record: MASKED (its noisy quantized gradient sum plus masks:
-                  uniform noise to anyone without the masks), PARTNERS (the neighbours it
+  masked-input    ARRAYS (the global model), SOURCES, CIPHERTEXTS (shares sent to this site),
+                  RING_BYTES (the ring the round sums in: 1 to 8 bytes a weight)
+                  -> SECAGG record: MASKED (its noisy quantized gradient sum plus masks,
+                  RING_BYTES little-endian bytes a weight: uniform noise to anyone
+                  without the masks), PARTNERS (the neighbours it
                   masked with: whose shares opened), METRICS (as above, STEPS 1), SITE
   consistency     ACTIVE, DEAD (the server's view: whose masked vectors enter the sum,
                   who dropped after sharing keys)
@@ -85,6 +87,7 @@ THRESHOLD = "threshold"
 DESTINATIONS = "destinations"
 SOURCES = "sources"
 CIPHERTEXTS = "ciphertexts"
+RING_BYTES = "ring-bytes"
 MASKED = "masked"
 ACTIVE = "active"
 DEAD = "dead"

@@ -34,7 +34,14 @@ from fedsilo.clients.site_round import SiteRound, spent_reply, train_authorised
 from fedsilo.errors import ConfigError, PrivacyError
 from fedsilo.privacy.distributed import Quantizer, check_shares
 from fedsilo.privacy.identity import SiteIdentity
-from fedsilo.privacy.secagg import SecAggError, Verifier, encode_vector, round_tag, to_ring
+from fedsilo.privacy.secagg import (
+    SecAggError,
+    Verifier,
+    check_ring_bytes,
+    encode_vector,
+    round_tag,
+    to_ring,
+)
 from fedsilo.privacy.secagg_site import SecAggSite, SignedKeys
 
 log = logging.getLogger("fedsilo.client")
@@ -118,6 +125,9 @@ class SecureSiteRound(SiteRound):
         srcs, blobs = _ints(config, protocol.SOURCES), _bytes(config, protocol.CIPHERTEXTS)
         if len(srcs) != len(blobs):
             raise SecAggError("the server's ciphertext lists differ in length")
+        # Any width keeps what it sends uniform; a wrong one only spoils the sum. Checked
+        # before anything is spent.
+        ring = check_ring_bytes(config.get(protocol.RING_BYTES))
         partners = state.receive_shares(dict(zip(srcs, blobs, strict=True)))  # before spending
         self._save(state)
         global_state = arrays.to_torch_state_dict()
@@ -140,7 +150,7 @@ class SecureSiteRound(SiteRound):
         self._save(state)
         payload = {
             protocol.SECAGG: ConfigRecord(
-                {protocol.MASKED: encode_vector(masked), protocol.PARTNERS: partners}
+                {protocol.MASKED: encode_vector(masked, ring), protocol.PARTNERS: partners}
             )
         }
         return spent_reply(self.msg, self.cfg, self.site, auth, self.server_round, result, payload)

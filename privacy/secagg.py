@@ -52,13 +52,16 @@ sum over fewer sites that every site still counted to at least dp-min-sites).
 
 Crypto: X25519 ECDH, HKDF-SHA256, AES-GCM (round, source and destination as associated
 data, so a share cannot be replayed into another round or redirected), ChaCha20 masks
-under the full 256-bit secrets, uniform over Z_(2^64). Flower's secaggplus_mod folds
+under the full 256-bit secrets, uniform over Z_(2^64) and so over every ring Z_(2^(8k))
+a round narrows the vectors to on the wire (reduced modulo 2^(8k), k = 1..8 bytes,
+told to the sites with the masked-input stage). Flower's secaggplus_mod folds
 mask seeds to 32 bits for numpy's RandomState (a server can search them offline) and
 trusts the server's lists; fedsilo uses neither, only Flower's Shamir sharing.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -74,13 +77,16 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
 from fedsilo.config import MAX_MIN_SITES
-from fedsilo.errors import PrivacyError
+from fedsilo.errors import ConfigError, PrivacyError
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
 # A site's neighbourhood (itself included). Up to this many sites every site neighbours
 # every other; beyond, Bell et al.'s sparse graph gives each site MAX_MIN_SITES.
 MAX_NEIGHBOURS = MAX_MIN_SITES + 1
+# The widest ring the vectors are summed in: Z_(2^64). A round sends them in the narrowest
+# ring its sum fits (fedsilo.privacy.distributed.ring_bytes), RING_BYTES_MAX at most.
+RING_BYTES_MAX = 8
 
 # (certificate DER, message, signature) -> the site name the federation CA certified;
 # raises fedsilo.privacy.identity.IdentityError (a PrivacyError) when it does not verify.
@@ -256,12 +262,17 @@ def unmask_sum(
     partners: Mapping[int, Iterable[int]],
     shares: Mapping[int, Mapping[int, bytes]],
     threshold: Mapping[int, int],
+    ring_bytes: int = RING_BYTES_MAX,
 ) -> np.ndarray:
-    """The sum (int64, two's complement) of the vectors in `masked` (the active sites).
+    """The sum (int64) of the vectors in `masked` (the active sites), read from the ring
+    of `ring_bytes` bytes: exact while every coordinate of the true sum lies in
+    [-2^(8 ring_bytes - 1), 2^(8 ring_bytes - 1)).
 
     keys: node -> (c, s) public keys; partners: node -> whom it masked with; shares:
     answering node -> {owner: share} (b for the active owners, s for the dead);
-    threshold: owner -> the threshold its shares were made with.
+    threshold: owner -> the threshold its shares were made with. The masks are removed
+    modulo 2^64, then the total is reduced to the ring (2^(8 ring_bytes) divides 2^64,
+    so reducing commutes with the sums).
     """
     active = set(masked)
     size = next(iter(masked.values())).size
@@ -277,7 +288,7 @@ def unmask_sum(
             if j in set(partners[i]):
                 m = mask(exchange(s_j, keys[i][1]), round_tag, size)
                 total = total - m if i > j else total + m
-    return total.view(np.int64)
+    return from_ring(total, ring_bytes)
 
 
 def _combine(owner: int, shares: Mapping[int, Mapping[int, bytes]], threshold: int) -> bytes:
@@ -300,13 +311,69 @@ def to_ring(values: np.ndarray) -> np.ndarray:
     return np.asarray(values, dtype=np.int64).view(np.uint64)
 
 
-def encode_vector(vector: np.ndarray) -> bytes:
-    """A uint64 vector as little-endian bytes (what a masked reply carries)."""
-    return np.asarray(vector, dtype=np.uint64).astype("<u8").tobytes()
+def from_ring(total: np.ndarray, ring_bytes: int) -> np.ndarray:
+    """Elements of Z_(2^64) (uint64), reduced to the ring of `ring_bytes` bytes, as the
+    signed integers (int64) in [-2^(8 ring_bytes - 1), 2^(8 ring_bytes - 1)) they stand for."""
+    check_ring_bytes(ring_bytes)
+    words = np.asarray(total, dtype=np.uint64)
+    if ring_bytes < RING_BYTES_MAX:
+        bits = 8 * ring_bytes
+        low = words & np.uint64((1 << bits) - 1)
+        sign = np.uint64(1 << (bits - 1))
+        words = (low ^ sign) - sign  # sign-extends; wraps mod 2^64 as uint64 does
+    return words.view(np.int64)
 
 
-def decode_vector(raw: object, size: int) -> np.ndarray:
-    """The uint64 vector of `size` words in `raw`; SecAggError when it is not one."""
-    if not isinstance(raw, bytes) or len(raw) != 8 * size:
-        raise SecAggError(f"the masked vector is not {size} 64-bit words")
-    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+def check_ring_bytes(ring_bytes: object) -> int:
+    """`ring_bytes` when it is a ring width fedsilo uses (1 to 8 bytes); else SecAggError."""
+    if ring_bytes is None:
+        raise SecAggError("the server sent no ring width (`ring-bytes`)")
+    if isinstance(ring_bytes, bool) or not isinstance(ring_bytes, int):
+        raise SecAggError(f"the ring width {ring_bytes!r} is not a whole number of bytes")
+    if not 1 <= ring_bytes <= RING_BYTES_MAX:
+        raise SecAggError(f"the ring width {ring_bytes} bytes is not 1 to {RING_BYTES_MAX}")
+    return ring_bytes
+
+
+def ring_bytes_for(bound: float) -> int:
+    """The fewest bytes whose ring holds, with a factor of 2 to spare, every integer of
+    magnitude up to `bound`: 2^(8 k - 1) >= 2 bound. The spare factor makes a sum that
+    wrapped by less than the ring fail the server's norm check instead of passing it.
+
+    Raises:
+        ConfigError: not even 8 bytes (the 64-bit ring) hold it.
+    """
+    finite = math.isfinite(bound)
+    need_bits = math.log2(max(2.0 * bound, 1.0)) + 1.0 if finite else math.inf  # + the sign
+    ring_bytes = max(1, math.ceil(need_bits / 8)) if finite else RING_BYTES_MAX + 1
+    if ring_bytes > RING_BYTES_MAX:
+        raise ConfigError(
+            f"the secure sum can reach {bound:.3g} in integer units, beyond the 64-bit ring "
+            f"it is added in (at most {2.0**62:.3g} with fedsilo's factor 2 to spare). Use "
+            "fewer sites a round, a smaller batch-size or a smaller model."
+        )
+    return ring_bytes
+
+
+def encode_vector(vector: np.ndarray, ring_bytes: int = RING_BYTES_MAX) -> bytes:
+    """A uint64 vector reduced to the ring of `ring_bytes` bytes, each element as that
+    many little-endian bytes (what a masked reply carries). Reducing a masked vector
+    keeps it uniform: its masks are uniform in every ring 2^(8 k)."""
+    check_ring_bytes(ring_bytes)
+    words = np.ascontiguousarray(vector, dtype="<u8")
+    if ring_bytes == RING_BYTES_MAX:
+        return words.tobytes()
+    return words.view(np.uint8).reshape(-1, RING_BYTES_MAX)[:, :ring_bytes].tobytes()
+
+
+def decode_vector(raw: object, size: int, ring_bytes: int = RING_BYTES_MAX) -> np.ndarray:
+    """The uint64 vector of `size` elements of `ring_bytes` bytes in `raw`; SecAggError
+    when it is not one."""
+    check_ring_bytes(ring_bytes)
+    if not isinstance(raw, bytes) or len(raw) != ring_bytes * size:
+        raise SecAggError(f"the masked vector is not {size} words of {ring_bytes} byte(s)")
+    if ring_bytes == RING_BYTES_MAX:
+        return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+    words = np.zeros((size, RING_BYTES_MAX), dtype=np.uint8)
+    words[:, :ring_bytes] = np.frombuffer(raw, dtype=np.uint8).reshape(size, ring_bytes)
+    return words.view("<u8").reshape(size).astype(np.uint64)

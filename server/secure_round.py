@@ -40,6 +40,7 @@ from fedsilo.privacy.distributed import (
     Quantizer,
     decode_sum,
     expected_pooled_batch,
+    ring_bytes,
     sum_norm_bound,
 )
 from fedsilo.privacy.secagg import (
@@ -143,6 +144,7 @@ class SecureRound:
         self.dead: set[int] = set()
         self.signatures: dict[int, bytes] = {}
         self.shares: dict[int, dict[int, bytes]] = {}
+        self.ring_bytes = 0  # the masked-input stage sets it from the round's sites
         self.why_not = ""  # why a stage ended the round
 
     # ------------------------------------------------------------ 0. advertise keys
@@ -218,12 +220,21 @@ class SecureRound:
 
     def collect_masked_input(self) -> bool:
         shared = set(self.threshold)
+        self.ring_bytes = ring_bytes(  # what the sum of every site asked can reach
+            clip=self.cfg.max_grad_norm,
+            batch_size=self.cfg.batch_size,
+            sites=len(shared),
+            noise_multiplier=self.cfg.noise_multiplier,
+            min_sites=self.cfg.dp_min_sites,
+            quantizer=Quantizer(dim=self.dim, clip=self.cfg.max_grad_norm),
+        )
         asks: dict[int, dict[str, Any]] = {}
         for n in shared:  # each site is sent exactly the shares of sites that shared keys
             srcs = sorted(s for s in self.inbox.get(n, {}) if s in shared)
             asks[n] = {
                 protocol.SOURCES: srcs,
                 protocol.CIPHERTEXTS: [self.inbox[n][s] for s in srcs],
+                protocol.RING_BYTES: self.ring_bytes,
             }
         replies = self._send(protocol.MASKED_INPUT, asks, self.arrays)
         for node, msg in replies.items():
@@ -253,7 +264,7 @@ class SecureRound:
         record = msg.content.get(protocol.SECAGG)
         if not isinstance(record, ConfigRecord):
             raise InvalidReply(f"no `{protocol.SECAGG}` record")
-        vec = decode_vector(record.get(protocol.MASKED), self.dim)
+        vec = decode_vector(record.get(protocol.MASKED), self.dim, self.ring_bytes)
         partners = _list(record, protocol.PARTNERS)
         if not set(partners) <= set(ask[protocol.SOURCES]):
             raise InvalidReply("its partners are not sites it was sent shares of")
@@ -306,6 +317,7 @@ class SecureRound:
             self.partners,
             self.shares,
             self.threshold,
+            self.ring_bytes,
         )
         self.clock.lap("unmask-sum")
         quantizer = Quantizer(dim=self.dim, clip=self.cfg.max_grad_norm)

@@ -21,6 +21,7 @@ from fedsilo.privacy.distributed import (
     expected_pooled_batch,
     planned,
     quantize,
+    ring_bytes,
     share_multiplier,
     sum_norm_bound,
     tau,
@@ -219,3 +220,15 @@ def test_a_run_without_its_noise_or_with_too_little_is_refused() -> None:
     # A larger rate than planned (a site the server left out of the plan) is refused too.
     with pytest.raises(PrivacyError, match=r"sample rate 0\.2"):
         check_run_noise(run, sample_rate=0.2)
+
+
+def test_the_ring_holds_twice_the_honest_sums_bound_and_widens_with_the_sites() -> None:
+    """Scatnet's 39,700 weights at batch 256 and sigma 1: 4 bytes a weight for 10 sites
+    (half the 64-bit ring), 5 for 1,000; always twice the bound on any coordinate."""
+    quantizer = Quantizer(dim=39_700, clip=1.0)
+    run = {"clip": 1.0, "batch_size": 256, "noise_multiplier": 1.0, "min_sites": 3}
+    widths = {n: ring_bytes(sites=n, quantizer=quantizer, **run) for n in (3, 10, 1000)}
+    assert widths == {3: 4, 10: 4, 1000: 5}
+    for n, k in widths.items():
+        bound = sum_norm_bound(sites=n, quantizer=quantizer, **run) * quantizer.scale
+        assert 2.0 ** (8 * k - 1) >= 2 * bound > 2.0 ** (8 * (k - 1) - 1)

@@ -14,13 +14,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedsilo.errors import ConfigError
 from fedsilo.privacy.identity import SiteIdentity, simulated_identity, verify_signed
 from fedsilo.privacy.identity import write_simulated_identities as make_identities
 from fedsilo.privacy.secagg import (
     MAX_NEIGHBOURS,
+    RING_BYTES_MAX,
     SecAggError,
+    check_ring_bytes,
+    decode_vector,
+    encode_vector,
+    from_ring,
     mask,
     neighbours,
+    ring_bytes_for,
     survivors,
     threshold_for,
     to_ring,
@@ -65,8 +72,10 @@ class Federation:
         *,
         drop_after_share: frozenset[int] = frozenset(),
         roundtrip: bool = True,
+        ring_bytes: int = RING_BYTES_MAX,
     ) -> tuple[np.ndarray, dict[int, np.ndarray]]:
-        """Every stage as an honest server drives it; (the sum, the masked vectors)."""
+        """Every stage as an honest server drives it; (the sum, the masked vectors as
+        the server decodes them off the wire, `ring_bytes` bytes a weight)."""
         if roundtrip:  # as the ClientApp keeps the object between messages
             self.sites = {n: SecAggSite.from_state(s.to_state()) for n, s in self.sites.items()}
         inbox = self.share_keys()
@@ -75,7 +84,8 @@ class Federation:
             if n in drop_after_share:
                 continue
             partners[n] = self.sites[n].receive_shares(inbox[n])
-            masked[n] = self.sites[n].masked_input(to_ring(vectors[n]))
+            wire = encode_vector(self.sites[n].masked_input(to_ring(vectors[n])), ring_bytes)
+            masked[n] = decode_vector(wire, vectors[n].size, ring_bytes)
         active = survivors(masked, partners, self.graph)
         dead = {j for i in active for j in partners[i]} - active
         sigs = {
@@ -85,7 +95,8 @@ class Federation:
         shares = {n: self.sites[n].unmask(sigs, self.verify) for n in active}
         keys = {n: (k.c, k.s) for n, k in self.keys.items()}
         thresholds = {n: threshold_for(len(self.graph[n])) for n in self.sites}
-        total = unmask_sum(TAG, {n: masked[n] for n in active}, keys, partners, shares, thresholds)
+        active_masked = {n: masked[n] for n in active}
+        total = unmask_sum(TAG, active_masked, keys, partners, shares, thresholds, ring_bytes)
         return total, masked
 
 
@@ -104,6 +115,65 @@ def test_the_unmasked_sum_is_the_plain_sum_and_no_masked_vector_reveals_its_site
     for n, vec in masked.items():  # what the server holds of one site: uniform noise
         diff = vec.view(np.int64) - vectors[n]
         assert np.mean(np.abs(diff) < 2**50) < 0.01
+
+
+def test_a_narrow_ring_carries_the_exact_sum_in_fewer_bytes_and_each_vector_stays_uniform(
+    tmp_path: Path,
+) -> None:
+    """Two bytes a weight hold a sum of five vectors in [-1000, 1000): the server gets
+    the same sum as in the 64-bit ring from a quarter of the bytes, one site dropping
+    after it shared keys included, and each masked vector it holds is uniform on the
+    ring: nothing of its site shows (the masks are uniform modulo any 2^(8k))."""
+    fed = Federation(tmp_path, 6)
+    vectors = vectors_for(list(fed.sites), 1, size=4000)
+    gone = frozenset({105})
+    total, masked = fed.run(vectors, ring_bytes=2, drop_after_share=gone)
+    assert np.array_equal(total, sum(v for n, v in vectors.items() if n not in gone))
+    assert len(encode_vector(masked[100], 2)) == 2 * 4000
+    for n, vec in masked.items():
+        assert vec.max() < 2**16
+        ring = vec.astype(np.int64)
+        assert abs(ring.mean() / 2**16 - 0.5) < 0.02  # uniform on [0, 2^16): mean 2^15
+        assert abs(ring.std() / 2**16 - 12**-0.5) < 0.02  # ... and std 2^16 / sqrt(12)
+        own = to_ring(vectors[n]).astype(np.uint64) & np.uint64(0xFFFF)
+        assert np.mean(vec == own) < 0.01
+
+
+def test_ring_widths_hold_twice_the_bound_and_the_64_bit_ring_is_the_limit() -> None:
+    assert ring_bytes_for(0.0) == 1
+    assert ring_bytes_for(64.0) == 1  # 2^7 >= 2 x 64
+    assert ring_bytes_for(64.5) == 2
+    assert ring_bytes_for(6.53e7) == 4  # 10 Fashion-MNIST sites' sum (test_distributed)
+    assert ring_bytes_for(2.0**62) == RING_BYTES_MAX
+    with pytest.raises(ConfigError, match="beyond the 64-bit ring"):
+        ring_bytes_for(2.0**62 * 1.01)
+    with pytest.raises(ConfigError, match="beyond the 64-bit ring"):
+        ring_bytes_for(float("inf"))
+
+
+def test_a_ring_reads_back_as_signed_integers_and_wraps_beyond_its_range() -> None:
+    values = np.array([-129, -128, -1, 0, 1, 127, 128, 255, 256], dtype=np.int64)
+    assert from_ring(to_ring(values), 1).tolist() == [127, -128, -1, 0, 1, 127, -128, -1, 0]
+    assert from_ring(to_ring(values), 2).tolist() == values.tolist()
+    assert from_ring(to_ring(values), 8).tolist() == values.tolist()
+    wide = np.array([-(2**62), 2**62 - 1], dtype=np.int64)
+    assert decode_vector(encode_vector(to_ring(wide), 8), 2).view(np.int64).tolist() == [
+        -(2**62),
+        2**62 - 1,
+    ]
+
+
+@pytest.mark.parametrize("width", [None, True, 0, 9, "4", 4.0])
+def test_a_site_refuses_a_ring_width_it_cannot_send(width: object) -> None:
+    with pytest.raises(SecAggError, match="ring width"):
+        check_ring_bytes(width)
+
+
+def test_a_masked_vector_of_the_wrong_width_is_refused() -> None:
+    raw = encode_vector(np.arange(10, dtype=np.uint64), 3)
+    assert decode_vector(raw, 10, 3).tolist() == list(range(10))
+    with pytest.raises(SecAggError, match="10 words of 4 byte"):
+        decode_vector(raw, 10, 4)
 
 
 def test_a_site_dropping_after_sharing_keys_is_left_out_of_the_sum(tmp_path: Path) -> None:

@@ -30,9 +30,11 @@ from tests.server.secure_harness import (
     federation,
     node,
     rounds_for,
+    server_side,
     spends,
     spy,
     start,
+    values_of,
 )
 from tests.server.secure_harness import _task_identity as _task_identity
 
@@ -311,3 +313,61 @@ def test_a_server_asking_a_spent_round_again_gets_no_second_masking_of_it(
     assert contributions == {}  # no site masked anything a second time
     assert spends(cfg) == [1, 1, 1, 1]
     assert "nothing was released" in again.why_not
+
+
+# ---------------------------------------------------------------- the ring's width
+
+
+def test_the_honest_round_sums_in_a_ring_narrower_than_64_bits_and_releases(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sized from the run's norm bound, the ring is 3 bytes here (4 digits sites at
+    batch 100): each masked vector crosses the wire in 3/8 of the bytes of the 64-bit
+    ring, and the sum is exact."""
+    cfg = distributed_cfg(tmp_path)
+    federation(cfg)
+    contributions, seen = spy(monkeypatch)
+    wire = Wire()
+    assert rounds_for(cfg, wire).run_round(SiteGrid(cfg), 1, start(cfg)) is not None
+    asks = [dict(m.content[protocol.CONFIG]) for m in wire.sent["masked-input"]]
+    assert {a[protocol.RING_BYTES] for a in asks} == {3}
+    dim = next(iter(contributions.values())).size
+    for reply in wire.replies["masked-input"]:
+        assert len(values_of(reply)[protocol.MASKED]) == 3 * dim
+    assert np.array_equal(seen["total"], sum(contributions.values()))
+
+
+def test_a_server_choosing_a_one_byte_ring_learns_only_the_sum_modulo_256(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The width is the server's to choose, and no choice shows it more: each masked
+    vector is uniform on the ring it asked for, and what it unmasks is the sites' sum
+    reduced modulo 2^8, a function of the sum the full ring would have given."""
+    cfg = distributed_cfg(tmp_path)
+    federation(cfg)
+    contributions, seen = spy(monkeypatch)
+    monkeypatch.setattr(server_side, "ring_bytes", lambda **_: 1)
+    rounds_for(cfg).run_round(SiteGrid(cfg), 1, start(cfg))
+    true_sum = sum(contributions.values())
+    assert np.array_equal(seen["total"], ((true_sum + 128) % 256) - 128)
+    for node_id, vec in seen["masked"].items():  # type: ignore[union-attr]
+        assert vec.max() < 256 and abs(vec.astype(np.int64).mean() / 256 - 0.5) < 0.05
+        own = contributions[node_id].view(np.uint64) & np.uint64(0xFF)
+        assert np.mean(vec == own) < 0.02  # about 1/256 by chance
+
+
+def test_a_server_sending_no_usable_ring_width_is_refused_before_any_spend(
+    tmp_path: Path,
+) -> None:
+    cfg = distributed_cfg(tmp_path)
+    federation(cfg)
+
+    def widen(stage: str, dst: int, values: dict[str, Any]) -> dict[str, Any]:
+        if stage == "masked-input":
+            values[protocol.RING_BYTES] = 9
+        return values
+
+    wire = Wire(widen)
+    assert rounds_for(cfg, wire).run_round(SiteGrid(cfg), 1, start(cfg)) is None
+    refused_everywhere(wire, "masked-input", 4, "ring width 9 bytes")
+    assert spends(cfg) == [0, 0, 0, 0]
