@@ -22,7 +22,8 @@ MODELS = ("auto", "mlp", "cnn", "scatnet")
 DEVICES = ("auto", "cpu", "cuda")
 ACCOUNTANTS = ("prv", "rdp")
 DP_MODES = ("local", "distributed")
-# How a local-DP site's update crosses the wire (fedsilo.task.codec)
+# How a local-DP site's update, and the global model sent to it, cross the wire
+# (fedsilo.task.codec)
 UPDATE_CODECS = ("float32", "bf16", "int8")
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # The most noise shares distributed DP may assume: the largest SecAgg+ neighbourhood a
@@ -176,6 +177,9 @@ class RunConfig:
     # How a local-DP site sends its model (fedsilo.task.codec): float32, the model; bf16 or
     # int8 (stochastic rounding), its update compressed. Post-processing of DP releases.
     update_codec: str = "float32"
+    # How the server sends a local-DP site the global model (fedsilo.task.codec):
+    # float32, or bf16 or int8 (round to nearest); the server keeps it in full precision.
+    model_codec: str = "float32"
 
     @property
     def distributed(self) -> bool:
@@ -243,6 +247,15 @@ class RunConfig:
                 "sum's ring, never its model; the codecs compress local-DP updates. Drop "
                 "--update-codec, or use --dp local.",
             )
+        if self.model_codec != "float32" and self.distributed:
+            raise _bad(
+                source,
+                "model-codec",
+                "float32 with --dp distributed",
+                self.model_codec,
+                "A distributed-DP round's model step is taken from the secure sum alone; "
+                "the model codecs serve local DP. Drop --model-codec, or use --dp local.",
+            )
         if rule.kind != "fedavg" and self.distributed:
             raise _bad(
                 source,
@@ -290,6 +303,7 @@ class RunConfig:
             ("device", self.device, DEVICES),
             ("accountant", self.accountant, ACCOUNTANTS),
             ("update-codec", self.update_codec, UPDATE_CODECS),
+            ("model-codec", self.model_codec, UPDATE_CODECS),
         ):
             if value not in allowed:
                 raise _bad(source, key, f"one of {', '.join(allowed)}", value)

@@ -151,6 +151,15 @@ FLAGS: tuple[Flag, ...] = (
         "already-noised model: post-processing, no privacy cost",
         choices=UPDATE_CODECS,
     ),
+    Flag(
+        "model-codec",
+        "run",
+        "how the server sends each site the global model, with --dp local: float32, bf16 "
+        "(half the bytes) or int8 (per tensor: a scale and 8-bit values rounded to nearest; "
+        "a quarter). The server keeps its model in full precision and makes up the "
+        "rounding when it aggregates, so the error never builds up over rounds",
+        choices=UPDATE_CODECS,
+    ),
     Flag("seed", "run", "model initialisation and partitioning"),
     Flag("device", "run", "auto, cpu or cuda"),
 )

@@ -78,9 +78,12 @@ class LocalSiteRound(SiteRound):
         again = self.resend()
         if again is not None:
             return again
+        try:  # the model as the server sent it (model-codec): what the update is from
+            global_state = codec.decode_model(arrays.to_torch_state_dict())
+        except codec.CodecError as exc:  # refused before anything is spent
+            raise ConfigError(f"The server's model does not decode: {exc}.") from None
         failpoint.reach("train", self.server_round)  # tests only: nothing spent yet
         auth = self.authorise()
-        global_state = arrays.to_torch_state_dict()
         result = train_authorised(self.cfg, self.site, auth, global_state, self.server_round)
         if not isinstance(result, RoundResult):
             raise ConfigError("a local-DP round trained without its model")

@@ -119,6 +119,7 @@ def site_reports(cfg: RunConfig, run_dir: RunDir, rounds: list[RoundRecord]) -> 
         names=lambda: read_site_names(run_dir.path),
         rule=cfg.aggregation_rule,
         update_codec=cfg.update_codec,
+        model_codec=cfg.model_codec,
     )
     strategy.restore(rounds)
     return strategy

@@ -22,6 +22,7 @@ import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import cast
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Strategy
@@ -31,6 +32,7 @@ from fedsilo.config import Aggregation
 from fedsilo.server import robust
 from fedsilo.server.records import Failure, Flagged, Refusal, RoundRecord
 from fedsilo.server.replies import Codec, InvalidReply, ReplyBook, SiteReport, Spec, spec_of
+from fedsilo.task import codec
 
 FEDAVG = Aggregation("fedavg")
 WEIGHT_CAP_RATIO = 4.0  # no site weighs more than 4x the median site of its round
@@ -93,18 +95,24 @@ class SiteReports(Strategy):
         names: Callable[[], Mapping[int, str]] | None = None,
         rule: Aggregation = FEDAVG,
         update_codec: str = "float32",
+        model_codec: str = "float32",
     ) -> None:
         """`names()` maps authenticated node ids to site names (re-read for unknown nodes);
         `rule` combines the replies (fedavg: `inner`'s; else fedsilo.server.robust, with
         `inner`'s weighted mean of the metrics); `update_codec` is how sites send their
-        models (fedsilo.task.codec): replies are decoded before anything reads them."""
+        models (fedsilo.task.codec): replies are decoded before anything reads them;
+        `model_codec` is how the global model goes to them."""
         self.inner = inner
         self.book = ReplyBook(names)
         self.rule = rule
         self.update_codec = update_codec
+        self.model_codec = model_codec
         self._sent: list[Message] = []  # this round's train messages (ids set on sending)
         self._spec: Spec = {}
-        self._global: ArrayRecord | None = None  # the model this round sent
+        self._global: ArrayRecord | None = None  # the model this round sent, as sites read it
+        # The full-precision model minus the one sites read (model_codec's rounding),
+        # added back to what the round aggregates.
+        self._shift: dict[str, torch.Tensor] = {}
 
     # The book's records, as the run's metrics lines and summary read them.
 
@@ -143,11 +151,29 @@ class SiteReports(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         self._spec = spec_of(arrays)
-        self._global = arrays
-        self._sent = list(self.inner.configure_train(server_round, arrays, config, grid))
+        self._global, self._shift, sent = arrays, {}, arrays
+        if self.model_codec != "float32":
+            state = arrays.to_torch_state_dict()
+            wire = codec.encode_model(self.model_codec, state)
+            read = codec.decode_model(wire)
+            seen = {k: read[k].to(t.dtype) for k, t in state.items()}
+            self._shift = {k: t - seen[k] for k, t in state.items() if t.is_floating_point()}
+            self._global, sent = ArrayRecord(seen), ArrayRecord(wire)
+        self._sent = list(self.inner.configure_train(server_round, sent, config, grid))
         return self._sent
 
     def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        arrays, metrics = self._aggregate(server_round, replies)
+        if arrays is None or not self._shift:
+            return arrays, metrics
+        state = arrays.to_torch_state_dict()
+        for key, shift in self._shift.items():  # back to full precision (model_codec)
+            state[key] = state[key] + shift.to(state[key].dtype)
+        return ArrayRecord(state), metrics
+
+    def _aggregate(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         # The global model as tensors, once: what a codec decodes against, a rule's start.

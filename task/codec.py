@@ -1,4 +1,7 @@
-"""Update codecs: how a local-DP site's update crosses the wire (run config `update-codec`).
+"""Codecs: how a local-DP site's update (run config `update-codec`) and the global model
+the server sends it (`model-codec`) cross the wire.
+
+Updates, site to server:
 
 - `float32` (default): the site sends its trained model itself, as it always has.
 - `bf16`: the site sends its update u = trained - global, rounded to bfloat16 (round to
@@ -14,6 +17,16 @@ u, before it validates and aggregates it (fedsilo.server.replies), so every aggr
 rule sees models as before. A reply that does not fit the run's codec (a missing or
 extra key, a dtype or shape that is not the codec's, a scale that is negative or not
 finite, an int8 value of -128) is invalid: the server leaves it out and says why.
+
+The global model, server to site (`encode_model`, `decode_model`): bf16 sends each
+floating-point tensor's bfloat16 patterns under KEY@bf16; int8 sends q = round(127 w / s),
+s = max |w|, under KEY@int8 with s under KEY@scale (round to nearest, so a resent round
+and a restarted server send the very same model). Self-describing: a site decodes what
+it gets without knowing the codec. The server keeps its model in full precision: it
+decodes replies against the model it sent (w' = decode(encode(w))), and adds w - w' to
+what it aggregates, so the rounding of the sent model never accumulates over rounds.
+The global model is the server's to publish to the sites: compressing it costs no
+privacy either.
 
 Privacy: the codec runs on the site's DP release. The update is a function of the
 site's noised model and the global model, which the server sent; the rounding draws
@@ -34,6 +47,7 @@ import torch
 # (attribute names joined by ".").
 SCALE = "@scale"
 INT8_MAX = 127
+MODEL_TAGS = {"bf16": "@bf16", "int8": "@int8"}  # a sent model's coded tensors
 
 Uniform = Callable[[int], torch.Tensor]  # n uniforms in [0, 1) (fedsilo.task.rng.SiteRandom)
 
@@ -123,3 +137,60 @@ def _from_int8(key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if q.numel() and int(q.min()) < -INT8_MAX:
         raise CodecError(f"`{key}` holds -128: int8 values are in [-127, 127]")
     return q.to(torch.float32) * (s / INT8_MAX)
+
+
+def encode_model(codec: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors the server sends for its global model `state` under `codec` (see the
+    module): floating-point tensors coded under KEY@bf16 or KEY@int8 (+ KEY@scale)."""
+    if codec == "float32":
+        return dict(state)
+    if codec not in MODEL_TAGS:
+        raise ValueError(f"unknown codec {codec!r}")
+    tag = MODEL_TAGS[codec]
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if not tensor.is_floating_point():
+            out[key] = tensor
+        elif codec == "bf16":
+            out[key + tag] = tensor.detach().to(torch.bfloat16).view(torch.int16)
+        else:
+            w = tensor.detach().to(torch.float32)
+            scale = w.abs().max() if w.numel() else torch.tensor(0.0)
+            if float(scale) > 0.0:
+                q = torch.round(w * (INT8_MAX / scale)).clamp_(-INT8_MAX, INT8_MAX)
+            else:
+                q, scale = torch.zeros_like(w), torch.tensor(0.0)
+            out[key + tag] = q.to(torch.int8)
+            out[key + SCALE] = scale.to(torch.float32).reshape(())
+    return out
+
+
+def decode_model(wire: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model a server's `wire` tensors stand for, coded tensors as float32; any
+    codec (the tags say which).
+
+    Raises:
+        CodecError: a coded tensor of the wrong dtype, or an int8 one without its scale.
+    """
+    out: dict[str, torch.Tensor] = {}
+    scales = {k for k in wire if k.endswith(SCALE)}
+    used: set[str] = set()
+    for key, tensor in wire.items():
+        if key in scales:
+            continue
+        if key.endswith(MODEL_TAGS["bf16"]):
+            name = key.removesuffix(MODEL_TAGS["bf16"])
+            if tensor.dtype != torch.int16:
+                raise CodecError(f"`{key}` is {tensor.dtype}; bf16 patterns are int16")
+            out[name] = tensor.view(torch.bfloat16).to(torch.float32)
+        elif key.endswith(MODEL_TAGS["int8"]):
+            name = key.removesuffix(MODEL_TAGS["int8"])
+            if tensor.dtype != torch.int8 or name + SCALE not in wire:
+                raise CodecError(f"`{key}` is {tensor.dtype}, with no `{name}{SCALE}`")
+            out[name] = _from_int8(name, tensor, wire[name + SCALE])
+            used.add(name + SCALE)
+        else:
+            out[key] = tensor
+    if scales - used:
+        raise CodecError(f"scales without their tensors: {sorted(scales - used)[:3]}")
+    return out

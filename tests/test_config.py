@@ -38,6 +38,7 @@ def test_roundtrip() -> None:
         ("max-grad-norm", 0.0, "`max-grad-norm`"),
         ("rounds", "three", "must be of type int"),
         ("update-codec", "fp8", "`update-codec` must be one of float32, bf16, int8"),
+        ("model-codec", "fp4", "`model-codec` must be one of float32, bf16, int8"),
     ],
 )
 def test_invalid_values(key: str, value: object, needle: str) -> None:
@@ -104,6 +105,11 @@ def test_a_distributed_run_config_round_trips_with_its_plan() -> None:
             "update-codec",
             "int8",
             ["`update-codec` must be float32 with --dp distributed", "secure sum's ring"],
+        ),
+        (
+            "model-codec",
+            "bf16",
+            ["`model-codec` must be float32 with --dp distributed", "secure sum alone"],
         ),
     ],
 )

@@ -22,6 +22,7 @@ from fedsilo.privacy.refusal import REFUSAL_CODE
 from fedsilo.server.evaluate import global_model
 from fedsilo.simulations.ledgers import simulated_ledger, write_site_policies
 from fedsilo.simulations.sites import SimulatedSites
+from fedsilo.task.codec import SCALE
 
 
 @pytest.fixture(autouse=True)
@@ -129,6 +130,36 @@ def test_a_resumed_server_asking_again_gets_the_same_reply_at_no_new_spend(
         in refusal_of(sim_train(train_message(cfg, 1), sim_context(cfg)))["refused"]
     )
     assert [s.round for s in ledger.read(path).spends] == [1, 2]
+
+
+def test_a_site_trains_from_a_compressed_model_and_refuses_one_that_does_not_decode(
+    tmp_path: Path,
+) -> None:
+    """--model-codec int8: the site trains from the model as sent (decoded by its tags)
+    and sends its update against it; a sent model whose scales are missing is refused
+    before anything is spent."""
+    from fedsilo.task import codec
+
+    cfg = RunConfig(
+        rounds=2, accountant="rdp", run_dir=str(tmp_path), update_codec="int8", model_codec="int8"
+    )
+    write_site_policies(tmp_path, [SitePolicy(max_epsilon=8.0)])
+    path = simulated_ledger(tmp_path, 0)
+    broken = train_message(cfg, 1)
+    wire = codec.encode_model("int8", global_model(cfg).state_dict())
+    broken.content["arrays"] = ArrayRecord({k: v for k, v in wire.items() if SCALE not in k})
+    reason = refusal_of(sim_train(broken, sim_context(cfg)))["refused"]
+    assert "The server's model does not decode" in reason and "@scale" in reason
+    assert ledger.read(path).spends == []
+    good = train_message(cfg, 1)
+    good.content["arrays"] = ArrayRecord(wire)
+    reply = sim_train(good, sim_context(cfg))
+    assert metrics_of(reply)[protocol.NUM_EXAMPLES] > 0
+    sent = reply.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    seen = codec.decode_model(wire)
+    model = codec.decode("int8", sent, seen)  # the update is against the model as sent
+    assert all(torch.isfinite(t).all() for t in model.values())
+    assert len(ledger.read(path).spends) == 1
 
 
 def test_site_at_its_budget_refuses_the_next_round(tmp_path: Path) -> None:

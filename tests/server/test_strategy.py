@@ -265,3 +265,45 @@ def test_a_round_with_fewer_replies_than_the_rule_needs_gives_no_model() -> None
     s._spec = {"w": ((2,), torch.float32)}
     arrays, _ = s.aggregate_train(1, [update(11, 1.0), update(12, 2.0)])
     assert arrays is None and s.flagged == []
+
+
+class Nodes:
+    """A grid that only names its nodes (FedAvg's configure_train asks no more)."""
+
+    def __init__(self, nodes: list[int]) -> None:
+        self.nodes = nodes
+
+    def get_node_ids(self) -> list[int]:
+        return self.nodes
+
+
+@pytest.mark.parametrize("model_codec", ["bf16", "int8"])
+def test_a_compressed_global_model_costs_no_precision_over_rounds(model_codec: str) -> None:
+    """The server sends w' = its model rounded (model-codec); sites train from w' and
+    send int8 updates against it; the server decodes them against w' and adds w - w'
+    back. Sites that change nothing leave the model exactly as it was, round after
+    round: the rounding never builds up."""
+    from fedsilo.task import codec
+    from fedsilo.task.rng import SeededRandom
+
+    g = torch.Generator().manual_seed(1)
+    model = {"w": torch.randn(300, generator=g), "n": torch.tensor(3)}
+    s = SiteReports(FedAvg(), names=lambda: NAMES, update_codec="int8", model_codec=model_codec)
+    arrays = ArrayRecord(model)
+    for server_round in (1, 2, 3):
+        sent = list(s.configure_train(server_round, arrays, ConfigRecord(), Nodes([11, 12])))
+        wire = sent[0].content[protocol.ARRAYS].to_torch_state_dict()  # type: ignore[union-attr]
+        tag = codec.MODEL_TAGS[model_codec]
+        assert "w" + tag in wire and wire["w" + tag].element_size() < 4
+        seen = codec.decode_model(wire)  # what each site trains from
+        assert not torch.equal(seen["w"], model["w"])  # rounded: w' differs from w
+        replies = []
+        for node in (11, 12):
+            up = codec.encode("int8", seen, seen, SeededRandom(node).uniform)  # no change
+            content = update(node, 0.0, arrays=up).content
+            replies.append(Message(content=content, reply_to=sent[[11, 12].index(node)]))
+        arrays, _ = s.aggregate_train(server_round, replies)
+        assert arrays is not None
+        got = arrays.to_torch_state_dict()
+        assert torch.allclose(got["w"], model["w"], atol=1e-7, rtol=0)
+        assert torch.equal(got["n"], model["n"])

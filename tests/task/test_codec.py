@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedsilo.task.codec import SCALE, CodecError, decode, encode
+from fedsilo.task.codec import (
+    MODEL_TAGS,
+    SCALE,
+    CodecError,
+    decode,
+    decode_model,
+    encode,
+    encode_model,
+)
 from fedsilo.task.rng import SeededRandom
 
 
@@ -103,3 +111,37 @@ def test_a_reply_that_does_not_fit_its_codec_is_refused_saying_why(
     with pytest.raises(CodecError) as err:
         decode(codec, wire, glob)
     assert reason in str(err.value)
+
+
+# ---------------------------------------------------------------- the global model
+
+
+def test_the_model_codecs_send_fewer_bytes_deterministically_and_decode_without_the_codec() -> None:
+    glob, _ = models()
+    for name, width, tolerance in (("bf16", 2, 2**-8), ("int8", 1, 1 / 254)):
+        wire = encode_model(name, glob)
+        again = encode_model(name, glob)  # round to nearest: a resent round is the same
+        assert again.keys() == wire.keys() and all(torch.equal(wire[k], again[k]) for k in wire)
+        tag = MODEL_TAGS[name]
+        assert wire["w" + tag].element_size() == width and wire["steps"] is glob["steps"]
+        read = decode_model(wire)  # a site reads it by its tags alone
+        assert read.keys() == glob.keys()
+        for key in ("w", "b"):
+            assert read[key].dtype == torch.float32
+            err = (read[key] - glob[key]).abs().max()
+            assert err <= tolerance * glob[key].abs().max() + 1e-7
+    plain = decode_model(encode_model("float32", glob))
+    assert plain.keys() == glob.keys() and all(plain[k] is glob[k] for k in glob)
+
+
+def test_a_sent_model_that_does_not_decode_is_refused_saying_why() -> None:
+    glob, _ = models()
+    wire = encode_model("int8", glob)
+    for broken, match in (
+        ({**wire, "w@int8": wire["w@int8"].to(torch.int16)}, "no `w@scale`"),
+        ({k: v for k, v in wire.items() if k != "w@scale"}, "no `w@scale`"),
+        ({**wire, "x@scale": torch.tensor(1.0)}, "scales without their tensors"),
+        ({"w@bf16": torch.zeros(3, dtype=torch.int8)}, "bf16 patterns are int16"),
+    ):
+        with pytest.raises(CodecError, match=match):
+            decode_model(broken)
