@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import deploy_latency
-from bench.common import machine, markdown, write_json
+from bench.common import codec_flags, machine, markdown, write_json
 
 MB = 1024 * 1024
 
@@ -198,7 +198,7 @@ def run_model(root: Path, task: str, sites: int, rounds: int, codec: str) -> dic
             [
                 *(sys.executable, "-m", "fedsilo", "simulate", "--task", task),
                 *("--sites", str(sites), "--rounds", str(rounds), "--out", "sim"),
-                *("--update-codec", codec),
+                *codec_flags(codec),
             ],
             cwd=root,
             env=env,
@@ -211,9 +211,7 @@ def run_model(root: Path, task: str, sites: int, rounds: int, codec: str) -> dic
     print("  deployed ...", file=sys.stderr, flush=True)
     (root / "dep").mkdir()
     with PeakMemory() as dep_mem:
-        deploy_latency.deployed(
-            root / "dep", sites, rounds, stock=False, task=task, update_codec=codec
-        )
+        deploy_latency.deployed(root / "dep", sites, rounds, stock=False, task=task, codec=codec)
     dep = row(
         "deployed",
         root / "dep" / "dep",
@@ -243,7 +241,7 @@ def render(result: dict[str, Any], baseline: dict[str, Any] | None) -> str:
     model_mb = result["model_mb"]
     lines = [
         f"\n### {result['task']}: {result['parameters'] / 1e6:.1f} M parameters, "
-        f"{model_mb:.0f} MB, --update-codec {result['update_codec']}",
+        f"{model_mb:.0f} MB, codecs {result['update_codec']} (update:model)",
         "",
         markdown(result["rows"], cols),
         "",
@@ -282,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--update-codecs",
         default="float32",
-        help="comma list: each model once per --update-codec (float32, bf16, int8)",
+        help="comma list: each model once per --update-codec (float32, bf16, int8), or "
+        "UPDATE:MODEL pair that sets --model-codec too (int8:int8)",
     )
     p.add_argument("--keep", type=Path, help="keep the run directories and logs here")
     args = p.parse_args(argv)

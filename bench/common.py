@@ -67,3 +67,10 @@ def interleaved(fns: dict[str, Callable[[], None]], *, reps: int) -> dict[str, f
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far, MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def codec_flags(codecs: str) -> list[str]:
+    """`fedsilo` flags for a bench's codec cell: "UPDATE" (--update-codec) or
+    "UPDATE:MODEL" (and --model-codec, the global model sent to sites)."""
+    update, _, model = codecs.partition(":")
+    return ["--update-codec", update, "--model-codec", model or "float32"]

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import dp_modes
-from bench.common import machine, markdown, write_json
+from bench.common import codec_flags, machine, markdown, write_json
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,7 +88,7 @@ def deployed(
     distributed: float | None = None,
     metrics_ports: list[int] | None = None,
     task: str | None = None,
-    update_codec: str = "float32",
+    codec: str = "float32",
 ) -> list[float]:
     """Round times of a deployed run on loopback, or across `net` (a tests.e2e.wan.Wan).
 
@@ -96,7 +96,8 @@ def deployed(
     distributed DP at this --dp-max-sample-rate, every site a noise-share holder.
     `metrics_ports`: serve Prometheus metrics, the server on the first port and each
     site on the next (bench.metrics_cost scrapes them). `task`: `--task` of the server
-    and every site (default: digits); `update_codec`: the server's `--update-codec`.
+    and every site (default: digits); `codec`: the server's `--update-codec`, or
+    UPDATE:MODEL with its `--model-codec` (bench.common.codec_flags).
     """
     ports = metrics_ports or []
     server_metrics = ["--metrics-port", str(ports[0])] if ports else []
@@ -152,7 +153,7 @@ def deployed(
             *dp,
             *server_metrics,
             *task_args,
-            *("--update-codec", update_codec),
+            *codec_flags(codec),
             "--out",
             "dep",
         ],

@@ -1,8 +1,8 @@
 """Accuracy at a given epsilon: Fashion-MNIST, 10 sites, IID and Dirichlet(0.5).
 
 Run: `python -m bench.utility [--epsilons 3] [--partitions iid] [--rounds 10] ...`
-(`--update-codecs float32,bf16,int8`: each DP cell once per update codec, with the MB a
-site sent a round.)
+(`--update-codecs float32,bf16,int8,int8:int8`: each DP cell once per update codec, or
+UPDATE:MODEL pair with a --model-codec too, with the MB a site sent and received a round.)
 
 Each DP cell is a real `fedsilo simulate --json` run (the product: Flower engine,
 ClientApp, ServerApp, accountant) with the Fashion-MNIST settings below; it reports
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, markdown, write_json
+from bench.common import codec_flags, machine, markdown, write_json
 
 # The Fashion-MNIST settings tuned on the validation split (README, Performance).
 FM = {
@@ -71,8 +71,7 @@ def simulate(
     sent a round (its status file: fedsilo.clients.site_status)."""
     with tempfile.TemporaryDirectory(prefix="fedsilo-utility-") as out:
         cmd = [sys.executable, "-m", "fedsilo", "simulate", "--json", "--out", out, "--dp", dp]
-        if codec != "float32":
-            cmd += ["--update-codec", codec]
+        cmd += codec_flags(codec)
         cmd += ["--dataset", "fashion-mnist", "--sites", str(hp["sites"])]
         cmd += ["--partition", partition, "--target-epsilon", str(eps)]
         cmd += ["--max-grad-norm", str(hp["max_grad_norm"])]
@@ -91,10 +90,13 @@ def simulate(
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     answers = max(1, sum(s["messages"]["answered"] for s in sent))
     mb_sent = sum(s["bytes_sent_total"] for s in sent) / answers / 2**20
+    mb_received = sum(s["bytes_received_total"] for s in sent) / answers / 2**20
     return {
         "dp": dp,
-        "update_codec": codec,
+        "update_codec": codec_flags(codec)[1],
+        "model_codec": codec_flags(codec)[3],
         "mb_sent_per_site_round": mb_sent,
+        "mb_received_per_site_round": mb_received,
         "completed_rounds": len(summary["rounds"]),
         "accuracy": summary["final"]["accuracy"],
         "epsilon": max(s["epsilon"] for s in summary["sites"]),
@@ -307,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         "--update-codecs",
         default="float32",
         help="comma list of --update-codec values for the DP cells (local DP): float32, bf16, "
-        "int8; each row also gives the MB a site sent a round",
+        "int8, or UPDATE:MODEL pairs that set --model-codec too (int8:int8); each row also "
+        "gives the MB a site sent and received a round",
     )
     args = p.parse_args(argv)
     if args.dp == "distributed":  # its own regime: flags left at FM's defaults take DIST's
@@ -333,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                 how = "in-process FedAvg" + (" (validation)" if args.validate else "")
             else:
                 res = simulate(partition, eps, hp, dp=args.dp, codec=codec)
-                how = f"fedsilo simulate --dp {args.dp} --update-codec {codec}"
+                how = f"fedsilo simulate --dp {args.dp} --update-codec {res['update_codec']}"
+                how += f" --model-codec {res['model_codec']}"
             row = {"partition": partition, "target_epsilon": e, **res, "how": how, **hp}
             rows.append(row)
             print(
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     cols = ["partition", "target_epsilon", "accuracy", "epsilon", "min_epsilon", "rounds"]
-    cols += ["mb_sent_per_site_round", "wall_s", "how"]
+    cols += ["mb_sent_per_site_round", "mb_received_per_site_round", "wall_s", "how"]
     print(markdown(rows, cols))
     path = write_json(args.name, {"rows": rows, "machine": machine(), "pid": os.getpid()})
     print(f"\nwrote {path}")
