@@ -4,7 +4,8 @@
 built by fedsilo and a Run it describes, and sets the task identity a ServerApp
 process sets. It reports the engine's mapping of node ids to partitions (fedsilo
 names a virtual site by its partition, never by what its messages say), and starts
-the ServerApp's work only once every node is registered. `actor_pool_size` and
+the ServerApp's work only once every node is registered; the engine looks for new
+messages in one pass over them (`add_messages_to_queue`). `actor_pool_size` and
 `site_nodes` read the Ray backend's actor pool: how many actors it makes on a
 cluster, and which actor, so which Ray node, ran each virtual site. Flower's Ray
 backend calls `ray.init` only when this process is not connected yet, and ends a run
@@ -22,24 +23,72 @@ import contextlib
 import dataclasses
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from queue import Queue
 from typing import Any
 
 import ray
-from flwr.app import Context, RecordDict
+from flwr.app import Context, Message, RecordDict
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
 from flwr.serverapp import Grid, ServerApp
 from flwr.simulation.ray_transport.ray_actor import BasicActorPool, pool_size_from_resources
 from flwr.simulation.run_simulation import _run_simulation
 from flwr.supercore.constant import NOOP_FEDERATION_ID
+from flwr.supercore.date import now
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supercore.telemetry import EventType
 
 from fedsilo.flwr_adapter import check_flower_version
+
+SWEEP_S = 0.1  # the engine's pause between two looks for new messages (Flower's)
+
+
+def add_messages_to_queue(
+    state: Any, queue: Queue[Message], nodes_mapping: dict[int, int], f_stop: threading.Event
+) -> None:
+    """flwr 1.39's `vce_api.add_messages_to_queue`, one pass over the messages a sweep.
+
+    Flower's asks the link state for each node's next message in turn
+    (`get_message_ins(node_id, limit=1)`), and each ask walks every stored message and
+    checks its expiry: a sweep costs nodes x messages checks, a million at 1,000 sites
+    (60% of the simulation driver's CPU there, py-spy) and 10^8 at 10,000. This walks
+    the store once a sweep: every message checked once, as Flower checks it (expired
+    ones are dropped), then each node's first undelivered message queued and marked
+    delivered, in the nodes' order, as Flower's does. Other link states (none under
+    `fedsilo simulate`) get Flower's own.
+    """
+    if not isinstance(state, InMemoryLinkState):
+        vce_api_add_messages_to_queue(state, queue, nodes_mapping, f_stop)
+        return
+    order = list(nodes_mapping)
+    while not f_stop.is_set():
+        for msg in next_messages(state, order):
+            queue.put(msg)
+        f_stop.wait(SWEEP_S)
+
+
+def next_messages(state: InMemoryLinkState, nodes: Iterable[int]) -> list[Message]:
+    """Each of `nodes`' first undelivered message in `state`, marked delivered."""
+    first: dict[int, Message] = {}
+    with state.lock:
+        state._check_stored_messages(set(state.message_ins_store))  # drops expired ones
+        for msg in state.message_ins_store.values():
+            meta = msg.metadata
+            if meta.delivered_at == "" and meta.dst_node_id not in first:
+                first[meta.dst_node_id] = msg
+        found = [first[node] for node in nodes if node in first]
+        delivered_at = now().isoformat()
+        for msg in found:
+            msg.metadata.delivered_at = delivered_at
+    return found
+
+
+vce_api_add_messages_to_queue = vce_api.add_messages_to_queue  # Flower's own
 
 
 def actor_pool_size(client_resources: dict[str, float]) -> int:
@@ -199,6 +248,7 @@ def run_simulation(
         run_config=dict(run_config),
     )
     vce_api._register_nodes = register
+    vce_api.add_messages_to_queue = add_messages_to_queue
     try:
         _run_simulation(
             num_supernodes=sites,
@@ -215,4 +265,5 @@ def run_simulation(
         )
     finally:
         vce_api._register_nodes = real_register
+        vce_api.add_messages_to_queue = vce_api_add_messages_to_queue
         registered.set()  # a ServerApp thread still waiting (the engine never got there)

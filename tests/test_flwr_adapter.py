@@ -466,3 +466,68 @@ def test_a_site_that_restarts_mid_round_is_reported_at_once_not_waited_for(
     book.train_replies(2, sent, replies, {})
     (failure,) = [f for f in book.failures if f.site == "b"]
     assert failure.round == 2 and "restarted during the round" in failure.reason
+
+
+def test_the_engine_finds_each_nodes_next_message_in_one_pass_over_the_store(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """fedsilo's `add_messages_to_queue` sweep hands out what Flower's would (each
+    node's first undelivered message, expired ones dropped, in the nodes' order) while
+    checking each stored message once a sweep, not once per node (nodes x messages)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.proto.task_pb2 import Task
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import InMemoryLinkState, LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    from fedsilo.flwr_adapter.engine import next_messages
+
+    def fresh(nodes: int) -> tuple[InMemoryLinkState, list[int], list[str]]:
+        factory = LinkStateFactory(
+            FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
+        )
+        state = factory.state()
+        assert isinstance(state, InMemoryLinkState)
+        run = Run.create_empty(run_id=77)
+        run.primary_task_id = 5
+        run.federation_id = NOOP_FEDERATION_ID
+        state.run_ids[run.run_id] = RunRecord(run=run)
+        state.task_store[5] = Task(task_id=5, run_id=77)  # as flwr's _main_loop does
+        ids = list(vce_api._register_nodes(num_nodes=nodes, state_factory=factory))
+        for attr, value in (("_task_id", 5), ("_run_id", 77), ("_node_id", 1)):  # SuperLink
+            monkeypatch.setattr(TaskIdentity, attr, value)
+        grid = InMemoryGrid(state_factory=factory)
+        grid.set_run(run)
+        msgs = [  # two for the first node, then one for each other but the last
+            Message(RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="train")
+            for n in [ids[0], *ids[:-1]]
+        ]
+        return state, ids, list(grid.push_messages(msgs))
+
+    theirs, their_ids, their_pushed = fresh(6)
+    flower = [m for n in their_ids for m in theirs.get_message_ins(node_id=n, limit=1)]
+    mine, ids, pushed = fresh(6)
+    checked: list[int] = []
+    real_check = mine._check_stored_messages
+
+    def check(message_ids: set[str], *args: object) -> None:
+        checked.append(len(message_ids))
+        real_check(message_ids, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(mine, "_check_stored_messages", check)
+    found = next_messages(mine, ids)
+    assert [their_pushed.index(m.metadata.message_id) for m in flower] == [0, 2, 3, 4, 5]
+    assert [m.metadata.message_id for m in found] == [pushed[i] for i in (0, 2, 3, 4, 5)]
+    assert checked == [6]  # every stored message once, in one call
+    assert all(m.metadata.delivered_at for m in found)
+    again = next_messages(mine, ids)  # node 0's second message, the next sweep
+    assert [m.metadata.message_id for m in again] == [pushed[1]]
+    mine.message_ins_store[pushed[1]].metadata.__dict__["_delivered_at"] = ""
+    mine.message_ins_store[pushed[1]].metadata.__dict__["_ttl"] = 0.0  # now expired
+    assert next_messages(mine, ids) == [] and pushed[1] not in mine.message_ins_store
