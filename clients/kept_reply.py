@@ -67,7 +67,8 @@ def kept(ledger: Path, *, run: str, server_round: int) -> KeptReply | None:
     site then refuses the round as one it already trained, as it would without it.
     """
     try:
-        raw = torch.load(reply_path(ledger), weights_only=True)
+        # Mapped: a site-round that is not a resend reads only the run and round.
+        raw = torch.load(reply_path(ledger), weights_only=True, mmap=True)
         reply = KeptReply(
             run=str(raw["run"]),
             round=int(raw["round"]),
