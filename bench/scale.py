@@ -1,6 +1,9 @@
 """Time per round and per site as a simulated federation grows, measured in one run.
 
-Run: `python -m bench.scale [--sites 10,100,1000] [--rounds 5]`.
+Run: `python -m bench.scale [--sites 10,100,1000] [--rounds 5]`; past 6,000 sites
+(Fashion-MNIST's 60,000 images at fedsilo's 10 a site at least) `--task
+bench.scale_tasks:blobs` (150,000 synthetic examples): `python -m bench.scale --task
+bench.scale_tasks:blobs --sites 1000,10000 --rounds 5`.
 
 Each row is `fedsilo simulate --dataset fashion-mnist --model mlp --local-epochs 1`
 with the 60,000 training images split IID among N sites (6,000 a site at 10 sites,
@@ -59,15 +62,23 @@ def tree_pss_bytes(root: int) -> int:
     return total
 
 
-def run_one(tmp: Path, sites: int, rounds: int) -> dict[str, Any]:
+REPO = Path(__file__).resolve().parents[1]  # on PYTHONPATH, for `--task bench....`
+
+
+def run_one(tmp: Path, sites: int, rounds: int, task: str = "") -> dict[str, Any]:
     out = tmp / f"sites-{sites}"
+    data = ["--task", task] if task else ["--dataset", "fashion-mnist", "--model", "mlp"]
     cmd = [
         *(sys.executable, "-m", "fedsilo", "simulate", "--json"),
-        *("--sites", str(sites), "--rounds", str(rounds), "--dataset", "fashion-mnist"),
-        *("--model", "mlp", "--local-epochs", "1", "--out", str(out)),
+        *("--sites", str(sites), "--rounds", str(rounds), *data),
+        *("--local-epochs", "1", "--out", str(out)),
     ]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     peak = 0
     stop = threading.Event()
 
@@ -92,13 +103,14 @@ def run_one(tmp: Path, sites: int, rounds: int) -> dict[str, Any]:
         [sys.executable, "-m", "fedsilo", "audit", str(out), "--json"],
         capture_output=True,
         text=True,
+        env=env,
     )
     audit_s = time.monotonic() - t1
     verified = json.loads(audit.stdout) if audit.stdout.strip() else {}
     later = statistics.median(seconds[1:]) if len(seconds) > 1 else seconds[0]
     return {
         "sites": sites,
-        "examples_per_site": 60_000 // sites,
+        "examples_per_site": summary["sites"][0].get("examples", 0) if summary["sites"] else 0,
         "round_1_s": seconds[0],
         "later_rounds_median_s": later,
         "ms_per_site_round": 1000 * later / sites,
@@ -116,13 +128,19 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sites", default="10,100,1000", help="comma-separated site counts")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument(
+        "--task",
+        default="",
+        help="a task's import path (default: Fashion-MNIST with the MLP); "
+        "bench.scale_tasks:blobs splits among up to 15,000 sites",
+    )
     args = ap.parse_args()
     counts = [int(s) for s in args.sites.split(",")]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in counts:
             print(f"{n} sites x {args.rounds} rounds ...", file=sys.stderr, flush=True)
-            rows.append(run_one(Path(tmp), n, args.rounds))
+            rows.append(run_one(Path(tmp), n, args.rounds, args.task))
     base = rows[0]
     for row in rows:
         row["sites_x"] = row["sites"] / base["sites"]
@@ -142,7 +160,9 @@ def main() -> None:
         "accuracy",
     ]
     print(markdown(rows, columns))
-    path = write_json("scale", {"machine": machine(), "rounds": args.rounds, "rows": rows})
+    path = write_json(
+        "scale", {"machine": machine(), "rounds": args.rounds, "task": args.task, "rows": rows}
+    )
     print(f"\nwrote {path}", file=sys.stderr)
 
 
