@@ -207,6 +207,7 @@ def round_protocol(
 
 
 RESTART_CHECK_S = 1.0  # while replies are pending: how often to look for restarted sites
+POLL_COST_RATIO = 10.0  # the wait between pulls is at least this many times the last pull
 RESTARTED = (
     "the site restarted during the round, so its reply to this round cannot come (Flower "
     "does not deliver a message again); it takes part again from the next round"
@@ -220,22 +221,28 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list
     while replies are near, up to 1 s while the round waits on a slow or dead site.
     `Grid.send_and_receive` does the same but sleeps 3 s between pulls (flwr 1.39's
     GrpcGrid), which a deployed round would wait for up to 3 s; a pull is one small
-    request to the local SuperLink. A message whose site restarted since the push (a new
-    session: `flwr_adapter.node_sessions`) gets an error reply saying so at once,
-    instead of a wait for the timeout.
+    request to the local SuperLink. A pull costs time in proportion to the replies
+    still pending (10,000 simulated sites: ~0.1 s), so the wait is also at least
+    POLL_COST_RATIO times the last pull's: pulling never takes more than a tenth of the
+    round. A message whose site restarted since the push (a new session:
+    `flwr_adapter.node_sessions`) gets an error reply saying so at once, instead of a
+    wait for the timeout; simulated sites never restart, so a simulation does not look.
     """
     sent = list(messages)
     pending = set(grid.push_messages(sent))
     by_id = {m.metadata.message_id: m for m in sent}
-    sessions = flwr_adapter.node_sessions(grid)
+    deployed = not flwr_adapter.is_simulation_grid(grid)
+    sessions = flwr_adapter.node_sessions(grid) if deployed else {}
     last = time.monotonic()
     deadline = last + timeout
     next_check = last + RESTART_CHECK_S
     replies: list[Message] = []
     while pending:
+        t0 = time.monotonic()
         got = list(grid.pull_messages(pending))
         now = time.monotonic()
-        if now >= next_check:
+        pull_s = now - t0
+        if deployed and now >= next_check:
             got += restarted(pending, by_id, sessions, flwr_adapter.node_sessions(grid))
             next_check = now + RESTART_CHECK_S
         if got:
@@ -244,7 +251,8 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list
             last = now
         if not pending or now >= deadline:
             break
-        time.sleep(min(flwr_adapter.poll_wait(now - last), max(0.0, deadline - now)))
+        wait = max(flwr_adapter.poll_wait(now - last), POLL_COST_RATIO * pull_s)
+        time.sleep(min(wait, max(0.0, deadline - now)))
     return replies
 
 
