@@ -235,19 +235,11 @@ def sum_norm_bound(
     return clip * count + rounding + noise
 
 
-def ring_bytes(
-    *,
-    clip: float,
-    batch_size: int,
-    sites: int,
-    noise_multiplier: float,
-    min_sites: int,
-    quantizer: Quantizer,
-) -> int:
-    """The bytes of the ring a round of `sites` sites sums its vectors in.
+def ring_bytes(bound: float, quantizer: Quantizer) -> int:
+    """The bytes of the ring a round sums its vectors in, given its `sum_norm_bound`.
 
-    No coordinate of a vector exceeds its L2 norm, so `sum_norm_bound` in integer units
-    (times the scale) bounds every coordinate of the honest integer sum, except with
+    No coordinate of a vector exceeds its L2 norm, so the bound in integer units (times
+    the scale) bounds every coordinate of the honest integer sum, except with
     probability NORM_FAILURE; the ring holds twice that (secagg.ring_bytes_for). The
     width changes what crosses the wire, not what the server learns: each masked vector
     is uniform in any ring, and the sum modulo the ring is a function of the sum.
@@ -257,14 +249,6 @@ def ring_bytes(
     Raises:
         ConfigError: not even the 64-bit ring holds it.
     """
-    bound = sum_norm_bound(
-        clip=clip,
-        batch_size=batch_size,
-        sites=sites,
-        noise_multiplier=noise_multiplier,
-        min_sites=min_sites,
-        quantizer=quantizer,
-    )
     return ring_bytes_for(bound * quantizer.scale)
 
 

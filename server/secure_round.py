@@ -133,6 +133,7 @@ class SecureRound:
         self.clock = _Clock()
         self.state = arrays.to_torch_state_dict()
         self.dim = sum(t.numel() for t in self.state.values())
+        self.quantizer = Quantizer(dim=self.dim, clip=self.cfg.max_grad_norm)
         self.need = max(2, self.cfg.min_sites, self.cfg.dp_min_sites)
         self.keys: dict[int, Keys] = {}
         self.graph: dict[int, list[int]] = {}
@@ -220,14 +221,8 @@ class SecureRound:
 
     def collect_masked_input(self) -> bool:
         shared = set(self.threshold)
-        self.ring_bytes = ring_bytes(  # what the sum of every site asked can reach
-            clip=self.cfg.max_grad_norm,
-            batch_size=self.cfg.batch_size,
-            sites=len(shared),
-            noise_multiplier=self.cfg.noise_multiplier,
-            min_sites=self.cfg.dp_min_sites,
-            quantizer=Quantizer(dim=self.dim, clip=self.cfg.max_grad_norm),
-        )
+        # What the sum of every site asked can reach: the ring holds it.
+        self.ring_bytes = ring_bytes(self._sum_bound(len(shared)), self.quantizer)
         asks: dict[int, dict[str, Any]] = {}
         for n in shared:  # each site is sent exactly the shares of sites that shared keys
             srcs = sorted(s for s in self.inbox.get(n, {}) if s in shared)
@@ -320,18 +315,20 @@ class SecureRound:
             self.ring_bytes,
         )
         self.clock.lap("unmask-sum")
-        quantizer = Quantizer(dim=self.dim, clip=self.cfg.max_grad_norm)
-        grad = decode_sum(total, quantizer)
-        bound = sum_norm_bound(
+        grad = decode_sum(total, self.quantizer)
+        check_sum(grad, self._sum_bound(len(self.active)))
+        return grad
+
+    def _sum_bound(self, sites: int) -> float:
+        """The largest norm an honest sum of `sites` sites reaches (sum_norm_bound)."""
+        return sum_norm_bound(
             clip=self.cfg.max_grad_norm,
             batch_size=self.cfg.batch_size,
-            sites=len(self.active),
+            sites=sites,
             noise_multiplier=self.cfg.noise_multiplier,
             min_sites=self.cfg.dp_min_sites,
-            quantizer=quantizer,
+            quantizer=self.quantizer,
         )
-        check_sum(grad, bound)
-        return grad
 
     # ------------------------------------------------------------ messages
 

@@ -227,8 +227,9 @@ def test_the_ring_holds_twice_the_honest_sums_bound_and_widens_with_the_sites() 
     (half the 64-bit ring), 5 for 1,000; always twice the bound on any coordinate."""
     quantizer = Quantizer(dim=39_700, clip=1.0)
     run = {"clip": 1.0, "batch_size": 256, "noise_multiplier": 1.0, "min_sites": 3}
-    widths = {n: ring_bytes(sites=n, quantizer=quantizer, **run) for n in (3, 10, 1000)}
+    bounds = {n: sum_norm_bound(sites=n, quantizer=quantizer, **run) for n in (3, 10, 1000)}
+    widths = {n: ring_bytes(bound, quantizer) for n, bound in bounds.items()}
     assert widths == {3: 4, 10: 4, 1000: 5}
     for n, k in widths.items():
-        bound = sum_norm_bound(sites=n, quantizer=quantizer, **run) * quantizer.scale
+        bound = bounds[n] * quantizer.scale  # in integer units
         assert 2.0 ** (8 * k - 1) >= 2 * bound > 2.0 ** (8 * (k - 1) - 1)

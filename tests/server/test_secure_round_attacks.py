@@ -346,7 +346,7 @@ def test_a_server_choosing_a_one_byte_ring_learns_only_the_sum_modulo_256(
     cfg = distributed_cfg(tmp_path)
     federation(cfg)
     contributions, seen = spy(monkeypatch)
-    monkeypatch.setattr(server_side, "ring_bytes", lambda **_: 1)
+    monkeypatch.setattr(server_side, "ring_bytes", lambda *_: 1)
     rounds_for(cfg).run_round(SiteGrid(cfg), 1, start(cfg))
     true_sum = sum(contributions.values())
     assert np.array_equal(seen["total"], ((true_sum + 128) % 256) - 128)
