@@ -84,12 +84,8 @@ class SimulatedSites:
                 "`fedsilo simulate`, which writes each site's policy there."
             )
         task = task_for(cfg)
-        pool = self.pool(task, cfg.data_dir)
-        stamp = _stamp(self.pool_path(task, cfg.data_dir))
-        if stamp is None:  # no pool file (it could not be written): nothing to key on
-            parts = partition_indices(pool.y.numpy(), num, cfg.partition_spec, seed=cfg.seed)
-        else:
-            parts = _partition(stamp, pool.y.numpy(), num, cfg.partition, cfg.seed)
+        pool, stamp = self._pool(task, cfg.data_dir)
+        parts = _partition(stamp, pool.y.numpy(), num, cfg.partition, cfg.seed)
         data = pool.subset(parts[pid])
         seed = cfg.seed * SEED_STRIDE + pid
         attack = None
@@ -110,21 +106,22 @@ class SimulatedSites:
             tamper=attack,
         )
 
-    def pool_path(self, task: Task, data_dir: str) -> Path:
-        """Where the run keeps the task's decoded training data."""
-        key = hashlib.sha256(f"{task.name}\0{data_dir}".encode()).hexdigest()[:32]
-        return simulated_cache_dir(self.run_dir) / f"pool-{key}.pt"
-
     def pool(self, task: Task, data_dir: str) -> Dataset:
         """The task's public training data, decoded once per run into its cache folder."""
-        path = self.pool_path(task, data_dir)
+        return self._pool(task, data_dir)[0]
+
+    def _pool(self, task: Task, data_dir: str) -> tuple[Dataset, Stamp | None]:
+        """The pool, and the stamp of the file it is mapped from (None: not from one)."""
+        key = hashlib.sha256(f"{task.name}\0{data_dir}".encode()).hexdigest()[:32]
+        path = simulated_cache_dir(self.run_dir) / f"pool-{key}.pt"
         stamp = _stamp(path)
         cached = None if stamp is None else _mapped(stamp)
         if cached is not None and {"x", "y"} <= set(cached):
-            return Dataset(cached["x"], cached["y"], task.num_classes, f"{task.name} (train)")
+            data = Dataset(cached["x"], cached["y"], task.num_classes, f"{task.name} (train)")
+            return data, stamp
         pool = task.public("train", data_dir)
         write_cached(path, {"x": pool.x, "y": pool.y})
-        return pool
+        return pool, None
 
 
 Stamp = tuple[str, int, int, int]  # a file's path, inode, size and modification time
@@ -149,10 +146,13 @@ _PARTITIONS: dict[tuple[Stamp, int, str, int], list[np.ndarray]] = {}
 
 
 def _partition(
-    stamp: Stamp, labels: np.ndarray, sites: int, partition: str, seed: int
+    stamp: Stamp | None, labels: np.ndarray, sites: int, partition: str, seed: int
 ) -> list[np.ndarray]:
     """The run's partition of the pool of `stamp` (whose labels are `labels`), computed
-    once per process (the file's stamp is the key, not the labels)."""
+    once per process (the file's stamp is the key, not the labels); a pool mapped from
+    no file (`stamp` None) is partitioned afresh."""
+    if stamp is None:
+        return partition_indices(labels, sites, Partition.parse(partition), seed=seed)
     key = (stamp, sites, partition, seed)
     parts = _PARTITIONS.get(key)
     if parts is None:
