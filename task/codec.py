@@ -80,14 +80,18 @@ def encode(
     return out
 
 
-def _int8(update: torch.Tensor, uniform: Uniform) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = update.abs().max() if update.numel() else torch.tensor(0.0)
+def _int8(values: torch.Tensor, uniform: Uniform | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, s): s = max |values|, q = values * 127 / s rounded stochastically with
+    `uniform` (an update), or to nearest without it (a sent model)."""
+    scale = values.abs().max() if values.numel() else torch.tensor(0.0)
     if not float(scale) > 0.0:  # all zeros (or empty): nothing to round
-        return torch.zeros_like(update, dtype=torch.int8), torch.tensor(0.0)
-    scaled = update * (INT8_MAX / scale)
-    noise = uniform(update.numel()).to(torch.float32).view(update.shape)
-    q = torch.floor(scaled.add_(noise)).clamp_(-INT8_MAX, INT8_MAX)
-    return q.to(torch.int8), scale.to(torch.float32).reshape(())
+        return torch.zeros_like(values, dtype=torch.int8), torch.tensor(0.0)
+    scaled = values * (INT8_MAX / scale)
+    if uniform is None:
+        q = torch.round(scaled)
+    else:
+        q = torch.floor(scaled.add_(uniform(values.numel()).to(torch.float32).view(values.shape)))
+    return q.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale.to(torch.float32).reshape(())
 
 
 def decode(
@@ -154,14 +158,7 @@ def encode_model(codec: str, state: Mapping[str, torch.Tensor]) -> dict[str, tor
         elif codec == "bf16":
             out[key + tag] = tensor.detach().to(torch.bfloat16).view(torch.int16)
         else:
-            w = tensor.detach().to(torch.float32)
-            scale = w.abs().max() if w.numel() else torch.tensor(0.0)
-            if float(scale) > 0.0:
-                q = torch.round(w * (INT8_MAX / scale)).clamp_(-INT8_MAX, INT8_MAX)
-            else:
-                q, scale = torch.zeros_like(w), torch.tensor(0.0)
-            out[key + tag] = q.to(torch.int8)
-            out[key + SCALE] = scale.to(torch.float32).reshape(())
+            out[key + tag], out[key + SCALE] = _int8(tensor.detach().to(torch.float32), None)
     return out
 
 
