@@ -71,8 +71,11 @@ def authorise_round(
     server_round: int,
     before_spend: Callable[[DPPlan], None] | None = None,
     sites: int = 0,
+    data_id: str = "",
 ) -> Authorisation:
     """Check the round against the site's policy and budget, then record its spend.
+
+    `data_id`: the fingerprint of `data` when the caller holds it; "" = hash `data` here.
 
     Raises:
         PrivacyError: the run breaks the policy, or the ledger cannot be trusted.
@@ -86,7 +89,7 @@ def authorise_round(
             f"{sites} site(s) take part in this round; the run's noise shares assume at "
             f"least {cfg.dp_min_sites}, so this site's share would not be enough."
         )
-    dataset = fingerprint(data)
+    dataset = data_id or fingerprint(data)
     with ledger.transaction(budget.ledger) as txn:
         spends = txn.contents.spends
         everything = [s.event for s in spends]

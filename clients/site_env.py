@@ -86,6 +86,10 @@ class SiteEnvironment:
     # A hostile virtual site's attack on the model it trained (`simulate --hostile-sites`,
     # fedsilo.simulations.attacks); None for every honest and every deployed site.
     tamper: Tamper | None = None
+    # The data's fingerprint (fedsilo.privacy.fingerprint) when whoever resolved the site
+    # already holds it (a simulation's actor keeps each virtual site's rows and their
+    # hash); "" = the round hashes `data` itself.
+    data_id: str = ""
 
     @property
     def simulated(self) -> bool:

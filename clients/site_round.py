@@ -56,6 +56,7 @@ class SiteRound:
             self.site.budget,
             self.cfg,
             self.site.data,
+            data_id=self.site.data_id,
             site=self.site.name,
             run=self.run,
             server_round=self.server_round,

@@ -22,6 +22,7 @@ site checks both against the CA it already holds (its kit's ca.crt).
 from __future__ import annotations
 
 import datetime as dt
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,12 +125,30 @@ def _certified_name(cert: x509.Certificate, ca: x509.Certificate, *, now: dt.dat
         name = names[0].value if len(names) == 1 else None
         if not isinstance(name, str) or not name:
             raise IdentityError("the site certificate names no single site (CN)")
-        cert.verify_directly_issued_by(ca)
+        if not _issued_by(cert, ca):
+            raise InvalidSignature
     except (InvalidSignature, *_MALFORMED):
         raise IdentityError(
             "the certificate is malformed or not signed by the federation CA"
         ) from None
     return name
+
+
+# Certificates whose CA signature was checked, per process: every site checks each
+# other site's certificate every round (a tenth of a distributed-DP site-round), and a
+# certificate's signature by a CA is a fact of their two DER encodings (Certificate
+# hashes and compares by them). Its dates and fields are checked at every use.
+ISSUED_MEMO = 4096
+
+
+@functools.lru_cache(maxsize=ISSUED_MEMO)
+def _issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether `ca`'s key signed `cert` (and `cert` names `ca` as its issuer)."""
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (InvalidSignature, *_MALFORMED):
+        return False
+    return True
 
 
 _E = TypeVar("_E", bound=x509.ExtensionType)

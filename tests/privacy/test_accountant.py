@@ -248,3 +248,35 @@ def test_answers_are_memoised_per_history_whatever_its_order_and_refusals_are_no
     for _ in range(2):  # raised again each time, never remembered as an answer
         with pytest.raises(PrivacyError):
             calibrate_noise(target_epsilon=0.01, delta=1e-5, sample_rate=1.0, steps=10**4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0.3, 20.0), st.floats(1e-4, 1.0), st.integers(1, 5_000)),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_rdp_composed_from_one_step_curves_is_opacus_rdp_bit_for_bit(
+    events: list[tuple[float, float, int]],
+) -> None:
+    """A site's history grows a step a round: its RDP is each (sigma, q)'s memoised one-step
+    curve times its steps, which must be exactly what Opacus's RDPAccountant computes."""
+    import warnings
+
+    from opacus.accountants import RDPAccountant
+
+    ours = epsilon(
+        [Event(noise_multiplier=s, sample_rate=q, steps=n) for s, q, n in events],
+        delta=1e-5,
+        accountant="rdp",
+    )
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in events:
+        merged[(s, q)] = merged.get((s, q), 0) + n
+    theirs = RDPAccountant()
+    theirs.history = sorted((s, q, n) for (s, q), n in merged.items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert ours == float(theirs.get_epsilon(delta=1e-5, alphas=RDP_ORDERS))

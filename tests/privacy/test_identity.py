@@ -290,3 +290,29 @@ def test_simulated_identities_are_distinct_and_kept(tmp_path: Path) -> None:
         write_simulated_identities(d, ["ca"])
     with pytest.raises(ConfigError, match=r"Site name '../x'"):
         write_simulated_identities(d, ["../x"])
+
+
+def test_a_ca_signature_is_checked_once_but_dates_and_forgeries_every_time(
+    fed: Federation, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every site checks every other site's certificate every round, so a certificate's
+    CA signature is remembered; its validity dates are checked at each use, and a
+    certificate with the same fields under another key's signature is checked afresh."""
+    from fedsilo.privacy import identity
+
+    identity._issued_by.cache_clear()
+    now = dt.datetime.now(dt.UTC)
+    site = fed.site("a", not_after=now + dt.timedelta(hours=1))
+    for _ in range(3):
+        assert verify_signed(fed.ca, site.cert, MESSAGE, site.sign(MESSAGE)) == "a"
+    info = identity._issued_by.cache_info()
+    assert (info.misses, info.hits) == (1, 2)
+    later = now + dt.timedelta(hours=1) + 2 * pki.CLOCK_SKEW
+    monkeypatch.setattr(identity, "_now", lambda: later)
+    with pytest.raises(IdentityError, match=r"expired on"):
+        verify_signed(fed.ca, site.cert, MESSAGE, site.sign(MESSAGE))
+    monkeypatch.undo()
+    mallory_key, _ = pki.new_ca("fed")  # the same CA name, another key
+    forged = pki.site_cert(mallory_key, fed.ca, "a", site.key.public_key())
+    with pytest.raises(IdentityError, match=r"not signed by the federation CA"):
+        verify_signed(fed.ca, der(forged), MESSAGE, site.sign(MESSAGE))

@@ -71,6 +71,41 @@ def test_the_pool_is_decoded_once_per_run_whatever_copies_the_engine_makes(
     assert calls == ["load", "load", "load"]
 
 
+def test_a_sites_rows_and_their_hash_are_made_once_per_process_within_a_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A virtual site's rows are gathered and hashed once per actor process, not every
+    round (a fifth of a distributed-DP site-round); the hash its ledger gets is the
+    rows' own; label-flipped rows are kept apart; the memo keeps to SITE_DATA_BYTES."""
+    from fedsilo.simulations import attacks, sites
+
+    idx_dataset(tmp_path / "fm")
+    cfg = RunConfig(
+        dataset="fashion-mnist", data_dir=str(tmp_path / "fm"), run_dir=str(tmp_path / "run")
+    )
+    write_site_policies(cfg.run_dir, [SitePolicy(max_epsilon=8.0)] * 4)
+    monkeypatch.setattr(sites, "_SITE_DATA", type(sites._SITE_DATA)())
+    monkeypatch.setattr(sites, "_SITE_BYTES", [0])
+    hashed: list[int] = []
+    monkeypatch.setattr(sites, "fingerprint", lambda d: hashed.append(len(d)) or fingerprint(d))
+    resolve = SimulatedSites(cfg.run_dir)
+    node = {"partition-id": 1, "num-partitions": 4}
+    assert resolve(cfg, node).data_id == ""  # the pool's decoder: no file mapped yet
+    first, again = resolve(cfg, node), resolve(cfg, node)
+    assert again.data is first.data and hashed == [50]
+    assert first.data_id == fingerprint(first.data)
+    hostile = SimulatedSites(cfg.run_dir, hostile=attacks.Hostile.parse("1:label-flip"))
+    flipped = hostile(cfg, {"partition-id": 3, "num-partitions": 4})
+    honest = resolve(cfg, {"partition-id": 3, "num-partitions": 4})
+    assert not torch.equal(flipped.data.y, honest.data.y)
+    assert flipped.data_id == fingerprint(flipped.data) != honest.data_id
+    one_site = first.data.x.nbytes + first.data.y.nbytes
+    monkeypatch.setattr(sites, "SITE_DATA_BYTES", 2 * one_site)
+    for pid in range(4):
+        resolve(cfg, {"partition-id": pid, "num-partitions": 4})
+    assert len(sites._SITE_DATA) == 2 and sites._SITE_BYTES[0] == 2 * one_site
+
+
 def test_virtual_sites_have_identities_only_when_the_run_made_them(tmp_path: Path) -> None:
     """`fedsilo simulate --dp distributed` writes RUN_DIR/identities; local DP does not,
     and its sites have none."""
