@@ -87,7 +87,9 @@ def _composed_epsilon(history: History, delta: float, accountant: str) -> float:
 @functools.lru_cache(maxsize=EPSILON_MEMO)
 def _rdp_curve(sigma: float, q: float) -> np.ndarray:
     """One step's RDP of the sampled Gaussian at every order of RDP_ORDERS (read only)."""
-    curve = privacy_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=RDP_ORDERS)
+    curve: np.ndarray = privacy_analysis.compute_rdp(
+        q=q, noise_multiplier=sigma, steps=1, orders=RDP_ORDERS
+    )
     curve.setflags(write=False)
     return curve
 

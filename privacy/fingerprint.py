@@ -24,5 +24,5 @@ def fingerprint(data: Dataset) -> str:
     for tensor in (data.x, data.y):
         a = tensor.detach().cpu().contiguous().numpy()
         h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(a.reshape(-1).view(np.uint8))  # the bytes of tobytes(), without the copy
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))  # tobytes() without the copy
     return PREFIX + h.hexdigest()
