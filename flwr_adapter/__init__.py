@@ -82,11 +82,16 @@ def disable_telemetry() -> None:
 # not 200 (each ask is an RPC that costs the asker and the SuperLink a few ms of CPU).
 POLL_S = 0.1
 POLL_CAP_S = 1.0
+# A simulation's ServerApp pulls from the engine's in-memory link state in its own
+# process, not over an RPC: microseconds while few replies are pending, so it polls from
+# SIM_POLL_S (the caller keeps a pull's cost under a tenth of the wait).
+SIM_POLL_S = 0.005
 
 
-def poll_wait(waited_s: float) -> float:
-    """Seconds to wait before the next poll, `waited_s` after something last came."""
-    return min(POLL_CAP_S, max(POLL_S, 0.1 * waited_s))
+def poll_wait(waited_s: float, floor_s: float = POLL_S) -> float:
+    """Seconds to wait before the next poll, `waited_s` after something last came;
+    at least `floor_s` (POLL_S across processes, SIM_POLL_S in a simulation)."""
+    return min(POLL_CAP_S, max(floor_s, 0.1 * waited_s))
 
 
 PULL_BACKOFF_S = 0.05  # an object pull's first retry (Flower: 1 s) ...

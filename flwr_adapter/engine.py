@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from queue import Queue
 from typing import Any
@@ -45,7 +46,14 @@ from flwr.supercore.telemetry import EventType
 
 from fedsilo.flwr_adapter import check_flower_version
 
-SWEEP_S = 0.1  # the engine's pause between two looks for new messages (Flower's)
+SWEEP_S = 0.1  # the engine's longest pause between two looks for new messages (Flower's)
+# Its shortest: a look at an empty or small store costs microseconds, so the engine looks
+# every SWEEP_MIN_S, or SWEEP_COST_RATIO times what the last look cost when that is more
+# (10,000 pending messages: ~10 ms a look), never over SWEEP_S. Flower's fixed 0.1 s made
+# each of a distributed-DP round's five exchanges wait 0.05 s on average before a site saw
+# its message (a quarter of a simulated round, with the server's pull below).
+SWEEP_MIN_S = 0.005
+SWEEP_COST_RATIO = 10.0
 
 
 def add_messages_to_queue(
@@ -67,9 +75,15 @@ def add_messages_to_queue(
         return
     order = list(nodes_mapping)
     while not f_stop.is_set():
+        t0 = time.monotonic()
         for msg in next_messages(state, order):
             queue.put(msg)
-        f_stop.wait(SWEEP_S)
+        f_stop.wait(sweep_wait(time.monotonic() - t0))
+
+
+def sweep_wait(look_s: float) -> float:
+    """The engine's pause after a look for new messages that took `look_s`."""
+    return min(SWEEP_S, max(SWEEP_MIN_S, SWEEP_COST_RATIO * look_s))
 
 
 def next_messages(state: InMemoryLinkState, nodes: Iterable[int]) -> list[Message]:

@@ -218,7 +218,8 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list
     """Push `messages` and pull their replies until all came or `timeout`.
 
     Pulls come `poll_wait` of the time since the push or the last reply apart: 0.1 s
-    while replies are near, up to 1 s while the round waits on a slow or dead site.
+    (a simulation's in-memory grid: 5 ms) while replies are near, up to 1 s while the
+    round waits on a slow or dead site.
     `Grid.send_and_receive` does the same but sleeps 3 s between pulls (flwr 1.39's
     GrpcGrid), which a deployed round would wait for up to 3 s; a pull is one small
     request to the local SuperLink. A pull costs time in proportion to the replies
@@ -232,6 +233,7 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list
     pending = set(grid.push_messages(sent))
     by_id = {m.metadata.message_id: m for m in sent}
     deployed = not flwr_adapter.is_simulation_grid(grid)
+    floor = flwr_adapter.POLL_S if deployed else flwr_adapter.SIM_POLL_S
     sessions = flwr_adapter.node_sessions(grid) if deployed else {}
     last = time.monotonic()
     deadline = last + timeout
@@ -251,7 +253,7 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list
             last = now
         if not pending or now >= deadline:
             break
-        wait = max(flwr_adapter.poll_wait(now - last), POLL_COST_RATIO * pull_s)
+        wait = max(flwr_adapter.poll_wait(now - last, floor), POLL_COST_RATIO * pull_s)
         time.sleep(min(wait, max(0.0, deadline - now)))
     return replies
 

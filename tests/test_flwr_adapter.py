@@ -54,6 +54,21 @@ def test_polls_wait_a_tenth_of_the_wait_so_far_between_100_ms_and_1_s() -> None:
     assert 35 <= polls <= 45, polls
 
 
+def test_a_simulation_polls_its_in_memory_state_from_5_ms_within_its_look_cost() -> None:
+    """In a simulation both sides of an exchange look at memory in one process: the
+    ServerApp pulls from SIM_POLL_S and the engine sweeps from SWEEP_MIN_S, a tenth of
+    the time at most spent looking, never slower than Flower's 0.1 s."""
+    from fedsilo.flwr_adapter import SIM_POLL_S, poll_wait
+    from fedsilo.flwr_adapter.engine import SWEEP_S, sweep_wait
+
+    assert poll_wait(0.0, SIM_POLL_S) == SIM_POLL_S == 0.005
+    assert poll_wait(0.5, SIM_POLL_S) == pytest.approx(0.05)
+    assert poll_wait(3600, SIM_POLL_S) == 1.0
+    assert sweep_wait(1e-6) == 0.005  # an empty store: look again in 5 ms
+    assert sweep_wait(0.004) == pytest.approx(0.04)  # 10,000 messages: 10x the look
+    assert sweep_wait(0.5) == SWEEP_S == 0.1
+
+
 def test_an_idle_supernode_asks_the_superlink_at_most_once_a_second(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
