@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
@@ -280,3 +282,50 @@ def test_rdp_composed_from_one_step_curves_is_opacus_rdp_bit_for_bit(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert ours == float(theirs.get_epsilon(delta=1e-5, alphas=RDP_ORDERS))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(0.6, 12.0), st.floats(1e-3, 0.5), st.integers(1, 2_000)),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_prv_epsilon_is_opacus_prv_bit_for_bit(events: list[tuple[float, float, int]]) -> None:
+    """fedsilo's PRV accountant bounds its discretisation domain from memoised RDP curves;
+    the epsilon must be exactly Opacus's PRVAccountant's, and the method it overrides
+    must still be the one Opacus calls (an upgrade that renames it fails here)."""
+    import warnings
+
+    from opacus.accountants import PRVAccountant
+
+    from fedsilo.privacy import accountant
+
+    assert "_get_domain" in vars(PRVAccountant)
+    calls: list[int] = []
+    real = accountant._PRV._get_domain
+
+    def spy(self: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in events:
+        merged[(s, q)] = merged.get((s, q), 0) + n
+    history = tuple(sorted((s, q, n) for (s, q), n in merged.items()))
+    theirs = PRVAccountant()
+    theirs.history = list(history)
+    with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
+        warnings.simplefilter("ignore")
+        mp.setattr(accountant._PRV, "_get_domain", spy)
+        try:
+            expected: object = float(theirs.get_epsilon(delta=1e-5))
+        except Exception as exc:  # the same failure is the same answer
+            expected = type(exc)
+        try:
+            ours: object = accountant._composed_epsilon.__wrapped__(history, 1e-5, "prv")
+        except Exception as exc:
+            ours = type(exc)
+    assert ours == expected
+    assert calls == [1]
