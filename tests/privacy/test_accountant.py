@@ -252,14 +252,25 @@ def test_answers_are_memoised_per_history_whatever_its_order_and_refusals_are_no
             calibrate_noise(target_epsilon=0.01, delta=1e-5, sample_rate=1.0, steps=10**4)
 
 
-@settings(max_examples=40, deadline=None)
-@given(
-    st.lists(
-        st.tuples(st.floats(0.3, 20.0), st.floats(1e-4, 1.0), st.integers(1, 5_000)),
+def histories(sigma: tuple[float, float], q: tuple[float, float], steps: int, events: int) -> Any:
+    """Ledger histories: 1 to `events` (sigma, q, steps) events drawn from these ranges."""
+    return st.lists(
+        st.tuples(st.floats(*sigma), st.floats(*q), st.integers(1, steps)),
         min_size=1,
-        max_size=4,
+        max_size=events,
     )
-)
+
+
+def canonical(events: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """`events` merged by (sigma, q) and sorted, as fedsilo hands a history to Opacus."""
+    merged: dict[tuple[float, float], int] = {}
+    for s, q, n in events:
+        merged[(s, q)] = merged.get((s, q), 0) + n
+    return sorted((s, q, n) for (s, q), n in merged.items())
+
+
+@settings(max_examples=40, deadline=None)
+@given(histories((0.3, 20.0), (1e-4, 1.0), 5_000, 4))
 def test_rdp_composed_from_one_step_curves_is_opacus_rdp_bit_for_bit(
     events: list[tuple[float, float, int]],
 ) -> None:
@@ -274,24 +285,15 @@ def test_rdp_composed_from_one_step_curves_is_opacus_rdp_bit_for_bit(
         delta=1e-5,
         accountant="rdp",
     )
-    merged: dict[tuple[float, float], int] = {}
-    for s, q, n in events:
-        merged[(s, q)] = merged.get((s, q), 0) + n
     theirs = RDPAccountant()
-    theirs.history = sorted((s, q, n) for (s, q), n in merged.items())
+    theirs.history = canonical(events)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert ours == float(theirs.get_epsilon(delta=1e-5, alphas=RDP_ORDERS))
 
 
 @settings(max_examples=12, deadline=None)
-@given(
-    st.lists(
-        st.tuples(st.floats(0.6, 12.0), st.floats(1e-3, 0.5), st.integers(1, 2_000)),
-        min_size=1,
-        max_size=3,
-    )
-)
+@given(histories((0.6, 12.0), (1e-3, 0.5), 2_000, 3))
 def test_prv_epsilon_is_opacus_prv_bit_for_bit(events: list[tuple[float, float, int]]) -> None:
     """fedsilo's PRV accountant bounds its discretisation domain from memoised RDP curves;
     the epsilon must be exactly Opacus's PRVAccountant's, and the method it overrides
@@ -310,10 +312,7 @@ def test_prv_epsilon_is_opacus_prv_bit_for_bit(events: list[tuple[float, float, 
         calls.append(1)
         return real(self, *args, **kwargs)
 
-    merged: dict[tuple[float, float], int] = {}
-    for s, q, n in events:
-        merged[(s, q)] = merged.get((s, q), 0) + n
-    history = tuple(sorted((s, q, n) for (s, q), n in merged.items()))
+    history = tuple(canonical(events))
     theirs = PRVAccountant()
     theirs.history = list(history)
     with warnings.catch_warnings(), pytest.MonkeyPatch.context() as mp:
