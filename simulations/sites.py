@@ -10,10 +10,11 @@ reads `partition-id`. Here one user plays every site's operator:
   so nothing a site loaded survives to its next round: the first to need the pool
   decodes it (about a second for Fashion-MNIST) into the run's cache folder, and
   every later site-round maps that file and reads only its own rows. The engine's
-  actor processes do outlive a site-round: each keeps the mapped pool and the run's
-  partition of it (`_mapped`, `_partition`, keyed by the file's identity), so a
-  site-round no longer re-reads the file's index or re-shuffles every example (20%
-  of a 1,000-site round's actor time, py-spy);
+  actor processes do outlive a site-round: each keeps the mapped pool, the run's
+  partition of it and its sites' rows with their fingerprint (`_mapped`, `_partition`,
+  `_site_data`, keyed by the file's identity), so a site-round no longer re-reads the
+  file's index, re-shuffles every example (20% of a 1,000-site round's actor time,
+  py-spy), or gathers and hashes its rows again;
 - ledger and policy: RUN_DIR/ledgers/site-N.jsonl, whose policy `fedsilo simulate`
   wrote before the engine started (fedsilo.simulations.ledgers);
 - identity (secure aggregation): RUN_DIR/identities/site-N.key and .crt under the
