@@ -224,10 +224,13 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list
     GrpcGrid), which a deployed round would wait for up to 3 s; a pull is one small
     request to the local SuperLink. A pull costs time in proportion to the replies
     still pending (10,000 simulated sites: ~0.1 s), so the wait is also at least
-    POLL_COST_RATIO times the last pull's: pulling never takes more than a tenth of the
-    round. A message whose site restarted since the push (a new session:
-    `flwr_adapter.node_sessions`) gets an error reply saying so at once, instead of a
-    wait for the timeout; simulated sites never restart, so a simulation does not look.
+    POLL_COST_RATIO times what asking costs: the last pull's time, except for a deployed
+    pull that brought replies, whose time went into downloading them (that one pull's
+    10x made a deployed round of two digits sites wait ~1.4 s for its second reply once
+    the first came). Pulling never takes more than a tenth of the round. A message
+    whose site restarted since the push (a new session: `flwr_adapter.node_sessions`)
+    gets an error reply saying so at once, instead of a wait for the timeout; simulated
+    sites never restart, so a simulation does not look.
     """
     sent = list(messages)
     pending = set(grid.push_messages(sent))
@@ -239,6 +242,7 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list
     deadline = last + timeout
     next_check = last + RESTART_CHECK_S
     replies: list[Message] = []
+    ask_s = 0.0  # what a pull costs the asker, replies aside
     while pending:
         t0 = time.monotonic()
         got = list(grid.pull_messages(pending))
@@ -253,7 +257,9 @@ def exchange(grid: Grid, messages: Iterable[Message], *, timeout: float) -> list
             last = now
         if not pending or now >= deadline:
             break
-        wait = max(flwr_adapter.poll_wait(now - last, floor), POLL_COST_RATIO * pull_s)
+        if not (deployed and got):
+            ask_s = pull_s
+        wait = max(flwr_adapter.poll_wait(now - last, floor), POLL_COST_RATIO * ask_s)
         time.sleep(min(wait, max(0.0, deadline - now)))
     return replies
 

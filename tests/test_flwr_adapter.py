@@ -190,6 +190,48 @@ def test_the_server_pulls_replies_until_all_came_or_the_timeout() -> None:
     assert len(exchange(slow, [], timeout=0.3)) == 1  # m2 never replies: partial, on time
 
 
+def test_pulls_wait_10x_what_asking_costs_not_what_downloading_a_reply_took() -> None:
+    """A pull is spaced at least POLL_COST_RATIO times what asking costs (10,000 pending
+    simulated replies make each ask ~0.1 s), but a deployed pull that brought a reply
+    spent its time downloading it: the wait after it must not grow 10x (two digits sites:
+    the second reply was waited for ~1.4 s after the first came)."""
+    import time
+    from types import SimpleNamespace
+
+    from fedsilo.server.server_app import POLL_COST_RATIO, exchange
+
+    def reply(to: str) -> object:
+        return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=to))
+
+    class Grid:  # deployed (not Flower's in-memory grid): m1 at the first pull (the
+        # clock starts there, after the server's imports), m2 0.3 s later, or never
+        def __init__(self, ask_s: float, download_s: float, m2: bool = True) -> None:
+            self.ask_s, self.download_s, self.pulls = ask_s, download_s, 0
+            self.t0, self.m2 = 0.0, m2
+
+        def push_messages(self, messages: object) -> list[str]:
+            return ["m1", "m2"]
+
+        def pull_messages(self, ids: set[str]) -> list[object]:
+            self.pulls += 1
+            self.t0 = self.t0 or time.monotonic()
+            later = self.m2 and time.monotonic() - self.t0 > 0.3
+            ready = {"m1"} | ({"m2"} if later else set())
+            got = sorted(ids & ready)
+            time.sleep(self.download_s if got else self.ask_s)
+            return [reply(i) for i in got]
+
+        def get_nodes(self) -> list[object]:
+            return []
+
+    grid = Grid(ask_s=0.0, download_s=0.2)
+    assert len(exchange(grid, [], timeout=30)) == 2  # type: ignore[arg-type]
+    assert time.monotonic() - grid.t0 < POLL_COST_RATIO * 0.2  # ~0.6 s; was 0.2 + 2.0 + 0.2
+    costly = Grid(ask_s=0.1, download_s=0.0, m2=False)  # an empty ask costs 0.1 s
+    assert len(exchange(costly, [], timeout=2.5)) == 1  # type: ignore[arg-type]
+    assert costly.pulls <= 5, costly.pulls  # ~1.1 s apart; at 0.1 s apart: ~12
+
+
 def test_flower_telemetry_is_off_here_and_in_every_child(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
