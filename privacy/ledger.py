@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -154,12 +155,30 @@ def decode(raw: bytes) -> Entry:
     raise ValueError(f"unknown kind {d.get('kind')!r}")
 
 
+# A site verifies its whole ledger every round (a line costs ~20 us: two JSON parses and
+# two hashes), so a 440-round run's later rounds spent ~9 ms a read on lines already
+# verified. Each process remembers, per ledger path, the last clean parse: the bytes'
+# length and SHA-256, the entries and the head. A parse whose data starts with exactly
+# those bytes (checked by hashing them: ~1 ms per MB) verifies only the lines after
+# them. The parse is a function of the bytes alone, so the answer is the same; anything
+# else (a changed, cut or damaged prefix) is parsed from the first line.
+RESUME_MEMO = 1024  # ledgers remembered per process (LRU)
+_Resume = tuple[int, bytes, tuple["Entry", ...], str, int]  # length, sha256, entries, head, lines
+_RESUME: OrderedDict[str, _Resume] = OrderedDict()
+
+
 def parse(path: Path, data: bytes) -> LedgerContents:
     """Verify a ledger's bytes line by line; never raises for bad content."""
     entries: list[Entry] = []
     problems: list[str] = []
     invalid: list[str] = []
     omitted = 0
+    start, first, prev = 0, 1, GENESIS
+    known = _RESUME.get(str(path))
+    if known is not None:
+        length, sha, clean, head, count = known
+        if len(data) >= length and hashlib.sha256(memoryview(data)[:length]).digest() == sha:
+            start, first, prev, entries = length, count + 1, head, list(clean)
 
     def note(found: list[str], text: str) -> None:
         nonlocal omitted
@@ -168,10 +187,9 @@ def parse(path: Path, data: bytes) -> LedgerContents:
         else:
             omitted += 1
 
-    lines = data.split(b"\n")
+    lines = data[start:].split(b"\n")
     complete, tail = lines[:-1], lines[-1]
-    prev = GENESIS
-    for number, raw in enumerate(complete, start=1):
+    for number, raw in enumerate(complete, start=first):
         where = f"line {number}"
         this, prev_line = line_sha256(raw), prev
         prev = this
@@ -204,8 +222,15 @@ def parse(path: Path, data: bytes) -> LedgerContents:
     if tail:
         note(
             problems,
-            f"line {len(complete) + 1}: incomplete (no newline; truncated or a write cut short)",
+            f"line {first + len(complete)}: incomplete (no newline; truncated or a write cut "
+            "short)",
         )
+    elif not (problems or invalid):  # a clean ledger: later parses start after it
+        total = first - 1 + len(complete)
+        _RESUME[str(path)] = (len(data), hashlib.sha256(data).digest(), tuple(entries), prev, total)
+        _RESUME.move_to_end(str(path))
+        while len(_RESUME) > RESUME_MEMO:
+            _RESUME.popitem(last=False)
     return LedgerContents(path, entries, problems, prev, invalid, omitted)
 
 

@@ -316,3 +316,39 @@ def test_a_line_nested_past_pythons_limit_is_a_problem_not_a_crash(tmp_path: Pat
     contents = ledger.read(path)
     assert contents.problems[0] == "line 2: not a ledger line (not JSON, or nested too deeply)"
     assert len(contents.spends) == 2 and not contents.trusted
+
+
+def test_a_clean_prefix_is_verified_once_and_every_change_to_it_is_still_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A site verifies its ledger every round: lines a process already verified (the same
+    bytes, by their SHA-256) are not verified again, while an edit, a cut or junk
+    anywhere is reported as a fresh parse reports it, with the right line numbers."""
+    path = tmp_path / "l.jsonl"
+    write(path, rounds=3)  # policy + 3 spends, verified clean by the last transaction
+    with ledger.transaction(path) as txn:
+        txn.append(spend(4))
+    verified: list[bytes] = []
+    real = ledger.line_sha256
+    monkeypatch.setattr(ledger, "line_sha256", lambda raw: verified.append(raw) or real(raw))
+    got = ledger.read(path)
+    assert len(verified) == 1  # only line 5, the one appended since
+    ledger._RESUME.clear()
+    fresh = ledger.read(path)
+    assert (got.entries, got.head, got.problems) == (fresh.entries, fresh.head, [])
+    assert len(verified) == 6
+
+    raw = lines(path)
+    edited = raw[1].replace(b'"round":1', b'"round":7')  # same length, line 2
+    path.write_bytes(b"".join([raw[0], edited, *raw[2:]]))
+    assert ledger.read(path).problems[0] == "line 2: content does not match its sha256 (edited)"
+    path.write_bytes(b"".join(raw))
+    assert ledger.read(path).trusted
+    path.write_bytes(b"".join(raw)[:-5])  # the last line cut short
+    assert ledger.read(path).problems == [
+        "line 5: incomplete (no newline; truncated or a write cut short)"
+    ]
+    path.write_bytes(b"".join(raw) + b"junk\n")
+    assert ledger.read(path).problems == [
+        "line 6: not a ledger line (not JSON, or nested too deeply)"
+    ]
