@@ -72,8 +72,8 @@ class DPTrainer:
         self.model = model.to(self.device)
         self.samplers = opacus_samplers()
         self.layers = _clippable_layers(self.model, self.samplers)
-        # Sampling and noise are drawn on the CPU from the site's source, then moved to
-        # the device: no CUDA generator is ever used (a server could seed that one).
+        # Sampling and noise come from the site's own source (noise on the model's device,
+        # fedsilo.task.rng): no CUDA generator is ever used (a server could seed that one).
         self.rng = rng
         self.noise_multiplier = noise_multiplier
         self.max_grad_norm = max_grad_norm
@@ -94,13 +94,11 @@ class DPTrainer:
             loss = loss_sum / x.shape[0]
         std = self.noise_multiplier * self.max_grad_norm
         with torch.no_grad():
-            if std > 0:
-                noises = self.rng.gaussians([g.shape for g in grads.values()], std)
-                for (p, g), noise in zip(grads.items(), noises, strict=True):
-                    grads[p] = g + noise.to(g.device, non_blocking=True)
+            if std > 0:  # in place, on the gradients' device (fedsilo.task.rng)
+                self.rng.add_gaussian_(list(grads.values()), std)
             for p, g in grads.items():
                 # Opacus's loss_reduction="mean": divide by the *expected* batch size.
-                p.grad = g / self.expected_batch_size
+                p.grad = g.div_(self.expected_batch_size)
         self.optimizer.step()
         return loss
 
