@@ -25,6 +25,7 @@ DP_MODES = ("local", "distributed")
 # How a local-DP site's update, and the global model sent to it, cross the wire
 # (fedsilo.task.codec)
 UPDATE_CODECS = ("float32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16")  # fedsilo.task.train.PRECISIONS
 RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # The most noise shares distributed DP may assume: the largest SecAgg+ neighbourhood a
 # sparse graph guarantees (fedsilo.privacy.secagg); a larger dp-min-sites could never be met.
@@ -180,6 +181,9 @@ class RunConfig:
     # How the server sends a local-DP site the global model (fedsilo.task.codec):
     # float32, or bf16 or int8 (round to nearest); the server keeps it in full precision.
     model_codec: str = "float32"
+    # The sites' training arithmetic (fedsilo.task.train): fp32, or bf16/fp16 autocast
+    # with the per-example norms, clipping and noise kept in float32 (DP's math).
+    precision: str = "fp32"
 
     @property
     def distributed(self) -> bool:
@@ -304,6 +308,7 @@ class RunConfig:
             ("accountant", self.accountant, ACCOUNTANTS),
             ("update-codec", self.update_codec, UPDATE_CODECS),
             ("model-codec", self.model_codec, UPDATE_CODECS),
+            ("precision", self.precision, PRECISIONS),
         ):
             if value not in allowed:
                 raise _bad(source, key, f"one of {', '.join(allowed)}", value)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsilo.config import DP_MODES, UPDATE_CODECS, Aggregation, RunConfig, new_run_id
+from fedsilo.config import DP_MODES, PRECISIONS, UPDATE_CODECS, Aggregation, RunConfig, new_run_id
 from fedsilo.errors import ConfigError
 from fedsilo.privacy.distributed import planned
 from fedsilo.server.run_dir import default_run_dir
@@ -159,6 +159,14 @@ FLAGS: tuple[Flag, ...] = (
         "a quarter). The server keeps its model in full precision and makes up the "
         "rounding when it aggregates, so the error never builds up over rounds",
         choices=UPDATE_CODECS,
+    ),
+    Flag(
+        "precision",
+        "run",
+        "the sites' training arithmetic: fp32; bf16 (autocast: CPUs with bf16 support and "
+        "GPUs) or fp16 (GPUs only). The per-example norms, clipping and noise stay in "
+        "float32, so no clipped gradient exceeds --max-grad-norm",
+        choices=PRECISIONS,
     ),
     Flag("seed", "run", "model initialisation and partitioning"),
     Flag("device", "run", "auto, cpu or cuda"),

@@ -233,6 +233,7 @@ def site_trainer(
         rng=rng,
         device=where,
         loss=task.loss,
+        precision=cfg.precision,
     )
     return model, trainer, data
 

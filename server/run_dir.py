@@ -307,7 +307,12 @@ def resume_config(path: str | Path, *, rounds: int | None = None) -> tuple[Path,
 
 
 # Run-config keys added after runs were recorded, with the value such a run used.
-ADDED_SINCE = {"aggregation": "fedavg", "update-codec": "float32", "model-codec": "float32"}
+ADDED_SINCE = {
+    "aggregation": "fedavg",
+    "update-codec": "float32",
+    "model-codec": "float32",
+    "precision": "fp32",
+}
 
 
 def run_complete(summary: Summary) -> bool:

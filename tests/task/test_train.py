@@ -175,3 +175,75 @@ def test_saved_buffers_are_refused_but_fixed_ones_are_not() -> None:
     check_private_state(scat)
     assert sorted(scat.state_dict()) == ["head.bias", "head.weight"]
     assert all(k in dict(scat.named_parameters()) for k in scat.state_dict())
+
+
+def mixed(model: nn.Module, precision: str, clip: float = 1.0) -> DPTrainer:
+    return DPTrainer(
+        model,
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=8,
+        lr=1.0,
+        rng=SeededRandom(0),
+        precision=precision,
+    )
+
+
+@pytest.mark.parametrize("build", [MLP, CNN], ids=["mlp", "cnn"])
+def test_bf16_never_lets_a_clipped_gradient_exceed_the_clip_norm(build: object) -> None:
+    # Each example alone: its clipped gradient is the sum. bf16 keeps 8 bits: a norm
+    # or clip factor computed in it would be off by up to ~0.4%, which this bound sees.
+    torch.manual_seed(3)
+    model = build()  # type: ignore[operator]
+    shape = (64,) if isinstance(model, MLP) else (1, 28, 28)
+    trainer = mixed(model, "bf16", clip=0.7)
+    worst = 0.0
+    for i in range(40):
+        x = torch.randn(1, *shape) * (1 + 10 * (i % 4))  # most gradients far above C
+        sums, _, norms = trainer.clipped_grad_sums(x, torch.tensor([i % 10]))
+        assert all(s.dtype == torch.float32 for s in sums.values())
+        total = float(torch.sqrt(sum((s.double() ** 2).sum() for s in sums.values())))
+        if float(norms[0]) > 0.7:
+            assert total == pytest.approx(0.7, rel=1e-5)
+        worst = max(worst, total)
+    assert worst <= 0.7 * (1 + 1e-5)
+
+
+def test_bf16_gives_the_fp32_update_to_bf16_accuracy_and_keeps_float32_weights() -> None:
+    torch.manual_seed(4)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    base = MLP()
+    sums = {}
+    for precision in ("fp32", "bf16"):
+        model = copy.deepcopy(base)
+        out, _, _ = mixed(model, precision).clipped_grad_sums(x, y)
+        sums[precision] = torch.cat([g.flatten() for g in out.values()])
+        trainer = mixed(model, precision)
+        trainer.noise_multiplier = 1.0  # noise is added to float32 gradients
+        trainer.step(x, y)
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+    err = float((sums["bf16"] - sums["fp32"]).norm() / sums["fp32"].norm())
+    assert 0 < err < 0.03  # bf16 did run (not fp32 under another name), and well
+
+
+def test_fp16_overflow_redoes_the_step_in_float32(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedsilo.task import train
+
+    torch.manual_seed(5)
+    x, y = torch.randn(16, 64), torch.randint(0, 10, (16,))
+    base = MLP()
+    expected, _, _ = mixed(copy.deepcopy(base), "fp32").clipped_grad_sums(x, y)
+    trainer = mixed(copy.deepcopy(base), "fp32")
+    trainer.precision = "fp16"  # past the CPU refusal: fp16 arithmetic is emulated here
+    monkeypatch.setattr(train, "FP16_LOSS_SCALE", 2.0**100)  # every gradient overflows
+    got, loss, _ = trainer.clipped_grad_sums(x, y)
+    for a, b in zip(got.values(), expected.values(), strict=True):
+        assert torch.equal(a, b)  # float32 all through: the same bits
+    assert loss == pytest.approx(float(nn.functional.cross_entropy(base(x), y)) * 16, rel=1e-6)
+
+
+def test_precision_is_checked_where_the_site_trains() -> None:
+    with pytest.raises(ConfigError, match="one of fp32, bf16, fp16"):
+        mixed(MLP(), "fp8")
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        mixed(MLP(), "fp16")
