@@ -12,7 +12,7 @@ SHELL  := /bin/bash
 # This machine's pip config lists local indexes that pip warns about: hide that noise only.
 QUIET  := sed -u '/^WARNING: Location .* is ignored/d'
 
-.PHONY: setup demo test test-fast lint typecheck bench clean
+.PHONY: setup demo test test-fast lint typecheck bench clean gpu-kit
 
 # The installer is uv (Flower depends on it anyway): the same packages pip resolves, from
 # the same places (pip's find-links and extra indexes, from its config or PIP_* variables),
@@ -64,3 +64,14 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info runs .pytest_cache .mypy_cache .ruff_cache
+
+# The wheels bench/gpu_check.sh installs, offline, on a GPU machine that has PyTorch:
+# fedsilo's DP path's needs beyond it, at this venv's versions, for CPython $(GPU_PY).
+GPU_PY ?= 3.12
+gpu-kit: $(STAMP)
+	rm -rf .gpu-kit && mkdir -p .gpu-kit
+	$(PIP) download -q --no-deps --only-binary=:all: -d .gpu-kit --python-version $(GPU_PY) \
+	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 \
+	  $$($(PY) -c "import importlib.metadata as m; print(' '.join(f'{p}=={m.version(p)}' for p in ('opacus', 'cryptography', 'cffi', 'pycparser')))")
+	ls .gpu-kit

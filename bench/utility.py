@@ -2,7 +2,8 @@
 
 Run: `python -m bench.utility [--epsilons 3] [--partitions iid] [--rounds 10] ...`
 (`--update-codecs float32,bf16,int8,int8:int8`: each DP cell once per update codec, or
-UPDATE:MODEL pair with a --model-codec too, with the MB a site sent and received a round.)
+UPDATE:MODEL pair with a --model-codec too, with the MB a site sent and received a round;
+`--precisions fp32,bf16`: each DP cell once per `--precision` of the sites' training.)
 
 Each DP cell is a real `fedsilo simulate --json` run (the product: Flower engine,
 ClientApp, ServerApp, accountant) with the Fashion-MNIST settings below; it reports
@@ -65,13 +66,18 @@ VALIDATION_FRACTION = 0.1
 
 
 def simulate(
-    partition: str, eps: float, hp: dict[str, Any], dp: str = "local", codec: str = "float32"
+    partition: str,
+    eps: float,
+    hp: dict[str, Any],
+    dp: str = "local",
+    codec: str = "float32",
+    precision: str = "fp32",
 ) -> dict[str, Any]:
     """One `fedsilo simulate` run (the product), timed from outside; with the MB a site
     sent a round (its status file: fedsilo.clients.site_status)."""
     with tempfile.TemporaryDirectory(prefix="fedsilo-utility-") as out:
         cmd = [sys.executable, "-m", "fedsilo", "simulate", "--json", "--out", out, "--dp", dp]
-        cmd += codec_flags(codec)
+        cmd += [*codec_flags(codec), "--precision", precision]
         cmd += ["--dataset", "fashion-mnist", "--sites", str(hp["sites"])]
         cmd += ["--partition", partition, "--target-epsilon", str(eps)]
         cmd += ["--max-grad-norm", str(hp["max_grad_norm"])]
@@ -93,6 +99,7 @@ def simulate(
     mb_received = sum(s["bytes_received_total"] for s in sent) / answers / 2**20
     return {
         "dp": dp,
+        "precision": precision,
         "update_codec": codec_flags(codec)[1],
         "model_codec": codec_flags(codec)[3],
         "mb_sent_per_site_round": mb_sent,
@@ -312,6 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         "int8, or UPDATE:MODEL pairs that set --model-codec too (int8:int8); each row also "
         "gives the MB a site sent and received a round",
     )
+    p.add_argument(
+        "--precisions",
+        default="fp32",
+        help="comma list of --precision values for the DP cells (simulate): fp32, bf16, fp16",
+    )
     args = p.parse_args(argv)
     if args.dp == "distributed":  # its own regime: flags left at FM's defaults take DIST's
         for key, value in DIST.items():
@@ -322,12 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     hp["dp_max_sample_rate"] = args.dp_max_sample_rate
     rows = []
     for partition in args.partitions.split(","):
-        for e, codec in [
-            (e, c) for e in args.epsilons.split(",") for c in args.update_codecs.split(",")
+        for e, codec, precision in [
+            (e, c, pr)
+            for e in args.epsilons.split(",")
+            for c in args.update_codecs.split(",")
+            for pr in args.precisions.split(",")
         ]:
             eps = None if e == "none" else float(e)
-            if codec != "float32" and (eps is None or args.validate):
-                continue  # a codec is the product's: simulate cells only
+            if (codec != "float32" or precision != "fp32") and (eps is None or args.validate):
+                continue  # codecs and precisions are the product's: simulate cells only
             if args.validate and args.dp == "distributed" and eps is not None:
                 res = distributed_in_process(partition, eps, hp)
                 how = "in-process central step (validation)"
@@ -335,8 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                 res = fedavg_in_process(partition, eps, hp, validate=args.validate)
                 how = "in-process FedAvg" + (" (validation)" if args.validate else "")
             else:
-                res = simulate(partition, eps, hp, dp=args.dp, codec=codec)
-                how = f"fedsilo simulate --dp {args.dp} --update-codec {res['update_codec']}"
+                res = simulate(partition, eps, hp, dp=args.dp, codec=codec, precision=precision)
+                how = f"fedsilo simulate --dp {args.dp} --precision {precision}"
+                how += f" --update-codec {res['update_codec']}"
                 how += f" --model-codec {res['model_codec']}"
             row = {"partition": partition, "target_epsilon": e, **res, "how": how, **hp}
             rows.append(row)
