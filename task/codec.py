@@ -49,6 +49,7 @@ SCALE = "@scale"
 INT8_MAX = 127
 MODEL_TAGS = {"bf16": "@bf16", "int8": "@int8"}  # a sent model's coded tensors
 
+INT8_CHUNK = 1 << 20  # values rounded at a time (bounds the uniforms' memory)
 Uniform = Callable[[int], torch.Tensor]  # n uniforms in [0, 1) (fedsilo.task.rng.SiteRandom)
 
 
@@ -82,16 +83,24 @@ def encode(
 
 def _int8(values: torch.Tensor, uniform: Uniform | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(q, s): s = max |values|, q = values * 127 / s rounded stochastically with
-    `uniform` (an update), or to nearest without it (a sent model)."""
+    `uniform` (an update), or to nearest without it (a sent model).
+
+    In chunks of INT8_CHUNK values: the uniforms of a 17 M-parameter tensor would
+    otherwise take ~20 bytes a value at once (words, float64, float32) on top of it."""
     scale = values.abs().max() if values.numel() else torch.tensor(0.0)
     if not float(scale) > 0.0:  # all zeros (or empty): nothing to round
         return torch.zeros_like(values, dtype=torch.int8), torch.tensor(0.0)
-    scaled = values * (INT8_MAX / scale)
-    if uniform is None:
-        q = torch.round(scaled)
-    else:
-        q = torch.floor(scaled.add_(uniform(values.numel()).to(torch.float32).view(values.shape)))
-    return q.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale.to(torch.float32).reshape(())
+    factor = INT8_MAX / scale
+    q = torch.empty(values.shape, dtype=torch.int8)
+    flat, q_flat = values.reshape(-1), q.view(-1)
+    for start in range(0, flat.numel(), INT8_CHUNK):
+        part = flat[start : start + INT8_CHUNK] * factor
+        if uniform is None:
+            part.round_()
+        else:
+            part.add_(uniform(part.numel()).to(torch.float32)).floor_()
+        q_flat[start : start + part.numel()] = part.clamp_(-INT8_MAX, INT8_MAX)
+    return q, scale.to(torch.float32).reshape(())
 
 
 def decode(

@@ -77,6 +77,34 @@ def test_int8_is_a_quarter_of_the_bytes_in_range_and_unbiased() -> None:
     assert abs(float((mean - update).mean())) < step * 0.01  # no drift in either direction
 
 
+def test_int8_rounds_in_chunks_exactly_as_in_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Chunks bound the uniforms' memory; each value still gets its own fresh uniform.
+    from fedsilo.task import codec
+
+    glob, trained = models()
+    update = (trained["w"] - glob["w"]).reshape(-1)
+    drawn: list[torch.Tensor] = []
+
+    def uniform(n: int) -> torch.Tensor:
+        drawn.append(torch.rand(n, dtype=torch.float64))
+        return drawn[-1]
+
+    monkeypatch.setattr(codec, "INT8_CHUNK", 7)  # chunks that split rows, a short last one
+    wire = encode("int8", trained, glob, uniform)
+    u = torch.cat(drawn)
+    assert u.numel() == update.numel() + trained["b"].numel()  # "w", then "b"
+    assert max(d.numel() for d in drawn) == 7
+    u = u[: update.numel()]
+    scale = update.abs().max()
+    expected = torch.floor(update * (127 / scale) + u.to(torch.float32)).clamp(-127, 127)
+    assert torch.equal(wire["w"].reshape(-1), expected.to(torch.int8))
+    sent = codec.encode_model("int8", trained)  # to nearest, chunked the same way
+    assert torch.equal(
+        sent["w" + codec.MODEL_TAGS["int8"]].reshape(-1),
+        torch.round(trained["w"].reshape(-1) * (127 / trained["w"].abs().max())).to(torch.int8),
+    )
+
+
 def test_a_zero_update_is_sent_exactly() -> None:
     glob, _ = models()
     wire = encode("int8", glob, glob, SeededRandom(0).uniform)
