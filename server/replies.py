@@ -156,7 +156,8 @@ class ReplyBook:
         Each is checked against `spec` (the global model's arrays); errors, refusals,
         second replies, invalid and missing replies are recorded and left out. With a
         `decoder` (run config update-codec, not float32) each reply's arrays are decoded
-        to a model first, in place: the reply then carries the model it stands for.
+        to a model for the checks; the reply keeps its wire arrays (the aggregation decodes
+        each again in its turn, so no round holds every site's decoded model at once).
         """
         dst = destinations(sent)
         usable: list[tuple[SiteReport, Message]] = []
@@ -272,8 +273,7 @@ class ReplyBook:
         if decoder is not None:
             state = decoder.decoded(state)
         check_state(state, spec)
-        if decoder is not None:  # the reply now carries the model it stands for
-            msg.content[protocol.ARRAYS] = ArrayRecord(state)
+        del state  # a model's worth of memory: the aggregation decodes it again in its turn
         return self._report(site, server_round, msg)
 
     def _report(self, site: str, server_round: int, msg: Message) -> SiteReport:

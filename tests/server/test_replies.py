@@ -156,8 +156,9 @@ def test_a_reason_has_one_of_a_few_kinds(
 
 
 def test_a_codec_reply_is_decoded_to_its_model_and_a_misfit_is_a_failure_saying_why() -> None:
-    """The server turns each int8 update back into the model it stands for before anything
-    reads it; a reply that does not fit the run's codec is left out, its reason recorded."""
+    """The server checks the model each int8 update stands for; the reply keeps its wire
+    arrays (the aggregation decodes them in its turn); a reply that does not fit the run's
+    codec is left out, its reason recorded."""
     from fedsilo.server.replies import Codec
     from fedsilo.task.codec import SCALE, encode
     from fedsilo.task.rng import SeededRandom
@@ -175,10 +176,12 @@ def test_a_codec_reply_is_decoded_to_its_model_and_a_misfit_is_a_failure_saying_
     valid = book.train_replies(
         2, sent, [good, bad], {"w": ((2,), torch.float32)}, Codec("int8", glob)
     )
-    # Assert: site-a's reply now carries its model (update +-1 = +-scale: exact in int8).
+    # Assert: site-a's reply is valid and still int8; it decodes to its model (update
+    # +-1 = +-scale: exact in int8).
     assert [r.site for r, _ in valid] == ["site-a"]
-    model = valid[0][1].content[protocol.ARRAYS].to_torch_state_dict()  # type: ignore[union-attr]
-    assert torch.equal(model["w"], trained["w"])
+    wire = valid[0][1].content[protocol.ARRAYS].to_torch_state_dict()  # type: ignore[union-attr]
+    assert wire["w"].dtype == torch.int8
+    assert torch.equal(Codec("int8", glob).decoded(wire)["w"], trained["w"])
     assert book.failures == [
         Failure("site-b", 2, f"invalid reply: int8 update keys differ (missing ['w{SCALE}'], "
                 "unexpected [])")

@@ -307,3 +307,92 @@ def test_a_compressed_global_model_costs_no_precision_over_rounds(model_codec: s
         got = arrays.to_torch_state_dict()
         assert torch.allclose(got["w"], model["w"], atol=1e-7, rtol=0)
         assert torch.equal(got["n"], model["n"])
+
+
+def test_the_streamed_mean_is_flowers_fedavg_bit_for_bit() -> None:
+    """SiteReports averages the models itself, one reply at a time in place; the result
+    is exactly what Flower's FedAvg (aggregate_arrayrecords) gives, float and integer
+    arrays alike, at bounded weights."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    g = torch.Generator().manual_seed(3)
+    models = {
+        node: {"w": torch.randn(1000, generator=g), "b": torch.randn(7, generator=g),
+               "n": torch.tensor(node)}
+        for node in (11, 12, 13)
+    }  # fmt: skip
+    counts = {11: 17, 12: 5, 13: 1000}  # 13 is capped at 4x the median commitment
+    s = SiteReports(FedAvg(), names=lambda: NAMES)
+    s._spec = {k: (tuple(t.shape), t.dtype) for k, t in models[11].items()}
+    s.book.committed.update({NAMES[n]: c for n, c in counts.items()})
+    sent = s.configure_train(1, ArrayRecord(models[11]), ConfigRecord(), Nodes([11, 12, 13]))
+    to = {m.metadata.dst_node_id: m for m in sent}
+    replies = [
+        Message(
+            content=update(n, 0.0, arrays=models[n], **{protocol.NUM_EXAMPLES: counts[n]}).content,
+            reply_to=to[n],
+        )
+        for n in (11, 12, 13)
+    ]
+    # Execute
+    arrays, _ = s.aggregate_train(1, replies)
+    # Assert: Flower's mean of the same replies at the weights SiteReports chose.
+    assert arrays is not None
+    weights = {11: 17, 12: 5, 13: int(WEIGHT_CAP_RATIO * 17)}
+    records = [
+        RecordDict({"a": ArrayRecord(models[n]), "m": MetricRecord({"w": weights[n]})})
+        for n in (11, 12, 13)
+    ]
+    expected = aggregate_arrayrecords(records, "w").to_torch_state_dict()
+    got = arrays.to_torch_state_dict()
+    assert set(got) == set(expected)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype
+        assert torch.equal(got[key], expected[key]), key
+
+
+def test_the_mean_reads_one_reply_model_at_a_time() -> None:
+    """Each reply's model is read (decoded) in its turn and dropped once added: when a
+    reply's model is read, no earlier reply's model is alive except the running sum."""
+    import gc
+    import weakref
+
+    from fedsilo.server.strategy import weighted_mean
+
+    alive: list[weakref.ref[torch.Tensor]] = []
+    seen_alive: list[int] = []
+
+    def model(msg: Message) -> dict[str, torch.Tensor]:
+        gc.collect()
+        seen_alive.append(sum(r() is not None for r in alive[1:]))  # [0] is the sum
+        t = torch.full((1000,), float(len(alive) + 1))
+        alive.append(weakref.ref(t))
+        return {"w": t}
+
+    msgs = [Message(content=RecordDict(), dst_node_id=n, message_type="train") for n in range(5)]
+    # Execute
+    total = weighted_mean(((0.2, m) for m in msgs), model)
+    # Assert
+    assert seen_alive == [0, 0, 0, 0, 0]
+    assert torch.allclose(total["w"], torch.full((1000,), 3.0))
+
+
+def test_a_fedavg_with_its_own_aggregation_aggregates_as_it_defines() -> None:
+    """A wrapped FedAvg subclass that changes aggregate_train (a server optimiser, say)
+    is not bypassed by the streamed mean."""
+
+    class Halving(FedAvg):
+        def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            assert arrays is not None
+            return ArrayRecord({k: t / 2 for k, t in arrays.to_torch_state_dict().items()}), metrics
+
+    s = SiteReports(Halving(), names=lambda: NAMES)
+    s._spec = {"w": ((2,), torch.float32)}
+    sent = s.configure_train(1, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord(), Nodes([11, 12]))
+    replies = [
+        Message(content=update(m.metadata.dst_node_id, 4.0).content, reply_to=m) for m in sent
+    ]
+    arrays, _ = s.aggregate_train(1, replies)
+    assert arrays is not None
+    assert torch.equal(arrays.to_torch_state_dict()["w"], torch.full((2,), 2.0))
