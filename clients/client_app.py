@@ -16,6 +16,7 @@ without disclosing its spend elsewhere.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -25,10 +26,11 @@ from flwr.clientapp import ClientApp
 from fedsilo import protocol
 from fedsilo.clients import site_status
 from fedsilo.clients.secure_round import SecureSiteRound
-from fedsilo.clients.site_env import NAME_KEY, SiteResolver, deployed_site
+from fedsilo.clients.site_env import LEDGER_ENV, NAME_KEY, SiteResolver, deployed_site
 from fedsilo.clients.site_round import LocalSiteRound
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError, DataError, FedsiloError, PrivacyError
+from fedsilo.privacy import accountant, ledger
 from fedsilo.privacy.policy import LEDGER_KEY
 from fedsilo.privacy.refusal import REFUSAL_CODE, public_reason, refusal_reason
 
@@ -131,3 +133,18 @@ def build_client_app(resolve_site: SiteResolver) -> ClientApp:
 
 
 app = build_client_app(deployed_site)  # what `flower-supernode` runs (the app manifest)
+
+
+def zygote_warm() -> None:
+    """What a deployed site's zygote runs before it forks each message's ClientApp
+    (fedsilo.flwr_adapter.site_runtime's `zygote_warm` hook): read the site's ledger
+    (its verified prefix is then remembered: each child verifies only the lines after
+    it) and memoise the RDP curves of its mechanisms (fedsilo.privacy.accountant.warm),
+    which every ClientApp's budget check needs. Pure caches only: a child computes the
+    same answers without them, and a ledger that is not intact warms nothing."""
+    path = os.environ.get(LEDGER_ENV)
+    if not path or not Path(path).is_file():
+        return
+    contents = ledger.read(path)
+    if contents.trusted:
+        accountant.warm(contents.events())

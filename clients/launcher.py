@@ -30,6 +30,7 @@ from fedsilo.clients.site_env import (
     DATA_KEY,
     DEVICE_KEY,
     KEEP_CACHE_KEY,
+    LEDGER_ENV,
     NAME_KEY,
     SITE_CERT_KEY,
     SITE_KEY_KEY,
@@ -203,6 +204,7 @@ def start_client(kit: SiteKit, opts: ClientOptions, *, on_event: EventFn) -> int
     check_site_file(opts.data, opts.task)  # a bad task or file fails here, not at round 1
     home = kit.path / "flwr-home"
     env = child_env(FLWR_HOME=str(home.resolve()))
+    env[LEDGER_ENV] = str(kit.ledger.resolve())  # its zygote warms from it (client_app)
     if opts.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     if opts.threads > 0:  # inherited by every flwr-clientapp process the SuperNode starts

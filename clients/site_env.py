@@ -114,6 +114,11 @@ class SiteEnvironment:
 SiteResolver = Callable[[RunConfig, Mapping[str, object]], SiteEnvironment]
 
 
+# The site's ledger path, for its zygote (fedsilo.clients.client_app.zygote_warm): set by
+# `fedsilo client start` (fedsilo.clients.launcher) in its SuperNode's environment.
+LEDGER_ENV = "FEDSILO_SITE_LEDGER"
+
+
 def deployed_site(cfg: RunConfig, node_config: Mapping[str, object]) -> SiteEnvironment:
     """A real site, from the node config `fedsilo client start` gives its SuperNode.
 

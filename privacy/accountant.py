@@ -108,6 +108,25 @@ def _rdp_curve(sigma: float, q: float, orders: tuple[float, ...]) -> np.ndarray:
     return curve
 
 
+WARM_PAIRS = 64  # the most (sigma, q) pairs `warm` computes at once: its time stays bounded
+
+
+def warm(events: Sequence[SampledGaussianEvent]) -> None:
+    """Compute and memoise the one-step RDP curves of `events`' (sigma, q) pairs.
+
+    Nothing else: the memo holds values of a pure function, so no answer changes, only
+    how long one takes. A deployed site starts a fresh ClientApp process for every
+    message (fedsilo.flwr_adapter.site_runtime), whose empty memo made each round
+    compute these curves again for its budget check (~0.2 s a pair, most of a
+    digits round's site time); the site's zygote calls this between rounds
+    (fedsilo.clients.client_app.zygote_warm), and every child it forks inherits the memo.
+    """
+    pairs = dict.fromkeys((e.noise_multiplier, e.sample_rate) for e in events if e.steps > 0)
+    for sigma, q in list(pairs)[-WARM_PAIRS:]:  # the latest: the next round's plan
+        for orders in (_ORDERS, _OPACUS_ORDERS):  # the RDP accountant's; PRV's domain's
+            _rdp_curve(sigma, q, orders)
+
+
 class _PRV(PRVAccountant):  # type: ignore[misc]
     """Opacus's PRV accountant, its discretisation domain bounded from the memo.
 

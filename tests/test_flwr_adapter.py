@@ -156,6 +156,70 @@ def test_each_clientapp_is_a_fresh_child_of_a_preloaded_zygote(tmp_path: Path) -
     assert len({r["pid"] for r in runs.values()} | {ids["zygote"], ids["self"]}) == 4
 
 
+WARM_SCRIPT = """
+import json, os, sys, time
+from fedsilo.flwr_adapter import site_runtime
+
+out = sys.argv[1]
+warmed = []  # the zygote's state: what its hooks did before each fork
+
+def warm():
+    warmed.append(os.getpid())
+
+def broken():
+    raise RuntimeError("a cache that cannot be built")
+
+def fake_clientapp(args):
+    with open(os.path.join(out, args[-1]), "w") as f:
+        json.dump({"warmed": warmed, "ppid": os.getppid()}, f)
+    os._exit(0)
+
+site_runtime._run_clientapp = fake_clientapp
+zygote = site_runtime._Zygote.start([broken, warm])
+for name in ("one", "two"):
+    zygote.run(["flwr-clientapp", "--token", name])
+    deadline = time.time() + 30
+    while name not in os.listdir(out) and time.time() < deadline:
+        time.sleep(0.05)
+print(json.dumps({"zygote": zygote.pid}))
+os.close(zygote.write_fd)
+os.waitpid(zygote.pid, 0)
+"""
+
+
+def test_the_zygote_warms_its_caches_before_each_fork_and_its_children_inherit_them(
+    tmp_path: Path,
+) -> None:
+    """The warm hooks (a --preload module's `zygote_warm`) run in the zygote at its start
+    and again before each fork; each child sees all of it; a hook that fails is reported
+    and the messages are still answered."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    out.mkdir()
+    res = subprocess.run(
+        [sys.executable, "-c", WARM_SCRIPT, str(out)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stderr
+    zygote = json.loads(res.stdout)["zygote"]
+    runs = {p.name: json.loads(p.read_text()) for p in out.iterdir()}
+    assert runs["one"] == {"warmed": [zygote, zygote], "ppid": zygote}  # start, fork 1
+    assert runs["two"] == {"warmed": [zygote] * 3, "ppid": zygote}  # and fork 2
+    assert res.stderr.count("a cache that cannot be built") == 3
+
+
+def test_fedsilos_clientapp_module_offers_the_zygote_its_warm_hook() -> None:
+    """`fedsilo client start` preloads fedsilo.clients.client_app; the zygote finds its
+    hook by the name it looks for."""
+    from fedsilo.clients import client_app, launcher
+    from fedsilo.flwr_adapter import site_runtime
+
+    assert callable(getattr(client_app, site_runtime.WARM_HOOK))
+    assert client_app.__name__ == launcher.CLIENT_APP_MODULE
+
+
 def test_the_server_pulls_replies_until_all_came_or_the_timeout() -> None:
     import time
     from types import SimpleNamespace

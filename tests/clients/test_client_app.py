@@ -486,3 +486,45 @@ def test_a_codec_compresses_the_dp_release_at_no_privacy_cost(tmp_path: Path) ->
             update = tensor - glob[key]
             step = float(update.abs().max()) / (127 if codec == "int8" else 128)
             assert float((out[key] - tensor).abs().max()) <= step * 1.01, (codec, key)
+
+
+def test_the_zygote_warm_hook_memoises_the_ledgers_curves_and_trusts_only_an_intact_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """zygote_warm reads the ledger `fedsilo client start` names in its environment and
+    memoises the RDP curves of its spends; a ledger that is not intact, or none, warms
+    nothing (the ClientApp then finds and reports the problem itself)."""
+    from fedsilo.clients.client_app import zygote_warm
+    from fedsilo.clients.site_env import LEDGER_ENV
+    from fedsilo.privacy import accountant, ledger
+    from fedsilo.privacy.events import RoundSpend, SampledGaussianEvent
+    from fedsilo.privacy.policy import SitePolicy
+
+    path = tmp_path / "ledger.jsonl"
+    ledger.ensure_policy(path, "site-a", SitePolicy(max_epsilon=8.0))
+    with ledger.transaction(path) as txn:
+        txn.append(
+            RoundSpend(
+                event=SampledGaussianEvent(noise_multiplier=1.234, sample_rate=0.0567, steps=9),
+                clip_norm=1.0,
+                delta=1e-5,
+                dataset="sha256:" + "ab" * 32,
+                run="1",
+                round=1,
+                time="2026-01-01T00:00:00.000Z",
+                site="site-a",
+            )
+        )
+    accountant._rdp_curve.cache_clear()
+    monkeypatch.delenv(LEDGER_ENV, raising=False)
+    zygote_warm()  # no ledger named: nothing
+    assert accountant._rdp_curve.cache_info().currsize == 0
+    monkeypatch.setenv(LEDGER_ENV, str(path))
+    # Execute
+    zygote_warm()
+    # Assert
+    assert accountant._rdp_curve.cache_info().currsize == 2
+    accountant._rdp_curve.cache_clear()
+    path.write_bytes(path.read_bytes().replace(b"1.234", b"1.235"))  # tampered
+    zygote_warm()
+    assert accountant._rdp_curve.cache_info().currsize == 0

@@ -328,3 +328,29 @@ def test_prv_epsilon_is_opacus_prv_bit_for_bit(events: list[tuple[float, float, 
             ours = type(exc)
     assert ours == expected
     assert calls == [1]
+
+
+def test_warm_memoises_the_curves_every_epsilon_of_the_history_needs() -> None:
+    """accountant.warm computes each (sigma, q)'s one-step curves (the RDP accountant's
+    orders and PRV's domain's); epsilon of the history then computes none again, and its
+    value is the same as without the warm-up."""
+    from fedsilo.privacy import accountant
+
+    events = [
+        Event(noise_multiplier=1.37, sample_rate=0.0417, steps=23),
+        Event(noise_multiplier=1.37, sample_rate=0.0417, steps=23),
+        Event(noise_multiplier=2.11, sample_rate=0.0833, steps=5),
+    ]
+    accountant._rdp_curve.cache_clear()
+    accountant._composed_epsilon.cache_clear()
+    cold = {a: epsilon(events, delta=1e-5, accountant=a) for a in ("prv", "rdp")}
+    accountant._rdp_curve.cache_clear()
+    accountant._composed_epsilon.cache_clear()
+    # Execute
+    accountant.warm(events)
+    # Assert: 2 pairs x 2 order sets, and nothing more to compute for the epsilons
+    assert accountant._rdp_curve.cache_info().currsize == 4
+    misses = accountant._rdp_curve.cache_info().misses
+    warm = {a: epsilon(events, delta=1e-5, accountant=a) for a in ("prv", "rdp")}
+    assert accountant._rdp_curve.cache_info().misses == misses
+    assert warm == cold
