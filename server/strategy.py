@@ -108,18 +108,24 @@ def weighted_mean(
     `model` returns tensors of its own (they are scaled in place).
     """
     total: dict[str, torch.Tensor] = {}
-    for share, msg in shares:
-        for key, tensor in model(msg).items():
-            if tensor.is_floating_point():
-                part = tensor.mul_(share)
-            else:  # numpy: an integer array times a Python float is float64
-                part = torch.from_numpy(numpy.asarray(tensor.numpy() * share))
-            if key in total:
-                total[key].add_(part)
-            else:
-                total[key] = part
-        del tensor, part  # this reply's model is dropped before the next is read
+    for share, msg in shares:  # a reply's model lives only in the call: dropped before the next
+        _add_scaled(total, model(msg), share)
     return total
+
+
+def _add_scaled(
+    total: dict[str, torch.Tensor], state: dict[str, torch.Tensor], share: float
+) -> None:
+    """total += state * share, key by key (`state`'s float tensors are scaled in place)."""
+    for key, tensor in state.items():
+        if tensor.is_floating_point():
+            part = tensor.mul_(share)
+        else:  # numpy: an integer array times a Python float is float64
+            part = torch.from_numpy(numpy.asarray(tensor.numpy() * share))
+        if key in total:
+            total[key].add_(part)
+        else:
+            total[key] = part
 
 
 class SiteReports(Strategy):
