@@ -41,3 +41,18 @@ def test_settings_say_what_a_round_did(tmp_path: Path) -> None:
     assert dp_modes.settings(tmp_path) == (
         "6 rounds x 1 DP-SGD step, batch 64 (q 0.134), 4 SecAgg exchanges (5 in round 1)"
     )
+
+
+def test_the_deployed_round_bench_fails_loudly_past_its_line() -> None:
+    """bench.deploy_latency exits 1 with a REGRESSION line when the deployed round is more
+    than --max-gap seconds over the simulated one; 0 turns the line off."""
+    from bench import deploy_latency
+
+    rows = [
+        {"mode": "simulated", "minus_simulated_s": 0.0},
+        {"mode": "deployed", "minus_simulated_s": 1.3},
+        {"mode": "deployed, stock", "minus_simulated_s": 8.0},  # not the line's row
+    ]
+    assert "REGRESSION" in deploy_latency.gap_verdict(rows, 1.0)
+    assert deploy_latency.gap_verdict(rows, 1.5) == ""
+    assert deploy_latency.gap_verdict(rows, 0) == ""
