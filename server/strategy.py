@@ -233,7 +233,16 @@ class SiteReports(Strategy):
             return None, None
         weights = bounded_weights([report for report, _ in valid], self.book.committed)
         weighted = [weighed(msg, weights[report.site]) for report, msg in valid]
+
+        def model(msg: Message) -> dict[str, torch.Tensor]:
+            """A reply's model, decoded (the book checked that it decodes)."""
+            state = cast(ArrayRecord, msg.content[protocol.ARRAYS]).to_torch_state_dict()
+            return decoder.decoded(state) if decoder is not None else state
+
         if not robust_rule and not streams(self.inner):
+            if decoder is not None:  # the wrapped strategy reads models, not wire arrays
+                for msg in weighted:  # `weighed` copies: the sites' replies stay as sent
+                    msg.content[protocol.ARRAYS] = ArrayRecord(model(msg))
             arrays, metrics = self.inner.aggregate_train(server_round, weighted)
             return (None if arrays is None else arrays.to_torch_state_dict()), metrics
         if robust_rule and (global_state is None or len(valid) < self.rule.min_replies):
@@ -243,12 +252,6 @@ class SiteReports(Strategy):
         metrics = self.inner.train_metrics_aggr_fn(
             [msg.content for msg in weighted], self.inner.weighted_by_key
         )
-
-        def model(msg: Message) -> dict[str, torch.Tensor]:
-            """A reply's model, decoded (the book checked that it decodes)."""
-            state = cast(ArrayRecord, msg.content[protocol.ARRAYS]).to_torch_state_dict()
-            return decoder.decoded(state) if decoder is not None else state
-
         if not robust_rule:
             total = sum(weights.values())
             share = {report.site: weights[report.site] / total for report, _ in valid}

@@ -377,9 +377,13 @@ def test_the_mean_reads_one_reply_model_at_a_time() -> None:
     assert torch.allclose(total["w"], torch.full((1000,), 3.0))
 
 
-def test_a_fedavg_with_its_own_aggregation_aggregates_as_it_defines() -> None:
+@pytest.mark.parametrize("update_codec", ["float32", "int8"])
+def test_a_fedavg_with_its_own_aggregation_aggregates_as_it_defines(update_codec: str) -> None:
     """A wrapped FedAvg subclass that changes aggregate_train (a server optimiser, say)
-    is not bypassed by the streamed mean."""
+    is not bypassed by the streamed mean, and it reads the models the replies stand for
+    (decoded from the update codec), not their wire arrays."""
+    from fedsilo.task import codec
+    from fedsilo.task.rng import SeededRandom
 
     class Halving(FedAvg):
         def aggregate_train(self, server_round, replies):  # type: ignore[no-untyped-def]
@@ -387,12 +391,19 @@ def test_a_fedavg_with_its_own_aggregation_aggregates_as_it_defines() -> None:
             assert arrays is not None
             return ArrayRecord({k: t / 2 for k, t in arrays.to_torch_state_dict().items()}), metrics
 
-    s = SiteReports(Halving(), names=lambda: NAMES)
+    s = SiteReports(Halving(), names=lambda: NAMES, update_codec=update_codec)
     s._spec = {"w": ((2,), torch.float32)}
-    sent = s.configure_train(1, ArrayRecord({"w": torch.zeros(2)}), ConfigRecord(), Nodes([11, 12]))
+    zero = {"w": torch.zeros(2)}
+    sent = s.configure_train(1, ArrayRecord(zero), ConfigRecord(), Nodes([11, 12]))
+    trained = {"w": torch.full((2,), 4.0)}  # an update of +4 = +scale: exact in int8
+    wire = codec.encode(update_codec, trained, zero, SeededRandom(0).uniform)
     replies = [
-        Message(content=update(m.metadata.dst_node_id, 4.0).content, reply_to=m) for m in sent
+        Message(content=update(m.metadata.dst_node_id, 0.0, arrays=wire).content, reply_to=m)
+        for m in sent
     ]
     arrays, _ = s.aggregate_train(1, replies)
     assert arrays is not None
     assert torch.equal(arrays.to_torch_state_dict()["w"], torch.full((2,), 2.0))
+    # the sites' own replies are left as sent (their wire arrays)
+    got = replies[0].content[protocol.ARRAYS].to_torch_state_dict()  # type: ignore[union-attr]
+    assert set(got) == set(wire)
