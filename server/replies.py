@@ -23,12 +23,14 @@ with the site's public reason: fedsilo.privacy.refusal) are logged and dropped.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+import numpy
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.constant import SUPERLINK_NODE_ID  # the sender of errors for lost nodes
@@ -155,9 +157,9 @@ class ReplyBook:
 
         Each is checked against `spec` (the global model's arrays); errors, refusals,
         second replies, invalid and missing replies are recorded and left out. With a
-        `decoder` (run config update-codec, not float32) each reply's arrays are decoded
-        to a model for the checks; the reply keeps its wire arrays (the aggregation decodes
-        each again in its turn, so no round holds every site's decoded model at once).
+        `decoder` (run config update-codec, not float32) each reply's coded arrays are
+        checked a piece at a time as they decode (Codec.pieces); the reply keeps its wire
+        arrays, and the server never holds a decoded model for the checks.
         """
         dst = destinations(sent)
         usable: list[tuple[SiteReport, Message]] = []
@@ -270,10 +272,16 @@ class ReplyBook:
         if not isinstance(msg.content.get(protocol.METRICS), MetricRecord):
             raise InvalidReply(f"no `{protocol.METRICS}` record")
         state = deserialised(arrays)
-        if decoder is not None:
-            state = decoder.decoded(state)
-        check_state(state, spec)
-        del state  # a model's worth of memory: the aggregation decodes it again in its turn
+        if decoder is None:
+            check_state(state, spec)
+        else:  # checked a piece at a time: the server never holds a decoded model
+            decoder.check(state)  # the global model's keys; coded tensors of its shapes
+            coded = [k for k in decoder.global_state if decoder.coded(k)]
+            plain = [k for k in decoder.global_state if k not in coded]
+            check_state({k: state[k] for k in plain}, {k: spec[k] for k in plain if k in spec})
+            for key in coded:
+                if any(not bool(p.isfinite().all()) for _, p in decoder.pieces(state, key)):
+                    raise InvalidReply(f"`{key}` holds NaN or infinity")
         return self._report(site, server_round, msg)
 
     def _report(self, site: str, server_round: int, msg: Message) -> SiteReport:
@@ -327,10 +335,34 @@ class Codec:
         except codec.CodecError as exc:
             raise InvalidReply(str(exc)) from None
 
+    def check(self, wire: Mapping[str, torch.Tensor]) -> None:
+        """InvalidReply unless the reply's tensors fit the codec (decoding none of them)."""
+        try:
+            codec.check_update(self.name, wire, self.global_state)
+        except codec.CodecError as exc:
+            raise InvalidReply(str(exc)) from None
+
+    def coded(self, key: str) -> bool:
+        """Whether the model's tensor `key` crosses the wire coded (else as it is)."""
+        return self.name != "float32" and self.global_state[key].is_floating_point()
+
+    def pieces(
+        self, wire: Mapping[str, torch.Tensor], key: str
+    ) -> Iterator[tuple[int, torch.Tensor]]:
+        """A coded tensor of a checked reply, decoded a piece at a time (codec.decoded_pieces)."""
+        return codec.decoded_pieces(self.name, wire, self.global_state, key)
+
 
 def spec_of(arrays: ArrayRecord) -> Spec:
-    """Keys, shapes and dtypes of a model's arrays."""
-    return {k: (tuple(v.shape), v.dtype) for k, v in arrays.to_torch_state_dict().items()}
+    """Keys, shapes and dtypes of a model's arrays, from their metadata (the arrays
+    themselves are not deserialised: a model's worth of memory and time a round)."""
+    return {k: (tuple(a.shape), _torch_dtype(a.dtype)) for k, a in arrays.items()}
+
+
+@functools.cache
+def _torch_dtype(numpy_dtype: str) -> torch.dtype:
+    """The torch dtype of an Array's numpy dtype (as `to_torch_state_dict` reads it)."""
+    return torch.from_numpy(numpy.zeros(0, dtype=numpy_dtype)).dtype
 
 
 def deserialised(arrays: ArrayRecord) -> dict[str, torch.Tensor]:

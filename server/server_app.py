@@ -14,7 +14,8 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 from flwr.app import ArrayRecord, Context, Error, Message
@@ -38,6 +39,15 @@ from fedsilo.task.train import non_finite
 log = logging.getLogger("fedsilo.server")
 app = ServerApp()
 ROUND_TIMEOUT_S = 3600.0  # a site that has not replied within this is counted as failed
+
+
+class ClosedRound(NamedTuple):
+    """A completed round: the new global model as sent (`arrays`) and as tensors (`state`,
+    read once: evaluated, then checkpointed), and its metrics record."""
+
+    arrays: ArrayRecord
+    state: dict[str, torch.Tensor]
+    record: RoundRecord
 
 
 @app.main()
@@ -86,8 +96,9 @@ def main(grid: Grid, context: Context) -> None:
             stopped = f"round {server_round}: {outcome}"
             log.error("main: %s; stopping", stopped)
             break
-        arrays, record = outcome
-        keep_round(run_dir, arrays, record, rounds_of.velocity)
+        arrays, state, record = outcome
+        keep_round(run_dir, state, record, rounds_of.velocity)
+        del outcome, state  # a model's worth of memory the next round must not carry
         rounds.append(record)
     run_dir.save_final(arrays.to_torch_state_dict())
     summary = build_summary(
@@ -154,7 +165,7 @@ def play_round(
     strategy: SiteReports,
     cfg: RunConfig,
     evaluate: Evaluator,
-) -> tuple[ArrayRecord, RoundRecord] | str:
+) -> ClosedRound | str:
     """One round from `arrays`: its new global model and timed metrics record.
 
     Returns why the run must stop instead when the round cannot be used (close_round).
@@ -164,21 +175,23 @@ def play_round(
     outcome = close_round(server_round, new_arrays, strategy, cfg, evaluate, rounds_of.why_not)
     if isinstance(outcome, str):
         return outcome
-    new_arrays, record = outcome
     record = dataclasses.replace(
-        record,
+        outcome.record,
         seconds=time.monotonic() - t0,
         # where a distributed round's time went
         stage_seconds=dict(rounds_of.stage_seconds) or None,
     )
-    return new_arrays, record
+    return outcome._replace(record=record)
 
 
 def keep_round(
-    run_dir: RunDir, arrays: ArrayRecord, record: RoundRecord, velocity: torch.Tensor | None
+    run_dir: RunDir,
+    state: Mapping[str, torch.Tensor],
+    record: RoundRecord,
+    velocity: torch.Tensor | None,
 ) -> None:
     """Checkpoint a completed round (model, optimizer state), then write its metrics line."""
-    run_dir.save_checkpoint(record.round, arrays.to_torch_state_dict())
+    run_dir.save_checkpoint(record.round, dict(state))
     if velocity is not None:
         run_dir.save_momentum(record.round, velocity)
     run_dir.append_metrics(record)  # after the checkpoint: a metrics line means resumable
@@ -288,7 +301,7 @@ def close_round(
     cfg: RunConfig,
     evaluate: Evaluator,
     why_not: str = "",
-) -> tuple[ArrayRecord, RoundRecord] | str:
+) -> ClosedRound | str:
     """The round's new global model and metrics record, or why the run must stop.
 
     `why_not`: why the round protocol released nothing (a secure round that ended at a
@@ -331,7 +344,7 @@ def close_round(
         },
         flagged=flagged,
     )
-    return new_arrays, record
+    return ClosedRound(new_arrays, state, record)
 
 
 def build_summary(

@@ -12,9 +12,10 @@ Updates, site to server:
   FedAvg's mean of many sites' updates averages the rounding out. A quarter of the bytes.
 
 Only floating-point tensors are compressed; any other tensor of the model (an integer
-buffer) goes as it is. The server decodes each reply back to a model, global + decoded
-u, before it validates and aggregates it (fedsilo.server.replies), so every aggregation
-rule sees models as before. A reply that does not fit the run's codec (a missing or
+buffer) goes as it is. The server reads each reply as the model global + decoded u
+(fedsilo.server.replies), so every aggregation rule sees models as before; its checks
+and FedAvg's running mean decode a piece of DECODE_CHUNK values at a time
+(`decoded_pieces`), so it never holds a decoded model there. A reply that does not fit the run's codec (a missing or
 extra key, a dtype or shape that is not the codec's, a scale that is negative or not
 finite, an int8 value of -128) is invalid: the server leaves it out and says why.
 
@@ -39,7 +40,7 @@ there.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import torch
 
@@ -50,6 +51,8 @@ INT8_MAX = 127
 MODEL_TAGS = {"bf16": "@bf16", "int8": "@int8"}  # a sent model's coded tensors
 
 INT8_CHUNK = 1 << 20  # values rounded at a time (bounds the uniforms' memory)
+# values decoded at a time (4 MiB of float32): the server never holds a decoded model
+DECODE_CHUNK = 1 << 20
 Uniform = Callable[[int], torch.Tensor]  # n uniforms in [0, 1) (fedsilo.task.rng.SiteRandom)
 
 
@@ -111,8 +114,31 @@ def decode(
     Raises:
         CodecError: `wire` does not fit `codec` for this global model.
     """
+    check_update(codec, wire, global_state)
     if codec == "float32":
         return dict(wire)
+    out: dict[str, torch.Tensor] = {}
+    for key, ref in global_state.items():
+        if not ref.is_floating_point():
+            out[key] = wire[key]
+            continue
+        out[key] = torch.empty(ref.shape, dtype=ref.dtype)
+        flat = out[key].view(-1)
+        for start, piece in decoded_pieces(codec, wire, global_state, key):
+            flat[start : start + piece.numel()] = piece
+    return out
+
+
+def check_update(
+    codec: str, wire: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]
+) -> None:
+    """Everything `decode` checks about a reply's tensors, decoding none of them.
+
+    Raises:
+        CodecError: `wire` does not fit `codec` for this global model.
+    """
+    if codec == "float32":
+        return
     expected = set(global_state)
     if codec == "int8":
         expected |= {k + SCALE for k, t in global_state.items() if t.is_floating_point()}
@@ -121,27 +147,48 @@ def decode(
         raise CodecError(
             f"{codec} update keys differ (missing {missing[:3]}, unexpected {extra[:3]})"
         )
-    out: dict[str, torch.Tensor] = {}
+    dtype = torch.int16 if codec == "bf16" else torch.int8
     for key, ref in global_state.items():
         got = wire[key]
         if not ref.is_floating_point():
-            out[key] = got
             continue
-        dtype = torch.int16 if codec == "bf16" else torch.int8
         if got.dtype != dtype or tuple(got.shape) != tuple(ref.shape):
             raise CodecError(
                 f"`{key}` is {tuple(got.shape)} {got.dtype}; the {codec} codec sends "
                 f"{tuple(ref.shape)} {dtype}"
             )
+        if codec == "int8":
+            _int8_scale(key, got, wire[key + SCALE])
+
+
+def decoded_pieces(
+    codec: str,
+    wire: Mapping[str, torch.Tensor],
+    global_state: Mapping[str, torch.Tensor],
+    key: str,
+    chunk: int | None = None,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """The floating-point tensor `key` of the model `wire` stands for, flat, in pieces of
+    at most `chunk` values: (offset, a new tensor in the global model's dtype), each bit
+    for bit that part of `decode`'s tensor. For a reader that needs one piece at a time
+    (validation, the server's running mean): a whole decoded model is never held.
+    `wire` must have passed `check_update`.
+    """
+    ref = global_state[key].reshape(-1)
+    got = wire[key].reshape(-1)
+    k = _int8_scale(key, wire[key], wire[key + SCALE]) / INT8_MAX if codec == "int8" else 0.0
+    chunk = chunk or DECODE_CHUNK
+    for start in range(0, ref.numel(), chunk):
+        part = got[start : start + chunk]
         if codec == "bf16":
-            update = got.view(torch.bfloat16).to(torch.float32)
+            update = part.view(torch.bfloat16).to(torch.float32)
         else:
-            update = _from_int8(key, got, wire[key + SCALE])
-        out[key] = (ref.to(torch.float32) + update).to(ref.dtype)
-    return out
+            update = part.to(torch.float32) * k
+        yield start, (ref[start : start + chunk].to(torch.float32) + update).to(ref.dtype)
 
 
-def _from_int8(key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _int8_scale(key: str, q: torch.Tensor, scale: torch.Tensor) -> float:
+    """An int8 tensor's scale, once it and the values are checked."""
     if scale.dtype != torch.float32 or scale.numel() != 1:
         raise CodecError(f"`{key}{SCALE}` is {tuple(scale.shape)} {scale.dtype}, not a float32")
     s = float(scale.reshape(()))
@@ -149,7 +196,11 @@ def _from_int8(key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         raise CodecError(f"`{key}{SCALE}` is {s}: a scale is finite and >= 0")
     if q.numel() and int(q.min()) < -INT8_MAX:
         raise CodecError(f"`{key}` holds -128: int8 values are in [-127, 127]")
-    return q.to(torch.float32) * (s / INT8_MAX)
+    return s
+
+
+def _from_int8(key: str, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q.to(torch.float32) * (_int8_scale(key, q, scale) / INT8_MAX)
 
 
 def encode_model(codec: str, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -186,3 +186,16 @@ def test_a_codec_reply_is_decoded_to_its_model_and_a_misfit_is_a_failure_saying_
         Failure("site-b", 2, f"invalid reply: int8 update keys differ (missing ['w{SCALE}'], "
                 "unexpected [])")
     ]  # fmt: skip
+
+
+def test_a_models_spec_is_read_from_metadata_as_its_tensors_would_give_it() -> None:
+    """spec_of reads keys, shapes and dtypes without deserialising the arrays; it must
+    say exactly what the deserialised tensors do, for every dtype a model may hold."""
+    from fedsilo.server.replies import spec_of
+
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.int64, torch.int8, torch.bool)
+    state = {f"t{i}": torch.zeros((2, 3) if i % 2 else (), dtype=d) for i, d in enumerate(dtypes)}
+    arrays = ArrayRecord(state)
+    expected = {k: (tuple(t.shape), t.dtype) for k, t in arrays.to_torch_state_dict().items()}
+    assert spec_of(arrays) == expected
+    assert list(spec_of(arrays)) == list(state)

@@ -10,8 +10,10 @@ from fedsilo.task.codec import (
     MODEL_TAGS,
     SCALE,
     CodecError,
+    check_update,
     decode,
     decode_model,
+    decoded_pieces,
     encode,
     encode_model,
 )
@@ -139,6 +141,32 @@ def test_a_reply_that_does_not_fit_its_codec_is_refused_saying_why(
     with pytest.raises(CodecError) as err:
         decode(codec, wire, glob)
     assert reason in str(err.value)
+    with pytest.raises(CodecError) as err:  # the server's check, decoding nothing
+        check_update(codec, wire, glob)
+    assert reason in str(err.value)
+
+
+@pytest.mark.parametrize("codec", ["bf16", "int8"])
+def test_decoding_in_pieces_is_the_one_pass_formula_bit_for_bit(
+    codec: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server decodes a reply a piece at a time (fedsilo.task.codec.DECODE_CHUNK
+    values); every value is exactly global + the update the wire holds."""
+    from fedsilo.task import codec as module
+
+    glob, trained = models()
+    wire = encode(codec, trained, glob, SeededRandom(0).uniform)
+    monkeypatch.setattr(module, "DECODE_CHUNK", 7)  # pieces that split rows, a short last one
+    sizes = [p.numel() for _, p in decoded_pieces(codec, wire, glob, "w")]
+    assert sizes == [7] * (64 * 32 // 7) + [64 * 32 % 7]
+    got = decode(codec, wire, glob)
+    for key in ("w", "b"):
+        if codec == "int8":
+            update = wire[key].to(torch.float32) * (float(wire[key + SCALE]) / 127)
+        else:
+            update = wire[key].view(torch.bfloat16).to(torch.float32)
+        assert torch.equal(got[key], glob[key] + update), key
+    assert torch.equal(got["steps"], trained["steps"])
 
 
 # ---------------------------------------------------------------- the global model
