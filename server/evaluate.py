@@ -54,7 +54,10 @@ def make_evaluator(cfg: RunConfig, data: Dataset) -> Evaluator:
         data = featurize(front, data, device=device)
 
     def run(state: Mapping[str, torch.Tensor]) -> Evaluation:
-        model.load_state_dict(dict(state))
+        # The model takes the round's tensors as its own (assign: no copy of a model
+        # that may be 270 MB); evaluation runs it in eval mode under no_grad and changes
+        # none of them, so the caller checkpoints exactly what was evaluated.
+        model.load_state_dict(dict(state), assign=True)
         return evaluate_task(task, model, data, device=device)
 
     return run

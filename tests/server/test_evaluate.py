@@ -27,3 +27,24 @@ def test_evaluator_matches_the_whole_model(model: str) -> None:
     want_loss, want_acc = evaluate(whole, data)
     assert got.loss == pytest.approx(want_loss, rel=1e-5)
     assert got.accuracy == want_acc and got.extra == {}
+
+
+def test_each_round_is_evaluated_on_its_own_tensors_which_stay_as_they_were() -> None:
+    """The evaluator's model takes each round's tensors as its own (no copy of the model):
+    a round evaluates as a fresh model would, whatever round came before, and the tensors
+    (the checkpoint the server writes next) are left exactly as they were."""
+    torch.manual_seed(1)
+    data = Dataset(torch.rand(60, 1, 28, 28), torch.randint(0, 10, (60,)), 10, "synthetic")
+    cfg = RunConfig(dataset="fashion-mnist", model="cnn", seed=4)
+    base = global_model(cfg).state_dict()
+    rounds = [{k: v + 0.05 * torch.randn_like(v) for k, v in base.items()} for _ in range(2)]
+    kept = [{k: v.clone() for k, v in state.items()} for state in rounds]
+    alone = make_evaluator(cfg, data)(rounds[1])
+    run = make_evaluator(cfg, data)
+    # Execute: round 0, then round 1, on one evaluator
+    first, second = run(rounds[0]), run(rounds[1])
+    # Assert
+    assert (second.loss, second.accuracy) == (alone.loss, alone.accuracy)
+    assert (first.loss, first.accuracy) != (second.loss, second.accuracy)
+    for state, copy in zip(rounds, kept, strict=True):
+        assert all(torch.equal(state[k], copy[k]) for k in copy)
