@@ -15,9 +15,10 @@ Only floating-point tensors are compressed; any other tensor of the model (an in
 buffer) goes as it is. The server reads each reply as the model global + decoded u
 (fedsilo.server.replies), so every aggregation rule sees models as before; its checks
 and FedAvg's running mean decode a piece of DECODE_CHUNK values at a time
-(`decoded_pieces`), so it never holds a decoded model there. A reply that does not fit the run's codec (a missing or
-extra key, a dtype or shape that is not the codec's, a scale that is negative or not
-finite, an int8 value of -128) is invalid: the server leaves it out and says why.
+(`decoded_pieces`), so it never holds a decoded model there. A reply that does not fit
+the run's codec (a missing or extra key, a dtype or shape that is not the codec's, a
+scale that is negative or not finite, an int8 value of -128) is invalid: the server
+leaves it out and says why.
 
 The global model, server to site (`encode_model`, `decode_model`): bf16 sends each
 floating-point tensor's bfloat16 patterns under KEY@bf16; int8 sends q = round(127 w / s),
