@@ -309,11 +309,49 @@ def test_a_compressed_global_model_costs_no_precision_over_rounds(model_codec: s
         assert torch.equal(got["n"], model["n"])
 
 
+def sent_and_answered(
+    s: SiteReports,
+    model: dict[str, torch.Tensor],
+    replies: dict[int, dict[str, torch.Tensor]],
+    counts: dict[int, int],
+) -> ArrayRecord | None:
+    """Round 1 of `s` from `model`: each node answers its arrays with its example count."""
+    sent = s.configure_train(1, ArrayRecord(model), ConfigRecord(), Nodes(list(replies)))
+    to = {m.metadata.dst_node_id: m for m in sent}
+    answers = [
+        Message(
+            content=update(n, 0.0, arrays=a, **{protocol.NUM_EXAMPLES: counts[n]}).content,
+            reply_to=to[n],
+        )
+        for n, a in replies.items()
+    ]
+    arrays, _ = s.aggregate_train(1, answers)
+    return arrays
+
+
+def assert_flowers_mean(
+    arrays: ArrayRecord | None, models: list[dict[str, torch.Tensor]], weights: list[int]
+) -> None:
+    """`arrays` is bit for bit Flower's FedAvg (aggregate_arrayrecords) of `models`."""
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    assert arrays is not None
+    records = [
+        RecordDict({"a": ArrayRecord(m), "m": MetricRecord({"w": w})})
+        for m, w in zip(models, weights, strict=True)
+    ]
+    expected = aggregate_arrayrecords(records, "w").to_torch_state_dict()
+    got = arrays.to_torch_state_dict()
+    assert list(got) == list(expected)
+    for key in expected:
+        assert got[key].dtype == expected[key].dtype
+        assert torch.equal(got[key], expected[key]), key
+
+
 def test_the_streamed_mean_is_flowers_fedavg_bit_for_bit() -> None:
     """SiteReports averages the models itself, one reply at a time in place; the result
     is exactly what Flower's FedAvg (aggregate_arrayrecords) gives, float and integer
     arrays alike, at bounded weights."""
-    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     g = torch.Generator().manual_seed(3)
     models = {
@@ -323,32 +361,12 @@ def test_the_streamed_mean_is_flowers_fedavg_bit_for_bit() -> None:
     }  # fmt: skip
     counts = {11: 17, 12: 5, 13: 1000}  # 13 is capped at 4x the median commitment
     s = SiteReports(FedAvg(), names=lambda: NAMES)
-    s._spec = {k: (tuple(t.shape), t.dtype) for k, t in models[11].items()}
     s.book.committed.update({NAMES[n]: c for n, c in counts.items()})
-    sent = s.configure_train(1, ArrayRecord(models[11]), ConfigRecord(), Nodes([11, 12, 13]))
-    to = {m.metadata.dst_node_id: m for m in sent}
-    replies = [
-        Message(
-            content=update(n, 0.0, arrays=models[n], **{protocol.NUM_EXAMPLES: counts[n]}).content,
-            reply_to=to[n],
-        )
-        for n in (11, 12, 13)
-    ]
     # Execute
-    arrays, _ = s.aggregate_train(1, replies)
+    arrays = sent_and_answered(s, models[11], models, counts)
     # Assert: Flower's mean of the same replies at the weights SiteReports chose.
-    assert arrays is not None
-    weights = {11: 17, 12: 5, 13: int(WEIGHT_CAP_RATIO * 17)}
-    records = [
-        RecordDict({"a": ArrayRecord(models[n]), "m": MetricRecord({"w": weights[n]})})
-        for n in (11, 12, 13)
-    ]
-    expected = aggregate_arrayrecords(records, "w").to_torch_state_dict()
-    got = arrays.to_torch_state_dict()
-    assert set(got) == set(expected)
-    for key in expected:
-        assert got[key].dtype == expected[key].dtype
-        assert torch.equal(got[key], expected[key]), key
+    weights = [17, 5, int(WEIGHT_CAP_RATIO * 17)]
+    assert_flowers_mean(arrays, [models[n] for n in (11, 12, 13)], weights)
 
 
 def test_the_mean_reads_one_reply_model_at_a_time() -> None:
@@ -416,7 +434,6 @@ def test_coded_replies_are_checked_and_averaged_a_piece_at_a_time_bit_for_bit(
     """Under an update codec the server validates and averages each reply's coded
     tensors a piece at a time: no decoded model is ever built (a 67 M-parameter one is
     270 MB), yet the mean is exactly Flower's FedAvg of the decoded models."""
-    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
     from fedsilo.task import codec
     from fedsilo.task.rng import SeededRandom
@@ -449,34 +466,14 @@ def test_coded_replies_are_checked_and_averaged_a_piece_at_a_time_bit_for_bit(
     monkeypatch.setattr(codec, "decode", whole)
     s = SiteReports(FedAvg(), names=lambda: NAMES, update_codec=update_codec)
     s.book.committed.update({NAMES[n]: c for n, c in counts.items()})
-    sent = s.configure_train(1, ArrayRecord(glob), ConfigRecord(), Nodes([11, 12, 13]))
-    to = {m.metadata.dst_node_id: m for m in sent}
-    replies = [
-        Message(
-            content=update(n, 0.0, arrays=wires[n], **{protocol.NUM_EXAMPLES: counts[n]}).content,
-            reply_to=to[n],
-        )
-        for n in (11, 12, 13)
-    ]
     # Execute
-    arrays, _ = s.aggregate_train(1, replies)
+    arrays = sent_and_answered(s, glob, wires, counts)
     # Assert
     assert arrays is not None and s.failures == []
     assert pieces and max(pieces) == 7
     monkeypatch.undo()
-    records = [
-        RecordDict({
-            "a": ArrayRecord(codec.decode(update_codec, wires[n], glob)),
-            "m": MetricRecord({"w": counts[n]}),
-        })
-        for n in (11, 12, 13)
-    ]  # fmt: skip
-    expected = aggregate_arrayrecords(records, "w").to_torch_state_dict()
-    got = arrays.to_torch_state_dict()
-    assert list(got) == list(expected)
-    for key in expected:
-        assert got[key].dtype == expected[key].dtype
-        assert torch.equal(got[key], expected[key]), key
+    decoded = [codec.decode(update_codec, wires[n], glob) for n in (11, 12, 13)]
+    assert_flowers_mean(arrays, decoded, [counts[n] for n in (11, 12, 13)])
 
 
 def test_a_bf16_reply_that_decodes_to_nan_is_a_failure_checked_in_pieces(
@@ -491,13 +488,7 @@ def test_a_bf16_reply_that_decodes_to_nan_is_a_failure_checked_in_pieces(
     bad = {"w": good["w"].clone()}
     bad["w"][8] = torch.tensor(float("nan"), dtype=torch.bfloat16).view(torch.int16)  # 3rd piece
     s = SiteReports(FedAvg(), names=lambda: NAMES, update_codec="bf16")
-    sent = s.configure_train(1, ArrayRecord(glob), ConfigRecord(), Nodes([11, 12]))
-    to = {m.metadata.dst_node_id: m for m in sent}
-    replies = [
-        Message(content=update(n, 0.0, arrays=w).content, reply_to=to[n])
-        for n, w in ((11, good), (12, bad))
-    ]
-    arrays, _ = s.aggregate_train(1, replies)
+    arrays = sent_and_answered(s, glob, {11: good, 12: bad}, {11: 10, 12: 10})
     assert arrays is not None
     assert torch.equal(arrays.to_torch_state_dict()["w"], torch.ones(10))
     assert [(f.site, f.reason) for f in s.failures] == [
