@@ -277,7 +277,7 @@ class ReplyBook:
         else:  # checked a piece at a time: the server never holds a decoded model
             decoder.check(state)  # the global model's keys; coded tensors of its shapes
             coded = [k for k in decoder.global_state if decoder.coded(k)]
-            plain = [k for k in decoder.global_state if k not in coded]
+            plain = [k for k in decoder.global_state if not decoder.coded(k)]
             check_state({k: state[k] for k in plain}, {k: spec[k] for k in plain if k in spec})
             for key in coded:
                 if any(not bool(p.isfinite().all()) for _, p in decoder.pieces(state, key)):
