@@ -56,9 +56,15 @@ def make_evaluator(cfg: RunConfig, data: Dataset) -> Evaluator:
     def run(state: Mapping[str, torch.Tensor]) -> Evaluation:
         # The model takes the round's tensors as its own (assign: no copy of a model
         # that may be 270 MB); evaluation runs it in eval mode under no_grad and changes
-        # none of them, so the caller checkpoints exactly what was evaluated.
+        # none of them, so the caller checkpoints exactly what was evaluated. Then it
+        # lets them go (shape-only placeholders): a model's worth of memory the server
+        # would otherwise hold between rounds and while it aggregates the next one.
         model.load_state_dict(dict(state), assign=True)
-        return evaluate_task(task, model, data, device=device)
+        try:
+            return evaluate_task(task, model, data, device=device)
+        finally:
+            placeholders = {k: torch.empty_like(t, device="meta") for k, t in state.items()}
+            model.load_state_dict(placeholders, assign=True)
 
     return run
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -48,3 +51,26 @@ def test_each_round_is_evaluated_on_its_own_tensors_which_stay_as_they_were() ->
     assert (first.loss, first.accuracy) != (second.loss, second.accuracy)
     for state, copy in zip(rounds, kept, strict=True):
         assert all(torch.equal(state[k], copy[k]) for k in copy)
+
+
+def test_the_evaluator_holds_no_rounds_tensors_once_it_has_evaluated_them() -> None:
+    """Between rounds (and while the next round is aggregated) the evaluator keeps none
+    of the last round's tensors alive, on the CPU or the device it moved them to."""
+    torch.manual_seed(2)
+    data = Dataset(torch.rand(40, 1, 28, 28), torch.randint(0, 10, (40,)), 10, "synthetic")
+    cfg = RunConfig(dataset="fashion-mnist", model="cnn", seed=4)
+    run = make_evaluator(cfg, data)
+    # Tensors over numpy buffers, as a deployed round's model arrives
+    # (ArrayRecord.to_torch_state_dict): a buffer lives while any tensor uses its memory.
+    buffers = {k: (v + 0.01).numpy() for k, v in global_model(cfg).state_dict().items()}
+    state = {k: torch.from_numpy(b) for k, b in buffers.items()}
+    alive = [weakref.ref(b) for b in buffers.values()]
+    del buffers
+    # Execute
+    first = run(state)
+    del state
+    gc.collect()
+    # Assert: every tensor of the round is gone, and the evaluator still evaluates
+    assert not [ref for ref in alive if ref() is not None]
+    again = run({k: v + 0.01 for k, v in global_model(cfg).state_dict().items()})
+    assert (again.loss, again.accuracy) == (first.loss, first.accuracy)
