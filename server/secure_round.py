@@ -57,7 +57,7 @@ from fedsilo.privacy.secagg import (
     view_message,
 )
 from fedsilo.server.local_round import Exchange
-from fedsilo.server.replies import INVALID, InvalidReply, SiteReport
+from fedsilo.server.replies import INVALID, InvalidReply, SiteReport, tensor_views
 from fedsilo.server.strategy import SiteReports
 
 log = logging.getLogger("fedsilo.server")
@@ -131,7 +131,7 @@ class SecureRound:
         self.cfg, self.book = rounds.cfg, rounds.strategy.book
         self.tag = round_tag(rounds.run, server_round)
         self.clock = _Clock()
-        self.state = arrays.to_torch_state_dict()
+        self.state = tensor_views(arrays)  # the global model, read only
         self.dim = sum(t.numel() for t in self.state.values())
         self.quantizer = Quantizer(dim=self.dim, clip=self.cfg.max_grad_norm)
         self.need = max(2, self.cfg.min_sites, self.cfg.dp_min_sites)

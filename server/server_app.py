@@ -30,6 +30,7 @@ from fedsilo.privacy.identity import verify_signed
 from fedsilo.server.evaluate import Evaluator, global_model, load_eval_data, make_evaluator
 from fedsilo.server.local_round import Exchange, LocalRounds
 from fedsilo.server.records import FinalEvaluation, Progress, RoundRecord, SiteSummary, Summary
+from fedsilo.server.replies import tensor_views
 from fedsilo.server.run_dir import RunDir, default_run_dir, read_site_names
 from fedsilo.server.secure_round import SecureRounds
 from fedsilo.server.strategy import SiteReports
@@ -318,7 +319,7 @@ def close_round(
             f"no update of round {server_round} could be aggregated (min-sites="
             f"{cfg.min_sites}); the sites' failures and refusals above say why"
         )
-    state = new_arrays.to_torch_state_dict()
+    state = tensor_views(new_arrays)  # read (checked, evaluated, checkpointed), never written
     if non_finite(state):
         return "the aggregated model is not finite (NaN or infinity)"
     result = evaluate(state)

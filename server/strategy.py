@@ -32,7 +32,15 @@ from fedsilo import protocol
 from fedsilo.config import Aggregation
 from fedsilo.server import robust
 from fedsilo.server.records import Failure, Flagged, Refusal, RoundRecord
-from fedsilo.server.replies import Codec, InvalidReply, ReplyBook, SiteReport, Spec, spec_of
+from fedsilo.server.replies import (
+    Codec,
+    InvalidReply,
+    ReplyBook,
+    SiteReport,
+    Spec,
+    spec_of,
+    tensor_views,
+)
 from fedsilo.task import codec
 
 FEDAVG = Aggregation("fedavg")
@@ -223,7 +231,7 @@ class SiteReports(Strategy):
         self._spec = spec_of(arrays)
         self._global, self._shift, sent = arrays, {}, arrays
         if self.model_codec != "float32":
-            state = arrays.to_torch_state_dict()
+            state = tensor_views(arrays)
             wire = codec.encode_model(self.model_codec, state)
             read = codec.decode_model(wire)
             seen = {k: read[k].to(t.dtype) for k, t in state.items()}
@@ -249,7 +257,7 @@ class SiteReports(Strategy):
         coded = self.update_codec != "float32"
         robust_rule = self.rule.kind != "fedavg"
         global_state = (
-            self._global.to_torch_state_dict()
+            tensor_views(self._global)
             if self._global is not None and (coded or robust_rule)
             else None
         )

@@ -494,3 +494,67 @@ def test_a_bf16_reply_that_decodes_to_nan_is_a_failure_checked_in_pieces(
     assert [(f.site, f.reason) for f in s.failures] == [
         ("site-b", "invalid reply: `w` holds NaN or infinity")
     ]
+
+
+@pytest.mark.parametrize(
+    ("update_codec", "model_codec", "rule"),
+    [("int8", "float32", "fedavg"), ("bf16", "float32", "fedavg"), ("int8", "int8", "fedavg"),
+     ("float32", "float32", "median"), ("int8", "float32", "trimmed-mean:1")],
+)  # fmt: skip
+def test_aggregating_reads_the_global_model_in_place_and_never_writes_it(
+    update_codec: str, model_codec: str, rule: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server reads the global model it sent from the record's own bytes (no copy of
+    the model a round): aggregating against it, under every codec and rule that reads
+    it, leaves those bytes as they were, and gives what reading a copy gives."""
+    import fedsilo.server.strategy as strategy_module
+    from fedsilo.config import Aggregation
+    from fedsilo.task import codec
+    from fedsilo.task.rng import SeededRandom
+
+    g = torch.Generator().manual_seed(9)
+    glob = {"w": torch.randn(6, 5, generator=g), "n": torch.tensor(4)}
+    trained = {n: {"w": glob["w"] + 0.1 * torch.randn(6, 5, generator=g), "n": glob["n"]}
+               for n in (11, 12, 13)}  # fmt: skip
+
+    def run() -> tuple[dict[str, torch.Tensor], list[ArrayRecord]]:
+        s = SiteReports(
+            FedAvg(), names=lambda: NAMES, update_codec=update_codec, model_codec=model_codec,
+            rule=Aggregation.parse(rule),
+        )  # fmt: skip
+        sent = s.configure_train(1, ArrayRecord(glob), ConfigRecord(), Nodes(list(trained)))
+        assert s._global is not None
+        before = [bytearray(a.data) for a in s._global.values()]  # copies
+        seen = s._global.to_torch_state_dict()  # the model the sites trained from
+        to = {m.metadata.dst_node_id: m for m in sent}
+        answers = [
+            Message(
+                content=update(
+                    n, 0.0, arrays=codec.encode(update_codec, t, seen, SeededRandom(n).uniform)
+                ).content,
+                reply_to=to[n],
+            )
+            for n, t in trained.items()
+        ]
+        read.clear()
+        arrays, _ = s.aggregate_train(1, answers)
+        assert [bytearray(a.data) for a in s._global.values()] == before  # never written
+        assert arrays is not None and s.failures == []
+        return arrays.to_torch_state_dict(), list(read)
+
+    read: list[ArrayRecord] = []
+    views = strategy_module.tensor_views
+
+    def spy(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        read.append(arrays)
+        return views(arrays)
+
+    # Execute: the global model read in place, then (the reference) read from a copy
+    monkeypatch.setattr(strategy_module, "tensor_views", spy)
+    in_place, records = run()
+    monkeypatch.setattr(strategy_module, "tensor_views", ArrayRecord.to_torch_state_dict)
+    copied, _ = run()
+    # Assert
+    assert records, "the aggregation read the global model some other way"
+    assert list(in_place) == list(copied)
+    assert all(torch.equal(in_place[k], copied[k]) for k in copied)
