@@ -40,9 +40,9 @@ from fedsilo.privacy.provision import ServerKit
 from fedsilo.processes import (
     CONTROL_PORT,
     check_port_free,
-    child_env,
     flower_bin,
     free_port,
+    server_env,
     spawn,
     stop,
 )
@@ -198,7 +198,7 @@ class Server:
         self.run_dir = Path(cfg.run_dir)
         self.home = self.run_dir / "flwr-home"
         self.database = self.run_dir / "flwr-home" / "superlink.db"  # registered sites
-        self.env = child_env(FLWR_HOME=str(self.home))
+        self.env = server_env(FLWR_HOME=str(self.home))
         self.children: list[subprocess.Popen[bytes]] = []
         self.superlink: subprocess.Popen[bytes] | None = None
 

@@ -126,3 +126,19 @@ def test_a_port_in_time_wait_is_free_but_a_listening_one_is_not() -> None:
     server.close()
     client.close()
     check_port_free("127.0.0.1", port, flag="--fleet-port")  # restartable at once
+
+
+def test_the_servers_processes_use_two_malloc_arenas_unless_the_operator_says_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """server_env adds SERVER_MALLOC to what every child gets; an operator's own
+    MALLOC_ARENA_MAX wins, and the sites' environment (child_env) is left alone."""
+    from fedsilo.processes import child_env, server_env
+
+    monkeypatch.delenv("MALLOC_ARENA_MAX", raising=False)
+    env = server_env(FLWR_HOME="h")
+    assert env["MALLOC_ARENA_MAX"] == "2"
+    assert env["FLWR_HOME"] == "h" and env["FLWR_TELEMETRY_ENABLED"] == "0"
+    assert "MALLOC_ARENA_MAX" not in child_env(FLWR_HOME="h")
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")
+    assert server_env()["MALLOC_ARENA_MAX"] == "8"

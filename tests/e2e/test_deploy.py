@@ -72,10 +72,17 @@ def test_three_sites_over_tls_then_one_is_lost(fed: Path) -> None:
         # SuperExecs, ServerApp, ClientApps): a site talks to its federation only.
         flower = [pid for pid, cmd in leftovers(fed) if "flwr" in cmd or "flower" in cmd]
         assert len(flower) >= 4
+        # The server's (SuperLink, its SuperExec, the ServerApp) hold their memory in two
+        # malloc arenas (fedsilo.processes.SERVER_MALLOC); the sites' are left as they are.
+        on_sites = {pid for pid, _ in leftovers(fed / "fed" / "sites")}
+        server_side = 0
         for pid in flower:
             with contextlib.suppress(FileNotFoundError):
                 environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
                 assert b"FLWR_TELEMETRY_ENABLED=0" in environ, pid
+                assert (b"MALLOC_ARENA_MAX=2" in environ) == (pid not in on_sites), pid
+                server_side += pid not in on_sites
+        assert server_side >= 2  # the SuperLink and its ServerApp, at least
         # Site c's machine dies: SIGKILL for its launcher, SuperNode and ClientApps.
         site_c = [pid for pid, _ in leftovers(fed / "fed" / "sites" / "c")]
         assert site_c, "site c runs no process"
