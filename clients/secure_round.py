@@ -32,6 +32,7 @@ from fedsilo.clients.dp_train import DistributedResult, DPPlan
 from fedsilo.clients.site_budget import check_run
 from fedsilo.clients.site_round import SiteRound, spent_reply, train_authorised
 from fedsilo.errors import ConfigError, PrivacyError
+from fedsilo.flwr_adapter.arrays import tensor_views
 from fedsilo.privacy.distributed import Quantizer, check_shares
 from fedsilo.privacy.identity import SiteIdentity
 from fedsilo.privacy.secagg import (
@@ -130,7 +131,7 @@ class SecureSiteRound(SiteRound):
         ring = check_ring_bytes(config.get(protocol.RING_BYTES))
         partners = state.receive_shares(dict(zip(srcs, blobs, strict=True)))  # before spending
         self._save(state)
-        global_state = arrays.to_torch_state_dict()
+        global_state = tensor_views(arrays)  # read in place: training loads its own copy
         dim = sum(t.numel() for t in global_state.values())
 
         def shares_hold(plan: DPPlan) -> None:  # refused before anything is spent

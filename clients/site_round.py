@@ -27,6 +27,7 @@ from fedsilo.clients.site_budget import Authorisation, authorise_round
 from fedsilo.clients.site_env import SiteEnvironment
 from fedsilo.config import RunConfig
 from fedsilo.errors import ConfigError
+from fedsilo.flwr_adapter.arrays import tensor_views
 from fedsilo.privacy import ledger
 from fedsilo.task import codec
 from fedsilo.task.features import drop_cache
@@ -80,7 +81,9 @@ class LocalSiteRound(SiteRound):
         if again is not None:
             return again
         try:  # the model as the server sent it (model-codec): what the update is from
-            global_state = codec.decode_model(arrays.to_torch_state_dict())
+            # read in place (no copy of the model kept through training); never written:
+            # training loads it into a model of its own, the codec reads it
+            global_state = codec.decode_model(tensor_views(arrays))
         except codec.CodecError as exc:  # refused before anything is spent
             raise ConfigError(f"The server's model does not decode: {exc}.") from None
         failpoint.reach("train", self.server_round)  # tests only: nothing spent yet

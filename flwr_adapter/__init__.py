@@ -15,7 +15,9 @@ and nowhere else:
   state in `--database` (`python -m fedsilo.flwr_adapter.superlink ARGS...`, what
   `fedsilo server start` runs instead of `flower-superlink ARGS...`);
 - `control`: the SuperLink's node list asked in-process through the Control API (what
-  `flwr supernode ls` does in a new process each time).
+  `flwr supernode ls` does in a new process each time);
+- `arrays`: a record's arrays read in place from the .npy bytes Flower keeps them in
+  (`tensor_views`: the server's global model and aggregate, the model a site receives).
 
 These are private to Flower and may change in any release. The package imports nothing
 of fedsilo but `errors`, so every layer may use it (tests/test_layers.py).

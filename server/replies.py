@@ -24,21 +24,16 @@ with the site's public reason: fedsilo.privacy.refusal) are logged and dropped.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import math
 import re
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.constant import (
-    SUPERLINK_NODE_ID,  # the sender of errors for lost nodes
-    SType,
-)
+from flwr.common.constant import SUPERLINK_NODE_ID  # the sender of errors for lost nodes
 
 from fedsilo import protocol
 from fedsilo.privacy.refusal import parse_refusal
@@ -368,35 +363,6 @@ def spec_of(arrays: ArrayRecord) -> Spec:
 def _torch_dtype(numpy_dtype: str) -> torch.dtype:
     """The torch dtype of an Array's numpy dtype (as `to_torch_state_dict` reads it)."""
     return torch.from_numpy(numpy.zeros(0, dtype=numpy_dtype)).dtype
-
-
-def tensor_views(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-    """A model's arrays as tensors over the record's own bytes, copying none of them
-    (`to_torch_state_dict` copies every array: a model's worth of memory each time).
-
-    For the server's own records only (the global model, the aggregate), and for readers
-    only: the memory is the record's, so a write to a view would change the model as
-    sent. An array in any other form than numpy's .npy is copied as Flower reads it.
-    """
-    out: dict[str, torch.Tensor] = {}
-    with warnings.catch_warnings():  # torch warns that it cannot mark a tensor read-only
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        for key, array in arrays.items():
-            if array.stype != SType.NUMPY:
-                out[key] = torch.from_numpy(array.numpy())
-                continue
-            head = io.BytesIO(array.data)  # shares the bytes: nothing is copied
-            version = numpy.lib.format.read_magic(head)
-            shape, fortran, dtype = (
-                numpy.lib.format.read_array_header_1_0(head)
-                if version == (1, 0)
-                else numpy.lib.format.read_array_header_2_0(head)
-            )
-            flat = numpy.frombuffer(
-                array.data, dtype=dtype, count=math.prod(shape), offset=head.tell()
-            )
-            out[key] = torch.from_numpy(flat.reshape(shape, order="F" if fortran else "C"))
-    return out
 
 
 def deserialised(arrays: ArrayRecord) -> dict[str, torch.Tensor]:

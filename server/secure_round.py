@@ -36,6 +36,7 @@ from flwr.serverapp import Grid
 from fedsilo import protocol
 from fedsilo.config import RunConfig
 from fedsilo.errors import PrivacyError
+from fedsilo.flwr_adapter.arrays import tensor_views
 from fedsilo.privacy.distributed import (
     Quantizer,
     decode_sum,
@@ -57,7 +58,7 @@ from fedsilo.privacy.secagg import (
     view_message,
 )
 from fedsilo.server.local_round import Exchange
-from fedsilo.server.replies import INVALID, InvalidReply, SiteReport, tensor_views
+from fedsilo.server.replies import INVALID, InvalidReply, SiteReport
 from fedsilo.server.strategy import SiteReports
 
 log = logging.getLogger("fedsilo.server")

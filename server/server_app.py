@@ -25,12 +25,12 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedsilo import flwr_adapter
 from fedsilo.config import RunConfig
+from fedsilo.flwr_adapter.arrays import tensor_views
 from fedsilo.privacy.distributed import check_run_noise
 from fedsilo.privacy.identity import verify_signed
 from fedsilo.server.evaluate import Evaluator, global_model, load_eval_data, make_evaluator
 from fedsilo.server.local_round import Exchange, LocalRounds
 from fedsilo.server.records import FinalEvaluation, Progress, RoundRecord, SiteSummary, Summary
-from fedsilo.server.replies import tensor_views
 from fedsilo.server.run_dir import RunDir, default_run_dir, read_site_names
 from fedsilo.server.secure_round import SecureRounds
 from fedsilo.server.strategy import SiteReports

@@ -30,6 +30,7 @@ from flwr.serverapp.strategy import FedAvg, Strategy
 
 from fedsilo import protocol
 from fedsilo.config import Aggregation
+from fedsilo.flwr_adapter.arrays import tensor_views
 from fedsilo.server import robust
 from fedsilo.server.records import Failure, Flagged, Refusal, RoundRecord
 from fedsilo.server.replies import (
@@ -39,7 +40,6 @@ from fedsilo.server.replies import (
     SiteReport,
     Spec,
     spec_of,
-    tensor_views,
 )
 from fedsilo.task import codec
 

@@ -657,3 +657,55 @@ def test_the_engine_finds_each_nodes_next_message_in_one_pass_over_the_store(
     mine.message_ins_store[pushed[1]].metadata.__dict__["_delivered_at"] = ""
     mine.message_ins_store[pushed[1]].metadata.__dict__["_ttl"] = 0.0  # now expired
     assert next_messages(mine, ids) == [] and pushed[1] not in mine.message_ins_store
+
+
+def test_a_records_tensor_views_are_its_arrays_read_in_place_bit_for_bit() -> None:
+    """tensor_views reads a record (the global model, the aggregate, the model a site
+    receives) without copying it: each tensor is what to_torch_state_dict gives, bit for bit,
+    whatever its dtype, shape or layout, and lies inside its Array's own bytes."""
+    import numpy
+    import torch
+
+    from fedsilo.flwr_adapter.arrays import tensor_views
+
+    g = torch.Generator().manual_seed(3)
+    state = {
+        "w": torch.randn(5, 3, generator=g),
+        "t": torch.randn(4, 6, generator=g).t(),  # saved in Fortran order
+        "scalar": torch.tensor(3.5),
+        "n": torch.arange(7),
+        "empty": torch.zeros(0, 4),
+        "half": torch.randn(3, generator=g).half(),
+        "mask": torch.tensor([True, False]),
+    }
+    arrays = flwr.app.ArrayRecord(state)
+    # Execute
+    views = tensor_views(arrays)
+    # Assert
+    expected = arrays.to_torch_state_dict()
+    assert list(views) == list(expected)
+    for key, want in expected.items():
+        got = views[key]
+        assert (got.dtype, got.shape) == (want.dtype, want.shape), key
+        assert torch.equal(got, want), key
+        data = numpy.frombuffer(arrays[key].data, dtype=numpy.uint8)
+        start = data.ctypes.data
+        if got.numel():  # the view's memory is the record's: nothing was copied
+            assert start <= got.data_ptr() < start + data.size, key
+
+
+def test_a_record_that_does_not_parse_is_refused_as_numpy_would_refuse_it() -> None:
+    """A truncated array, or one whose header is not .npy, raises ValueError: no view
+    reaches past the record's bytes."""
+    import dataclasses
+
+    import torch
+
+    from fedsilo.flwr_adapter.arrays import tensor_views
+
+    good = flwr.app.ArrayRecord({"w": torch.ones(4, 4)})["w"]
+    for data in (good.data[:-8], b"not an npy header" + good.data):
+        bad = flwr.app.ArrayRecord()
+        bad["w"] = dataclasses.replace(good, data=data)
+        with pytest.raises(ValueError):
+            tensor_views(bad)

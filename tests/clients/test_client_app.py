@@ -528,3 +528,34 @@ def test_the_zygote_warm_hook_memoises_the_ledgers_curves_and_trusts_only_an_int
     path.write_bytes(path.read_bytes().replace(b"1.234", b"1.235"))  # tampered
     zygote_warm()
     assert accountant._rdp_curve.cache_info().currsize == 0
+
+
+@pytest.mark.parametrize("update_codec", ["float32", "int8"])
+def test_a_site_reads_the_model_it_received_in_place_and_never_writes_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, update_codec: str
+) -> None:
+    """A site trains from the global model as it arrived (fedsilo.flwr_adapter.arrays:
+    tensor views over the message's bytes, no copy kept through training): training,
+    the codec and the reply leave those bytes exactly as they came."""
+    import fedsilo.clients.site_round as site_round
+
+    read: list[ArrayRecord] = []
+    views = site_round.tensor_views
+
+    def spy(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
+        read.append(arrays)
+        return views(arrays)
+
+    monkeypatch.setattr(site_round, "tensor_views", spy)
+    cfg = RunConfig(rounds=2, accountant="rdp", run_dir=str(tmp_path), update_codec=update_codec)
+    write_site_policies(tmp_path, [SitePolicy(max_epsilon=8.0)])
+    msg = train_message(cfg, 1)
+    received = msg.content["arrays"]
+    assert isinstance(received, ArrayRecord)
+    before = {k: bytearray(a.data) for k, a in received.items()}  # copies
+    # Execute
+    reply = sim_train(msg, sim_context(cfg))
+    # Assert
+    metrics_of(reply)  # trained and answered
+    assert read == [received]
+    assert {k: bytearray(a.data) for k, a in received.items()} == before

@@ -199,37 +199,3 @@ def test_a_models_spec_is_read_from_metadata_as_its_tensors_would_give_it() -> N
     expected = {k: (tuple(t.shape), t.dtype) for k, t in arrays.to_torch_state_dict().items()}
     assert spec_of(arrays) == expected
     assert list(spec_of(arrays)) == list(state)
-
-
-def test_a_records_tensor_views_are_its_arrays_read_in_place_bit_for_bit() -> None:
-    """tensor_views reads the server's own records (the global model, the aggregate)
-    without copying them: each tensor is what to_torch_state_dict gives, bit for bit,
-    whatever its dtype, shape or layout, and lies inside its Array's own bytes."""
-    import numpy
-
-    from fedsilo.server.replies import tensor_views
-
-    g = torch.Generator().manual_seed(3)
-    state = {
-        "w": torch.randn(5, 3, generator=g),
-        "t": torch.randn(4, 6, generator=g).t(),  # saved in Fortran order
-        "scalar": torch.tensor(3.5),
-        "n": torch.arange(7),
-        "empty": torch.zeros(0, 4),
-        "half": torch.randn(3, generator=g).half(),
-        "mask": torch.tensor([True, False]),
-    }
-    arrays = ArrayRecord(state)
-    # Execute
-    views = tensor_views(arrays)
-    # Assert
-    expected = arrays.to_torch_state_dict()
-    assert list(views) == list(expected)
-    for key, want in expected.items():
-        got = views[key]
-        assert (got.dtype, got.shape) == (want.dtype, want.shape), key
-        assert torch.equal(got, want), key
-        data = numpy.frombuffer(arrays[key].data, dtype=numpy.uint8)
-        start = data.ctypes.data
-        if got.numel():  # the view's memory is the record's: nothing was copied
-            assert start <= got.data_ptr() < start + data.size, key
