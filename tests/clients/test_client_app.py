@@ -23,6 +23,7 @@ from fedsilo.server.evaluate import global_model
 from fedsilo.simulations.ledgers import simulated_ledger, write_site_policies
 from fedsilo.simulations.sites import SimulatedSites
 from fedsilo.task.codec import SCALE
+from tests.views import spy_on_views
 
 
 @pytest.fixture(autouse=True)
@@ -537,16 +538,7 @@ def test_a_site_reads_the_model_it_received_in_place_and_never_writes_it(
     """A site trains from the global model as it arrived (fedsilo.flwr_adapter.arrays:
     tensor views over the message's bytes, no copy kept through training): training,
     the codec and the reply leave those bytes exactly as they came."""
-    import fedsilo.clients.site_round as site_round
-
-    read: list[ArrayRecord] = []
-    views = site_round.tensor_views
-
-    def spy(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-        read.append(arrays)
-        return views(arrays)
-
-    monkeypatch.setattr(site_round, "tensor_views", spy)
+    read = spy_on_views(monkeypatch, site_round)
     cfg = RunConfig(rounds=2, accountant="rdp", run_dir=str(tmp_path), update_codec=update_codec)
     write_site_policies(tmp_path, [SitePolicy(max_epsilon=8.0)])
     msg = train_message(cfg, 1)

@@ -21,6 +21,7 @@ from fedsilo.privacy.refusal import REFUSAL_CODE, refusal_reason
 from fedsilo.server.records import RoundRecord
 from fedsilo.server.server_app import build_summary
 from fedsilo.server.strategy import WEIGHT_CAP_RATIO, Refusal, SiteReports
+from tests.views import spy_on_views
 
 NAMES = {11: "site-a", 12: "site-b", 13: "site-c", 14: "site-d"}
 
@@ -542,15 +543,8 @@ def test_aggregating_reads_the_global_model_in_place_and_never_writes_it(
         assert arrays is not None and s.failures == []
         return arrays.to_torch_state_dict(), list(read)
 
-    read: list[ArrayRecord] = []
-    views = strategy_module.tensor_views
-
-    def spy(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
-        read.append(arrays)
-        return views(arrays)
-
     # Execute: the global model read in place, then (the reference) read from a copy
-    monkeypatch.setattr(strategy_module, "tensor_views", spy)
+    read = spy_on_views(monkeypatch, strategy_module)
     in_place, records = run()
     monkeypatch.setattr(strategy_module, "tensor_views", ArrayRecord.to_torch_state_dict)
     copied, _ = run()
