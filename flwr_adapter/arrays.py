@@ -18,6 +18,10 @@ import torch
 from flwr.app import ArrayRecord
 from flwr.common.constant import SType
 
+from fedsilo.flwr_adapter import check_flower_version
+
+check_flower_version()  # the format below is flwr 1.39's
+
 
 def tensor_views(arrays: ArrayRecord) -> dict[str, torch.Tensor]:
     """A model's arrays as tensors over the record's own bytes, copying none of them

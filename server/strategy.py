@@ -33,14 +33,7 @@ from fedsilo.config import Aggregation
 from fedsilo.flwr_adapter.arrays import tensor_views
 from fedsilo.server import robust
 from fedsilo.server.records import Failure, Flagged, Refusal, RoundRecord
-from fedsilo.server.replies import (
-    Codec,
-    InvalidReply,
-    ReplyBook,
-    SiteReport,
-    Spec,
-    spec_of,
-)
+from fedsilo.server.replies import Codec, InvalidReply, ReplyBook, SiteReport, Spec, spec_of
 from fedsilo.task import codec
 
 FEDAVG = Aggregation("fedavg")
