@@ -220,12 +220,28 @@ def test_fedsilos_clientapp_module_offers_the_zygote_its_warm_hook() -> None:
     assert client_app.__name__ == launcher.CLIENT_APP_MODULE
 
 
-def test_the_server_pulls_replies_until_all_came_or_the_timeout() -> None:
-    import time
+def test_the_server_pulls_replies_until_all_came_or_the_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Pulls come POLL_S apart while replies are near (not Flower's 3 s), stop once all
+    came, and a silent site ends the exchange at its timeout with what did come. The
+    exchange runs on a fake clock: measured on the wall clock, a loaded machine's slow
+    pulls (each spaces the next by POLL_COST_RATIO times its cost) failed a bound once."""
     from types import SimpleNamespace
 
     from fedsilo.flwr_adapter import POLL_S
+    from fedsilo.server import server_app
     from fedsilo.server.server_app import exchange
+
+    clock = SimpleNamespace(now=100.0, sleeps=[])
+
+    def sleep(seconds: float) -> None:
+        clock.sleeps.append(seconds)
+        clock.now += seconds
+
+    monkeypatch.setattr(
+        server_app, "time", SimpleNamespace(monotonic=lambda: clock.now, sleep=sleep)
+    )
 
     def reply(to: str) -> object:
         return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=to))
@@ -246,12 +262,13 @@ def test_the_server_pulls_replies_until_all_came_or_the_timeout() -> None:
             return []
 
     grid = Grid([[], ["m2"], [], ["m1"]])
-    t0 = time.monotonic()
     got = exchange(grid, [], timeout=30)  # type: ignore[arg-type]
     assert [m.metadata.reply_to_message_id for m in got] == ["m2", "m1"]
-    assert grid.pulls == 4 and time.monotonic() - t0 < 3 * POLL_S + 1
+    assert grid.pulls == 4 and clock.sleeps == pytest.approx([POLL_S] * 3)
+    clock.sleeps.clear()
     slow = Grid([["m1"]])
-    assert len(exchange(slow, [], timeout=0.3)) == 1  # m2 never replies: partial, on time
+    assert len(exchange(slow, [], timeout=0.3)) == 1  # type: ignore[arg-type]
+    assert sum(clock.sleeps) == pytest.approx(0.3)  # m2 never replies: partial, on time
 
 
 def test_pulls_wait_10x_what_asking_costs_not_what_downloading_a_reply_took() -> None:
