@@ -490,6 +490,60 @@ def test_the_superlink_keeps_contents_in_memory_and_its_link_state_in_the_file(
     assert isinstance(links.state(), SqlLinkState) and db.exists()
 
 
+def test_the_superlink_checks_a_running_run_and_sweeps_expired_tasks_at_most_twice_a_second(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flower's real SQL link state: a site's object push checks the run's status (and
+    first sweeps expired tasks) in SQL each time; here a run found running is taken as
+    running for STATE_CHECK_S, a stopped run is seen stopped at most that much later,
+    and from then on at every request."""
+    from flwr.common.constant import Status
+    from flwr.server.superlink.fleet.message_handler import message_handler
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.corestate.sql_corestate import SqlCoreState
+    from flwr.superlink import config_loader
+    from flwr.superlink.federation import NoOpFederationManager
+    from sqlalchemy import event
+
+    from fedsilo.flwr_adapter.superlink import STATE_CHECK_S, fewer_state_checks
+
+    sweep = SqlCoreState._cleanup_expired_task_tokens
+    monkeypatch.setattr(SqlCoreState, "_cleanup_expired_task_tokens", sweep)  # undone after
+    monkeypatch.setattr(message_handler, "check_abort", message_handler.check_abort)
+    clock = [100.0]
+    fewer_state_checks(clock=lambda: clock[0])
+    _, links = config_loader.get_objectstore_linkstate_factories(
+        str(tmp_path / "superlink.db"), NoOpFederationManager()
+    )
+    state = links.state()
+    run_id = state.create_run(None, None, None, {}, "default", None, None, TaskType.SERVER_APP)
+    (run,) = state.get_run_info(run_ids=[run_id])
+    assert state.claim_task(run.primary_task_id) and state.activate_task(run.primary_task_id)
+    statements = [0]
+    event.listen(
+        state._engine,
+        "before_cursor_execute",
+        lambda *_: statements.__setitem__(0, statements[0] + 1),
+    )
+
+    def check() -> tuple[str | None, int]:  # what a site's object push asks, its SQL
+        before = statements[0]
+        aborts = [Status.PENDING, Status.STARTING, Status.FINISHED]
+        return message_handler.check_abort(run_id, aborts, state), statements[0] - before
+
+    clock[0] += STATE_CHECK_S  # the set-up swept: the next sweep is due
+    verdict, sql = check()
+    assert verdict is None and sql >= 3  # the sweep's two UPDATEs, the status's SELECT
+    assert check() == (None, 0)  # running, STATE_CHECK_S ago or less
+    assert state.stop_run(run_id)  # `flwr stop`
+    clock[0] += STATE_CHECK_S * 0.9
+    assert check() == (None, 0)  # at most STATE_CHECK_S stale ...
+    clock[0] += STATE_CHECK_S * 0.1
+    for _ in range(2):  # ... then seen at once, and never remembered
+        verdict, sql = check()
+        assert verdict is not None and "finished" in verdict and sql > 0
+
+
 def test_a_models_arrays_cross_the_wire_in_chunks_of_at_most_5_mb() -> None:
     """Flower 1.39 sends every array as 5 MB objects, pushed and pulled one by one: no
     message or gRPC limit caps a model's size (a 2.2 GB tensor made 420 such objects)."""
