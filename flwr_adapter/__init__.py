@@ -11,9 +11,10 @@ and nowhere else:
 - `site_runtime`: a deployed site's warm runtime (`python -m
   fedsilo.flwr_adapter.site_runtime supernode ARGS...`, what `fedsilo client start`
   runs instead of `flower-supernode ARGS...`);
-- `superlink`: the server's SuperLink with message contents in memory and its link
-  state in `--database` (`python -m fedsilo.flwr_adapter.superlink ARGS...`, what
-  `fedsilo server start` runs instead of `flower-superlink ARGS...`);
+- `superlink`: the server's SuperLink with message contents in memory, its link state
+  in `--database`, and that state's run status and expired-task sweep asked at most
+  twice a second (`python -m fedsilo.flwr_adapter.superlink ARGS...`, what `fedsilo
+  server start` runs instead of `flower-superlink ARGS...`);
 - `control`: the SuperLink's node list asked in-process through the Control API (what
   `flwr supernode ls` does in a new process each time);
 - `arrays`: a record's arrays read in place from the .npy bytes Flower keeps them in
