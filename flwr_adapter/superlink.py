@@ -96,8 +96,8 @@ def fewer_state_checks(clock: Any = time.monotonic) -> None:
             running.pop(key, None)
         return verdict
 
-    SqlCoreState._cleanup_expired_task_tokens = sweep_at_most_every  # type: ignore[method-assign]
-    message_handler.check_abort = check_abort_at_most_every
+    SqlCoreState._cleanup_expired_task_tokens = sweep_at_most_every  # type: ignore[method-assign,assignment]
+    message_handler.check_abort = check_abort_at_most_every  # type: ignore[attr-defined]
 
 
 def main() -> None:
